@@ -1,0 +1,294 @@
+"""Grouped expert compute over a dispatch plan, behind one ``backend=`` switch.
+
+Weights use HF transformers v5's 3-D layout so checkpoints map one to one:
+``w_in_ENK``  [E, N_in, D]: the up projection; for gated experts ``N_in = 2F`` with the gate rows first,
+                           then the up rows (``gate, up = (x @ w_in[e].T).chunk(2, -1)``).
+``w_out_EDF`` [E, D, F]:   the down projection.
+Biases, when given, are ``b_in_EN`` [E, N_in] and ``b_out_ED`` [E, D].
+
+Backends:
+``reference`` a per-token, per-slot loop with autograd: slow, obviously right, the test oracle.
+``torch``     the CPU default: gather rows per expert, one GEMM per expert, and a hand-written backward
+              that reuses the forward's buffers (see ``_TorchExpertMLP``).
+``triton``    fused gather + grouped GEMM + scatter kernels (``moezoo.kernels.triton_moe``), forward and
+              backward; on CUDA, or on CPU under ``TRITON_INTERPRET=1``.
+``auto``      triton for CUDA tensors when Triton is importable, torch otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from .plan import DispatchPlan
+
+BACKENDS = ("auto", "reference", "torch", "triton")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+
+
+def activation_fn(name: str):
+    """The elementwise nonlinearity by name (SwiGLU uses silu, GeGLU gelu)."""
+    if name == "silu":
+        return F.silu
+    if name == "gelu":
+        return F.gelu
+    if name == "gelu_tanh":
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "relu":
+        return F.relu
+    raise ValueError(f"unknown activation {name!r}; accepted: {', '.join(ACTIVATIONS)}")
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Triton runs on CUDA, or anywhere under the CPU interpreter (TRITON_INTERPRET=1)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; accepted: {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_usable(device) else "torch"
+    if backend == "triton" and not triton_usable(device):
+        raise RuntimeError(
+            "backend='triton' needs a CUDA tensor and an importable triton, or TRITON_INTERPRET=1 set before "
+            f"triton is imported (got a {device.type} tensor); use backend='torch' on CPU"
+        )
+    return backend
+
+
+def expert_mlp(
+    x_TD: torch.Tensor,
+    weights_TK: torch.Tensor,
+    plan: DispatchPlan,
+    w_in_ENK: torch.Tensor,
+    w_out_EDF: torch.Tensor,
+    *,
+    b_in_EN: torch.Tensor | None = None,
+    b_out_ED: torch.Tensor | None = None,
+    activation: str = "silu",
+    gated: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The routed experts' weighted sum for every token: ``y[t] = sum_j w[t,j] * expert_{ids[t,j]}(x[t])``.
+
+    Only the slots the plan dispatched contribute; tokens with none get zeros. Differentiable with respect
+    to ``x_TD``, ``weights_TK`` (so the router learns), and all expert weights and biases.
+    """
+    _check_expert_inputs(x_TD, weights_TK, plan, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, gated)
+    activation_fn(activation)  # validates the name before any compute
+    backend = resolve_backend(backend, x_TD.device)
+    if backend == "reference":
+        return _reference_expert_mlp(x_TD, weights_TK, plan, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, activation, gated)
+    if backend == "triton":
+        from .triton_moe import triton_expert_mlp
+
+        return triton_expert_mlp(x_TD, weights_TK, plan, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, activation, gated)
+    return _TorchExpertMLP.apply(
+        x_TD, weights_TK, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, plan, activation, gated
+    )
+
+
+def _check_expert_inputs(x_TD, weights_TK, plan, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, gated):
+    if x_TD.dim() != 2:
+        raise ValueError(f"x must be [T, D], got shape {tuple(x_TD.shape)}")
+    if not x_TD.dtype.is_floating_point:
+        raise TypeError(f"x must be a floating tensor, got {x_TD.dtype}")
+    num_experts, n_in, dim = w_in_ENK.shape
+    if x_TD.shape[1] != dim:
+        raise ValueError(f"x has last dimension {x_TD.shape[1]} but the experts take D={dim}")
+    if num_experts != plan.num_experts:
+        raise ValueError(f"the plan is for {plan.num_experts} experts but the weights hold {num_experts}")
+    hidden = n_in // 2 if gated else n_in
+    if gated and n_in % 2:
+        raise ValueError(f"gated experts need w_in with 2F rows (gate then up), got {n_in}")
+    if tuple(w_out_EDF.shape) != (num_experts, dim, hidden):
+        raise ValueError(f"w_out must be [E, D, F] = {(num_experts, dim, hidden)}, got {tuple(w_out_EDF.shape)}")
+    if tuple(weights_TK.shape) != (plan.num_tokens, plan.top_k) or x_TD.shape[0] != plan.num_tokens:
+        raise ValueError(
+            f"x has {x_TD.shape[0]} tokens and weights shape {tuple(weights_TK.shape)}, "
+            f"but the plan is for [T, k] = {(plan.num_tokens, plan.top_k)}"
+        )
+    if b_in_EN is not None and tuple(b_in_EN.shape) != (num_experts, n_in):
+        raise ValueError(f"b_in must be [E, N_in] = {(num_experts, n_in)}, got {tuple(b_in_EN.shape)}")
+    if b_out_ED is not None and tuple(b_out_ED.shape) != (num_experts, dim):
+        raise ValueError(f"b_out must be [E, D] = {(num_experts, dim)}, got {tuple(b_out_ED.shape)}")
+
+
+def single_expert(x_D, w_in_NK, w_out_DF, b_in_N, b_out_D, activation, gated):
+    """One expert on one or more rows, written out plainly: the definition every backend must match."""
+    h = x_D @ w_in_NK.t()
+    if b_in_N is not None:
+        h = h + b_in_N
+    act = activation_fn(activation)
+    if gated:
+        gate, up = h.chunk(2, dim=-1)
+        h = act(gate) * up
+    else:
+        h = act(h)
+    y = h @ w_out_DF.t()
+    return y if b_out_D is None else y + b_out_D
+
+
+def _reference_expert_mlp(x_TD, weights_TK, plan, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, activation, gated):
+    """Per token, per slot: slow and plain, the oracle the fast backends are tested against."""
+    rows = []
+    for t in range(plan.num_tokens):
+        y_D = x_TD.new_zeros(x_TD.shape[1])
+        for j in range(plan.top_k):
+            if not bool(plan.kept_TK[t, j]):
+                continue
+            e = int(plan.ids_TK[t, j])
+            b_in = None if b_in_EN is None else b_in_EN[e]
+            b_out = None if b_out_ED is None else b_out_ED[e]
+            y_D = y_D + weights_TK[t, j] * single_expert(x_TD[t], w_in_ENK[e], w_out_EDF[e], b_in, b_out, activation, gated)
+        rows.append(y_D)
+    if not rows:
+        return x_TD.new_zeros(0, x_TD.shape[1]) + 0 * x_TD.sum()
+    return torch.stack(rows)
+
+
+def _activation_forward(h_SN: torch.Tensor, activation: str, gated: bool) -> torch.Tensor:
+    act = activation_fn(activation)
+    if not gated:
+        return act(h_SN)
+    gate, up = h_SN.chunk(2, dim=-1)
+    return act(gate).mul_(up)
+
+
+def _activation_backward(h_SN: torch.Tensor, grad_a_SF: torch.Tensor, activation: str, gated: bool) -> torch.Tensor:
+    """d(activation)/d(h) by autograd on the small elementwise step: exact for every activation, no formulas to
+    keep in sync, and it costs one elementwise pass (the GEMMs dominate)."""
+    with torch.enable_grad():
+        h = h_SN.detach().requires_grad_(True)
+        a = _activation_forward(h, activation, gated)
+        (grad_h,) = torch.autograd.grad(a, h, grad_a_SF)
+    return grad_h
+
+
+class _TorchExpertMLP(torch.autograd.Function):
+    """The CPU path: one GEMM per expert over its contiguous rows of the sorted order, with a backward that
+    reuses the forward's buffers instead of autograd's per-op copies.
+
+    The routing weight is applied to the hidden activation (F wide) rather than to the output (D wide):
+    ``w * (a @ W_out^T) == (w * a) @ W_out^T``, which also gives the router gradient as ``<dA', a>`` without
+    keeping the unweighted outputs. Tokens are combined with ``index_add_`` in sorted order: on CPU this is a
+    sequential loop, so the result is deterministic.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD, weights_TK, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, plan, activation, gated):
+        num_tokens, dim = x_TD.shape
+        tokens_S = plan.sorted_tokens_S
+        counts = plan.counts_list()
+        w_S = weights_TK.reshape(-1).index_select(0, plan.sorted_slots_S).to(x_TD.dtype)
+        x_SD = x_TD.index_select(0, tokens_S)
+        h_SN = x_SD.new_empty(x_SD.shape[0], w_in_ENK.shape[1])
+        y_SD = x_SD.new_empty(x_SD.shape[0], dim)
+        start = 0
+        for e, count in enumerate(counts):
+            if count:
+                rows = slice(start, start + count)
+                torch.mm(x_SD[rows], w_in_ENK[e].t(), out=h_SN[rows])
+                if b_in_EN is not None:
+                    h_SN[rows] += b_in_EN[e]
+            start += count
+        a_SF = _activation_forward(h_SN, activation, gated)
+        weighted_a_SF = a_SF * w_S[:, None]
+        start = 0
+        for e, count in enumerate(counts):
+            if count:
+                rows = slice(start, start + count)
+                torch.mm(weighted_a_SF[rows], w_out_EDF[e].t(), out=y_SD[rows])
+                if b_out_ED is not None:
+                    y_SD[rows] += w_S[rows, None] * b_out_ED[e]
+            start += count
+        out_TD = x_TD.new_zeros(num_tokens, dim)
+        out_TD.index_add_(0, tokens_S, y_SD)
+        ctx.save_for_backward(x_SD, h_SN, a_SF, w_S, w_in_ENK, w_out_EDF, b_out_ED)
+        ctx.plan, ctx.counts, ctx.activation, ctx.gated = plan, counts, activation, gated
+        ctx.has_b_in, ctx.has_b_out = b_in_EN is not None, b_out_ED is not None
+        ctx.weights_dtype = weights_TK.dtype
+        return out_TD
+
+    @staticmethod
+    def backward(ctx, grad_out_TD):
+        x_SD, h_SN, a_SF, w_S, w_in_ENK, w_out_EDF, b_out_ED = ctx.saved_tensors
+        plan, counts = ctx.plan, ctx.counts
+        tokens_S = plan.sorted_tokens_S
+        grad_y_SD = grad_out_TD.index_select(0, tokens_S)
+        grad_wa_SF = torch.empty_like(a_SF)
+        grad_w_out = torch.zeros_like(w_out_EDF)
+        grad_b_out = torch.zeros_like(b_out_ED) if ctx.has_b_out else None
+        weighted_a_SF = a_SF * w_S[:, None]
+        start = 0
+        for e, count in enumerate(counts):
+            if count:
+                rows = slice(start, start + count)
+                torch.mm(grad_y_SD[rows], w_out_EDF[e], out=grad_wa_SF[rows])
+                torch.mm(grad_y_SD[rows].t(), weighted_a_SF[rows], out=grad_w_out[e])
+                if ctx.has_b_out:
+                    grad_b_out[e] = w_S[rows] @ grad_y_SD[rows]
+            start += count
+        # d(router weight) = <dY, expert output> = <dA', a> + <dY, b_out>.
+        grad_w_S = (grad_wa_SF * a_SF).sum(-1)
+        if ctx.has_b_out:
+            grad_w_S += (grad_y_SD * b_out_ED.repeat_interleave(plan.counts_E, dim=0)).sum(-1)
+        grad_h_SN = _activation_backward(h_SN, grad_wa_SF.mul_(w_S[:, None]), ctx.activation, ctx.gated)
+        grad_x_SD = torch.empty_like(x_SD)
+        grad_w_in = torch.zeros_like(w_in_ENK)
+        grad_b_in = h_SN.new_zeros(w_in_ENK.shape[:2]) if ctx.has_b_in else None
+        start = 0
+        for e, count in enumerate(counts):
+            if count:
+                rows = slice(start, start + count)
+                torch.mm(grad_h_SN[rows], w_in_ENK[e], out=grad_x_SD[rows])
+                torch.mm(grad_h_SN[rows].t(), x_SD[rows], out=grad_w_in[e])
+                if ctx.has_b_in:
+                    grad_b_in[e] = grad_h_SN[rows].sum(0)
+            start += count
+        grad_x_TD = grad_out_TD.new_zeros(plan.num_tokens, x_SD.shape[1])
+        grad_x_TD.index_add_(0, tokens_S, grad_x_SD)
+        grad_weights = grad_w_S.new_zeros(plan.num_tokens * plan.top_k)
+        grad_weights[plan.sorted_slots_S] = grad_w_S
+        grad_weights = grad_weights.view(plan.num_tokens, plan.top_k).to(ctx.weights_dtype)
+        return grad_x_TD, grad_weights, grad_w_in, grad_w_out, grad_b_in, grad_b_out, None, None, None
+
+
+def grouped_linear(
+    x_TD: torch.Tensor, plan: DispatchPlan, w_ENK: torch.Tensor, b_EN: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Each dispatched slot's row through its expert's linear map: gathered input [T, K] -> sorted rows [S, N].
+
+    The building block for experts that are not a two-layer MLP (ternary, LoRA, FiLM-modulated): rows come
+    out in the plan's sorted order; ``combine`` brings them back to token order. Autograd differentiates it.
+    """
+    if x_TD.shape[-1] != w_ENK.shape[-1]:
+        raise ValueError(f"x has last dimension {x_TD.shape[-1]} but the weights take K={w_ENK.shape[-1]}")
+    x_SK = x_TD.index_select(0, plan.sorted_tokens_S)
+    pieces = []
+    start = 0
+    for e, count in enumerate(plan.counts_list()):
+        if count:
+            piece = x_SK[start:start + count] @ w_ENK[e].t()
+            pieces.append(piece if b_EN is None else piece + b_EN[e])
+        start += count
+    if not pieces:
+        return x_SK.new_zeros(0, w_ENK.shape[1])
+    return torch.cat(pieces)
+
+
+def combine(y_SD: torch.Tensor, weights_TK: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """Weighted sum of sorted expert outputs back into token order, deterministically: rows are written to
+    their (token, slot) place and reduced over the k slots, with no atomics."""
+    num_tokens, top_k = plan.num_tokens, plan.top_k
+    slots_TKD = y_SD.new_zeros(num_tokens * top_k, y_SD.shape[-1])
+    slots_TKD = slots_TKD.index_copy(0, plan.sorted_slots_S, y_SD)
+    weighted = slots_TKD.view(num_tokens, top_k, -1) * (weights_TK * plan.kept_TK).unsqueeze(-1).to(y_SD.dtype)
+    return weighted.sum(1)

@@ -1,0 +1,1 @@
+"""moezoo.pipelines"""
