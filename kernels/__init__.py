@@ -1,1 +1,57 @@
-"""moezoo.kernels"""
+"""moezoo.kernels: Mixture-of-Experts compute as functions (no nn.Parameter lives here).
+
+The pieces, in the order a MoE layer uses them:
+
+- routing (:mod:`.routing`): logits -> ``RouterOutput(ids_TK, weights_TK, probs_TE, logits_TE)`` by softmax or
+  sigmoid top-k (renormalisation, DeepSeek-V3 score bias, group-limited), top-p, expert-choice, noisy top-k,
+  with an optional per-token allowed-expert mask;
+- dispatch plan (:mod:`.plan`): slots sorted by expert, counts, int64 offsets, capacity dropping, Triton block
+  padding;
+- grouped expert compute (:mod:`.experts`): ``expert_mlp`` with ``backend="reference"|"torch"|"triton"|"auto"``,
+  ``grouped_linear`` and ``combine`` for other expert kinds;
+- auxiliary losses (:mod:`.losses`) and ternary expert weights (:mod:`.ternary`).
+"""
+
+from .experts import ACTIVATIONS, BACKENDS, activation_fn, combine, expert_mlp, grouped_linear, resolve_backend
+from .losses import (
+    cv_squared,
+    expert_balance_loss,
+    expert_counts,
+    importance_load_loss,
+    router_z_loss,
+    routing_entropy,
+    switch_load_balance_loss,
+)
+from .plan import DispatchPlan, build_plan, capacity_for
+from .routing import RouterOutput, expert_choice_route, noisy_topk_route, top_p_route, topk_route
+from .ternary import pack_ternary, ternary_dequantize, ternary_quantize, ternary_ste, unpack_ternary
+
+__all__ = [
+    "ACTIVATIONS",
+    "BACKENDS",
+    "DispatchPlan",
+    "RouterOutput",
+    "activation_fn",
+    "build_plan",
+    "capacity_for",
+    "combine",
+    "cv_squared",
+    "expert_balance_loss",
+    "expert_choice_route",
+    "expert_counts",
+    "expert_mlp",
+    "grouped_linear",
+    "importance_load_loss",
+    "noisy_topk_route",
+    "pack_ternary",
+    "resolve_backend",
+    "router_z_loss",
+    "routing_entropy",
+    "switch_load_balance_loss",
+    "ternary_dequantize",
+    "ternary_quantize",
+    "ternary_ste",
+    "top_p_route",
+    "topk_route",
+    "unpack_ternary",
+]

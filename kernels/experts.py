@@ -90,9 +90,11 @@ def expert_mlp(
         from .triton_moe import triton_expert_mlp
 
         return triton_expert_mlp(x_TD, weights_TK, plan, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, activation, gated)
-    return _TorchExpertMLP.apply(
-        x_TD, weights_TK, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, plan, activation, gated
-    )
+    tensors = (x_TD, weights_TK, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _TorchExpertMLP.apply(*tensors, plan, activation, gated)
+    w_S = weights_TK.reshape(-1).index_select(0, plan.sorted_slots_S).to(x_TD.dtype)
+    return _torch_expert_forward(x_TD, w_S, plan, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, activation, gated, False)[0]
 
 
 def _check_expert_inputs(x_TD, weights_TK, plan, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, gated):
@@ -154,107 +156,138 @@ def _reference_expert_mlp(x_TD, weights_TK, plan, w_in_ENK, w_out_EDF, b_in_EN, 
     return torch.stack(rows)
 
 
-def _activation_forward(h_SN: torch.Tensor, activation: str, gated: bool) -> torch.Tensor:
+def _act_grad(name: str, grad_SF: torch.Tensor, pre_SF: torch.Tensor) -> torch.Tensor:
+    """d act(pre) / d pre times grad, with aten's fused backward kernels (one pass, no autograd graph)."""
+    if name == "silu":
+        return torch.ops.aten.silu_backward(grad_SF, pre_SF)
+    if name in ("gelu", "gelu_tanh"):
+        return torch.ops.aten.gelu_backward(grad_SF, pre_SF, approximate="tanh" if name == "gelu_tanh" else "none")
+    return torch.ops.aten.threshold_backward(grad_SF, pre_SF, 0)
+
+
+class _Buffers:
+    """Scratch rows reused across the experts of one call: every expert's rows fit in the largest expert's
+    buffer, so the loop touches a few MB that stay in cache instead of fresh [S, *] tensors per step
+    (on CPU, allocating and page-faulting large fresh tensors costs as much as a small GEMM)."""
+
+    def __init__(self, like: torch.Tensor, rows: int):
+        self.like, self.rows, self.cache = like, rows, {}
+
+    def get(self, name: str, cols: int, count: int) -> torch.Tensor:
+        if name not in self.cache:
+            self.cache[name] = self.like.new_empty(self.rows, cols)
+        return self.cache[name][:count]
+
+
+def _expert_slices(counts: list[int]):
+    """(expert, row slice of the sorted order) for every expert that received rows."""
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            yield expert, slice(start, start + count)
+        start += count
+
+
+def _torch_expert_forward(x_TD, w_S, plan, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, activation, gated, keep_h):
+    """The forward walk; returns the output and, if ``keep_h``, the pre-activations [S, N_in] for backward."""
+    num_tokens, dim = x_TD.shape
+    counts = plan.counts_list()
+    tokens_S = plan.sorted_tokens_S
+    n_in = w_in_ENK.shape[1]
+    hidden = n_in // 2 if gated else n_in
+    # With a backward to come, h is kept whole; otherwise it is scratch like the rest.
+    h_SN = x_TD.new_empty(len(tokens_S), n_in) if keep_h else None
+    buffers = _Buffers(x_TD, max(counts, default=0))
+    out_TD = x_TD.new_zeros(num_tokens, dim)
     act = activation_fn(activation)
-    if not gated:
-        return act(h_SN)
-    gate, up = h_SN.chunk(2, dim=-1)
-    return act(gate).mul_(up)
-
-
-def _activation_backward(h_SN: torch.Tensor, grad_a_SF: torch.Tensor, activation: str, gated: bool) -> torch.Tensor:
-    """d(activation)/d(h) by autograd on the small elementwise step: exact for every activation, no formulas to
-    keep in sync, and it costs one elementwise pass (the GEMMs dominate)."""
-    with torch.enable_grad():
-        h = h_SN.detach().requires_grad_(True)
-        a = _activation_forward(h, activation, gated)
-        (grad_h,) = torch.autograd.grad(a, h, grad_a_SF)
-    return grad_h
+    for e, rows in _expert_slices(counts):
+        count = rows.stop - rows.start
+        x_CD = torch.index_select(x_TD, 0, tokens_S[rows], out=buffers.get("x", dim, count))
+        h_CN = h_SN[rows] if keep_h else buffers.get("h", n_in, count)
+        torch.mm(x_CD, w_in_ENK[e].t(), out=h_CN)
+        if b_in_EN is not None:
+            h_CN += b_in_EN[e]
+        a_CF = buffers.get("a", hidden, count)
+        if gated:
+            torch.mul(act(h_CN[:, :hidden]), h_CN[:, hidden:], out=a_CF)
+        else:
+            a_CF.copy_(act(h_CN))
+        a_CF.mul_(w_S[rows, None])
+        y_CD = torch.mm(a_CF, w_out_EDF[e].t(), out=buffers.get("y", dim, count))
+        if b_out_ED is not None:
+            y_CD.addr_(w_S[rows], b_out_ED[e])
+        out_TD.index_add_(0, tokens_S[rows], y_CD)
+    return out_TD, h_SN
 
 
 class _TorchExpertMLP(torch.autograd.Function):
-    """The CPU path: one GEMM per expert over its contiguous rows of the sorted order, with a backward that
-    reuses the forward's buffers instead of autograd's per-op copies.
+    """The CPU path: per expert, gather its rows, two GEMMs and the activation in reused scratch buffers,
+    and ``index_add_`` the weighted result into the output; a hand-written backward does the same walk.
 
     The routing weight is applied to the hidden activation (F wide) rather than to the output (D wide):
-    ``w * (a @ W_out^T) == (w * a) @ W_out^T``, which also gives the router gradient as ``<dA', a>`` without
-    keeping the unweighted outputs. Tokens are combined with ``index_add_`` in sorted order: on CPU this is a
-    sequential loop, so the result is deterministic.
+    ``w * (a @ W_out^T) == (w * a) @ W_out^T``, and the router gradient is ``<dA', a>``. Only the
+    pre-activation ``h`` [S, N_in] is kept for backward (as a dense MLP keeps its own); the gathered
+    inputs and activations are recomputed per expert, which is cheap next to the GEMMs. On CPU
+    ``index_add_`` walks the rows in order, so results are deterministic.
     """
 
     @staticmethod
     def forward(ctx, x_TD, weights_TK, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, plan, activation, gated):
-        num_tokens, dim = x_TD.shape
-        tokens_S = plan.sorted_tokens_S
-        counts = plan.counts_list()
         w_S = weights_TK.reshape(-1).index_select(0, plan.sorted_slots_S).to(x_TD.dtype)
-        x_SD = x_TD.index_select(0, tokens_S)
-        h_SN = x_SD.new_empty(x_SD.shape[0], w_in_ENK.shape[1])
-        y_SD = x_SD.new_empty(x_SD.shape[0], dim)
-        start = 0
-        for e, count in enumerate(counts):
-            if count:
-                rows = slice(start, start + count)
-                torch.mm(x_SD[rows], w_in_ENK[e].t(), out=h_SN[rows])
-                if b_in_EN is not None:
-                    h_SN[rows] += b_in_EN[e]
-            start += count
-        a_SF = _activation_forward(h_SN, activation, gated)
-        weighted_a_SF = a_SF * w_S[:, None]
-        start = 0
-        for e, count in enumerate(counts):
-            if count:
-                rows = slice(start, start + count)
-                torch.mm(weighted_a_SF[rows], w_out_EDF[e].t(), out=y_SD[rows])
-                if b_out_ED is not None:
-                    y_SD[rows] += w_S[rows, None] * b_out_ED[e]
-            start += count
-        out_TD = x_TD.new_zeros(num_tokens, dim)
-        out_TD.index_add_(0, tokens_S, y_SD)
-        ctx.save_for_backward(x_SD, h_SN, a_SF, w_S, w_in_ENK, w_out_EDF, b_out_ED)
-        ctx.plan, ctx.counts, ctx.activation, ctx.gated = plan, counts, activation, gated
+        out_TD, h_SN = _torch_expert_forward(x_TD, w_S, plan, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, activation, gated, True)
+        ctx.save_for_backward(x_TD, h_SN, w_S, w_in_ENK, w_out_EDF, b_out_ED)
+        ctx.plan, ctx.counts, ctx.activation, ctx.gated = plan, plan.counts_list(), activation, gated
         ctx.has_b_in, ctx.has_b_out = b_in_EN is not None, b_out_ED is not None
         ctx.weights_dtype = weights_TK.dtype
         return out_TD
 
     @staticmethod
     def backward(ctx, grad_out_TD):
-        x_SD, h_SN, a_SF, w_S, w_in_ENK, w_out_EDF, b_out_ED = ctx.saved_tensors
-        plan, counts = ctx.plan, ctx.counts
+        x_TD, h_SN, w_S, w_in_ENK, w_out_EDF, b_out_ED = ctx.saved_tensors
+        plan, counts, gated = ctx.plan, ctx.counts, ctx.gated
         tokens_S = plan.sorted_tokens_S
-        grad_y_SD = grad_out_TD.index_select(0, tokens_S)
-        grad_wa_SF = torch.empty_like(a_SF)
-        grad_w_out = torch.zeros_like(w_out_EDF)
-        grad_b_out = torch.zeros_like(b_out_ED) if ctx.has_b_out else None
-        weighted_a_SF = a_SF * w_S[:, None]
-        start = 0
-        for e, count in enumerate(counts):
-            if count:
-                rows = slice(start, start + count)
-                torch.mm(grad_y_SD[rows], w_out_EDF[e], out=grad_wa_SF[rows])
-                torch.mm(grad_y_SD[rows].t(), weighted_a_SF[rows], out=grad_w_out[e])
-                if ctx.has_b_out:
-                    grad_b_out[e] = w_S[rows] @ grad_y_SD[rows]
-            start += count
-        # d(router weight) = <dY, expert output> = <dA', a> + <dY, b_out>.
-        grad_w_S = (grad_wa_SF * a_SF).sum(-1)
-        if ctx.has_b_out:
-            grad_w_S += (grad_y_SD * b_out_ED.repeat_interleave(plan.counts_E, dim=0)).sum(-1)
-        grad_h_SN = _activation_backward(h_SN, grad_wa_SF.mul_(w_S[:, None]), ctx.activation, ctx.gated)
-        grad_x_SD = torch.empty_like(x_SD)
-        grad_w_in = torch.zeros_like(w_in_ENK)
+        grad_out_TD = grad_out_TD.contiguous()
+        dim, n_in = x_TD.shape[1], h_SN.shape[1]
+        hidden = n_in // 2 if gated else n_in
+        act = activation_fn(ctx.activation)
+        grad_x_TD = torch.zeros_like(x_TD)
+        grad_w_in, grad_w_out = torch.zeros_like(w_in_ENK), torch.zeros_like(w_out_EDF)
         grad_b_in = h_SN.new_zeros(w_in_ENK.shape[:2]) if ctx.has_b_in else None
-        start = 0
-        for e, count in enumerate(counts):
-            if count:
-                rows = slice(start, start + count)
-                torch.mm(grad_h_SN[rows], w_in_ENK[e], out=grad_x_SD[rows])
-                torch.mm(grad_h_SN[rows].t(), x_SD[rows], out=grad_w_in[e])
-                if ctx.has_b_in:
-                    grad_b_in[e] = grad_h_SN[rows].sum(0)
-            start += count
-        grad_x_TD = grad_out_TD.new_zeros(plan.num_tokens, x_SD.shape[1])
-        grad_x_TD.index_add_(0, tokens_S, grad_x_SD)
+        grad_b_out = torch.zeros_like(b_out_ED) if ctx.has_b_out else None
+        grad_w_S = w_S.new_empty(len(tokens_S))
+        buffers = _Buffers(x_TD, max(counts, default=0))
+        for e, rows in _expert_slices(counts):
+            count = rows.stop - rows.start
+            w_C1 = w_S[rows, None]
+            grad_y_CD = torch.index_select(grad_out_TD, 0, tokens_S[rows], out=buffers.get("gy", dim, count))
+            h_CN = h_SN[rows]
+            pre_CF = h_CN[:, :hidden]
+            a_CF = buffers.get("a", hidden, count)
+            if gated:
+                torch.mul(act(pre_CF), h_CN[:, hidden:], out=a_CF)
+            else:
+                a_CF.copy_(act(pre_CF))
+            # dA' (the gradient at the weighted activation), then the router weight's and W_out's gradients.
+            grad_wa_CF = torch.mm(grad_y_CD, w_out_EDF[e], out=buffers.get("gwa", hidden, count))
+            grad_w_S[rows] = (grad_wa_CF * a_CF).sum(-1)
+            if ctx.has_b_out:
+                grad_w_S[rows] += grad_y_CD @ b_out_ED[e]
+                grad_b_out[e] = w_S[rows] @ grad_y_CD
+            torch.mm(grad_y_CD.t(), a_CF.mul_(w_C1), out=grad_w_out[e])
+            grad_a_CF = grad_wa_CF.mul_(w_C1)
+            grad_h_CN = buffers.get("gh", n_in, count)
+            if gated:
+                up_CF = h_CN[:, hidden:]
+                torch.mul(grad_a_CF, act(pre_CF), out=grad_h_CN[:, hidden:])
+                grad_h_CN[:, :hidden] = _act_grad(ctx.activation, grad_a_CF.mul_(up_CF), pre_CF)
+            else:
+                grad_h_CN.copy_(_act_grad(ctx.activation, grad_a_CF, pre_CF))
+            if ctx.has_b_in:
+                grad_b_in[e] = grad_h_CN.sum(0)
+            x_CD = torch.index_select(x_TD, 0, tokens_S[rows], out=buffers.get("x", dim, count))
+            torch.mm(grad_h_CN.t(), x_CD, out=grad_w_in[e])
+            grad_x_CD = torch.mm(grad_h_CN, w_in_ENK[e], out=buffers.get("gx", dim, count))
+            grad_x_TD.index_add_(0, tokens_S[rows], grad_x_CD)
         grad_weights = grad_w_S.new_zeros(plan.num_tokens * plan.top_k)
         grad_weights[plan.sorted_slots_S] = grad_w_S
         grad_weights = grad_weights.view(plan.num_tokens, plan.top_k).to(ctx.weights_dtype)
@@ -273,12 +306,9 @@ def grouped_linear(
         raise ValueError(f"x has last dimension {x_TD.shape[-1]} but the weights take K={w_ENK.shape[-1]}")
     x_SK = x_TD.index_select(0, plan.sorted_tokens_S)
     pieces = []
-    start = 0
-    for e, count in enumerate(plan.counts_list()):
-        if count:
-            piece = x_SK[start:start + count] @ w_ENK[e].t()
-            pieces.append(piece if b_EN is None else piece + b_EN[e])
-        start += count
+    for e, rows in _expert_slices(plan.counts_list()):
+        piece = x_SK[rows] @ w_ENK[e].t()
+        pieces.append(piece if b_EN is None else piece + b_EN[e])
     if not pieces:
         return x_SK.new_zeros(0, w_ENK.shape[1])
     return torch.cat(pieces)

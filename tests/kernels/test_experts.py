@@ -1,0 +1,596 @@
+"""moezoo.kernels.plan / moezoo.kernels.experts against an independent per-token loop written here.
+
+The oracle (``loop_moe``) computes ``y[t] = sum_j w[t, j] * expert_{ids[t, j]}(x[t])`` one token and one slot
+at a time from the raw weight tensors with plain torch ops and hand-written activation formulas; gradients
+come from autograd through that loop. Capacity is applied by the loop's own GShard counter (all first
+choices, in token order, before any second choice).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moezoo.kernels.experts import (
+    ACTIVATIONS,
+    BACKENDS,
+    combine,
+    expert_mlp,
+    grouped_linear,
+    resolve_backend,
+)
+from moezoo.kernels.plan import build_plan, capacity_for
+
+BACKENDS_UNDER_TEST = ("torch", "reference")
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- the oracle
+
+
+def act_formula(name: str, h: torch.Tensor) -> torch.Tensor:
+    if name == "silu":
+        return h * torch.sigmoid(h)
+    if name == "gelu":
+        return 0.5 * h * (1.0 + torch.erf(h / math.sqrt(2.0)))
+    if name == "gelu_tanh":
+        return 0.5 * h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * h**3)))
+    if name == "relu":
+        return torch.where(h > 0, h, torch.zeros_like(h))
+    raise AssertionError(name)
+
+
+def loop_expert(x_D, e, w_in, w_out, b_in, b_out, activation, gated):
+    """One expert on one token, from the raw [E, N, D] / [E, D, F] tensors."""
+    h = (w_in[e] * x_D[None, :]).sum(-1)  # [N]
+    if b_in is not None:
+        h = h + b_in[e]
+    if gated:
+        f = h.shape[0] // 2
+        a = act_formula(activation, h[:f]) * h[f:]
+    else:
+        a = act_formula(activation, h)
+    y = (w_out[e] * a[None, :]).sum(-1)  # [D]
+    if b_out is not None:
+        y = y + b_out[e]
+    return y
+
+
+def loop_kept(ids, num_experts, capacity=None):
+    """Which slots are dispatched: valid id, and (GShard) within capacity, rank-major then token order."""
+    T, K = ids.shape
+    kept = [[0 <= int(ids[t, j]) < num_experts for j in range(K)] for t in range(T)]
+    if capacity is not None:
+        used = [0] * num_experts
+        for j in range(K):
+            for t in range(T):
+                if kept[t][j]:
+                    e = int(ids[t, j])
+                    if used[e] < capacity:
+                        used[e] += 1
+                    else:
+                        kept[t][j] = False
+    return kept
+
+
+def loop_moe(x, weights, ids, w_in, w_out, b_in=None, b_out=None, activation="silu", gated=True, capacity=None):
+    T, D = x.shape
+    E = w_in.shape[0]
+    kept = loop_kept(ids, E, capacity)
+    rows = []
+    for t in range(T):
+        y = torch.zeros(D, dtype=x.dtype)
+        for j in range(ids.shape[1]):
+            if kept[t][j]:
+                y = y + weights[t, j] * loop_expert(x[t], int(ids[t, j]), w_in, w_out, b_in, b_out, activation, gated)
+        rows.append(y)
+    return torch.stack(rows) if rows else torch.zeros(0, D, dtype=x.dtype)
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+
+
+def make_case(T, k, E, *, D=8, F=6, gated=True, bias=False, seed=0, ids=None):
+    g = torch.Generator().manual_seed(seed)
+    n_in = 2 * F if gated else F
+    x = torch.randn(T, D, generator=g)
+    if ids is None:
+        if k <= E:
+            ids = torch.rand(T, E, generator=g).argsort(-1)[:, :k]
+        else:
+            ids = torch.randint(0, E, (T, k), generator=g)
+    weights = torch.rand(T, k, generator=g) + 0.1
+    w_in = torch.randn(E, n_in, D, generator=g) * D**-0.5
+    w_out = torch.randn(E, D, F, generator=g) * F**-0.5
+    b_in = torch.randn(E, n_in, generator=g) * 0.1 if bias else None
+    b_out = torch.randn(E, D, generator=g) * 0.1 if bias else None
+    return dict(x=x, weights=weights, ids=ids.long(), w_in=w_in, w_out=w_out, b_in=b_in, b_out=b_out)
+
+
+def leaves(case):
+    out = {}
+    for name in ("x", "weights", "w_in", "w_out", "b_in", "b_out"):
+        value = case[name]
+        out[name] = None if value is None else value.detach().clone().requires_grad_(True)
+    return out
+
+
+def grads_of(y, params, upstream):
+    names = [n for n, p in params.items() if p is not None]
+    tensors = [params[n] for n in names]
+    if not y.requires_grad:
+        return {n: torch.zeros_like(p) for n, p in zip(names, tensors)}
+    gs = torch.autograd.grad((y * upstream).sum(), tensors, allow_unused=True, materialize_grads=True)
+    return dict(zip(names, gs))
+
+
+def run_library(case, backend, activation="silu", gated=True, capacity=None, block_size=None):
+    p = leaves(case)
+    plan = build_plan(case["ids"], case["w_in"].shape[0], capacity=capacity, block_size=block_size)
+    y = expert_mlp(
+        p["x"], p["weights"], plan, p["w_in"], p["w_out"], b_in_EN=p["b_in"], b_out_ED=p["b_out"],
+        activation=activation, gated=gated, backend=backend,
+    )
+    return y, p
+
+
+def run_loop(case, activation="silu", gated=True, capacity=None):
+    p = leaves(case)
+    y = loop_moe(p["x"], p["weights"], case["ids"], p["w_in"], p["w_out"], p["b_in"], p["b_out"], activation, gated, capacity)
+    return y, p
+
+
+def check_against_loop(case, backend, activation="silu", gated=True, capacity=None):
+    y_ref, p_ref = run_loop(case, activation, gated, capacity)
+    y, p = run_library(case, backend, activation, gated, capacity)
+    assert y.shape == y_ref.shape == case["x"].shape
+    assert y.dtype == case["x"].dtype
+    torch.testing.assert_close(y, y_ref, **TOL)
+    upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(123))
+    g_ref = grads_of(y_ref, p_ref, upstream)
+    g = grads_of(y, p, upstream)
+    assert g.keys() == g_ref.keys()
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], **TOL, msg=lambda m, n=name: f"grad of {n}: {m}")
+    return y, g
+
+
+# ------------------------------------------------------------------------------- expert_mlp vs the loop
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+@pytest.mark.parametrize("E", [1, 3, 8, 64])
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+@pytest.mark.parametrize("T", [1, 7, 33])
+def test_expert_mlp_matches_loop_shapes(T, k, E, backend):
+    case = make_case(T, k, E, bias=(T + k + E) % 2 == 0, seed=T * 100 + k * 10 + E)
+    check_against_loop(case, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_expert_mlp_matches_loop_activations(activation, gated, bias, backend):
+    assert set(ACTIVATIONS) == {"silu", "gelu", "gelu_tanh", "relu"}
+    case = make_case(7, 2, 3, gated=gated, bias=bias, seed=5)
+    check_against_loop(case, backend, activation=activation, gated=gated)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+def test_empty_expert_and_unused_expert_weights_get_zero_grad(backend):
+    # Expert 2 of 4 is never chosen.
+    ids = torch.tensor([[0, 1], [3, 0], [1, 3], [0, 3], [1, 0]])
+    case = make_case(5, 2, 4, bias=True, ids=ids, seed=1)
+    y, g = check_against_loop(case, backend)
+    plan = build_plan(ids, 4)
+    assert plan.counts_E.tolist() == [4, 3, 0, 3]
+    for name in ("w_in", "w_out", "b_in", "b_out"):
+        assert torch.count_nonzero(g[name][2]) == 0, name
+        assert torch.count_nonzero(g[name][0]) > 0, name
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+def test_all_tokens_on_one_expert(backend):
+    T, E = 9, 5
+    ids = torch.full((T, 1), 3)
+    case = make_case(T, 1, E, bias=True, ids=ids, seed=2)
+    check_against_loop(case, backend)
+    plan = build_plan(ids, E)
+    assert plan.counts_E.tolist() == [0, 0, 0, T, 0]
+    assert plan.sorted_tokens_S.tolist() == list(range(T))
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+def test_duplicate_expert_in_one_token(backend):
+    ids = torch.tensor([[1, 1], [0, 1], [2, 2]])
+    case = make_case(3, 2, 3, bias=True, ids=ids, seed=3)
+    check_against_loop(case, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+def test_dropped_slots_contribute_nothing(backend):
+    # -1 (unused top-p slot) and ids >= E (null experts) are not dispatched.
+    E = 3
+    ids = torch.tensor([[0, -1], [-1, -1], [2, 5], [3, 1], [1, 0]])
+    case = make_case(5, 2, E, bias=True, ids=ids, seed=4)
+    y, g = check_against_loop(case, backend)
+    assert torch.count_nonzero(y[1]) == 0
+    assert torch.count_nonzero(g["x"][1]) == 0
+    assert g["weights"][~((ids >= 0) & (ids < E))].abs().sum() == 0
+    plan = build_plan(ids, E)
+    assert plan.kept_TK.tolist() == [[True, False], [False, False], [True, False], [False, True], [True, True]]
+    assert plan.num_dispatched == 5
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+@pytest.mark.parametrize("capacity", [0, 1, 2, 3, 100])
+def test_capacity_matches_loop(capacity, backend):
+    case = make_case(11, 3, 4, bias=True, seed=6)
+    check_against_loop(case, backend, capacity=capacity)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+def test_all_slots_dropped_with_tokens_still_backpropagates(backend):
+    """T > 0 but nothing dispatched: zero output, and ``backward`` must work (zero grads) on every backend."""
+    case = make_case(4, 2, 3, bias=True, ids=torch.full((4, 2), -1), seed=7)
+    y, p = run_library(case, backend)
+    assert y.shape == (4, 8)
+    assert torch.count_nonzero(y) == 0
+    y.sum().backward()  # the reference backend returns a graph-less tensor here (see report)
+    for name, t in p.items():
+        if t is not None:
+            assert t.grad is None or torch.count_nonzero(t.grad) == 0, name
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+def test_empty_batch(backend):
+    case = make_case(0, 2, 3, bias=True, ids=torch.zeros(0, 2, dtype=torch.long))
+    y, p = run_library(case, backend)
+    assert y.shape == (0, 8) and y.dtype == torch.float32
+    g = grads_of(y, p, torch.ones_like(y))
+    assert g["x"].shape == (0, 8)
+    assert g["weights"].shape == (0, 2)
+    for name, value in g.items():
+        assert value.shape == p[name].shape
+        assert torch.count_nonzero(value) == 0, name
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+def test_deterministic_bitwise(backend):
+    case = make_case(33, 4, 8, bias=True, seed=8)
+    upstream = torch.randn(33, 8, generator=torch.Generator().manual_seed(9))
+    runs = []
+    for _ in range(2):
+        y, p = run_library(case, backend)
+        runs.append((y.detach(), grads_of(y, p, upstream)))
+    (y1, g1), (y2, g2) = runs
+    assert torch.equal(y1, y2)
+    for name in g1:
+        assert torch.equal(g1[name], g2[name]), name
+
+
+def test_torch_and_reference_agree_on_mixed_case():
+    case = make_case(33, 4, 8, bias=True, gated=False, seed=10)
+    case["ids"][3, 1] = -1
+    case["ids"][5] = 9
+    y_t, p_t = run_library(case, "torch", activation="gelu_tanh", gated=False, capacity=15)
+    y_r, p_r = run_library(case, "reference", activation="gelu_tanh", gated=False, capacity=15)
+    torch.testing.assert_close(y_t, y_r, **TOL)
+    up = torch.randn(33, 8)
+    g_t, g_r = grads_of(y_t, p_t, up), grads_of(y_r, p_r, up)
+    for name in g_t:
+        torch.testing.assert_close(g_t[name], g_r[name], **TOL)
+
+
+def test_int32_ids_and_noncontiguous_inputs():
+    case = make_case(7, 2, 3, bias=True, seed=11)
+    ref, _ = run_loop(case)
+    x_nc = case["x"].t().contiguous().t()  # same values, column-major
+    w_in_nc = case["w_in"].transpose(1, 2).contiguous().transpose(1, 2)
+    plan = build_plan(case["ids"].int(), 3)
+    y = expert_mlp(x_nc, case["weights"], plan, w_in_nc, case["w_out"], b_in_EN=case["b_in"], b_out_ED=case["b_out"],
+                   backend="torch")
+    torch.testing.assert_close(y, ref, **TOL)
+
+
+# ----------------------------------------------------------------------------------------- build_plan
+
+
+def test_build_plan_counts_offsets_sorted_order_by_hand():
+    ids = torch.tensor([[2, 0], [0, 1], [2, 4], [-1, 2]])  # E = 4: id 4 and -1 are not dispatched
+    plan = build_plan(ids, 4)
+    # flat slots: 0:e2 1:e0 2:e0 3:e1 4:e2 5:x 6:x 7:e2
+    assert plan.num_tokens == 4 and plan.top_k == 2 and plan.num_experts == 4
+    assert plan.counts_E.tolist() == [2, 1, 3, 0]
+    assert plan.offsets_E1.tolist() == [0, 2, 3, 6, 6]
+    assert plan.sorted_slots_S.tolist() == [1, 2, 3, 0, 4, 7]
+    assert plan.sorted_tokens_S.tolist() == [0, 1, 1, 0, 2, 3]
+    assert plan.kept_TK.tolist() == [[True, True], [True, True], [True, False], [False, True]]
+    assert plan.num_dispatched == 6
+    assert plan.counts_list() == [2, 1, 3, 0]
+    for t in (plan.sorted_slots_S, plan.sorted_tokens_S, plan.counts_E, plan.offsets_E1, plan.ids_TK):
+        assert t.dtype == torch.int64
+    assert plan.padded_rows_P is None and plan.block_experts_B is None
+
+
+def test_build_plan_random_against_hand_loop():
+    g = torch.Generator().manual_seed(12)
+    E, T, K = 6, 25, 3
+    ids = torch.randint(-1, E + 2, (T, K), generator=g)
+    plan = build_plan(ids, E)
+    expected_order = []
+    for e in range(E):
+        expected_order += [t * K + j for t in range(T) for j in range(K) if int(ids[t, j]) == e]
+    counts = [sum(int(ids[t, j]) == e for t in range(T) for j in range(K)) for e in range(E)]
+    assert plan.sorted_slots_S.tolist() == expected_order
+    assert plan.counts_E.tolist() == counts
+    assert plan.offsets_E1.tolist() == [sum(counts[:e]) for e in range(E + 1)]
+    assert plan.sorted_tokens_S.tolist() == [s // K for s in expected_order]
+
+
+def test_capacity_gshard_priority_first_choices_before_second():
+    # Token order alone would keep both slots of tokens 0 and 1; GShard keeps every first choice first.
+    ids = torch.tensor([[1, 0], [1, 0], [0, 1], [0, 1]])
+    plan = build_plan(ids, 2, capacity=2)
+    assert plan.kept_TK.tolist() == [[True, False]] * 4
+    assert plan.counts_E.tolist() == [2, 2]
+    assert plan.sorted_slots_S.tolist() == [4, 6, 0, 2]
+
+    plan = build_plan(ids, 2, capacity=3)
+    # expert 0: t2/j0, t3/j0 (first choices), then t0/j1; t1/j1 dropped. expert 1: t0, t1, then t2/j1.
+    assert plan.kept_TK.tolist() == [[True, True], [True, False], [True, True], [True, False]]
+    assert plan.counts_E.tolist() == [3, 3]
+    assert plan.offsets_E1.tolist() == [0, 3, 6]
+    assert plan.sorted_slots_S.tolist() == [1, 4, 6, 0, 2, 5]  # stable: slot order within an expert
+
+    plan = build_plan(ids, 2, capacity=0)
+    assert plan.num_dispatched == 0 and not plan.kept_TK.any()
+
+
+def test_capacity_ignores_undispatched_slots():
+    # Slots with -1 or ids >= E must not use up capacity.
+    ids = torch.tensor([[-1, 0], [5, 0], [0, 1]])
+    plan = build_plan(ids, 2, capacity=1)
+    # first choices: t2 -> e0 (kept). second: t0 -> e0 (dropped: full), t1 -> e0 (dropped), t2 -> e1 (kept)
+    assert plan.kept_TK.tolist() == [[False, False], [False, False], [True, True]]
+
+
+def test_capacity_for_formula():
+    assert capacity_for(7, 2, 3, 1.0) == math.ceil(14 / 3)
+    assert capacity_for(8, 2, 4, 1.0) == 4
+    assert capacity_for(8, 2, 4, 1.25) == 5
+    assert capacity_for(1, 1, 64, 1.0) == 1
+    assert capacity_for(0, 2, 4, 1.0) == 1
+    with pytest.raises(ValueError, match="capacity_factor"):
+        capacity_for(8, 2, 4, 0.0)
+
+
+def test_block_padding_layout_by_hand():
+    # counts [3, 0, 5, 1] with block_size 4.
+    ids = torch.tensor([[0], [2], [0], [2], [2], [3], [2], [0], [2]])
+    plan = build_plan(ids, 4, block_size=4)
+    assert plan.counts_E.tolist() == [3, 0, 5, 1]
+    assert plan.offsets_E1.tolist() == [0, 3, 3, 8, 9]
+    assert plan.block_size == 4
+    assert plan.block_experts_B.tolist() == [0, 2, 2, 3]
+    assert plan.padded_rows_P.tolist() == [
+        0, 1, 2, -1,
+        3, 4, 5, 6,
+        7, -1, -1, -1,
+        8, -1, -1, -1,
+    ]
+
+
+@pytest.mark.parametrize("block_size", [1, 3, 16])
+def test_block_padding_invariants(block_size):
+    g = torch.Generator().manual_seed(block_size)
+    E = 5
+    ids = torch.randint(-1, E, (13, 2), generator=g)
+    plan = build_plan(ids, E, block_size=block_size)
+    counts = plan.counts_E.tolist()
+    expected_blocks = [e for e in range(E) for _ in range(-(-counts[e] // block_size))]
+    assert plan.block_experts_B.tolist() == expected_blocks
+    rows = plan.padded_rows_P.view(-1, block_size)
+    assert rows.shape[0] == len(expected_blocks)
+    real = plan.padded_rows_P[plan.padded_rows_P >= 0]
+    assert real.tolist() == list(range(plan.num_dispatched))  # every sorted row exactly once, in order
+    for b, e in enumerate(expected_blocks):
+        for r in rows[b].tolist():
+            if r >= 0:
+                assert plan.offsets_E1[e] <= r < plan.offsets_E1[e + 1]
+
+
+def test_build_plan_empty_batch():
+    plan = build_plan(torch.zeros(0, 3, dtype=torch.long), 4, capacity=2, block_size=8)
+    assert plan.num_tokens == 0 and plan.num_dispatched == 0
+    assert plan.counts_E.tolist() == [0, 0, 0, 0]
+    assert plan.offsets_E1.tolist() == [0, 0, 0, 0, 0]
+    assert plan.padded_rows_P.numel() == 0 and plan.block_experts_B.numel() == 0
+
+
+def test_build_plan_bad_input():
+    with pytest.raises(ValueError, match=r"\[T, k\]"):
+        build_plan(torch.zeros(4, dtype=torch.long), 2)
+    with pytest.raises(TypeError, match="integer"):
+        build_plan(torch.zeros(4, 2), 2)
+    with pytest.raises(TypeError, match="integer"):
+        build_plan(torch.zeros(4, 2, dtype=torch.bool), 2)
+    with pytest.raises(ValueError, match="num_experts"):
+        build_plan(torch.zeros(4, 2, dtype=torch.long), 0)
+    with pytest.raises(ValueError, match="capacity"):
+        build_plan(torch.zeros(4, 2, dtype=torch.long), 2, capacity=-1)
+    with pytest.raises(ValueError, match="block_size"):
+        build_plan(torch.zeros(4, 2, dtype=torch.long), 2, block_size=0)
+
+
+# --------------------------------------------------------------------------- grouped_linear + combine
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("capacity", [None, 2])
+def test_grouped_linear_and_combine_match_loop(bias, capacity):
+    g = torch.Generator().manual_seed(13)
+    T, K, E, D, N = 9, 2, 4, 5, 3
+    ids = torch.randint(-1, E + 1, (T, K), generator=g)
+    x = torch.randn(T, D, generator=g, requires_grad=True)
+    w = torch.randn(E, N, D, generator=g, requires_grad=True)
+    b = torch.randn(E, N, generator=g, requires_grad=True) if bias else None
+    weights = torch.rand(T, K, generator=g, requires_grad=True)
+    plan = build_plan(ids, E, capacity=capacity)
+
+    y_SN = grouped_linear(x, plan, w, b)
+    assert y_SN.shape == (plan.num_dispatched, N)
+    # Each sorted row is its slot's token through its expert's linear map.
+    for s, slot in enumerate(plan.sorted_slots_S.tolist()):
+        t, j = divmod(slot, K)
+        e = int(ids[t, j])
+        expected = (w[e] * x[t][None]).sum(-1) + (b[e] if bias else 0)
+        torch.testing.assert_close(y_SN[s], expected, **TOL)
+    out = combine(y_SN, weights, plan)
+
+    kept = loop_kept(ids, E, capacity)
+    rows = []
+    for t in range(T):
+        acc = torch.zeros(N)
+        for j in range(K):
+            if kept[t][j]:
+                e = int(ids[t, j])
+                acc = acc + weights[t, j] * ((w[e] * x[t][None]).sum(-1) + (b[e] if bias else 0))
+        rows.append(acc)
+    ref = torch.stack(rows)
+    torch.testing.assert_close(out, ref, **TOL)
+
+    params = [p for p in (x, w, b, weights) if p is not None]
+    up = torch.randn(T, N, generator=g)
+    g_lib = torch.autograd.grad((out * up).sum(), params, allow_unused=True, materialize_grads=True)
+    g_ref = torch.autograd.grad((ref * up).sum(), params, allow_unused=True, materialize_grads=True)
+    for a, r in zip(g_lib, g_ref):
+        torch.testing.assert_close(a, r, **TOL)
+
+
+def test_grouped_linear_two_layer_mlp_equals_expert_mlp_loop():
+    """grouped_linear -> activation -> grouped_linear over sorted rows -> combine == the loop's expert MLP."""
+    case = make_case(7, 2, 3, gated=False, bias=False, seed=14)
+    plan = build_plan(case["ids"], 3)
+    h = grouped_linear(case["x"], plan, case["w_in"])
+    a = act_formula("relu", h)
+    # Second layer on rows already in sorted order: per-expert matmul on contiguous ranges.
+    pieces, start = [], 0
+    for e, c in enumerate(plan.counts_list()):
+        pieces.append(a[start:start + c] @ case["w_out"][e].t())
+        start += c
+    out = combine(torch.cat(pieces), case["weights"], plan)
+    ref = loop_moe(case["x"], case["weights"], case["ids"], case["w_in"], case["w_out"], activation="relu", gated=False)
+    torch.testing.assert_close(out, ref, **TOL)
+
+
+def test_grouped_linear_and_combine_empty_batch():
+    plan = build_plan(torch.zeros(0, 2, dtype=torch.long), 3)
+    x = torch.zeros(0, 4)
+    y = grouped_linear(x, plan, torch.randn(3, 5, 4))
+    assert y.shape == (0, 5)
+    out = combine(y, torch.zeros(0, 2), plan)
+    assert out.shape == (0, 5)
+
+
+def test_grouped_linear_wrong_last_dim():
+    plan = build_plan(torch.zeros(3, 1, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="last dimension 4"):
+        grouped_linear(torch.randn(3, 4), plan, torch.randn(2, 5, 6))
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+def _good():
+    case = make_case(5, 2, 3, bias=True, seed=15)
+    plan = build_plan(case["ids"], 3)
+    return case, plan
+
+
+def test_bad_input_wrong_last_dim():
+    case, plan = _good()
+    with pytest.raises(ValueError, match=r"last dimension 7 .*D=8"):
+        expert_mlp(torch.randn(5, 7), case["weights"], plan, case["w_in"], case["w_out"], backend="torch")
+
+
+def test_bad_input_not_2d():
+    case, plan = _good()
+    with pytest.raises(ValueError, match=r"\[T, D\]"):
+        expert_mlp(case["x"][None], case["weights"], plan, case["w_in"], case["w_out"], backend="torch")
+
+
+def test_bad_input_integer_x():
+    case, plan = _good()
+    with pytest.raises(TypeError, match="floating"):
+        expert_mlp(case["x"].long(), case["weights"], plan, case["w_in"], case["w_out"], backend="torch")
+
+
+def test_bad_input_mismatched_shapes():
+    case, plan = _good()
+    x, wt, wi, wo = case["x"], case["weights"], case["w_in"], case["w_out"]
+    with pytest.raises(ValueError, match="plan is for 4 experts but the weights hold 3"):
+        expert_mlp(x, wt, build_plan(case["ids"], 4), wi, wo)
+    with pytest.raises(ValueError, match="w_out must be"):
+        expert_mlp(x, wt, plan, wi, wo[..., :-1])
+    with pytest.raises(ValueError, match="gated experts need"):
+        expert_mlp(x, wt, plan, wi[:, :-1], wo)
+    with pytest.raises(ValueError, match="tokens"):
+        expert_mlp(x[:4], wt, plan, wi, wo)
+    with pytest.raises(ValueError, match="weights shape"):
+        expert_mlp(x, wt[:, :1], plan, wi, wo)
+    with pytest.raises(ValueError, match="b_in must be"):
+        expert_mlp(x, wt, plan, wi, wo, b_in_EN=case["b_in"][:, :-1])
+    with pytest.raises(ValueError, match="b_out must be"):
+        expert_mlp(x, wt, plan, wi, wo, b_out_ED=case["b_out"][:2])
+
+
+def test_bad_input_unknown_backend_and_activation():
+    case, plan = _good()
+    args = (case["x"], case["weights"], plan, case["w_in"], case["w_out"])
+    with pytest.raises(ValueError, match=r"unknown backend 'cuda_fast'.*auto, reference, torch, triton"):
+        expert_mlp(*args, backend="cuda_fast")
+    with pytest.raises(ValueError, match=r"unknown activation 'swish'.*silu, gelu, gelu_tanh, relu"):
+        expert_mlp(*args, activation="swish")
+
+
+def test_backend_resolution_on_cpu(monkeypatch):
+    assert set(BACKENDS) == {"auto", "reference", "torch", "triton"}
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert resolve_backend("reference", torch.device("cpu")) == "reference"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="backend='torch'"):
+        resolve_backend("triton", torch.device("cpu"))
+
+
+# ------------------------------------------------------------------------------- inference (no-grad) path
+
+
+@pytest.mark.parametrize(
+    "activation,gated,bias,capacity",
+    [("silu", True, False, None), ("gelu", False, True, None), ("gelu_tanh", True, True, 3), ("relu", False, False, 2)],
+)
+def test_torch_backend_without_grad_matches_loop(activation, gated, bias, capacity):
+    """Inputs that need no grad (and under torch.no_grad) take the forward-only path: same values."""
+    case = make_case(13, 3, 5, gated=gated, bias=bias, seed=16)
+    case["ids"][2, 0] = -1
+    case["ids"][4, 2] = 7
+    ref = loop_moe(case["x"], case["weights"], case["ids"], case["w_in"], case["w_out"], case["b_in"], case["b_out"],
+                   activation, gated, capacity)
+    plan = build_plan(case["ids"], 5, capacity=capacity)
+    args = (case["x"], case["weights"], plan, case["w_in"], case["w_out"])
+    kwargs = dict(b_in_EN=case["b_in"], b_out_ED=case["b_out"], activation=activation, gated=gated, backend="torch")
+    y = expert_mlp(*args, **kwargs)
+    assert not y.requires_grad
+    torch.testing.assert_close(y, ref, **TOL)
+    leaf = case["w_in"].clone().requires_grad_(True)
+    with torch.no_grad():
+        y2 = expert_mlp(case["x"], case["weights"], plan, leaf, case["w_out"], **kwargs)
+    assert not y2.requires_grad
+    torch.testing.assert_close(y2, ref, **TOL)
+    # The grad path gives bitwise the same forward values as the no-grad path.
+    y3 = expert_mlp(case["x"], case["weights"], plan, leaf, case["w_out"], **kwargs)
+    assert torch.equal(y3.detach(), y)

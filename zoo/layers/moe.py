@@ -1,0 +1,414 @@
+"""The MoE block every moezoo model uses: a router, routed experts and the optional extras of the papers.
+
+Composition (all on ``moezoo.kernels``):
+
+- routed experts: SwiGLU / GeGLU / plain MLP / ternary (MoTE), computed by ``kernels.expert_mlp`` with the
+  chosen backend (``reference``, ``torch``, ``triton`` or ``auto``; change ``moe.backend`` at any time);
+- routers: softmax or sigmoid top-k (optional renormalisation, DeepSeek-V3 score bias, group-limited top-k,
+  routed scaling), top-p (a dynamic number of experts per token), expert-choice, noisy top-k;
+- shared experts (DeepSeekMoE, DiT-MoE): a dense gated MLP every token goes through, optionally scaled by
+  ``sigmoid(gate(x))`` as in Qwen2-MoE;
+- null experts (UniMoE-Audio; MoE++'s *zero* experts are the same thing): routable, output zero, never
+  computed, so a token can choose to spend less compute;
+- copy and constant experts (MoE++): output ``x``, or ``a1 * x + a2 * v`` with ``[a1, a2] = softmax(W x)``;
+- capacity with token dropping, multiplicative router jitter, and auxiliary losses by name and coefficient.
+
+What it routed is recorded after every forward in ``moe.routing`` (a :class:`RoutingRecord`): the one place
+training, tests and the app's routing pictures read it from. ``collect_routing(model)`` and
+``total_aux_loss(model)`` gather it over a whole network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moezoo.kernels import losses as aux
+from moezoo.kernels.experts import BACKENDS, activation_fn, expert_mlp
+from moezoo.kernels.plan import build_plan, capacity_for
+from moezoo.kernels.routing import (
+    RouterOutput,
+    expert_choice_route,
+    noisy_topk_route,
+    top_p_route,
+    topk_route,
+)
+from moezoo.kernels.ternary import ternary_ste
+
+EXPERT_KINDS = {  # name -> (activation, gated)
+    "swiglu": ("silu", True),
+    "geglu": ("gelu", True),
+    "mlp": ("gelu", False),
+    "ternary": ("silu", True),  # MoTE: SwiGLU experts with ternary weights
+}
+ROUTERS = ("softmax", "sigmoid", "top_p", "expert_choice", "noisy")
+AUX_LOSSES = ("load_balance", "global_load_balance", "z_loss", "expert_balance", "cv2", "entropy")
+
+
+@dataclass
+class RoutingRecord:
+    """What one MoE block routed in its last forward.
+
+    Attributes:
+        ids_TK: int64 [T, k], the expert each slot chose (-1: unused slot). Ids ``>= num_experts`` name the
+            special experts in order: null, copy, constant.
+        weights_TK: the routing weights of those slots (detached).
+        probs_TE: the router's scores over all routable experts (detached).
+        load_E: float [num_routable], how many slots each routable expert received (after capacity).
+        dropped: how many chosen slots capacity dropped.
+        aux_loss: the weighted sum of the configured auxiliary losses (keeps its graph: add it to the loss).
+        aux_terms: each configured auxiliary loss by name, unweighted and detached, for logging.
+        tokens_shape: the leading shape of the input, so ids can be reshaped to e.g. [B, H/p, W/p, k].
+    """
+
+    ids_TK: torch.Tensor
+    weights_TK: torch.Tensor
+    probs_TE: torch.Tensor
+    load_E: torch.Tensor
+    dropped: int
+    aux_loss: torch.Tensor
+    aux_terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    tokens_shape: tuple[int, ...] = ()
+
+
+class GatedMLP(nn.Module):
+    """A dense (gated) MLP: the shared expert, and the dense baseline at equal active width."""
+
+    def __init__(self, dim: int, hidden_dim: int, activation: str = "silu", gated: bool = True, bias: bool = False):
+        super().__init__()
+        self.activation, self.gated = activation, gated
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=bias) if gated else None
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=bias)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act = activation_fn(self.activation)
+        h = act(self.gate_proj(x)) * self.up_proj(x) if self.gated else act(self.up_proj(x))
+        return self.down_proj(h)
+
+
+class Router(nn.Module):
+    """Token -> scores over the routable experts, then the configured routing rule."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_routable: int,
+        top_k: int,
+        kind: str = "softmax",
+        *,
+        renormalize: bool = False,
+        top_p: float | None = None,
+        score_bias: bool = False,
+        num_groups: int | None = None,
+        topk_groups: int | None = None,
+        routed_scaling: float = 1.0,
+        expert_capacity_factor: float = 1.0,
+        bias: bool = False,
+        jitter: float = 0.0,
+    ):
+        super().__init__()
+        if kind not in ROUTERS:
+            raise ValueError(f"unknown router {kind!r}; accepted: {', '.join(ROUTERS)}")
+        if kind == "top_p" and top_p is None:
+            raise ValueError("router='top_p' needs top_p in (0, 1]")
+        self.kind, self.top_k, self.top_p = kind, top_k, top_p
+        self.renormalize, self.routed_scaling = renormalize, routed_scaling
+        self.num_groups, self.topk_groups = num_groups, topk_groups
+        self.expert_capacity_factor, self.jitter = expert_capacity_factor, jitter
+        self.weight = nn.Parameter(torch.empty(num_routable, dim))
+        self.bias = nn.Parameter(torch.zeros(num_routable)) if bias else None
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)  # nn.Linear's default, as DeepSeek/DiT-MoE's gate
+        # DeepSeek-V3's aux-loss-free balancing: a per-expert bias that only affects which experts are chosen.
+        self.register_buffer("score_bias", torch.zeros(num_routable) if score_bias else None)
+        self.noise = nn.Linear(dim, num_routable, bias=False) if kind == "noisy" else None
+        if self.noise is not None:
+            nn.init.zeros_(self.noise.weight)  # Shazeer: start with no learned noise
+
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        if self.training and self.jitter > 0:
+            # Switch Transformer's multiplicative jitter on the router input.
+            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        return F.linear(x_TD.float(), self.weight.float(), None if self.bias is None else self.bias.float())
+
+    def forward(self, x_TD: torch.Tensor, allowed_TE: torch.Tensor | None = None) -> RouterOutput:
+        logits_TE = self.logits(x_TD)
+        if self.kind in ("softmax", "sigmoid"):
+            return topk_route(
+                logits_TE,
+                self.top_k,
+                scoring=self.kind,
+                renormalize=self.renormalize,
+                score_bias_E=self.score_bias,
+                num_groups=self.num_groups,
+                topk_groups=self.topk_groups,
+                scaling=self.routed_scaling,
+                allowed_TE=allowed_TE,
+            )
+        if allowed_TE is not None and self.kind not in ("top_p",):
+            raise ValueError(f"an allowed-expert mask works with softmax, sigmoid and top_p routers, not {self.kind!r}")
+        if self.kind == "top_p":
+            return top_p_route(logits_TE, self.top_p, max_k=self.top_k, renormalize=self.renormalize, allowed_TE=allowed_TE)
+        if self.kind == "expert_choice":
+            capacity = capacity_for(logits_TE.shape[0], self.top_k, logits_TE.shape[1], self.expert_capacity_factor)
+            return expert_choice_route(logits_TE, min(capacity, logits_TE.shape[0]))
+        noise_logits_TE = self.noise(x_TD.float())
+        return noisy_topk_route(logits_TE, noise_logits_TE, self.top_k, training=self.training)
+
+
+class MoE(nn.Module):
+    """A Mixture-of-Experts feed-forward block: ``forward(x[..., dim]) -> [..., dim]``.
+
+    Args:
+        dim: model width D.
+        hidden_dim: each routed expert's hidden width F.
+        num_experts: routed (computed) experts E.
+        top_k: experts per token (for top_p: the most a token may use; for expert_choice: the average).
+        expert: "swiglu", "geglu", "mlp" or "ternary".
+        activation: override the expert kind's nonlinearity (e.g. "gelu_tanh" or "relu" in gated experts);
+            the shared experts use it too.
+        bias: biases in the routed experts.
+        router: "softmax", "sigmoid", "top_p", "expert_choice" or "noisy".
+        renormalize: divide the chosen weights by their sum (Mixtral); off in DiT-MoE / DeepSeekMoE.
+        top_p: probability mass for the top_p router.
+        score_bias: keep a DeepSeek-V3 per-expert selection bias buffer (``router.score_bias``).
+        num_groups, topk_groups: group-limited routing (DeepSeek-V2/V3).
+        routed_scaling: multiply routed weights (DeepSeek-V3's routed_scaling_factor).
+        router_bias: a bias in the router's linear map.
+        num_shared_experts, shared_hidden_dim: shared experts as one dense gated MLP of width
+            ``num_shared_experts * shared_hidden_dim`` (default hidden_dim) that every token uses.
+        shared_gate: scale the shared output by ``sigmoid(Linear(D, 1)(x))`` (Qwen2-MoE).
+        num_null_experts: routable experts that output zero and cost nothing (UniMoE-Audio; MoE++ zero).
+        num_copy_experts, num_constant_experts: MoE++'s copy and constant experts.
+        capacity_factor: if set, each computed expert takes at most ``ceil(cf * T * k / E)`` slots.
+        jitter: multiplicative router-input noise in training (Switch).
+        aux_loss_coefs: auxiliary losses to add, by name (see ``AUX_LOSSES``) -> coefficient.
+        backend: "auto", "reference", "torch" or "triton".
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        num_experts: int,
+        top_k: int = 2,
+        *,
+        expert: str = "swiglu",
+        activation: str | None = None,
+        bias: bool = False,
+        router: str = "softmax",
+        renormalize: bool = False,
+        top_p: float | None = None,
+        score_bias: bool = False,
+        num_groups: int | None = None,
+        topk_groups: int | None = None,
+        routed_scaling: float = 1.0,
+        router_bias: bool = False,
+        num_shared_experts: int = 0,
+        shared_hidden_dim: int | None = None,
+        shared_gate: bool = False,
+        num_null_experts: int = 0,
+        num_copy_experts: int = 0,
+        num_constant_experts: int = 0,
+        capacity_factor: float | None = None,
+        jitter: float = 0.0,
+        aux_loss_coefs: dict[str, float] | None = None,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if expert not in EXPERT_KINDS:
+            raise ValueError(f"unknown expert kind {expert!r}; accepted: {', '.join(EXPERT_KINDS)}")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; accepted: {', '.join(BACKENDS)}")
+        if min(dim, hidden_dim, num_experts) < 1:
+            raise ValueError(f"dim, hidden_dim and num_experts must be >= 1, got {dim}, {hidden_dim}, {num_experts}")
+        num_routable = num_experts + num_null_experts + num_copy_experts + num_constant_experts
+        if not 1 <= top_k <= num_routable:
+            raise ValueError(f"top_k must be between 1 and the {num_routable} routable experts, got {top_k}")
+        self.aux_loss_coefs = dict(aux_loss_coefs or {})
+        unknown = set(self.aux_loss_coefs) - set(AUX_LOSSES)
+        if unknown:
+            raise ValueError(f"unknown aux losses {sorted(unknown)}; accepted: {', '.join(AUX_LOSSES)}")
+        self.dim, self.hidden_dim, self.num_experts, self.top_k = dim, hidden_dim, num_experts, top_k
+        self.num_null_experts, self.num_copy_experts = num_null_experts, num_copy_experts
+        self.num_constant_experts, self.num_routable = num_constant_experts, num_routable
+        self.expert_kind, self.capacity_factor, self.backend = expert, capacity_factor, backend
+        self.activation, self.gated = EXPERT_KINDS[expert]
+        if activation is not None:
+            activation_fn(activation)  # validates the name
+            self.activation = activation
+
+        self.router = Router(
+            dim, num_routable, top_k, router, renormalize=renormalize, top_p=top_p, score_bias=score_bias,
+            num_groups=num_groups, topk_groups=topk_groups, routed_scaling=routed_scaling, bias=router_bias,
+            jitter=jitter,
+        )
+        n_in = 2 * hidden_dim if self.gated else hidden_dim
+        self.w_in = nn.Parameter(torch.empty(num_experts, n_in, dim))
+        self.w_out = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
+        self.b_in = nn.Parameter(torch.zeros(num_experts, n_in)) if bias else None
+        self.b_out = nn.Parameter(torch.zeros(num_experts, dim)) if bias else None
+        self.shared = None
+        if num_shared_experts:
+            shared_width = num_shared_experts * (shared_hidden_dim or hidden_dim)
+            self.shared = GatedMLP(dim, shared_width, self.activation, self.gated)
+        self.shared_gate = nn.Linear(dim, 1, bias=False) if shared_gate and self.shared is not None else None
+        if num_constant_experts:
+            self.constant_vectors = nn.Parameter(torch.zeros(num_constant_experts, dim))
+            self.constant_mix = nn.Linear(dim, 2 * num_constant_experts, bias=False)
+        self.routing: RoutingRecord | None = None
+        self.reset_expert_parameters()
+
+    @classmethod
+    def from_hf(cls, block: nn.Module, backend: str = "auto") -> "MoE":
+        """A moezoo MoE with the weights and routing of a transformers Mixtral, Qwen2-MoE or DeepSeek-V3 MoE
+        block; its output matches the block's to fp32 precision."""
+        from .hf_convert import moe_from_hf
+
+        return moe_from_hf(block, backend=backend)
+
+    def reset_expert_parameters(self) -> None:
+        """Each expert initialised like an nn.Linear of its shape (uniform, bound 1/sqrt(fan_in))."""
+        for weight in (self.w_in, self.w_out):
+            bound = weight.shape[-1] ** -0.5
+            nn.init.uniform_(weight, -bound, bound)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, hidden_dim={self.hidden_dim}, experts={self.num_experts}, top_k={self.top_k}, "
+            f"expert={self.expert_kind!r}, router={self.router.kind!r}, null={self.num_null_experts}, "
+            f"copy={self.num_copy_experts}, constant={self.num_constant_experts}, backend={self.backend!r}"
+        )
+
+    def forward(self, x: torch.Tensor, allowed_experts: torch.Tensor | None = None) -> torch.Tensor:
+        """Route every token of ``x [..., dim]``; ``allowed_experts [..., num_routable]`` (bool) optionally
+        restricts each token to a subset of experts (modality-aware routing)."""
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"MoE input must be a floating tensor, got {x.dtype}")
+        if x.dim() < 1 or x.shape[-1] != self.dim:
+            raise ValueError(f"MoE input must have last dimension {self.dim}, got shape {tuple(x.shape)}")
+        lead_shape = x.shape[:-1]
+        x_TD = x.reshape(-1, self.dim)
+        allowed_TE = None
+        if allowed_experts is not None:
+            if allowed_experts.shape != (*lead_shape, self.num_routable):
+                raise ValueError(
+                    f"allowed_experts must have shape {(*lead_shape, self.num_routable)}, "
+                    f"got {tuple(allowed_experts.shape)}"
+                )
+            allowed_TE = allowed_experts.reshape(-1, self.num_routable).bool()
+
+        routed = self.router(x_TD, allowed_TE)
+        ids_TK, weights_TK = routed.ids_TK, routed.weights_TK.to(x.dtype)
+        capacity = None
+        if self.capacity_factor is not None:
+            capacity = capacity_for(x_TD.shape[0], ids_TK.shape[1], self.num_experts, self.capacity_factor)
+        plan = build_plan(ids_TK, self.num_experts, capacity=capacity)
+        y_TD = expert_mlp(
+            x_TD, weights_TK, plan, *self._expert_weights(), b_in_EN=self.b_in, b_out_ED=self.b_out,
+            activation=self.activation, gated=self.gated, backend=self.backend,
+        )
+        y_TD = y_TD + self._special_experts(x_TD, ids_TK, weights_TK)
+        if self.shared is not None:
+            shared_TD = self.shared(x_TD)
+            if self.shared_gate is not None:
+                shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
+            y_TD = y_TD + shared_TD
+        self.routing = self._record(routed, plan, lead_shape)
+        return y_TD.reshape(x.shape)
+
+    def _expert_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.expert_kind == "ternary":
+            return ternary_ste(self.w_in), ternary_ste(self.w_out)
+        return self.w_in, self.w_out
+
+    def _special_experts(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+        """Copy and constant experts (null experts add nothing): their weighted outputs summed per token."""
+        out_TD = torch.zeros_like(x_TD)
+        first_copy = self.num_experts + self.num_null_experts
+        if self.num_copy_experts:
+            in_copy_TK = (ids_TK >= first_copy) & (ids_TK < first_copy + self.num_copy_experts)
+            out_TD = out_TD + (weights_TK * in_copy_TK).sum(-1, keepdim=True) * x_TD
+        if self.num_constant_experts:
+            first_constant = first_copy + self.num_copy_experts
+            which_TK = ids_TK - first_constant
+            in_const_TK = (which_TK >= 0) & (which_TK < self.num_constant_experts)
+            # Each constant expert c: a1 * x + a2 * v_c with [a1, a2] = softmax(W_c x).
+            mix_TC2 = self.constant_mix(x_TD).view(-1, self.num_constant_experts, 2).softmax(-1)
+            weight_TC = x_TD.new_zeros(x_TD.shape[0], self.num_constant_experts)
+            weight_TC = weight_TC.scatter_add(1, which_TK.clamp(min=0), weights_TK * in_const_TK)
+            out_TD = out_TD + (weight_TC * mix_TC2[..., 0]).sum(-1, keepdim=True) * x_TD
+            out_TD = out_TD + (weight_TC * mix_TC2[..., 1]) @ self.constant_vectors
+        return out_TD
+
+    def _record(self, routed: RouterOutput, plan, lead_shape) -> RoutingRecord:
+        ids_TK = routed.ids_TK
+        valid = (ids_TK >= 0) & (ids_TK < self.num_routable)
+        load_E = torch.bincount(ids_TK[valid], minlength=self.num_routable).float()
+        load_E[: self.num_experts] = plan.counts_E.float()
+        dropped = int(((ids_TK >= 0) & (ids_TK < self.num_experts)).sum()) - plan.num_dispatched
+        terms = self._aux_terms(routed)
+        aux_loss = sum((self.aux_loss_coefs[n] * v for n, v in terms.items()), routed.logits_TE.new_zeros(()))
+        return RoutingRecord(
+            ids_TK=ids_TK.detach(),
+            weights_TK=routed.weights_TK.detach(),
+            probs_TE=routed.probs_TE.detach(),
+            load_E=load_E,
+            dropped=dropped,
+            aux_loss=aux_loss,
+            aux_terms={n: v.detach() for n, v in terms.items()},
+            tokens_shape=tuple(lead_shape),
+        )
+
+    def _aux_terms(self, routed: RouterOutput) -> dict[str, torch.Tensor]:
+        terms = {}
+        for name in self.aux_loss_coefs:
+            if name == "load_balance":
+                terms[name] = aux.switch_load_balance_loss(routed.probs_TE, routed.ids_TK, self.num_routable)
+            elif name == "global_load_balance":
+                terms[name] = aux.switch_load_balance_loss(
+                    routed.probs_TE, routed.ids_TK, self.num_routable, global_batch=True
+                )
+            elif name == "z_loss":
+                terms[name] = aux.router_z_loss(routed.logits_TE)
+            elif name == "expert_balance":
+                terms[name] = aux.expert_balance_loss(routed.probs_TE, routed.ids_TK, self.num_routable)
+            elif name == "cv2":
+                load_E = routed.load_E if routed.load_E is not None else _hard_load(routed, self.num_routable)
+                gates_TE = torch.zeros_like(routed.probs_TE).scatter_add(
+                    1, routed.ids_TK.clamp(min=0), routed.weights_TK * (routed.ids_TK >= 0)
+                )
+                terms[name] = aux.importance_load_loss(gates_TE, load_E)
+            elif name == "entropy":
+                terms[name] = aux.routing_entropy(routed.probs_TE)
+        return terms
+
+
+def _hard_load(routed: RouterOutput, num_routable: int) -> torch.Tensor:
+    ids = routed.ids_TK[routed.ids_TK >= 0]
+    return torch.bincount(ids, minlength=num_routable).float()
+
+
+def collect_routing(model: nn.Module) -> list[tuple[str, RoutingRecord]]:
+    """Every MoE block's last routing record, by module name, in forward-definition order."""
+    return [(name, m.routing) for name, m in model.named_modules() if isinstance(m, MoE) and m.routing is not None]
+
+
+def total_aux_loss(model: nn.Module) -> torch.Tensor:
+    """The sum of all MoE blocks' weighted auxiliary losses from their last forward (0 if none)."""
+    records = collect_routing(model)
+    if not records:
+        return torch.zeros(())
+    return sum(record.aux_loss for _, record in records)
+
+
+def set_backend(model: nn.Module, backend: str) -> None:
+    """Switch every MoE block in ``model`` to ``backend``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; accepted: {', '.join(BACKENDS)}")
+    for module in model.modules():
+        if isinstance(module, MoE):
+            module.backend = backend
