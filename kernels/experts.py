@@ -140,9 +140,12 @@ def single_expert(x_D, w_in_NK, w_out_DF, b_in_N, b_out_D, activation, gated):
 
 def _reference_expert_mlp(x_TD, weights_TK, plan, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, activation, gated):
     """Per token, per slot: slow and plain, the oracle the fast backends are tested against."""
+    # Every row starts from a zero that is still connected to all inputs, so backward gives zero gradients
+    # (not an error) when nothing was dispatched.
+    connected_zero = 0.0 * (x_TD.sum() + weights_TK.sum() + w_in_ENK.sum() + w_out_EDF.sum())
     rows = []
     for t in range(plan.num_tokens):
-        y_D = x_TD.new_zeros(x_TD.shape[1])
+        y_D = x_TD.new_zeros(x_TD.shape[1]) + connected_zero
         for j in range(plan.top_k):
             if not bool(plan.kept_TK[t, j]):
                 continue
@@ -152,7 +155,7 @@ def _reference_expert_mlp(x_TD, weights_TK, plan, w_in_ENK, w_out_EDF, b_in_EN, 
             y_D = y_D + weights_TK[t, j] * single_expert(x_TD[t], w_in_ENK[e], w_out_EDF[e], b_in, b_out, activation, gated)
         rows.append(y_D)
     if not rows:
-        return x_TD.new_zeros(0, x_TD.shape[1]) + 0 * x_TD.sum()
+        return x_TD.new_zeros(0, x_TD.shape[1]) + connected_zero
     return torch.stack(rows)
 
 
@@ -320,5 +323,5 @@ def combine(y_SD: torch.Tensor, weights_TK: torch.Tensor, plan: DispatchPlan) ->
     num_tokens, top_k = plan.num_tokens, plan.top_k
     slots_TKD = y_SD.new_zeros(num_tokens * top_k, y_SD.shape[-1])
     slots_TKD = slots_TKD.index_copy(0, plan.sorted_slots_S, y_SD)
-    weighted = slots_TKD.view(num_tokens, top_k, -1) * (weights_TK * plan.kept_TK).unsqueeze(-1).to(y_SD.dtype)
+    weighted = slots_TKD.view(num_tokens, top_k, y_SD.shape[-1]) * (weights_TK * plan.kept_TK).unsqueeze(-1).to(y_SD.dtype)
     return weighted.sum(1)

@@ -323,10 +323,24 @@ def test_shared_experts_see_every_token(shared_gate):
     moe = make_moe(8, 6, 4, 2, num_shared_experts=2, shared_hidden_dim=5, shared_gate=shared_gate, backend="torch")
     assert moe.shared.up_proj.weight.shape == (10, 8)
     assert (moe.shared_gate is not None) == shared_gate
-    x = inputs(7, 8, seed=8)
+    x = inputs(7, 8, seed=8).requires_grad_(True)
     y = moe(x)
     ref = block_loop(moe, x, moe.routing.ids_TK, moe.routing.weights_TK)
     torch.testing.assert_close(y, ref, **TOL)
+    # The shared MLP (and its gate) are trained like any dense layer; routing weights by formula so the
+    # gradient to x and the router is comparable too.
+    ref = block_loop(moe, x, moe.routing.ids_TK, softmax_by_hand(logits_by_hand(moe, x)).gather(1, moe.routing.ids_TK))
+    params = [x, moe.router.weight, moe.shared.gate_proj.weight, moe.shared.up_proj.weight, moe.shared.down_proj.weight, moe.w_in]
+    if shared_gate:
+        params.append(moe.shared_gate.weight)
+    up = inputs(7, 8, seed=24)
+    g = torch.autograd.grad((y * up).sum(), params)
+    g_ref = torch.autograd.grad((ref * up).sum(), params)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, **TOL)
+        assert a.abs().sum() > 0
+    x = x.detach()
+    y = y.detach()
     # routed part alone (shared removed by hand) matches a block without the shared expert
     shared = torch.stack([shared_by_hand(moe, x[t]) for t in range(7)])
     plain = MoE(8, 6, 4, 2, backend="torch")
@@ -366,6 +380,21 @@ def test_null_experts_do_no_compute_and_give_zero(monkeypatch):
     assert ((ids >= E) & (ids < E + n_null)).any() and (ids < E).any()
     assert plans[-1].num_dispatched == int((ids < E).sum())
     torch.testing.assert_close(y, block_loop(moe, x, ids, moe.routing.weights_TK), **TOL)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_only_null_experts_chosen_still_backpropagates(backend):
+    """Every token on a null expert and no shared expert: zero output, and a training step must still run
+    (the torch backend gives zero grads; every backend must behave the same)."""
+    moe = make_moe(8, 6, 3, 1, num_null_experts=1, router_bias=True, backend=backend)
+    with torch.no_grad():
+        moe.router.bias[3] = 50.0
+    x = inputs(4, 8, seed=25).requires_grad_(True)
+    y = moe(x)
+    assert moe.routing.ids_TK.flatten().tolist() == [3] * 4
+    assert torch.count_nonzero(y) == 0
+    y.sum().backward()  # the reference backend returns a graph-less tensor here (see report)
+    assert moe.w_in.grad is None or torch.count_nonzero(moe.w_in.grad) == 0
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])
@@ -486,6 +515,13 @@ def test_allowed_experts_mask(router):
     if router in ("softmax", "top_p"):
         probs = softmax_by_hand(logits, flat_allowed)
         torch.testing.assert_close(rec.probs_TE, probs, **TOL)
+    if router == "sigmoid":  # disallowed experts are reported with score 0
+        torch.testing.assert_close(rec.probs_TE, torch.sigmoid(logits) * flat_allowed, **TOL)
+        expected = []
+        for t in range(10):
+            sc = [float(torch.sigmoid(logits[t, e])) if flat_allowed[t, e] else -1.0 for e in range(E)]
+            expected.append({e: sc[e] for e in topk_by_hand(sc, k)})
+        assert_routing_equal(rec, expected)
     if router == "softmax":
         expected = []
         for t in range(10):
@@ -604,7 +640,7 @@ def test_empty_batch(router, backend):
     assert y.shape == (0, 8)
     assert moe(torch.zeros(2, 0, 8)).shape == (2, 0, 8)
     aux = moe.routing.aux_loss
-    assert torch.isfinite(aux) and float(aux) == 0.0
+    assert torch.isfinite(aux) and float(aux.detach()) == 0.0
 
 
 # ------------------------------------------------------------------------------------------- aux losses
@@ -643,7 +679,7 @@ def test_aux_terms_match_formulas():
         assert float(rec.aux_terms[name]) == pytest.approx(float(value), rel=1e-5), name
         assert not rec.aux_terms[name].requires_grad
     total = sum(coefs[n] * float(v) for n, v in expected.items())
-    assert float(rec.aux_loss) == pytest.approx(total, rel=1e-5)
+    assert float(rec.aux_loss.detach()) == pytest.approx(total, rel=1e-5)
 
 
 def test_total_aux_loss_sums_blocks_and_reaches_router():
@@ -665,12 +701,12 @@ def test_total_aux_loss_sums_blocks_and_reaches_router():
     a_terms, b_terms = net.a.routing.aux_terms, net.b.routing.aux_terms
     expected = 0.5 * a_terms["load_balance"] + 0.25 * b_terms["z_loss"] + 1.0 * b_terms["load_balance"]
     total = total_aux_loss(net)
-    assert float(total) == pytest.approx(float(expected), rel=1e-6)
-    assert float(net.c.routing.aux_loss) == 0.0
+    assert float(total.detach()) == pytest.approx(float(expected), rel=1e-6)
+    assert float(net.c.routing.aux_loss.detach()) == 0.0
     # z-loss of block b by formula, on its own input
     h = net.mid(net.a(x)).detach()
     z = (torch.logsumexp(logits_by_hand(net.b, h), -1) ** 2).mean()
-    assert float(b_terms["z_loss"]) == pytest.approx(float(z), rel=1e-5)
+    assert float(b_terms["z_loss"]) == pytest.approx(float(z.detach()), rel=1e-5)
     total.backward()
     assert net.a.router.weight.grad is not None and net.a.router.weight.grad.abs().sum() > 0
     assert net.b.router.weight.grad is not None and net.b.router.weight.grad.abs().sum() > 0
@@ -737,3 +773,17 @@ def test_bad_config_unknown_names():
         MoE(8, 6, 4, 2, router="top_p")
     with pytest.raises(ValueError, match=">= 1"):
         MoE(8, 6, 0, 1, num_null_experts=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["float64", "bfloat16"])
+@pytest.mark.parametrize("router", ["softmax", "sigmoid", "top_p", "expert_choice", "noisy"])
+def test_block_in_other_dtypes(router, dtype):
+    """A block cast with ``.to(dtype)`` runs on inputs of that dtype and matches the float32 block."""
+    kwargs = dict(top_p=0.5) if router == "top_p" else {}
+    moe = make_moe(8, 6, 4, 2, router=router, backend="torch", num_shared_experts=1, **kwargs).eval()
+    x = inputs(6, 8, seed=26)
+    y32 = moe(x)
+    y = moe.to(dtype)(x.to(dtype))  # noisy: Router.forward runs self.noise(x.float()) on a non-float32 Linear
+    assert y.dtype == dtype and y.shape == x.shape
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float64 else dict(rtol=0.05, atol=0.05)
+    torch.testing.assert_close(y.float(), y32, **tol)

@@ -155,7 +155,7 @@ class Router(nn.Module):
         if self.kind == "expert_choice":
             capacity = capacity_for(logits_TE.shape[0], self.top_k, logits_TE.shape[1], self.expert_capacity_factor)
             return expert_choice_route(logits_TE, min(capacity, logits_TE.shape[0]))
-        noise_logits_TE = self.noise(x_TD.float())
+        noise_logits_TE = F.linear(x_TD.float(), self.noise.weight.float())
         return noisy_topk_route(logits_TE, noise_logits_TE, self.top_k, training=self.training)
 
 
@@ -228,6 +228,8 @@ class MoE(nn.Module):
         num_routable = num_experts + num_null_experts + num_copy_experts + num_constant_experts
         if not 1 <= top_k <= num_routable:
             raise ValueError(f"top_k must be between 1 and the {num_routable} routable experts, got {top_k}")
+        if shared_gate and not num_shared_experts:
+            raise ValueError("shared_gate=True needs num_shared_experts >= 1 (it scales the shared experts' output)")
         self.aux_loss_coefs = dict(aux_loss_coefs or {})
         unknown = set(self.aux_loss_coefs) - set(AUX_LOSSES)
         if unknown:
@@ -255,7 +257,7 @@ class MoE(nn.Module):
         if num_shared_experts:
             shared_width = num_shared_experts * (shared_hidden_dim or hidden_dim)
             self.shared = GatedMLP(dim, shared_width, self.activation, self.gated)
-        self.shared_gate = nn.Linear(dim, 1, bias=False) if shared_gate and self.shared is not None else None
+        self.shared_gate = nn.Linear(dim, 1, bias=False) if shared_gate else None
         if num_constant_experts:
             self.constant_vectors = nn.Parameter(torch.zeros(num_constant_experts, dim))
             self.constant_mix = nn.Linear(dim, 2 * num_constant_experts, bias=False)

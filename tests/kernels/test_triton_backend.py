@@ -1,0 +1,312 @@
+"""moezoo.kernels.triton_moe (the Triton expert MLP, forward and backward) on CPU under TRITON_INTERPRET=1.
+
+The oracle (``loop_moe``) is written here: one token and one slot at a time, from the raw weight tensors,
+with hand-written activation formulas and its own dropping rules (ids outside ``[0, E)`` and a GShard
+capacity counter: all first choices in token order, then all second choices, ...). Gradients of x, the
+router weights, the expert weights and the biases come from autograd through that loop.
+
+The interpreter is slow (numpy, one program at a time) and its bf16 ``tl.dot`` is wrong, so shapes are
+tiny and only fp32 / fp16 are tested. ``TRITON_INTERPRET`` must be set before triton is first imported
+(``triton.jit`` picks the interpreter at decoration time); it stays set for the rest of the session.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from moezoo.kernels.experts import expert_mlp  # noqa: E402
+from moezoo.kernels.plan import build_plan  # noqa: E402
+from moezoo.kernels.triton_moe import triton_expert_mlp  # noqa: E402
+
+FP32_TOL = dict(rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------- the oracle
+
+
+def act_formula(name: str, h: torch.Tensor) -> torch.Tensor:
+    if name == "silu":
+        return h / (1.0 + torch.exp(-h))
+    if name == "gelu":
+        return 0.5 * h * (1.0 + torch.erf(h / math.sqrt(2.0)))
+    if name == "gelu_tanh":
+        return 0.5 * h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * h**3)))
+    if name == "relu":
+        return torch.where(h > 0, h, torch.zeros_like(h))
+    raise AssertionError(name)
+
+
+def loop_kept(ids_TK: torch.Tensor, num_experts: int, capacity: int | None) -> list[list[bool]]:
+    """Which slots an expert computes: valid ids, and within capacity in rank-major, token order."""
+    num_tokens, top_k = ids_TK.shape
+    kept = [[0 <= int(ids_TK[t, j]) < num_experts for j in range(top_k)] for t in range(num_tokens)]
+    if capacity is not None:
+        taken = [0] * num_experts
+        for j in range(top_k):
+            for t in range(num_tokens):
+                if kept[t][j]:
+                    e = int(ids_TK[t, j])
+                    kept[t][j] = taken[e] < capacity
+                    taken[e] += 1
+    return kept
+
+
+def loop_moe(x, weights, ids, w_in, w_out, b_in, b_out, activation, gated, capacity=None):
+    """``y[t] = sum_j w[t, j] * expert_{ids[t, j]}(x[t])``, one (token, slot) at a time."""
+    kept = loop_kept(ids, w_in.shape[0], capacity)
+    rows = []
+    for t in range(x.shape[0]):
+        y = torch.zeros(x.shape[1], dtype=x.dtype)
+        for j in range(ids.shape[1]):
+            if not kept[t][j]:
+                continue
+            e = int(ids[t, j])
+            h = (w_in[e] * x[t][None, :]).sum(-1)
+            if b_in is not None:
+                h = h + b_in[e]
+            if gated:
+                f = h.shape[0] // 2
+                a = act_formula(activation, h[:f]) * h[f:]
+            else:
+                a = act_formula(activation, h)
+            o = (w_out[e] * a[None, :]).sum(-1)
+            if b_out is not None:
+                o = o + b_out[e]
+            y = y + weights[t, j] * o
+        rows.append(y)
+    return torch.stack(rows) if rows else x.new_zeros(0, x.shape[1])
+
+
+# -------------------------------------------------------------------------------------------------- helpers
+
+
+def make_inputs(T, D, F, E, k, gated, bias, seed=0, dtype=torch.float32):
+    """Random leaves scaled so activations stay O(1) (gradients are then comparable at 1e-4)."""
+    gen = torch.Generator().manual_seed(seed)
+    n_in = 2 * F if gated else F
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype).requires_grad_()
+
+    return dict(
+        x=randn(T, D),
+        weights=torch.rand(T, k, generator=gen).requires_grad_(),
+        w_in=randn(E, n_in, D, scale=D**-0.5),
+        w_out=randn(E, D, F, scale=F**-0.5),
+        b_in=randn(E, n_in, scale=0.1) if bias else None,
+        b_out=randn(E, D, scale=0.1) if bias else None,
+    )
+
+
+def random_ids(T, k, E, seed=0):
+    """Distinct experts per token when possible (as top-k gives), otherwise with repeats."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    if k <= E:
+        return torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)]) if T else torch.zeros(0, k, dtype=torch.long)
+    return torch.randint(0, E, (T, k), generator=gen)
+
+
+def leaves(inputs):
+    return [inputs[name] for name in ("x", "weights", "w_in", "w_out", "b_in", "b_out") if inputs[name] is not None]
+
+
+def run_triton(inputs, plan, activation, gated):
+    i = inputs
+    return triton_expert_mlp(i["x"], i["weights"], plan, i["w_in"], i["w_out"], i["b_in"], i["b_out"], activation, gated)
+
+
+def run_loop(inputs, ids, activation, gated, capacity=None):
+    i = inputs
+    return loop_moe(i["x"], i["weights"], ids, i["w_in"], i["w_out"], i["b_in"], i["b_out"], activation, gated, capacity)
+
+
+def check_forward_backward(inputs, ids, E, activation, gated, capacity=None, block_size=16, **tol):
+    plan = build_plan(ids, E, capacity=capacity, block_size=block_size)
+    y = run_triton(inputs, plan, activation, gated)
+    y_ref = run_loop(inputs, ids, activation, gated, capacity)
+    torch.testing.assert_close(y, y_ref.to(y.dtype), **tol)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y.dtype)
+    grads = torch.autograd.grad(y, leaves(inputs), grad_y)
+    grads_ref = torch.autograd.grad(y_ref, leaves(inputs), grad_y.to(y_ref.dtype))
+    names = [n for n in ("x", "weights", "w_in", "w_out", "b_in", "b_out") if inputs[n] is not None]
+    for name, g, g_ref in zip(names, grads, grads_ref):
+        assert g.shape == g_ref.shape and g.dtype == inputs[name].dtype, name
+        torch.testing.assert_close(g, g_ref.to(g.dtype), **tol, msg=lambda m, name=name: f"grad {name}: {m}")
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------------- tests
+
+# (T, D, F, E, k, activation, gated, bias): D and F are not multiples of the 32-wide blocks, and T*k is
+# not a multiple of the 16-row blocks; every activation appears, gated and not, with and without biases.
+CASES = [
+    pytest.param(1, 16, 16, 1, 1, "silu", True, True, id="T1-E1-k1-silu-gated-bias"),
+    pytest.param(7, 24, 40, 4, 2, "gelu", True, False, id="T7-E4-k2-gelu-gated"),
+    pytest.param(33, 24, 40, 8, 4, "gelu_tanh", False, True, id="T33-E8-k4-gelutanh-bias"),
+    pytest.param(33, 40, 24, 8, 3, "relu", False, False, id="T33-E8-k3-relu"),
+]
+
+
+@pytest.mark.parametrize("T, D, F, E, k, activation, gated, bias", CASES)
+def test_matches_loop_fp32(T, D, F, E, k, activation, gated, bias):
+    inputs = make_inputs(T, D, F, E, k, gated, bias)
+    check_forward_backward(inputs, random_ids(T, k, E), E, activation, gated, **FP32_TOL)
+
+
+def test_empty_expert_and_repeated_expert_per_token():
+    """Expert 2 of 4 gets no rows (its weight gradients must be exactly zero); k=3 > distinct choices."""
+    T, D, F, E, k = 9, 24, 40, 4, 3
+    ids = torch.tensor([0, 1, 3]).repeat(T, 1)
+    ids[::2, 1] = 0  # the same expert twice for one token: two slots, two rows
+    inputs = make_inputs(T, D, F, E, k, gated=True, bias=True)
+    check_forward_backward(inputs, ids, E, "silu", True, **FP32_TOL)
+    y = run_triton(inputs, build_plan(ids, E, block_size=16), "silu", True)
+    grads = torch.autograd.grad(y.sum(), [inputs["w_in"], inputs["w_out"], inputs["b_in"], inputs["b_out"]])
+    assert all(bool((g[2] == 0).all()) for g in grads)
+
+
+def test_all_tokens_on_one_expert():
+    """One expert owns several row blocks (T*k = 40 rows -> 3 blocks of 16); the others are empty."""
+    T, D, F, E, k = 20, 24, 40, 4, 2
+    ids = torch.full((T, k), 3)
+    inputs = make_inputs(T, D, F, E, k, gated=True, bias=False)
+    check_forward_backward(inputs, ids, E, "gelu", True, **FP32_TOL)
+
+
+def test_dropped_slots_by_id():
+    """Ids -1 (unused top-p slot) and >= E (null expert) contribute nothing and get zero router gradient."""
+    T, D, F, E, k = 11, 24, 40, 4, 2
+    ids = random_ids(T, k, E)
+    ids[1, 1] = -1
+    ids[4, 0] = -1
+    ids[5] = torch.tensor([E, -1])  # a token with no expert at all: output exactly zero
+    inputs = make_inputs(T, D, F, E, k, gated=False, bias=True)
+    check_forward_backward(inputs, ids, E, "silu", False, **FP32_TOL)
+    y = run_triton(inputs, build_plan(ids, E, block_size=16), "silu", False)
+    assert bool((y[5] == 0).all())
+    grad_w = torch.autograd.grad(y.sum(), inputs["weights"])[0]
+    assert grad_w[1, 1] == 0 and grad_w[4, 0] == 0 and bool((grad_w[5] == 0).all())
+
+
+def test_capacity_drops():
+    T, D, F, E, k, capacity = 17, 24, 40, 4, 2, 5
+    ids = random_ids(T, k, E)
+    inputs = make_inputs(T, D, F, E, k, gated=True, bias=True)
+    plan = check_forward_backward(inputs, ids, E, "relu", True, capacity=capacity, **FP32_TOL)
+    assert not bool(plan.kept_TK.all()) and int(plan.counts_E.max()) == capacity
+
+
+def test_all_slots_dropped():
+    T, D, F, E, k = 5, 24, 40, 4, 2
+    ids = torch.full((T, k), -1)
+    inputs = make_inputs(T, D, F, E, k, gated=True, bias=True)
+    plan = build_plan(ids, E, block_size=16)
+    y = run_triton(inputs, plan, "silu", True)
+    assert y.shape == (T, D) and bool((y == 0).all())
+    grads = torch.autograd.grad(y.sum(), leaves(inputs))
+    assert all(bool((g == 0).all()) for g in grads)
+
+
+def test_zero_tokens():
+    T, D, F, E, k = 0, 24, 40, 4, 2
+    inputs = make_inputs(T, D, F, E, k, gated=True, bias=True)
+    plan = build_plan(torch.zeros(0, k, dtype=torch.long), E, block_size=16)
+    y = run_triton(inputs, plan, "silu", True)
+    assert y.shape == (0, D) and y.dtype == torch.float32
+    grads = torch.autograd.grad(y.sum(), leaves(inputs))
+    for g, leaf in zip(grads, leaves(inputs)):
+        assert g.shape == leaf.shape and bool((g == 0).all())
+    with torch.no_grad():
+        assert run_triton(inputs, plan, "silu", True).shape == (0, D)
+
+
+@pytest.mark.parametrize("block_size", [None, 8, 32], ids=["no-padding", "too-small", "bigger"])
+def test_plan_block_size_is_adapted(block_size):
+    """A plan built without (or with an unusable) block size is re-padded; a bigger power of two is used."""
+    T, D, F, E, k = 7, 24, 40, 4, 2
+    ids = random_ids(T, k, E)
+    inputs = make_inputs(T, D, F, E, k, gated=True, bias=False)
+    expected = run_triton(inputs, build_plan(ids, E, block_size=16), "silu", True)
+    got = run_triton(inputs, build_plan(ids, E, block_size=block_size), "silu", True)
+    torch.testing.assert_close(got, expected, **FP32_TOL)
+
+
+def test_fp16_forward_and_backward():
+    """fp16 activations and weights (fp32 router weights); fp32 accumulation keeps errors at fp16 rounding."""
+    T, D, F, E, k = 33, 24, 40, 4, 2
+    ids = random_ids(T, k, E)
+    inputs16 = make_inputs(T, D, F, E, k, gated=True, bias=True, dtype=torch.float16)
+    inputs32 = {n: None if t is None else t.detach().float().requires_grad_() for n, t in inputs16.items()}
+    plan = build_plan(ids, E, block_size=16)
+    y16 = run_triton(inputs16, plan, "silu", True)
+    assert y16.dtype == torch.float16
+    y32 = run_loop(inputs32, ids, "silu", True)
+    torch.testing.assert_close(y16.float(), y32, rtol=2e-2, atol=2e-2)
+    grads16 = torch.autograd.grad(y16.sum(), leaves(inputs16))
+    grads32 = torch.autograd.grad(y32.sum(), leaves(inputs32))
+    for g16, g32, leaf in zip(grads16, grads32, leaves(inputs16)):
+        assert g16.dtype == leaf.dtype
+        torch.testing.assert_close(g16.float(), g32, rtol=3e-2, atol=3e-2)
+
+
+def test_no_grad_path_and_determinism():
+    """Without autograd the same kernels run (no pre-activation saved); repeated calls are bit-identical."""
+    T, D, F, E, k = 13, 24, 40, 4, 3
+    ids = random_ids(T, k, E)
+    inputs = make_inputs(T, D, F, E, k, gated=True, bias=True)
+    plan = build_plan(ids, E, block_size=16)
+    y = run_triton(inputs, plan, "gelu", True)
+    grads = torch.autograd.grad(y.sum(), leaves(inputs))
+    with torch.no_grad():
+        y_eval = run_triton(inputs, plan, "gelu", True)
+    assert not y_eval.requires_grad
+    assert torch.equal(y_eval, y.detach())
+    y_again = run_triton(inputs, plan, "gelu", True)
+    grads_again = torch.autograd.grad(y_again.sum(), leaves(inputs))
+    assert torch.equal(y_again, y) and all(torch.equal(a, b) for a, b in zip(grads, grads_again))
+
+
+def test_strided_weights_and_input():
+    """Kernels address memory through strides: non-contiguous x and expert weights give the same result."""
+    T, D, F, E, k = 7, 24, 40, 4, 2
+    ids = random_ids(T, k, E)
+    inputs = make_inputs(T, D, F, E, k, gated=False, bias=True)
+    plan = build_plan(ids, E, block_size=16)
+    expected = run_triton(inputs, plan, "silu", False)
+    strided = dict(inputs)
+    strided["x"] = inputs["x"].detach().t().contiguous().t()
+    strided["w_in"] = inputs["w_in"].detach().transpose(1, 2).contiguous().transpose(1, 2)
+    strided["w_out"] = inputs["w_out"].detach().transpose(0, 2).contiguous().transpose(0, 2)
+    assert not strided["w_in"].is_contiguous() and not strided["w_out"].is_contiguous()
+    torch.testing.assert_close(run_triton(strided, plan, "silu", False), expected, **FP32_TOL)
+
+
+def test_expert_mlp_dispatches_to_triton():
+    """The public ``expert_mlp(backend="triton")`` reaches these kernels and agrees with the torch backend."""
+    T, D, F, E, k = 7, 24, 40, 4, 2
+    ids = random_ids(T, k, E)
+    i = make_inputs(T, D, F, E, k, gated=True, bias=True)
+    plan = build_plan(ids, E, block_size=16)
+    kwargs = dict(b_in_EN=i["b_in"], b_out_ED=i["b_out"], activation="silu", gated=True)
+    y = expert_mlp(i["x"], i["weights"], plan, i["w_in"], i["w_out"], backend="triton", **kwargs)
+    y_torch = expert_mlp(i["x"], i["weights"], plan, i["w_in"], i["w_out"], backend="torch", **kwargs)
+    torch.testing.assert_close(y, y_torch, **FP32_TOL)
+
+
+def test_rejects_mixed_dtypes_and_unknown_activation():
+    T, D, F, E, k = 3, 16, 16, 2, 1
+    i = make_inputs(T, D, F, E, k, gated=True, bias=False)
+    plan = build_plan(random_ids(T, k, E), E, block_size=16)
+    with pytest.raises(TypeError, match="one dtype"):
+        triton_expert_mlp(i["x"].half(), i["weights"], plan, i["w_in"], i["w_out"])
+    with pytest.raises(ValueError, match="unknown activation 'tanh'"):
+        triton_expert_mlp(i["x"], i["weights"], plan, i["w_in"], i["w_out"], activation="tanh")
