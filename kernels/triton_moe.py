@@ -119,7 +119,7 @@ def _grouped_gemm_kernel(
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = (offs_k + k0) < K
-        x_tile = tl.load(in_tile_ptrs, mask=k_ok[None, :], other=0.0)
+        x_tile = tl.load(in_tile_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w_mask = k_ok[:, None] & n_ok[None, :]
         w_tile = tl.load(w_tile_ptrs, mask=w_mask, other=0.0)
         acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION)
@@ -263,11 +263,12 @@ def _config() -> dict:
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
 
 
-def _input_precision(dtype: torch.dtype) -> str:
-    """Match torch's own fp32 matmul precision setting (TF32 only if the user allowed it)."""
+def _input_precision(dtype: torch.dtype) -> str | None:
+    """Match torch's fp32 matmul precision (TF32 only if the user allowed it); None = Triton's default,
+    which is what 16-bit inputs use on every backend."""
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
-    return "tf32"
+    return None
 
 
 class _Layout:
@@ -536,7 +537,8 @@ class _TritonExpertMLP(torch.autograd.Function):
             if need_w_in:  # dW_in[e] = sum_s dH_s^T x[token_s]
                 grad_w_in = _group_xty(layout, grad_h_SN, None, x_TD, tokens_S, torch.empty_like(w_in_ENK))
             if need_b_in:
-                grad_b_in = _group_sum(layout, grad_h_SN, None, w_in_ENK.new_empty(w_in_ENK.shape[:2], dtype=ctx.b_in_dtype))
+                grad_b_in_EN = w_in_ENK.new_empty(w_in_ENK.shape[:2], dtype=ctx.b_in_dtype)
+                grad_b_in = _group_sum(layout, grad_h_SN, None, grad_b_in_EN)
 
         return grad_x, grad_weights, grad_w_in, grad_w_out, grad_b_in, grad_b_out, None, None, None, None
 
@@ -573,4 +575,5 @@ def triton_expert_mlp(
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _TritonExpertMLP.apply(*tensors, plan, layout, activation, gated)
     weights_flat = weights_TK.reshape(-1).contiguous()
-    return _forward(x_TD, weights_flat, plan, layout, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, activation, gated, False)[0]
+    y_TD, _ = _forward(x_TD, weights_flat, plan, layout, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, activation, gated, False)
+    return y_TD

@@ -110,8 +110,8 @@ def make_inputs(T, D, F, E, k, gated, bias, seed=0, dtype=torch.float32):
 def random_ids(T, k, E, seed=0):
     """Distinct experts per token when possible (as top-k gives), otherwise with repeats."""
     gen = torch.Generator().manual_seed(seed + 1)
-    if k <= E:
-        return torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)]) if T else torch.zeros(0, k, dtype=torch.long)
+    if k <= E and T:
+        return torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])
     return torch.randint(0, E, (T, k), generator=gen)
 
 
@@ -121,12 +121,14 @@ def leaves(inputs):
 
 def run_triton(inputs, plan, activation, gated):
     i = inputs
-    return triton_expert_mlp(i["x"], i["weights"], plan, i["w_in"], i["w_out"], i["b_in"], i["b_out"], activation, gated)
+    args = (i["x"], i["weights"], plan, i["w_in"], i["w_out"], i["b_in"], i["b_out"])
+    return triton_expert_mlp(*args, activation, gated)
 
 
 def run_loop(inputs, ids, activation, gated, capacity=None):
     i = inputs
-    return loop_moe(i["x"], i["weights"], ids, i["w_in"], i["w_out"], i["b_in"], i["b_out"], activation, gated, capacity)
+    args = (i["x"], i["weights"], ids, i["w_in"], i["w_out"], i["b_in"], i["b_out"])
+    return loop_moe(*args, activation, gated, capacity)
 
 
 def check_forward_backward(inputs, ids, E, activation, gated, capacity=None, block_size=16, **tol):
