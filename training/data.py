@@ -22,6 +22,7 @@ arguments are type-hinted and documented, so ``LightningCLI`` exposes them as ``
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import warnings
@@ -164,6 +165,15 @@ class _ImageDataModule(LightningDataModule):
 # ----------------------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1)
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits: (images float64 [1797, 8, 8] of 0..16 ink values, targets int [1797])."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return digits.images, digits.target
+
+
 class DigitsDataset(Dataset):
     """Some of scikit-learn's ``load_digits()`` images as 1-channel ``image_size`` pictures in [-1, 1].
 
@@ -179,16 +189,14 @@ class DigitsDataset(Dataset):
     """
 
     def __init__(self, image_size: int = 16, indices: Sequence[int] | None = None, augment: bool = False) -> None:
-        from sklearn.datasets import load_digits
-
         if image_size < 1:
             raise ValueError(f"image_size must be >= 1, got {image_size}")
-        digits = load_digits()
-        self.indices = list(range(len(digits.target))) if indices is None else [int(i) for i in indices]
-        ink_N1HW = torch.from_numpy(digits.images[self.indices]).float().unsqueeze(1) / 16.0
+        images, targets = _load_digits()
+        self.indices = list(range(len(targets))) if indices is None else [int(i) for i in indices]
+        ink_N1HW = torch.from_numpy(images[self.indices]).float().unsqueeze(1) / 16.0
         resized = F.interpolate(ink_N1HW, size=(image_size, image_size), mode="bilinear", antialias=True)
         self.images_N1HW = resized.clamp(0.0, 1.0) * 2.0 - 1.0
-        self.labels = digits.target[self.indices].tolist()
+        self.labels = targets[self.indices].tolist()
         self.augment = augment
         self.max_shift = max(1, round(image_size / 8))
 
@@ -253,9 +261,7 @@ class DigitsDataModule(_ImageDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        from sklearn.datasets import load_digits
-
-        n = len(load_digits().target)
+        n = len(_load_digits()[1])
         train_ids, val_ids = _split_indices(n, self.val_fraction, self.seed)
         self.train_set = DigitsDataset(self.image_size, train_ids, augment=self.augment)
         self.val_set = DigitsDataset(self.image_size, val_ids, augment=False)

@@ -144,6 +144,13 @@ def atomic_path(target: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def checked_sha256(value: str) -> str:
+    """A pinned sha256, lowercased; a ValueError unless it is 64 hex digits."""
+    if not _SHA256_RE.fullmatch(value.lower()):
+        raise ValueError(f"sha256 must be 64 hex digits, got {value!r}")
+    return value.lower()
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -234,9 +241,7 @@ def download_url(
         DownloadError: HTTP error, unreachable server, truncated or interrupted transfer.
     """
     if sha256 is not None:
-        sha256 = sha256.lower()
-        if not _SHA256_RE.fullmatch(sha256):
-            raise ValueError(f"sha256 must be 64 hex digits, got {sha256!r}")
+        sha256 = checked_sha256(sha256)
     repo_dir, filename = url_cache_dir(url, cache_dir), _url_filename(url)
     cached = _cached(repo_dir, filename, sha256)
     if cached is not None:
@@ -354,8 +359,8 @@ def resolve_pretrained(
         path = WEIGHTS_DIR / cfg.file
         if not path.is_file():
             failures.append(f"bundled file {cfg.file}: not found in {WEIGHTS_DIR}")
-        elif cfg.sha256 is not None and (got := sha256_file(path)) != cfg.sha256.lower():
-            failures.append(f"bundled file {path}: sha256 mismatch, expected {cfg.sha256.lower()}, got {got}")
+        elif cfg.sha256 is not None and (got := sha256_file(path)) != cfg.sha256:
+            failures.append(f"bundled file {path}: sha256 mismatch, expected {cfg.sha256}, got {got}")
         else:
             return path
     if cfg.url is not None:
@@ -363,7 +368,7 @@ def resolve_pretrained(
             return download_url(
                 cfg.url, sha256=cfg.sha256, cache_dir=cache_dir, local_files_only=local_files_only, progress=progress
             )
-        except (DownloadError, NotCachedError) as err:
+        except OSError as err:  # DownloadError, ChecksumError, NotCachedError, or e.g. a read-only cache
             failures.append(f"url {cfg.url}: {err}")
     if cfg.hf_hub_id is not None:
         at_revision = f"@{cfg.revision}" if cfg.revision else ""
@@ -464,7 +469,11 @@ def save_pretrained(
     """
     if any(c in architecture for c in "./\\:"):
         raise ValueError(f"architecture must be a registered model name without a tag, got {architecture!r}")
-    config = {"architecture": architecture, "model_args": dict(model_args), "pretrained_cfg": {"metadata": dict(metadata or {})}}
+    config = {
+        "architecture": architecture,
+        "model_args": dict(model_args),
+        "pretrained_cfg": {"metadata": dict(metadata or {})},
+    }
     text = json.dumps(config, indent=2) + "\n"  # fails on non-JSON values before anything is written
     tensors, storages = {}, set()
     for key, value in model.state_dict().items():

@@ -84,8 +84,8 @@ class PretrainedCfg:
     metadata: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", self.sha256):
-            raise ValueError(f"sha256 must be 64 hex digits, got {self.sha256!r}")
+        if self.sha256 is not None:
+            object.__setattr__(self, "sha256", hub.checked_sha256(self.sha256))  # frozen: set once, lowercased
 
 
 # name -> entrypoint as written (called with pretrained=False), its pretrained cfgs by tag (the first is the

@@ -173,6 +173,7 @@ def test_cfg_without_a_source_is_refused_at_registration():
         register_model(pretrained_cfgs={"t": PretrainedCfg(metadata={"x": 1})})(lambda pretrained=False: None)
     with pytest.raises(ValueError, match="64 hex"):
         PretrainedCfg(url="http://x/y.safetensors", sha256="abc")
+    assert PretrainedCfg(url="http://x/y.safetensors", sha256="AB" * 32).sha256 == "ab" * 32
 
 
 # ----------------------------------------------------------------------------------------------------------
