@@ -98,7 +98,7 @@ def _pil_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous() / 127.5 - 1.0
 
 
-def _check_split_args(batch_size: int, num_workers: int, val_fraction: float | None = None) -> None:
+def _check_loader_args(batch_size: int, num_workers: int, val_fraction: float | None = None) -> None:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if num_workers < 0:
@@ -242,7 +242,7 @@ class DigitsDataModule(_ImageDataModule):
         seed: int = 0,
         augment: bool = False,
     ) -> None:
-        _check_split_args(batch_size, num_workers, val_fraction)
+        _check_loader_args(batch_size, num_workers, val_fraction)
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
         self.save_hyperparameters()
         self.image_size = image_size
@@ -477,7 +477,7 @@ class ShapesDataModule(_ImageDataModule):
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
-        _check_split_args(batch_size, num_workers)
+        _check_loader_args(batch_size, num_workers)
         if num_train < 1 or num_val < 0:
             raise ValueError(f"need num_train >= 1 and num_val >= 0, got {num_train} and {num_val}")
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
@@ -659,7 +659,7 @@ class ImageFolderDataModule(_ImageDataModule):
         seed: int = 0,
         random_flip: bool = False,
     ) -> None:
-        _check_split_args(batch_size, num_workers, val_fraction)
+        _check_loader_args(batch_size, num_workers, val_fraction)
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 (greyscale) or 3 (RGB), got {channels}")
         if image_size < 1:

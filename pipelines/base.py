@@ -1,0 +1,97 @@
+"""What every moezoo pipeline shares: device/dtype moves, the progress bar, seeds, and output conversion.
+
+Pipelines follow diffusers' conventions: ``from_pretrained``, one ``__call__`` with the same argument names
+everywhere (``num_inference_steps``, ``guidance_scale``, ``generator``, ``output_type``, ``return_dict``),
+CPU float32 by default, noise drawn from the caller's CPU generators so a seed gives the same picture on any
+device, and a tqdm progress bar that ``set_progress_bar_config(disable=True)`` turns off.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+
+class Pipeline:
+    """Base class: subclasses list their torch modules in ``_modules`` and implement ``__call__``."""
+
+    _modules: tuple[str, ...] = ()
+
+    def __init__(self):
+        self._progress_bar_config: dict = {}
+
+    @property
+    def device(self) -> torch.device:
+        for name in self._modules:
+            module = getattr(self, name, None)
+            if module is not None:
+                return next(module.parameters()).device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for name in self._modules:
+            module = getattr(self, name, None)
+            if module is not None:
+                return next(module.parameters()).dtype
+        return torch.float32
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Pipeline":
+        for name in self._modules:
+            module = getattr(self, name, None)
+            if module is not None:
+                module.to(device=device, dtype=dtype)
+        return self
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        """tqdm options for the denoising bar, e.g. ``disable=True``."""
+        self._progress_bar_config = dict(kwargs)
+
+    def progress_bar(self, iterable, **kwargs):
+        return tqdm(iterable, **{**self._progress_bar_config, **kwargs})
+
+
+def check_generators(generator, batch_size: int) -> None:
+    """A list of generators must give one generator per output (diffusers' rule)."""
+    if isinstance(generator, list) and len(generator) != batch_size:
+        raise ValueError(
+            f"got a list of {len(generator)} generators for {batch_size} outputs; pass one generator per "
+            "output, or a single generator"
+        )
+
+
+def randn(shape: tuple[int, ...], generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Gaussian noise drawn on the generators' device (CPU by default) then moved, one generator per sample
+    when a list is given: the same seed gives the same noise on every device."""
+    if isinstance(generator, list):
+        samples = [randn((1, *shape[1:]), g, device, dtype) for g in generator]
+        return torch.cat(samples)
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    return torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(device, dtype)
+
+
+def to_output(images_BCHW: torch.Tensor, output_type: str):
+    """Images in [-1, 1] -> PIL list, numpy [B, H, W, C] float in [0, 1], or a torch tensor [B, C, H, W] in [0, 1]."""
+    images = (images_BCHW.float().clamp(-1, 1) + 1) / 2
+    if output_type == "pt":
+        return images.cpu()
+    array = images.permute(0, 2, 3, 1).cpu().numpy()
+    if output_type == "np":
+        return array
+    return numpy_to_pil(array)
+
+
+def numpy_to_pil(array_BHWC: np.ndarray) -> list[Image.Image]:
+    uint8 = (array_BHWC * 255).round().astype(np.uint8)
+    if uint8.shape[-1] == 1:
+        return [Image.fromarray(image[..., 0], mode="L") for image in uint8]
+    return [Image.fromarray(image) for image in uint8]
+
+
+def check_output_type(output_type: str) -> None:
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"unknown output_type {output_type!r}; accepted: {', '.join(OUTPUT_TYPES)}")

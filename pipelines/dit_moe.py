@@ -1,0 +1,201 @@
+"""DiTMoEPipeline: class labels or text prompts -> images with a DiT-MoE, plus which expert drew each patch.
+
+    from moezoo.pipelines import DiTMoEPipeline
+    pipe = DiTMoEPipeline.from_pretrained("dit_moe_digits")
+    out = pipe(class_labels=[3, 7], num_inference_steps=30, generator=torch.Generator().manual_seed(0))
+    out.images[0].save("three.png")
+
+Sampling uses diffusers' schedulers: flow-match Euler for rectified-flow models (the model predicts
+``v = noise - x0``; diffusers' sigmas are DiT-MoE's ``t``), DDIM (or DDPM) for epsilon models on DiT's linear
+schedule. Pixel-space models decode directly; latent models decode with a diffusers ``AutoencoderKL`` the
+caller supplies (latents scaled by 0.18215, as DiT).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+from .base import Pipeline, check_generators, check_output_type, randn, to_output
+
+VAE_SCALE = 0.18215
+SCHEDULERS = ("flow_match_euler", "ddim", "ddpm")
+
+
+@dataclass
+class DiTMoEPipelineOutput:
+    """``images``: PIL list, numpy [B, H, W, C] in [0, 1], or torch [B, C, H, W] in [0, 1].
+    ``routing_maps``: when asked for, per MoE layer an int array [B, H/p, W/p] — the top-1 expert of every
+    patch at the last denoising step (conditional branch)."""
+
+    images: list | np.ndarray | torch.Tensor
+    routing_maps: list[np.ndarray] | None = None
+
+
+def make_scheduler(objective: str, name: str | None = None):
+    """The diffusers scheduler for a training objective: rectified flow -> flow-match Euler (shift 1, as
+    DiT-MoE's uniform Euler steps); DDPM epsilon -> DDIM (default) or ancestral DDPM on DiT's linear betas."""
+    if objective == "rf":
+        if name not in (None, "flow_match_euler"):
+            raise ValueError(f"a rectified-flow model samples with 'flow_match_euler', not {name!r}")
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    if objective != "ddpm":
+        raise ValueError(f"unknown objective {objective!r}; accepted: 'rf', 'ddpm'")
+    betas = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                 clip_sample=False, prediction_type="epsilon")
+    if name in (None, "ddim"):
+        return DDIMScheduler(**betas, set_alpha_to_one=False, timestep_spacing="trailing")
+    if name == "ddpm":
+        return DDPMScheduler(**betas, variance_type="fixed_small")
+    raise ValueError(f"unknown scheduler {name!r} for an epsilon model; accepted: 'ddim', 'ddpm'")
+
+
+class DiTMoEPipeline(Pipeline):
+    """Generation with a :class:`moezoo.zoo.models.dit_moe.DiTMoE` (the ``transformer``)."""
+
+    _modules = ("transformer", "vae")
+
+    def __init__(self, transformer, scheduler=None, vae=None, label_names: list[str] | None = None):
+        super().__init__()
+        self.transformer = transformer.eval()
+        self.objective = getattr(transformer.config, "objective", "rf")
+        self.scheduler = scheduler if scheduler is not None else make_scheduler(self.objective)
+        self.vae = vae
+        num_classes = transformer.config.num_classes
+        self.label_names = list(label_names) if label_names else [str(i) for i in range(num_classes)]
+        if num_classes and len(self.label_names) != num_classes:
+            raise ValueError(f"got {len(self.label_names)} label names for a model of {num_classes} classes")
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name: str,
+        *,
+        scheduler: str | None = None,
+        vae=None,
+        cache_dir=None,
+        local_files_only: bool = False,
+        device: str | torch.device | None = None,
+        torch_dtype: torch.dtype | None = None,
+        **model_overrides,
+    ) -> "DiTMoEPipeline":
+        """Load a zoo model with its weights (``name``, ``name.tag``, ``local-dir:PATH`` or ``hf-hub:org/repo``)."""
+        from moezoo.zoo import create_model
+
+        transformer = create_model(
+            name, pretrained=True, cache_dir=cache_dir, local_files_only=local_files_only, **model_overrides
+        )
+        metadata = getattr(getattr(transformer, "pretrained_cfg", None), "metadata", None) or {}
+        objective = getattr(transformer.config, "objective", "rf")
+        pipe = cls(transformer, make_scheduler(objective, scheduler), vae, metadata.get("label_names"))
+        return pipe.to(device, torch_dtype)
+
+    def get_label_ids(self, labels: list[str | int] | str | int) -> list[int]:
+        """Class names (or ids) -> ids, with an error that lists the accepted names."""
+        labels = [labels] if isinstance(labels, (str, int)) else list(labels)
+        ids = []
+        for label in labels:
+            if isinstance(label, (int, np.integer)) and not isinstance(label, bool):
+                if not 0 <= label < len(self.label_names):
+                    raise ValueError(f"class id {label} is out of range [0, {len(self.label_names)})")
+                ids.append(int(label))
+            elif isinstance(label, str) and label in self.label_names:
+                ids.append(self.label_names.index(label))
+            else:
+                raise ValueError(f"unknown class {label!r}; accepted: {', '.join(self.label_names)} (or their ids)")
+        return ids
+
+    def _check_call(self, class_labels, prompt, num_inference_steps, guidance_scale, generator, output_type):
+        config = self.transformer.config
+        if (class_labels is None) == (prompt is None):
+            raise ValueError("pass exactly one of class_labels (class-conditional models) or prompt (text models)")
+        if class_labels is not None and not config.num_classes:
+            raise ValueError("this model is not class-conditional; pass prompt=... instead")
+        if prompt is not None and not hasattr(self.transformer, "encode_text"):
+            raise ValueError("this model is not text-conditioned; pass class_labels=... instead")
+        if prompt is not None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            if not prompts:
+                raise ValueError("prompt is an empty list; pass at least one prompt")
+            if not all(isinstance(p, str) for p in prompts):
+                raise ValueError("prompt must be a string or a list of strings")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0 (1 = no guidance), got {guidance_scale}")
+        check_output_type(output_type)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: list[int | str] | int | str | None = None,
+        prompt: list[str] | str | None = None,
+        num_inference_steps: int = 30,
+        guidance_scale: float = 4.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        return_routing: bool = False,
+    ):
+        """Generate one image per class label or prompt.
+
+        Args:
+            class_labels: class ids or names (class-conditional models).
+            prompt: a prompt or a list of prompts (text-conditioned models).
+            num_inference_steps: denoising steps.
+            guidance_scale: classifier-free guidance scale; 1 disables guidance (one forward per step).
+            generator: a torch.Generator, or one per image, for reproducible noise.
+            output_type: "pil", "np" or "pt".
+            return_dict: return a :class:`DiTMoEPipelineOutput` (else a tuple).
+            return_routing: also return per-layer routing maps (which expert each patch went to).
+        """
+        self._check_call(class_labels, prompt, num_inference_steps, guidance_scale, generator, output_type)
+        model, config, device = self.transformer, self.transformer.config, self.device
+        if class_labels is not None:
+            y = torch.tensor(self.get_label_ids(class_labels), device=device)
+            batch, text_emb = len(y), None
+        else:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            y, batch = None, len(prompts)
+            text_emb = model.encode_text(prompts).to(device, self.dtype)
+        check_generators(generator, batch)
+
+        shape = (batch, config.in_channels, config.input_size, config.input_size)
+        sample = randn(shape, generator, device, self.dtype)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        sample = sample * getattr(self.scheduler, "init_noise_sigma", 1.0)
+        guided = guidance_scale != 1.0
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_t = t / self.scheduler.config.num_train_timesteps if self.objective == "rf" else t
+            t_B = torch.full((batch,), float(model_t), device=device, dtype=self.dtype)
+            if self.objective == "ddpm":
+                t_B = t_B.long()
+            if guided:
+                prediction = model.forward_with_cfg(sample, t_B, y, guidance_scale, text_emb=text_emb)
+            else:
+                prediction = model(sample, t_B, y, text_emb)
+            prediction = prediction[:, : config.in_channels]
+            sample = self.scheduler.step(prediction, t, sample, generator=_first(generator)).prev_sample
+
+        routing_maps = None
+        if return_routing:
+            # With guidance the last forward ran [conditional; unconditional]: keep the conditional half.
+            routing_maps = [m[:batch].cpu().numpy() for m in model.routing_maps()]
+        images = self._decode(sample)
+        images = to_output(images, output_type)
+        if not return_dict:
+            return (images, routing_maps) if return_routing else (images,)
+        return DiTMoEPipelineOutput(images=images, routing_maps=routing_maps)
+
+    def _decode(self, sample: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            return sample
+        return self.vae.decode(sample / VAE_SCALE).sample
+
+
+def _first(generator):
+    """Schedulers take one generator (ancestral DDPM's noise); the first of a list keeps a seed reproducible."""
+    return generator[0] if isinstance(generator, list) else generator
