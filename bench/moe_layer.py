@@ -30,45 +30,52 @@ The max abs difference and the relative error ``max|a - b| / max|b|`` are printe
 exceeds 1e-3 is not timed and shows the error instead. The dense MLP computes a different function and is not
 compared.
 
-Timing: every (shape, impl, pass) cell runs in a fresh subprocess (same interpreter, default torch thread
-count = all cores), which builds its inputs from the same seeds. Two warm-up calls, then ``--repeats`` timed
-calls, each timed with ``time.perf_counter`` (CPU ops are synchronous); the table shows the median.
+Timing: every (shape, impl) runs in a fresh subprocess (same interpreter, torch's default thread count = all
+cores), which rebuilds its inputs from the same seeds and runs fwd, then fwd+bwd. Per pass: two warm-up calls,
+then ``--repeats`` timed calls, each timed with ``time.perf_counter`` (CPU ops are synchronous); the table
+shows the median. To keep the whole run near ten minutes, a pass stops adding timed calls once it has
+``MIN_REPEATS`` (3) and they took more than ``--budget`` seconds (this only bites on the slowest cells, HF's
+fwd+bwd on E64_k8: eager takes 10+ s a call); the JSON records every run (``ms_runs``).
 
-Peak memory ("peak MiB"): the extra resident memory of one call. torch's CPU allocations are invisible to
-``tracemalloc``, and ``ru_maxrss`` is a high-water mark since process start (it would include setup), so the
-subprocess instead (1) builds inputs and weights, (2) runs the layer once on the first 64 tokens so that
-library code and thread pools are paged in, (3) reads ``VmRSS`` from ``/proc/self/status`` as the baseline,
-(4) resets the kernel's high-water mark (``echo 5 > /proc/self/clear_refs``), (5) runs the first full-size
-call (which is also the first warm-up) and reads ``VmHWM``. Extra = ``VmHWM - baseline``: everything the call
-made resident: activations, outputs, saved tensors and, for fwd+bwd, the gradient buffers (for the MoE
-implementations these include E expert weight gradients, for dense only its own). A fresh process per cell
-is needed because glibc keeps freed memory around, so a later call could reuse an earlier call's pages.
-The column is blank if ``clear_refs`` cannot be written.
+Peak memory ("peak MiB"): the extra resident memory of the pass's first full-size call. torch's CPU
+allocations are invisible to ``tracemalloc`` and ``ru_maxrss`` is a high-water mark since process start (it
+would include setup), so for each pass the subprocess (1) runs the layer on the first 64 tokens, so that
+library code and thread pools are paged in, (2) returns freed heap pages to the OS (``gc.collect()`` and
+glibc's ``malloc_trim(0)``: otherwise a call could reuse pages an earlier call left resident and look
+cheaper), (3) reads ``VmRSS`` from ``/proc/self/status`` as the baseline, (4) resets the kernel's high-water
+mark (``echo 5 > /proc/self/clear_refs``), (5) runs the first full-size call (the first warm-up) and reads
+``VmHWM``. Extra = ``VmHWM - baseline``: everything the call made resident: activations, the output, saved
+tensors and, for fwd+bwd, the gradients it produced (for the MoE implementations these include the E experts'
+weight gradients, for dense only its own). Measured this way, a pass's number agrees within a few
+percent (or ~10 MiB) whether it runs first in a fresh process or after the other pass. The column is blank if ``clear_refs`` cannot be written.
 
 Usage::
 
-    python bench/moe_layer.py                       # all shapes, ~6-8 minutes on 2 cores
+    python bench/moe_layer.py                       # all shapes, ~8 minutes on 2 idle cores
     python bench/moe_layer.py --shapes dit_moe_s --repeats 3 --json out.json
     python bench/moe_layer.py --quick               # T / 16: a smoke run
 
 ``--json PATH`` writes a list of ``{"shape", "impl", "pass", "ms", "peak_mib", ...}`` records, one per timed
-cell (cells that failed their check or crashed are left out; the table shows why).
+cell (cells that failed their check or crashed are left out; the table shows why); the extra keys are every
+timed run, the warm-ups and the minor page faults per timed call. The timings are only as quiet as the
+machine: the run ends by printing how much CPU other processes and the hypervisor (steal) took meanwhile.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import dataclasses
 import gc
 import json
 import math
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -79,11 +86,12 @@ from moezoo.kernels.plan import build_plan
 IMPLS = ("moezoo", "hf_eager", "hf_grouped_mm", "dense")
 PASSES = ("fwd", "fwd+bwd")
 WARMUPS = 2
+MIN_REPEATS = 3  # a cell stops adding timed runs after this many once they exceed --budget seconds
 REL_TOL = 1e-3
 SEED = 0
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Shape:
     name: str
     T: int
@@ -105,8 +113,7 @@ SHAPES = {
 
 
 def shape_for(name: str, quick: bool) -> Shape:
-    s = SHAPES[name]
-    return Shape(s.name, s.T // 16, s.d, s.f, s.E, s.k, s.shared) if quick else s
+    return dataclasses.replace(SHAPES[name], T=SHAPES[name].T // 16) if quick else SHAPES[name]
 
 
 # ----------------------------------------------------------------------------------------------- the layers
@@ -225,44 +232,61 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def run_cell(shape: Shape, impl: str, pass_: str, repeats: int) -> dict:
-    """Time one (shape, impl, pass) in this (fresh) process; see the module docstring for the memory method."""
-    problem = make_problem(shape)
-    layer = Layer(impl, shape, problem)
-    grad = pass_ == "fwd+bwd"
-    inputs = (problem["x_TD"].requires_grad_(grad), problem["ids_TK"],
-              problem["weights_TK"].requires_grad_(grad), problem["g_TD"])
-    del problem
+def _release_free_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``), so RSS counts live memory only."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
+
+def measure_pass(layer: Layer, shape: Shape, pass_: str, problem: dict, repeats: int, budget_s: float) -> dict:
+    """Peak memory of the first call, then warm-ups and timed calls of one pass (see the module docstring)."""
+    grad = pass_ == "fwd+bwd"
+    inputs = (problem["x_TD"].detach().requires_grad_(grad), problem["ids_TK"],
+              problem["weights_TK"].detach().requires_grad_(grad), problem["g_TD"])
     # Page in code and thread pools on the first 64 tokens, so that the peak below is the call's own.
     small = min(64, shape.T)
     run_once(layer, pass_, *(t.detach()[:small].requires_grad_(t.requires_grad) for t in inputs))
     for t in layer.params:
         t.grad = None
-    gc.collect()
+    _release_free_memory()
 
     baseline_kib = _proc_status_kib("VmRSS")
     can_reset = _reset_peak_rss()
-    times = [run_once(layer, pass_, *inputs)]  # warm-up 1, and the memory measurement
+    warmups = [run_once(layer, pass_, *inputs)]  # warm-up 1, and the memory measurement
     peak_mib = (_proc_status_kib("VmHWM") - baseline_kib) / 1024 if can_reset else None
-    for _ in range(WARMUPS - 1):
-        times.append(run_once(layer, pass_, *inputs))
-    timed = [run_once(layer, pass_, *inputs) for _ in range(repeats)]
-    return {"shape": shape.name, "impl": impl, "pass": pass_, "ms": statistics.median(timed),
-            "peak_mib": peak_mib, "ms_runs": [round(t, 2) for t in timed],
-            "ms_warmups": [round(t, 2) for t in times], "threads": torch.get_num_threads()}
+    warmups += [run_once(layer, pass_, *inputs) for _ in range(WARMUPS - 1)]
+    timed, faults_before = [], resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    while len(timed) < repeats and not (len(timed) >= MIN_REPEATS and sum(timed) > budget_s * 1e3):
+        timed.append(run_once(layer, pass_, *inputs))
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / len(timed)
+    for t in (*inputs, *layer.params):
+        t.grad = None
+    return {"shape": shape.name, "impl": layer.impl, "pass": pass_, "ms": statistics.median(timed),
+            "peak_mib": peak_mib, "ms_runs": [round(t, 1) for t in timed],
+            "ms_warmups": [round(t, 1) for t in warmups], "page_faults_per_call": round(faults),
+            "threads": torch.get_num_threads()}
 
 
-def run_cell_subprocess(shape_name: str, impl: str, pass_: str, repeats: int, quick: bool) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", shape_name, impl, pass_, "--repeats", str(repeats)]
-    if quick:
-        cmd.append("--quick")
+def run_impl(shape: Shape, impl: str, passes: list[str], repeats: int, budget_s: float) -> list[dict]:
+    """The given passes of one implementation, in this (fresh) process."""
+    problem = make_problem(shape)
+    layer = Layer(impl, shape, problem)
+    return [measure_pass(layer, shape, pass_, problem, repeats, budget_s) for pass_ in passes]
+
+
+def run_impl_subprocess(shape_name: str, impl: str, passes: list[str], args) -> list[dict]:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", shape_name, impl, *passes,
+           "--repeats", str(args.repeats), "--budget", str(args.budget)] + (["--quick"] if args.quick else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"shape": shape_name, "impl": impl, "pass": pass_, "error": f"subprocess exit {proc.returncode}: {tail}"}
+    error = f"subprocess exit {proc.returncode}: {tail}"
+    return [{"shape": shape_name, "impl": impl, "pass": pass_, "error": error} for pass_ in passes]
 
 
 # ---------------------------------------------------------------------------------- checks (parent process)
@@ -293,13 +317,13 @@ def check_shape(shape: Shape) -> dict:
     ref = results["moezoo"]
     for impl in ("hf_eager", "hf_grouped_mm"):
         for pass_, keys in (("fwd", ["y"]), ("fwd+bwd", ["grad x", "grad weights_TK", "grad w_in", "grad w_out"])):
-            worst = None
+            failure = None
             for key in keys:
                 diff, rel = _rel_err(results[impl][key], ref[key])
                 print(f"  check {shape.name:<10} {impl:<14} {key:<16} max|diff| {diff:.2e}  rel {rel:.2e}")
-                if rel > REL_TOL and worst is None:
-                    worst = f"{key} differs from moezoo: max|diff| {diff:.2e}, rel {rel:.2e} > {REL_TOL:g}"
-            errors[(impl, pass_)] = worst
+                if rel > REL_TOL and failure is None:
+                    failure = f"{key} differs from moezoo: max|diff| {diff:.2e}, rel {rel:.2e} > {REL_TOL:g}"
+            errors[(impl, pass_)] = failure
     return errors
 
 
@@ -335,6 +359,32 @@ def hf_code_paths() -> dict:
 
 
 # --------------------------------------------------------------------------------------------------- report
+
+
+class CpuShare:
+    """How busy the machine was while we ran: CPU time of other processes and hypervisor steal, from
+    /proc/stat, minus this process's and its children's own CPU time."""
+
+    def __init__(self):
+        self.start = self._read()
+
+    @staticmethod
+    def _read():
+        with open("/proc/stat") as f:
+            user, nice, system, idle, iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+        t = os.times()
+        return (time.time(), (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK"),
+                steal / os.sysconf("SC_CLK_TCK"), t.user + t.system + t.children_user + t.children_system)
+
+    def report(self) -> str:
+        try:
+            (w0, busy0, steal0, own0), (w1, busy1, steal1, own1) = self.start, self._read()
+        except (OSError, ValueError):
+            return "unknown (no /proc/stat)"
+        wall = w1 - w0
+        others = max(0.0, (busy1 - busy0) - (own1 - own0))
+        return (f"this benchmark {(own1 - own0) / wall:.2f} cores, other processes {others / wall:.2f} cores, "
+                f"hypervisor steal {(steal1 - steal0) / wall:.2f} cores (averages over {wall:.0f} s)")
 
 
 def cpu_model() -> str:
@@ -384,23 +434,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per cell (after %d warm-ups)" % WARMUPS)
     parser.add_argument("--quick", action="store_true", help="T / 16: a smoke run")
     parser.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
-    parser.add_argument("--child", nargs=3, metavar=("SHAPE", "IMPL", "PASS"), help=argparse.SUPPRESS)
+    parser.add_argument("--budget", type=float, default=20.0,
+                        help="seconds of timed runs per cell after which no more runs are added, once there are "
+                             "at least %d (default 20)" % MIN_REPEATS)
+    parser.add_argument("--child", nargs="+", metavar="SHAPE IMPL PASS", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.child:
-        shape_name, impl, pass_ = args.child
-        result = run_cell(shape_for(shape_name, args.quick), impl, pass_, args.repeats)
-        print("RESULT " + json.dumps(result), flush=True)
+        shape_name, impl, *passes = args.child
+        results = run_impl(shape_for(shape_name, args.quick), impl, passes, args.repeats, args.budget)
+        print("RESULT " + json.dumps(results), flush=True)
         return
 
     import transformers
 
-    started = time.time()
+    started, cpu_share = time.time(), CpuShare()
     print(f"# moezoo MoE layer benchmark, fp32, CPU  ({time.strftime('%Y-%m-%d %H:%M:%S %Z')})")
     print(f"# CPU: {cpu_model()}, {os.cpu_count()} logical cores; torch threads: {torch.get_num_threads()}")
     print(f"# torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}")
     print(f"# load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    print(f"# {WARMUPS} warm-ups + median of {args.repeats} runs per cell, one subprocess per cell"
+    print(f"# {WARMUPS} warm-ups + median of {args.repeats} runs per cell, one subprocess per (shape, impl)"
           + (" (QUICK: T / 16)" if args.quick else ""))
     for impl, path in hf_code_paths().items():
         print(f"# HF experts_implementation={impl!r} -> {path}")
@@ -414,19 +467,20 @@ def main(argv: list[str] | None = None) -> None:
         errors = check_shape(shape)
         gc.collect()
         for impl in IMPLS:
-            for pass_ in PASSES:
-                error = errors.get((impl, pass_))
-                if error:
-                    r = {"shape": name, "impl": impl, "pass": pass_, "error": error}
-                else:
-                    r = run_cell_subprocess(name, impl, pass_, args.repeats, args.quick)
-                status = r.get("error") or f"{r['ms']:.1f} ms  runs {r['ms_runs']}  peak {r['peak_mib']} MiB"
-                print(f"  {name:<10} {impl:<14} {pass_:<8} {status}", flush=True)
+            failed = [{"shape": name, "impl": impl, "pass": p, "error": errors[impl, p]}
+                      for p in PASSES if errors.get((impl, p))]
+            passes = [p for p in PASSES if not errors.get((impl, p))]
+            for r in failed + (run_impl_subprocess(name, impl, passes, args) if passes else []):
+                status = r.get("error") or (f"{r['ms']:.1f} ms  runs {r['ms_runs']}  warm-ups {r['ms_warmups']}  "
+                                            f"peak {r['peak_mib']:.0f} MiB  page faults/call "
+                                            f"{r['page_faults_per_call']}")
+                print(f"  {name:<10} {impl:<14} {r['pass']:<8} {status}", flush=True)
                 records.append(r)
         print(flush=True)
 
     print(f"# finished {time.strftime('%Y-%m-%d %H:%M:%S %Z')} after {time.time() - started:.0f} s; "
-          f"load average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}\n")
+          f"load average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"# CPU use during the run: {cpu_share.report()}\n")
     print_table(records, args.shapes)
     if args.json:
         with open(args.json, "w") as f:

@@ -7,3 +7,9 @@ import shutil
 # kernel is defined, so it is set here, before any test module imports moezoo.kernels.triton_moe.
 if shutil.which("nvidia-smi") is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The CI machine has 2 cores; one intra-op thread per test process avoids spin-wait contention between torch's
+# thread pool and anything else running, and makes timings in tests irrelevant to correctness.
+import torch  # noqa: E402
+
+torch.set_num_threads(1)

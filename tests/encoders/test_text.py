@@ -13,6 +13,16 @@ from moezoo.encoders.text import TINY_TEXT_MODEL, TextEncoder
 PROMPTS = ["a red circle", "a small blue square on the left", ""]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads; on a shared 2-core machine their spin-waiting made
+    this module take ~5x longer."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def encoder():
     torch.manual_seed(0)
@@ -46,7 +56,8 @@ def test_deterministic_and_prompts_differ(encoder):
 def test_padding_and_batch_do_not_change_a_prompt(encoder):
     with torch.no_grad():
         alone_tokens, alone = encoder.encode(["a red circle"])
-        batch_tokens, batch = encoder.encode(["a very long prompt about many red and green shapes here", "a red circle"])
+        long_prompt = "a very long prompt about many red and green shapes here"
+        batch_tokens, batch = encoder.encode([long_prompt, "a red circle"])
     torch.testing.assert_close(batch[1], alone[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(batch_tokens[1], alone_tokens[0], rtol=1e-5, atol=1e-5)
     # the pooled output is the projected feature of the end-of-text token

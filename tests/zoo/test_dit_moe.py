@@ -27,6 +27,16 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden=32, depth=2, heads=2, experts=4, top_k=2, classes=10)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads; on a shared 2-core machine their spin-waiting made
+    this module take ~5x longer."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ------------------------------------------------------------------------------------- official reference
 
 
@@ -410,6 +420,7 @@ def test_paper_parameter_counts(size):
         assert model.num_parameters() / 1e6 == pytest.approx(total, rel=0.02)
         assert model.num_parameters(active=True) / 1e6 == pytest.approx(active, rel=0.02)
         assert model.config.in_channels == 4 and model.out_channels == 8 and model.config.num_classes == 1000
+        assert model.config.objective == ("rf" if size in ("xl", "g") else "ddpm")
         assert model.blocks[0].moe.shared.up_proj.weight.shape == (2 * model.config.hidden_size,
                                                                    model.config.hidden_size)
     assert model.config.qk_norm == (size in ("xl", "g"))
@@ -434,9 +445,31 @@ def test_small_models():
     assert dense.blocks[0].mlp.up_proj.weight.shape[0] == 2 * 128 + 2 * 128
     x = torch.randn(2, 1, 16, 16)
     assert digits(x, torch.rand(2), torch.tensor([1, 2])).shape == (2, 1, 16, 16)
+    assert digits.config.objective == "rf" and digits.text_encoder is None
     shapes = create_model("dit_moe_shapes")
     assert shapes(torch.randn(2, 3, 32, 32), torch.rand(2), text_emb=torch.randn(2, 128)).shape == (2, 3, 32, 32)
     assert isinstance(digits.config, DiTMoEConfig) and dataclasses.asdict(shapes.config)["text_dim"] == 128
+    assert shapes.config.text_encoder == "moezoo-text-tiny"
+    assert any(k.startswith("text_encoder.") for k in shapes.state_dict())
+
+
+def test_own_text_encoder_trains_with_the_model():
+    model = randomise(create_model("test_dit_moe", num_classes=0, text_dim=128, text_encoder="moezoo-text-tiny",
+                                   class_dropout_prob=0.0), seed=5)
+    text_emb = model.encode_text(["a red circle", "a blue square"])
+    assert text_emb.shape == (2, 128)
+    loss, aux = model.training_loss(torch.randn(2, 4, 8, 8), text_emb=text_emb)
+    (loss + aux).backward()
+    assert torch.count_nonzero(model.text_encoder.text.token_embedding.weight.grad) > 0
+    # initialize_weights leaves open_clip's text initialisation alone
+    fresh = create_model("test_dit_moe", num_classes=0, text_dim=128, text_encoder="moezoo-text-tiny")
+    assert fresh.text_encoder.text.transformer.resblocks[0].mlp.c_fc.bias.abs().sum() > 0
+    with pytest.raises(ValueError, match="outputs 128 features"):
+        create_model("test_dit_moe", text_dim=64, text_encoder="moezoo-text-tiny")
+    with pytest.raises(ValueError, match="needs text_dim"):
+        create_model("test_dit_moe", text_encoder="moezoo-text-tiny")
+    with pytest.raises(ValueError, match="no text encoder"):
+        create_model("test_dit_moe").encode_text(["a"])
 
 
 def test_entrypoint_overrides():

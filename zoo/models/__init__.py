@@ -1,1 +1,3 @@
-"""moezoo.zoo.models"""
+"""moezoo.zoo.models: one file per model family. Importing a family registers its entrypoints."""
+
+from . import dit_moe  # noqa: F401

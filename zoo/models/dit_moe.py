@@ -31,7 +31,11 @@ Decisions (where we differ from, or choose among, the official code):
 - Text conditioning (ours, for the small text-to-image models): a pooled text embedding ``[B, text_dim]``
   goes through one Linear and is added to ``c`` like the class embedding. A missing / dropped text is a
   zero vector (the projection's bias is then the "null text"). Pooled conditioning is enough for our small
-  models; there is no cross-attention.
+  models; there is no cross-attention. With ``text_encoder`` set (a :class:`moezoo.encoders.text.TextEncoder`
+  config name) the model owns that encoder (``model.text_encoder``, in its state dict, trained jointly) and
+  ``model.encode_text(prompts)`` gives the pooled embeddings.
+- ``config.objective`` records what the weights were trained for ("ddpm" for the released S/B, "rf" for
+  XL/G and our small models); pipelines pick their sampler from it, ``training_loss`` defaults to it.
 - The released XL/G checkpoints use a flash-attention module with per-head q/k LayerNorm (``attn.Wqkv``,
   ``attn.q_norm``, ``attn.k_norm``, ``attn.out_proj``); the XL/G configs set ``qk_norm=True`` and the filter
   renames those keys. We compute that attention in the model's dtype (the official module casts q, k to fp16).
@@ -100,6 +104,9 @@ class DiTMoEConfig:
         class_dropout_prob: probability of dropping the condition in training (classifier-free guidance).
         learn_sigma: also output C variance channels (kept for the official checkpoints; not trained here).
         text_dim: width of the pooled text embedding to condition on (None: no text conditioning).
+        text_encoder: a ``moezoo.encoders.text.TextEncoder`` config name the model owns and encodes prompts
+            with (its output width must be ``text_dim``); None: the caller passes ``text_emb``.
+        objective: "rf" (rectified flow, v = eps - x0) or "ddpm" (epsilon): what the model is trained for.
         attention: "standard" (timm layout) or "moh" (Mixture-of-Head attention).
         qk_norm: per-head LayerNorm of queries and keys (the official XL/G flash-attention checkpoints).
         moh_shared_heads, moh_top_k_heads: MoH's always-on heads and routed heads per token (None: half the
@@ -124,6 +131,8 @@ class DiTMoEConfig:
     class_dropout_prob: float = 0.1
     learn_sigma: bool = True
     text_dim: int | None = None
+    text_encoder: str | None = None
+    objective: str = "rf"
     attention: str = "standard"
     qk_norm: bool = False
     moh_shared_heads: int | None = None
@@ -136,7 +145,8 @@ class DiTMoEConfig:
         if self.input_size % self.patch_size:
             raise ValueError(f"input_size ({self.input_size}) must be a multiple of patch_size ({self.patch_size})")
         if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
-            raise ValueError(f"hidden_size ({self.hidden_size}) must be num_heads ({self.num_heads}) x an even head dim")
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be num_heads ({self.num_heads}) "
+                             "x an even head dim")
         if self.hidden_size % 4:
             raise ValueError(f"hidden_size must be a multiple of 4 (2-D sin-cos positions), got {self.hidden_size}")
         if not 1 <= self.top_k <= self.num_experts:
@@ -144,6 +154,10 @@ class DiTMoEConfig:
         if self.num_classes < 0 or not 0.0 <= self.class_dropout_prob <= 1.0:
             raise ValueError(f"need num_classes >= 0 and class_dropout_prob in [0, 1], got "
                              f"{self.num_classes}, {self.class_dropout_prob}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}; accepted: {', '.join(OBJECTIVES)}")
+        if self.text_encoder is not None and not self.text_dim:
+            raise ValueError(f"text_encoder={self.text_encoder!r} needs text_dim (its output width)")
         if self.attention not in ATTENTIONS:
             raise ValueError(f"unknown attention {self.attention!r}; accepted: {', '.join(ATTENTIONS)}")
         if self.attention == "moh":
@@ -358,6 +372,14 @@ class DiTMoE(nn.Module):
         self.t_embedder = TimestepEmbedder(D)
         self.y_embedder = LabelEmbedder(cfg.num_classes, D) if cfg.num_classes else None
         self.text_embedder = nn.Linear(cfg.text_dim, D) if cfg.text_dim else None
+        self.text_encoder = None
+        if cfg.text_encoder is not None:
+            from moezoo.encoders.text import TextEncoder  # open_clip: imported only by text models
+
+            self.text_encoder = TextEncoder(cfg.text_encoder)
+            if self.text_encoder.output_dim != cfg.text_dim:
+                raise ValueError(f"text_encoder {cfg.text_encoder!r} outputs {self.text_encoder.output_dim} "
+                                 f"features, but text_dim is {cfg.text_dim}")
         self.blocks = nn.ModuleList([DiTMoEBlock(cfg) for _ in range(cfg.depth)])
         self.final_layer = FinalLayer(D, cfg.patch_size, cfg.out_channels)
         self.initialize_weights()
@@ -366,7 +388,7 @@ class DiTMoE(nn.Module):
         """DiT's initialisation: xavier-uniform Linear weights and zero biases (experts too, each expert's
         gate/up/down like its own Linear), sin-cos positions, N(0, 0.02) label table and timestep MLP, and
         zero adaLN modulations and output layer (every block starts as the identity). Routers keep their
-        kaiming-uniform init (the official gate is not an nn.Linear)."""
+        kaiming-uniform init (the official gate is not an nn.Linear). The text encoder keeps open_clip's."""
 
         def basic_init(module: nn.Module) -> None:
             if isinstance(module, nn.Linear):
@@ -374,7 +396,9 @@ class DiTMoE(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
 
-        self.apply(basic_init)
+        for name, module in self.named_modules():
+            if not name.startswith("text_encoder"):
+                basic_init(module)
         D = self.config.hidden_size
         for block in self.blocks:
             if isinstance(block.ffn, MoE):
@@ -439,6 +463,15 @@ class DiTMoE(nn.Module):
         elif text_emb is not None:
             raise ValueError("this model has no text conditioning (text_dim=None) but got text_emb")
         return c_BD
+
+    def encode_text(self, prompts: str | list[str]) -> torch.Tensor:
+        """Pooled text embeddings ``[B, text_dim]`` of ``prompts`` from the model's own text encoder (with
+        gradients: it trains with the model)."""
+        if self.text_encoder is None:
+            raise ValueError("this model has no text encoder (config.text_encoder is None): "
+                             + ("pass text_emb [B, text_dim] yourself" if self.text_embedder is not None
+                                else "it is not text-conditioned"))
+        return self.text_encoder.encode(prompts)[1]
 
     def forward(self, x: torch.Tensor, t, y: torch.Tensor | None = None,
                 text_emb: torch.Tensor | None = None) -> torch.Tensor:
@@ -505,16 +538,17 @@ class DiTMoE(nn.Module):
     # ------------------------------------------------------------------------------------------ training
 
     def training_loss(self, x0: torch.Tensor, y: torch.Tensor | None = None, text_emb: torch.Tensor | None = None,
-                      objective: str = "rf", generator: torch.Generator | None = None
+                      objective: str | None = None, generator: torch.Generator | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """One training step's losses for clean inputs ``x0 [B, C, H, W]`` (latents or pixels):
         ``(diffusion_loss, aux_loss)``; optimise their sum.
 
         The condition (label and text together) is dropped with probability ``class_dropout_prob`` per
-        sample. ``objective="rf"``: rectified flow (logit-normal t, target ``eps - x0``); ``"ddpm"``:
-        epsilon-prediction on DiT's linear schedule. Only the first ``in_channels`` output channels are
-        trained. ``generator`` makes t, noise and dropout reproducible.
+        sample. ``objective`` (default: ``config.objective``): ``"rf"``, rectified flow (logit-normal t,
+        target ``eps - x0``), or ``"ddpm"``, epsilon-prediction on DiT's linear schedule. Only the first
+        ``in_channels`` output channels are trained. ``generator`` makes t, noise and dropout reproducible.
         """
+        objective = self.config.objective if objective is None else objective
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {objective!r}; accepted: {', '.join(OBJECTIVES)}")
         B, C = x0.shape[0], self.in_channels
@@ -626,7 +660,8 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: DiTMoE) -> 
     if leftovers:
         hint = ""
         if any(".q_norm." in k or ".k_norm." in k for k in leftovers):
-            hint = " The checkpoint has per-head q/k LayerNorm (the flash-attention XL/G variant): build with qk_norm=True."
+            hint = (" The checkpoint has per-head q/k LayerNorm (the flash-attention XL/G variant): "
+                    "build with qk_norm=True.")
         raise ValueError(f"{len(leftovers)} checkpoint key(s) map to nothing in {type(model).__name__}: "
                          f"{', '.join(leftovers[:10])}{' ...' if len(leftovers) > 10 else ''}.{hint}")
     return out
@@ -647,11 +682,12 @@ def _create(base: DiTMoEConfig, **kwargs) -> DiTMoE:
 
 
 # The paper's models: 256x256 ImageNet in sd-vae latents (32x32x4), 1000 classes, learned sigma, patch 2.
-_S = DiTMoEConfig(depth=12, hidden_size=384, num_heads=6)
-_B = DiTMoEConfig(depth=12, hidden_size=768, num_heads=12)
-_L = DiTMoEConfig(depth=24, hidden_size=1024, num_heads=16)
-_XL = DiTMoEConfig(depth=28, hidden_size=1152, num_heads=16, qk_norm=True)  # released XL/G: flash attn + q/k norm
-_G = DiTMoEConfig(depth=40, hidden_size=1408, num_heads=16, qk_norm=True)
+# Released S/B weights are DDPM (epsilon) models; XL/G are rectified-flow models with flash attention + q/k norm.
+_S = DiTMoEConfig(depth=12, hidden_size=384, num_heads=6, objective="ddpm")
+_B = DiTMoEConfig(depth=12, hidden_size=768, num_heads=12, objective="ddpm")
+_L = DiTMoEConfig(depth=24, hidden_size=1024, num_heads=16, objective="ddpm")
+_XL = DiTMoEConfig(depth=28, hidden_size=1152, num_heads=16, qk_norm=True, objective="rf")
+_G = DiTMoEConfig(depth=40, hidden_size=1408, num_heads=16, qk_norm=True, objective="rf")
 
 # CI: a few thousand parameters, 16 tokens.
 _TEST = DiTMoEConfig(input_size=8, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_experts=4, top_k=2,
@@ -661,8 +697,10 @@ _TEST = DiTMoEConfig(input_size=8, in_channels=4, hidden_size=32, depth=2, num_h
 _DIGITS = DiTMoEConfig(input_size=16, patch_size=2, in_channels=1, hidden_size=128, depth=6, num_heads=4,
                        mlp_ratio=1.0, num_experts=8, top_k=2, num_shared_experts=2, num_classes=10,
                        learn_sigma=False)
-# shapes: 32x32 RGB, conditioned on the pooled embedding of moezoo.encoders.text's "moezoo-text-tiny" (128).
-_SHAPES = replace(_DIGITS, input_size=32, patch_size=4, in_channels=3, num_classes=0, text_dim=128)
+# shapes: 32x32 RGB, conditioned on the pooled embedding of its own "moezoo-text-tiny" text encoder (128 wide;
+# 6.6M parameters, 6.3M of them CLIP's 49408-token embedding table).
+_SHAPES = replace(_DIGITS, input_size=32, patch_size=4, in_channels=3, num_classes=0, text_dim=128,
+                  text_encoder="moezoo-text-tiny")
 
 _FILTER = dict(checkpoint_filter=checkpoint_filter_fn)
 
@@ -740,5 +778,5 @@ def dit_dense_digits(pretrained: bool = False, **kwargs) -> DiTMoE:
 
 @register_model(**_FILTER)
 def dit_moe_shapes(pretrained: bool = False, **kwargs) -> DiTMoE:
-    """Text-conditioned 32x32 RGB shapes in pixel space (patch 4), pooled tiny-CLIP text conditioning."""
+    """Text-conditioned 32x32 RGB shapes in pixel space (patch 4), with its own tiny CLIP text encoder."""
     return _create(_SHAPES, **kwargs)

@@ -1,0 +1,147 @@
+"""DiffusionModule: trains any zoo diffusion model (DiT-MoE and its dense counterpart) with Lightning.
+
+What one training step does: take a batch from any of the image DataModules (``image``, ``label``,
+``caption``), condition on labels (class models) or captions (text models, through the model's own text
+encoder, trained jointly), ask the model for its diffusion loss (rectified flow or DDPM epsilon) and its MoE
+auxiliary losses, add them, and keep an exponential moving average of the weights — the EMA weights are the
+ones validated, sampled from and exported.
+
+Logged: ``train/loss`` (diffusion), ``train/aux_loss``, ``val/loss`` (EMA weights, fixed noise), and every
+``log_expert_load_every`` steps per MoE layer the share of tokens of its busiest expert and the coefficient
+of variation of its load (``expert_load/<layer>/max_share``, ``.../cv``).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import lightning.pytorch as pl
+import torch
+
+from moezoo.zoo import create_model, save_pretrained
+from moezoo.zoo.layers import collect_routing
+
+
+class DiffusionModule(pl.LightningModule):
+    """A diffusion model from the zoo, trained with EMA and classifier-free-guidance dropout.
+
+    Args:
+        model: a registered model name, e.g. "dit_moe_digits", "dit_dense_digits", "dit_moe_shapes".
+        model_args: constructor overrides for the model (e.g. {"num_experts": 16}).
+        objective: "rf" (rectified flow) or "ddpm" (epsilon); None: the model config's own.
+        learning_rate: AdamW peak learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear learning-rate warm-up steps.
+        ema_decay: EMA decay per step (0 disables the EMA: the raw weights are used everywhere).
+        log_expert_load_every: log per-layer expert load every this many steps (0: never).
+    """
+
+    def __init__(
+        self,
+        model: str = "dit_moe_digits",
+        model_args: dict | None = None,
+        objective: str | None = None,
+        learning_rate: float = 3e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 200,
+        ema_decay: float = 0.999,
+        log_expert_load_every: int = 50,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model_name, self.model_args = model, dict(model_args or {})
+        self.model = create_model(model, **self.model_args)
+        self.objective = objective or getattr(self.model.config, "objective", "rf")
+        if self.objective not in ("rf", "ddpm"):
+            raise ValueError(f"unknown objective {self.objective!r}; accepted: 'rf', 'ddpm'")
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False) if ema_decay > 0 else None
+
+    @property
+    def sampling_model(self):
+        """The weights to validate, sample from and export: the EMA if there is one."""
+        return self.ema if self.ema is not None else self.model
+
+    def conditions(self, model, batch):
+        """(labels or None, pooled text embeddings or None) for the batch, by what the model is conditioned on."""
+        labels = batch["label"] if model.config.num_classes else None
+        if labels is not None and bool((labels < 0).any()):
+            raise ValueError("a class-conditional model needs a label for every image; this data has unlabeled images")
+        text_emb = model.encode_text(batch["caption"]) if getattr(model.config, "text_dim", None) else None
+        return labels, text_emb
+
+    def training_step(self, batch, batch_idx):
+        labels, text_emb = self.conditions(self.model, batch)
+        loss, aux_loss = self.model.training_loss(batch["image"], labels, text_emb, objective=self.objective)
+        batch_size = batch["image"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/aux_loss", aux_loss, batch_size=batch_size)
+        every = self.hparams.log_expert_load_every
+        if every and self.global_step % every == 0:
+            self.log_dict(expert_load_stats(self.model), batch_size=batch_size)
+        return loss + aux_loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.ema is not None:
+            update_ema(self.ema, self.model, self.hparams.ema_decay)
+
+    def validation_step(self, batch, batch_idx):
+        model = self.sampling_model
+        labels, text_emb = self.conditions(model, batch)
+        # Fixed noise and timesteps per batch, so validation losses are comparable across epochs.
+        generator = torch.Generator(device="cpu").manual_seed(batch_idx)
+        loss, _ = model.training_loss(batch["image"], labels, text_emb, objective=self.objective, generator=generator)
+        self.log("val/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+
+    def predict_step(self, batch, batch_idx):
+        """Generate one image per label / caption of the batch: float [B, C, H, W] in [0, 1]."""
+        pipe = self.pipeline()
+        generator = torch.Generator().manual_seed(batch_idx)
+        if self.sampling_model.config.num_classes:
+            out = pipe(class_labels=batch["label"].tolist(), generator=generator, output_type="pt")
+        else:
+            out = pipe(prompt=list(batch["caption"]), generator=generator, output_type="pt")
+        return out.images
+
+    def pipeline(self, label_names: list[str] | None = None):
+        from moezoo.pipelines import DiTMoEPipeline
+
+        pipe = DiTMoEPipeline(self.sampling_model, label_names=label_names)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay
+        )
+        warmup = max(1, self.hparams.warmup_steps)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def export(self, directory, metadata: dict | None = None):
+        """Write the EMA weights in the zoo format (model.safetensors + config.json), loadable with
+        ``create_model("local-dir:DIRECTORY", pretrained=True)``."""
+        meta = {"objective": self.objective, **(metadata or {})}
+        return save_pretrained(self.sampling_model, directory, self.model_name, self.model_args, meta)
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameters only (buffers are copied)."""
+    for ema_p, p in zip(ema.parameters(), model.parameters()):
+        ema_p.lerp_(p.detach(), 1.0 - decay)
+    for ema_b, b in zip(ema.buffers(), model.buffers()):
+        ema_b.copy_(b)
+
+
+def expert_load_stats(model: torch.nn.Module) -> dict[str, float]:
+    """Per MoE layer, from its last forward: the busiest expert's share of the routed slots, and the
+    coefficient of variation of the load (0 = perfectly balanced)."""
+    stats = {}
+    for name, record in collect_routing(model):
+        load = record.load_E.float()
+        total = float(load.sum())
+        if total == 0:
+            continue
+        stats[f"expert_load/{name}/max_share"] = float(load.max()) / total
+        stats[f"expert_load/{name}/cv"] = float(load.std(unbiased=False) / load.mean()) if len(load) > 1 else 0.0
+    return stats
