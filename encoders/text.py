@@ -6,7 +6,7 @@ embedding, transformer, final LayerNorm, text projection, causal mask), with ope
 - any built-in open_clip config name (``"ViT-B-32"``, ``"ViT-L-14"``, ...) with random weights, or with
   ``pretrained=`` an open_clip tag or checkpoint file (downloaded / read by open_clip; the vision tower is
   built to load the checkpoint and dropped right away);
-- our small configs (:data:`TEXT_CONFIGS`, e.g. ``"moezoo-text-tiny"``: width 128, 2 layers, 4 heads,
+- our small configs (:data:`TEXT_CONFIGS`, e.g. ``"moezoo-text-tiny"``: width 64, 2 layers, 4 heads,
   context 16, CLIP's 49408-token BPE vocabulary) for the small bundled models. They are random at
   construction: their weights come with our model checkpoints. Nothing is downloaded for them.
 
@@ -37,8 +37,8 @@ TINY_TEXT_MODEL = "moezoo-text-tiny"
 # Our configs, in open_clip's model-config format (embed_dim + text_cfg).
 TEXT_CONFIGS: dict[str, dict] = {
     TINY_TEXT_MODEL: {
-        "embed_dim": 128,
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 2},
+        "embed_dim": 64,
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
     },
 }
 # The CLIP attributes that are its text tower (open_clip's CLIP keeps them at top level).

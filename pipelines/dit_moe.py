@@ -114,8 +114,9 @@ class DiTMoEPipeline(Pipeline):
             raise ValueError("pass exactly one of class_labels (class-conditional models) or prompt (text models)")
         if class_labels is not None and not config.num_classes:
             raise ValueError("this model is not class-conditional; pass prompt=... instead")
-        if prompt is not None and not hasattr(self.transformer, "encode_text"):
-            raise ValueError("this model is not text-conditioned; pass class_labels=... instead")
+        if prompt is not None and not getattr(config, "text_encoder", None):
+            raise ValueError("this model has no text encoder (it is not text-conditioned); pass class_labels=... "
+                             "instead")
         if prompt is not None:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             if not prompts:

@@ -14,13 +14,20 @@ from __future__ import annotations
 import argparse
 import json
 
+import torch
+
 from lightning.pytorch.cli import LightningCLI
 
 from .diffusion import DiffusionModule
 
 
-def main(args=None) -> LightningCLI:
+def main(args=None) -> None:
     """``moezoo-train``: fit / validate / test / predict, configured by YAML and flags."""
+    build_cli(args)
+
+
+def build_cli(args=None, run: bool = True) -> LightningCLI:
+    """The LightningCLI behind ``moezoo-train`` (``run=False``: parse and instantiate only, for tests)."""
     import lightning.pytorch as pl
 
     return LightningCLI(
@@ -30,6 +37,7 @@ def main(args=None) -> LightningCLI:
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
         args=args,
+        run=run,
     )
 
 
@@ -40,9 +48,16 @@ def export_main(argv=None) -> None:
     parser.add_argument("checkpoint", help="a .ckpt written by moezoo-train")
     parser.add_argument("out_dir", help="folder to write model.safetensors and config.json into")
     parser.add_argument("--metadata", default="{}", help="JSON object stored in config.json (e.g. label names)")
+    parser.add_argument("--fp16", action="store_true", help="store the weights in float16 (half the size)")
     args = parser.parse_args(argv)
+    try:
+        metadata = json.loads(args.metadata)
+    except json.JSONDecodeError as error:
+        parser.error(f"--metadata must be a JSON object: {error}")
+    if not isinstance(metadata, dict):
+        parser.error(f"--metadata must be a JSON object, got {args.metadata!r}")
     module = DiffusionModule.load_from_checkpoint(args.checkpoint, map_location="cpu")
-    path = module.export(args.out_dir, json.loads(args.metadata))
+    path = module.export(args.out_dir, metadata, dtype=torch.float16 if args.fp16 else None)
     print(f"wrote {path}")
 
 

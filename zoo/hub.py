@@ -451,6 +451,7 @@ def save_pretrained(
     architecture: str,
     model_args: Mapping[str, Any],
     metadata: Mapping[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Export a model as ``config.json`` + ``model.safetensors``, to reload with
     ``create_model("local-dir:DIR", pretrained=True)`` (or from a Hub repo holding the two files, with
@@ -463,6 +464,8 @@ def save_pretrained(
         model_args: the constructor overrides it was built with (JSON-able: tuples come back as lists).
         metadata: free-form, JSON-able (label names, image size, license, notes...); reloaded into
             ``model.pretrained_cfg.metadata``.
+        dtype: store floating-point tensors in this dtype (e.g. ``torch.float16`` to halve a bundled file);
+            loading casts them back to the model's dtype. None keeps each tensor's own dtype.
 
     Each file is written to a temporary name in ``directory`` and moved into place, the weights first,
     so a folder with a config.json always has complete weights.
@@ -477,7 +480,10 @@ def save_pretrained(
     text = json.dumps(config, indent=2) + "\n"  # fails on non-JSON values before anything is written
     tensors, storages = {}, set()
     for key, value in model.state_dict().items():
-        value = value.detach().cpu().contiguous()
+        value = value.detach().cpu()
+        if dtype is not None and value.is_floating_point():
+            value = value.to(dtype)
+        value = value.contiguous()
         if value.untyped_storage().data_ptr() in storages:  # tied weights: safetensors refuses shared storage
             value = value.clone()
         storages.add(value.untyped_storage().data_ptr())

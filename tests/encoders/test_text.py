@@ -31,10 +31,10 @@ def encoder():
 
 def test_shapes_and_interface(encoder):
     tokens, pooled = encoder.encode(PROMPTS)
-    assert encoder.output_dim == 128 and encoder.context_length == 16
-    assert tokens.shape == (3, 16, 128) and pooled.shape == (3, 128)
+    assert encoder.output_dim == 64 and encoder.context_length == 16
+    assert tokens.shape == (3, 16, 64) and pooled.shape == (3, 64)
     assert encoder.tokenize(PROMPTS).shape == (3, 16) and encoder.tokenize(PROMPTS).dtype == torch.long
-    assert encoder.encode("a red circle")[1].shape == (1, 128)
+    assert encoder.encode("a red circle")[1].shape == (1, 64)
     assert not any(n.startswith("visual") for n, _ in encoder.named_parameters())
     with pytest.raises(ValueError, match="empty"):
         encoder.encode([])

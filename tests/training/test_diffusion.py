@@ -1,0 +1,111 @@
+"""DiffusionModule and the moezoo-train / moezoo-export commands, on tiny models and a few steps."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from moezoo.training.callbacks import SampleGrid
+from moezoo.training.cli import build_cli, export_main, main
+from moezoo.training.diffusion import DiffusionModule, expert_load_stats, update_ema
+from moezoo.zoo import create_model
+
+CONFIGS = Path(__file__).resolve().parents[2] / "training" / "configs"
+TINY = {"depth": 1, "hidden_size": 32, "num_heads": 2, "num_experts": 4}
+
+
+def tiny_fit_args(config: str, root: Path, *extra: str, subcommand: str | None = "fit") -> list[str]:
+    return [
+        *([subcommand] if subcommand else []), "--config", str(CONFIGS / config),
+        "--model.init_args.model_args", json.dumps(TINY),
+        "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root),
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--data.init_args.batch_size", "8",
+        *extra,
+    ]
+
+
+def test_update_ema_is_the_exponential_moving_average():
+    ema, model = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    before = ema.weight.detach().clone()
+    update_ema(ema, model, decay=0.9)
+    torch.testing.assert_close(ema.weight, 0.9 * before + 0.1 * model.weight.detach())
+
+
+def test_training_step_adds_the_moe_aux_loss_and_logs_expert_load():
+    module = DiffusionModule("dit_moe_digits", model_args=TINY, ema_decay=0.5)
+    batch = {"image": torch.rand(4, 1, 16, 16) * 2 - 1, "label": torch.tensor([0, 1, 2, 3]), "caption": ["x"] * 4}
+    torch.manual_seed(0)
+    total = module.training_step(batch, 0)
+    torch.manual_seed(0)
+    loss, aux = module.model.training_loss(batch["image"], batch["label"])
+    assert aux > 0
+    torch.testing.assert_close(total, loss + aux)
+    stats = expert_load_stats(module.model)
+    # Hand count from the routing record: the busiest expert's share of the routed slots.
+    load = module.model.blocks[0].moe.routing.load_E.float()
+    assert stats["expert_load/blocks.0.moe/max_share"] == pytest.approx(float(load.max() / load.sum()))
+    with pytest.raises(ValueError, match="needs a label for every image"):
+        module.training_step({**batch, "label": torch.tensor([0, -1, 2, 3])}, 0)
+
+
+def test_the_ema_is_what_gets_exported(tmp_path):
+    module = DiffusionModule("dit_moe_digits", model_args=TINY, ema_decay=0.9)
+    with torch.no_grad():
+        for p in module.model.parameters():
+            p.add_(1.0)
+    module.on_train_batch_end(None, None, 0)
+    module.export(tmp_path / "fp32", {"label_names": list("0123456789")})
+    module.export(tmp_path / "fp16", dtype=torch.float16)
+    loaded = create_model(f"local-dir:{tmp_path / 'fp32'}", pretrained=True)
+    for (name, p), q in zip(module.ema.named_parameters(), loaded.parameters()):
+        torch.testing.assert_close(q, p, msg=name)
+    assert loaded.pretrained_cfg.metadata["label_names"] == list("0123456789")
+    assert all(t.dtype == torch.float16 for t in load_file(tmp_path / "fp16" / "model.safetensors").values()
+               if t.is_floating_point())
+    half = create_model(f"local-dir:{tmp_path / 'fp16'}", pretrained=True)
+    torch.testing.assert_close(half.blocks[0].moe.w_in, module.ema.blocks[0].moe.w_in, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("config", ["dit_moe_digits.yaml", "dit_dense_digits.yaml", "dit_moe_shapes.yaml"])
+def test_every_shipped_config_parses_and_builds(config, tmp_path):
+    cli = build_cli(tiny_fit_args(config, tmp_path, subcommand=None), run=False)
+    assert isinstance(cli.model, DiffusionModule)
+    assert cli.model.model_name == config.removesuffix(".yaml")
+    assert cli.trainer.max_steps > 0
+
+
+def test_fit_then_resume_then_export(tmp_path, capsys):
+    main(tiny_fit_args("dit_moe_digits.yaml", tmp_path, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1"))
+    last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    if not last.exists():
+        last = next(tmp_path.rglob("last.ckpt"))
+    assert torch.load(last, weights_only=False, map_location="cpu")["global_step"] == 2
+    main(tiny_fit_args("dit_moe_digits.yaml", tmp_path / "resumed", "--trainer.max_steps", "4",
+                       "--trainer.limit_val_batches", "1", "--ckpt_path", str(last)))
+    resumed = next((tmp_path / "resumed").rglob("last.ckpt"))
+    assert torch.load(resumed, weights_only=False, map_location="cpu")["global_step"] == 4
+
+    export_main([str(resumed), str(tmp_path / "export"), "--metadata", '{"label_names": ["a","b","c","d","e","f","g","h","i","j"]}'])
+    model = create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True)
+    assert model.pretrained_cfg.metadata["objective"] == "rf" and model.config.depth == 1
+    with pytest.raises(SystemExit):
+        export_main([str(resumed), str(tmp_path / "bad"), "--metadata", "[1, 2]"])
+    assert "must be a JSON object" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_text_model_trains_and_draws_a_sample_grid(tmp_path):
+    cli = build_cli(tiny_fit_args("dit_moe_shapes.yaml", tmp_path, "--trainer.max_steps", "1",
+                                  "--data.init_args.num_train", "8", "--data.init_args.num_val", "4",
+                                  subcommand=None), run=False)
+    grid = next(c for c in cli.trainer.callbacks if isinstance(c, SampleGrid))
+    grid.every_n_epochs, grid.num_samples, grid.num_inference_steps = 1, 4, 2
+    cli.trainer.check_val_every_n_epoch = 1
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert grid.last_path is not None and grid.last_path.name == "epoch=000.png"
+    # 4 RGB 32x32 samples in one row, 1-pixel padding around each.
+    assert Image.open(grid.last_path).size == (4 * 33 + 1, 33 + 1)
