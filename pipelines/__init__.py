@@ -1,5 +1,10 @@
 """moezoo.pipelines: inference, one pipeline per task, diffusers-style (``from_pretrained`` + ``__call__``)."""
 
 from .dit_moe import DiTMoEPipeline, DiTMoEPipelineOutput, make_scheduler
+from .dit_moe_video import DiTMoEVideoPipeline, DiTMoEVideoPipelineOutput
+from .video_export import export_to_gif, export_to_video
 
-__all__ = ["DiTMoEPipeline", "DiTMoEPipelineOutput", "make_scheduler"]
+__all__ = [
+    "DiTMoEPipeline", "DiTMoEPipelineOutput", "make_scheduler",
+    "DiTMoEVideoPipeline", "DiTMoEVideoPipelineOutput", "export_to_gif", "export_to_video",
+]

@@ -71,8 +71,9 @@ class DiffusionModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         labels, text_emb = self.conditions(self.model, batch)
-        loss, aux_loss = self.model.training_loss(batch["image"], labels, text_emb, objective=self.objective)
-        batch_size = batch["image"].shape[0]
+        clean = clean_input(batch)
+        loss, aux_loss = self.model.training_loss(clean, labels, text_emb, objective=self.objective)
+        batch_size = clean.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log("train/aux_loss", aux_loss, batch_size=batch_size)
         every = self.hparams.log_expert_load_every
@@ -89,8 +90,9 @@ class DiffusionModule(pl.LightningModule):
         labels, text_emb = self.conditions(model, batch)
         # Fixed noise and timesteps per batch, so validation losses are comparable across epochs.
         generator = torch.Generator(device="cpu").manual_seed(batch_idx)
-        loss, _ = model.training_loss(batch["image"], labels, text_emb, objective=self.objective, generator=generator)
-        self.log("val/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+        clean = clean_input(batch)
+        loss, _ = model.training_loss(clean, labels, text_emb, objective=self.objective, generator=generator)
+        self.log("val/loss", loss, prog_bar=True, batch_size=clean.shape[0])
 
     def predict_step(self, batch, batch_idx):
         """Generate one image per label / caption of the batch: float [B, C, H, W] in [0, 1]."""
@@ -117,11 +119,20 @@ class DiffusionModule(pl.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
-    def export(self, directory, metadata: dict | None = None):
+    def export(self, directory, metadata: dict | None = None, dtype: torch.dtype | None = None):
         """Write the EMA weights in the zoo format (model.safetensors + config.json), loadable with
-        ``create_model("local-dir:DIRECTORY", pretrained=True)``."""
+        ``create_model("local-dir:DIRECTORY", pretrained=True)``; ``dtype=torch.float16`` halves the file."""
         meta = {"objective": self.objective, **(metadata or {})}
-        return save_pretrained(self.sampling_model, directory, self.model_name, self.model_args, meta)
+        return save_pretrained(self.sampling_model, directory, self.model_name, self.model_args, meta, dtype=dtype)
+
+
+def clean_input(batch) -> torch.Tensor:
+    """The clean data of a batch: ``"video"`` [B, F, C, H, W] (video DataModules) or ``"image"`` [B, C, H, W]."""
+    if "video" in batch:
+        return batch["video"]
+    if "image" in batch:
+        return batch["image"]
+    raise KeyError(f"a diffusion batch needs an 'image' or a 'video' tensor; got keys {sorted(batch)}")
 
 
 @torch.no_grad()

@@ -1,3 +1,4 @@
 """moezoo.zoo.models: one file per model family. Importing a family registers its entrypoints."""
 
 from . import dit_moe  # noqa: F401
+from . import dit_moe_video  # noqa: F401

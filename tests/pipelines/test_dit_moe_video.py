@@ -1,0 +1,175 @@
+"""DiTMoEVideoPipeline and the video export helpers.
+
+The sampler is checked against a hand-written Euler loop over diffusers' flow-match sigmas (with classifier-free
+guidance written out), the outputs' layouts against the final latent, the files against what PyAV and PIL
+decode from them.
+"""
+
+from __future__ import annotations
+
+import av
+import numpy as np
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from PIL import Image
+
+import moezoo.zoo.models.dit_moe_video  # noqa: F401  registers test_dit_moe_video
+from moezoo.pipelines.dit_moe_video import DiTMoEVideoPipeline, DiTMoEVideoPipelineOutput
+from moezoo.pipelines.video_export import export_to_gif, export_to_video
+from moezoo.zoo import create_model, save_pretrained
+
+PROMPTS = ["a red square moving left", "a blue circle moving up"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = create_model("test_dit_moe_video").eval()
+    with torch.no_grad():  # non-zero adaLN / output layers, so the model's prediction depends on its inputs
+        for name, p in m.named_parameters():
+            if "adaLN" in name or "final_layer" in name:
+                p.normal_(0, 0.2)
+    return m
+
+
+@pytest.fixture()
+def pipe(model):
+    p = DiTMoEVideoPipeline(model)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def hand_sampler(model, prompts, steps, guidance, seed, frames):
+    """Flow-match Euler written out: x <- x + (sigma_next - sigma) * v, v guided as u + s (c - u)."""
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    scheduler.set_timesteps(steps)
+    sigmas = scheduler.sigmas.tolist()
+    x = torch.randn(len(prompts), frames, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        emb = model.encode_text(prompts)
+        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+            t = torch.full((len(prompts),), sigma)
+            cond = model(x, t, None, emb)
+            v = cond if guidance == 1.0 else model(x, t, None, torch.zeros_like(emb)) + guidance * (
+                cond - model(x, t, None, torch.zeros_like(emb)))
+            x = x + (sigma_next - sigma) * v
+    return ((x.clamp(-1, 1) + 1) / 2).permute(0, 1, 3, 4, 2).numpy()
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_sampler_matches_a_hand_written_euler_loop(pipe, model, guidance):
+    out = pipe(prompt=PROMPTS, num_frames=3, num_inference_steps=4, guidance_scale=guidance,
+               generator=torch.Generator().manual_seed(5), output_type="np")
+    assert isinstance(out, DiTMoEVideoPipelineOutput)
+    assert out.frames.shape == (2, 3, 8, 8, 3) and out.frames.dtype == np.float32
+    np.testing.assert_allclose(out.frames, hand_sampler(model, PROMPTS, 4, guidance, 5, 3), atol=2e-5)
+
+
+def test_output_types_routing_and_per_clip_generators(pipe, model):
+    kwargs = dict(prompt=PROMPTS, num_inference_steps=2, guidance_scale=2.0)
+    np_out = pipe(**kwargs, generator=[torch.Generator().manual_seed(s) for s in (1, 2)], output_type="np",
+                  return_routing=True)
+    assert np_out.frames.shape == (2, 4, 8, 8, 3)  # num_frames=None: the model's 4
+    assert 0.0 <= np_out.frames.min() and np_out.frames.max() <= 1.0
+    maps = np_out.routing_maps
+    assert len(maps) == model.config.depth
+    assert all(m.shape == (2, 4, 4, 4) and m.dtype == np.int64 for m in maps)
+    assert all(0 <= m.min() and m.max() < model.config.num_experts for m in maps)
+    # clip 1 of the batch is what its own generator gives alone
+    alone = pipe(prompt=PROMPTS[1:], num_inference_steps=2, guidance_scale=2.0,
+                 generator=torch.Generator().manual_seed(2), output_type="np")
+    np.testing.assert_allclose(np_out.frames[1], alone.frames[0], atol=1e-5)
+
+    pt = pipe(**kwargs, generator=[torch.Generator().manual_seed(s) for s in (1, 2)], output_type="pt").frames
+    assert pt.shape == (2, 4, 3, 8, 8)
+    np.testing.assert_allclose(pt.permute(0, 1, 3, 4, 2).numpy(), np_out.frames, atol=1e-6)
+    pil = pipe(**kwargs, generator=[torch.Generator().manual_seed(s) for s in (1, 2)], output_type="pil").frames
+    assert len(pil) == 2 and len(pil[0]) == 4 and pil[0][0].size == (8, 8)
+    np.testing.assert_array_equal(np.asarray(pil[1][3]), np.round(np_out.frames[1, 3] * 255).astype(np.uint8))
+    frames, routing = pipe(**kwargs, return_dict=False, return_routing=True)
+    assert frames.shape == (2, 4, 8, 8, 3) and len(routing) == model.config.depth
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(num_frames=0), "num_frames must be an integer >= 1"),
+    (dict(num_frames=2.5), "num_frames must be an integer >= 1"),
+    (dict(height=7), "height=7 is not divisible by the patch size 2"),
+    (dict(width=12), "generates 8x8 frames"),
+    (dict(generator=[torch.Generator()] * 3), "3 generators for 2 outputs"),
+    (dict(num_inference_steps=0), "num_inference_steps"),
+    (dict(output_type="gif"), "unknown output_type"),
+])
+def test_bad_arguments_fail_before_any_compute(pipe, monkeypatch, bad, message):
+    def no_compute(*args, **kwargs):
+        raise AssertionError("computed before checking the arguments")
+
+    monkeypatch.setattr(pipe.transformer, "forward", no_compute)
+    monkeypatch.setattr(pipe.transformer, "encode_text", no_compute)
+    with pytest.raises(ValueError, match=message):
+        pipe(prompt=PROMPTS, **bad)
+
+
+def test_from_pretrained_loads_a_saved_video_model(tmp_path, model):
+    save_pretrained(model, tmp_path, "test_dit_moe_video", {}, {"fps": 8}, dtype=torch.float16)
+    pipe = DiTMoEVideoPipeline.from_pretrained(f"local-dir:{tmp_path}")
+    assert type(pipe.transformer).__name__ == "DiTMoEVideo"
+    w = pipe.transformer.blocks[0].moe.w_in
+    torch.testing.assert_close(w, model.blocks[0].moe.w_in.half().float())
+
+
+def gradient_clip(frames=5, size=16) -> np.ndarray:
+    """Flat colour per frame: H.264's chroma subsampling keeps flat areas exact up to rounding."""
+    colours = np.linspace(0.1, 0.9, frames)
+    return np.stack([np.full((size, size, 3), (c, 1 - c, 0.5), dtype=np.float32) for c in colours])
+
+
+def decode(path):
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        info = (stream.codec_context.name, stream.codec_context.pix_fmt, float(stream.average_rate))
+        frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    return info, frames
+
+
+def test_export_to_video_writes_browser_playable_h264(tmp_path):
+    clip = gradient_clip()
+    path = export_to_video(clip, tmp_path / "out" / "clip.mp4", fps=8)
+    assert path == str(tmp_path / "out" / "clip.mp4")
+    (codec, pix_fmt, fps), frames = decode(path)
+    assert (codec, pix_fmt, fps) == ("h264", "yuv420p", 8.0)
+    assert frames.shape == (5, 16, 16, 3)
+    assert np.abs(frames.astype(int) - np.round(clip * 255)).max() <= 4
+    data = open(path, "rb").read()
+    assert data[4:8] == b"ftyp" and 0 < data.find(b"moov") < data.find(b"mdat")  # mp4, index first (faststart)
+    # odd sides padded to even, integer upscaling, PIL frames and torch clips accepted
+    odd = np.zeros((2, 7, 9, 3), dtype=np.uint8)
+    assert decode(export_to_video(odd, tmp_path / "odd.mp4"))[1].shape == (2, 8, 10, 3)
+    assert decode(export_to_video(clip, tmp_path / "big.mp4", scale=3))[1].shape == (5, 48, 48, 3)
+    pil = [Image.fromarray(np.round(f * 255).astype(np.uint8)) for f in clip]
+    assert decode(export_to_video(pil, tmp_path / "pil.mp4"))[1].shape == (5, 16, 16, 3)
+    torch_clip = torch.from_numpy(clip).permute(0, 3, 1, 2)
+    assert decode(export_to_video(torch_clip, tmp_path / "pt.mp4"))[1].shape == (5, 16, 16, 3)
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file() and "incomplete" in p.name) == []
+
+
+def test_export_rejects_batches_and_bad_settings_without_writing(tmp_path):
+    target = tmp_path / "x.mp4"
+    with pytest.raises(ValueError, match="for a batch"):
+        export_to_video(np.zeros((2, 3, 8, 8, 3), np.float32), target)
+    with pytest.raises(ValueError, match="fps must be a positive number"):
+        export_to_video(gradient_clip(), target, fps=0)
+    with pytest.raises(ValueError, match="scale must be a positive integer"):
+        export_to_gif(gradient_clip(), tmp_path / "x.gif", scale=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_to_gif(tmp_path):
+    clip = (np.arange(4)[:, None, None, None] * np.ones((4, 6, 6, 3)) * 60).astype(np.uint8)
+    path = export_to_gif(clip, tmp_path / "clip.gif", fps=5, scale=2)
+    with Image.open(path) as gif:
+        assert gif.n_frames == 4 and gif.size == (12, 12)
+        assert gif.info["duration"] == 200 and gif.info["loop"] == 0
+        for f in range(4):
+            gif.seek(f)
+            assert tuple(gif.convert("RGB").getpixel((3, 3))) == (60 * f,) * 3
