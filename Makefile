@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.moezoo-installed
 # The tested torch set; pip on this machine kind takes these wheels from the local disk.
 TORCH  := torch==2.14.1 torchvision==0.29.1 torchaudio==2.11.0
 
-.PHONY: demo test venv bench clean-venv
+.PHONY: demo test venv bench clean-venv browser
 
 venv: $(STAMP)
 
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
@@ -24,6 +24,14 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/moe_layer.py
+
+# Debian's Chromium for the end-to-end test tests/app/test_browser.py. Playwright (a test extra) is only the
+# Python driver: the test runs /usr/bin/chromium, never `playwright install` (no browser downloads here).
+# Best effort: without root or a Debian mirror the browser test skips and says why.
+browser:
+	@test -x /usr/bin/chromium || apt-get install -y -q chromium >/dev/null \
+		|| (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null) \
+		|| echo "chromium could not be installed: tests/app/test_browser.py will skip"
 
 clean-venv:
 	rm -rf $(VENV)

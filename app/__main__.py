@@ -1,5 +1,28 @@
-"""``python -m moezoo.app``: the demo. Until the Gradio app lands this runs the end-to-end MoE quickstart."""
+"""``python -m moezoo.app`` (and ``make demo``): serve the Gradio demo on http://127.0.0.1:7860, analytics off.
 
-from .quickstart import main
+    python -m moezoo.app [--port 7860] [--host 127.0.0.1]
 
-main()
+The MoE quickstart that ``make demo`` ran before the app landed is ``python -m moezoo.app.quickstart``.
+"""
+
+import argparse
+import os
+
+# Before gradio is imported: no usage statistics, no version check, no telemetry of any kind.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Serve the moezoo Gradio demo.")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    parser.add_argument("--port", type=int, default=None,
+                        help="port (default: 7860, or the next free one; also GRADIO_SERVER_PORT)")
+    args = parser.parse_args(argv)
+
+    from .demo import launch_demo
+
+    launch_demo(server_name=args.host, server_port=args.port)
+
+
+if __name__ == "__main__":
+    main()

@@ -123,7 +123,10 @@ class DiffusionModule(pl.LightningModule):
         """Write the EMA weights in the zoo format (model.safetensors + config.json), loadable with
         ``create_model("local-dir:DIRECTORY", pretrained=True)``; ``dtype=torch.float16`` halves the file."""
         meta = {"objective": self.objective, **(metadata or {})}
-        return save_pretrained(self.sampling_model, directory, self.model_name, self.model_args, meta, dtype=dtype)
+        # Where the training started from (init_from_image) is history, not architecture: the exported weights
+        # replace it, and reloading must not need the starting checkpoint.
+        args = {k: v for k, v in self.model_args.items() if k != "init_from_image"}
+        return save_pretrained(self.sampling_model, directory, self.model_name, args, meta, dtype=dtype)
 
 
 def clean_input(batch) -> torch.Tensor:

@@ -491,6 +491,7 @@ def save_pretrained(
     directory = Path(directory)
     with atomic_path(directory / WEIGHTS_NAME) as tmp:
         safetensors.torch.save_file(tensors, str(tmp), metadata={"format": "pt"})
+        tmp.chmod(0o644)  # safetensors creates the file owner-only; exported weights are meant to be shared
     with atomic_path(directory / CONFIG_NAME) as tmp:
         tmp.write_text(text)
     return directory

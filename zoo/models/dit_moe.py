@@ -64,7 +64,7 @@ import torch.nn.functional as F
 
 from moezoo.zoo.layers.moe import GatedMLP, MoE, total_aux_loss
 from moezoo.zoo.layers.moh import MoHAttention, moh_aux_loss
-from moezoo.zoo.registry import register_model
+from moezoo.zoo.registry import PretrainedCfg, register_model
 
 __all__ = [
     "DiTMoEConfig",
@@ -763,7 +763,17 @@ def test_dit_moe(pretrained: bool = False, **kwargs) -> DiTMoE:
     return _create(_TEST, **kwargs)
 
 
-@register_model(**_FILTER)
+_DIGIT_NAMES = [str(d) for d in range(10)]
+
+
+def _bundled(file: str, sha256: str, **metadata) -> dict:
+    """The ``pretrained_cfgs`` of a model whose weights ship in zoo/weights/ (trained by training/configs/)."""
+    return {"pretrained_cfgs": {"default": PretrainedCfg(file=file, sha256=sha256, metadata={"objective": "rf", **metadata})}}
+
+
+@register_model(**_FILTER, **_bundled(
+    "dit_moe_digits.safetensors", "875bcc0f0df85907e0bbf0ece263dc57618abd67813394db557a9458b2b0ff17",
+    label_names=_DIGIT_NAMES))
 def dit_moe_digits(pretrained: bool = False, **kwargs) -> DiTMoE:
     """Class-conditional 16x16 digits in pixel space: D=128, 6 blocks, 8 experts top-2 + a 2D shared expert."""
     return _create(_DIGITS, **kwargs)
@@ -776,7 +786,8 @@ def dit_dense_digits(pretrained: bool = False, **kwargs) -> DiTMoE:
     return _create(replace(_DIGITS, dense_ffn=True), **kwargs)
 
 
-@register_model(**_FILTER)
+@register_model(**_FILTER, **_bundled(
+    "dit_moe_shapes.safetensors", "f46006dec9ffbe8f4986b855c6ab20b1241166b42083b2e65acce8b378654d06"))
 def dit_moe_shapes(pretrained: bool = False, **kwargs) -> DiTMoE:
     """Text-conditioned 32x32 RGB shapes in pixel space (patch 4), with its own tiny CLIP text encoder."""
     return _create(_SHAPES, **kwargs)

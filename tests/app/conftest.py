@@ -1,0 +1,59 @@
+"""Tiny pipelines for the app tests: the real pipeline classes around random-weight models a few thousand
+parameters large, so every tab runs in well under a second and no trained weights are needed."""
+
+import socket
+
+import pytest
+import torch
+
+import moezoo.zoo.models.moe_fusion  # noqa: F401  registers test_moe_fusion
+import moezoo.zoo.models.mofme  # noqa: F401  registers test_mofme
+from moezoo.pipelines import DiTMoEPipeline, DiTMoEVideoPipeline
+from moezoo.pipelines.deweather import DeweatherPipeline
+from moezoo.pipelines.fusion import FusionPipeline
+from moezoo.zoo import create_model
+
+TINY_DIT = dict(depth=2, hidden_size=32, num_heads=2, num_experts=4)
+
+
+def randomise(module, seed=0):
+    """Random weights everywhere: DiT's adaLN-zero init would make every prediction (and image) constant."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            std = p[0].numel() ** -0.5 if p.dim() > 1 else 0.1
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return module
+
+
+def make_tiny_pipelines() -> dict:
+    """zoo model name -> a tiny pipeline of the class the app uses for it."""
+    pipes = {
+        "dit_moe_digits": DiTMoEPipeline(randomise(create_model("dit_moe_digits", **TINY_DIT)),
+                                         label_names=[str(d) for d in range(10)]),
+        "dit_moe_shapes": DiTMoEPipeline(randomise(create_model("dit_moe_shapes", **TINY_DIT), seed=1)),
+        "dit_moe_shapes_video": DiTMoEVideoPipeline(randomise(create_model("test_dit_moe_video"), seed=2)),
+        "mofme_weather": DeweatherPipeline(randomise(create_model("test_mofme"), seed=3)),
+        "moe_fusion_irvis": FusionPipeline(randomise(create_model("test_moe_fusion"), seed=4)),
+    }
+    for pipe in pipes.values():
+        pipe.set_progress_bar_config(disable=True)
+    return pipes
+
+
+@pytest.fixture(scope="session")
+def tiny_pipelines():
+    return make_tiny_pipelines()
+
+
+@pytest.fixture(scope="session")
+def tiny_loader(tiny_pipelines):
+    return lambda tab: tiny_pipelines[tab.model]
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A port nothing listens on now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
