@@ -129,6 +129,25 @@ class DiTMoEPipeline(Pipeline):
             raise ValueError(f"guidance_scale must be >= 0 (1 = no guidance), got {guidance_scale}")
         check_output_type(output_type)
 
+    def denoise(self, sample, y, text_emb, num_inference_steps: int, guidance_scale: float, generator):
+        """Run the scheduler from the noise ``sample`` to a clean sample, with classifier-free guidance when
+        ``guidance_scale != 1`` (images and clips alike: the model says where its channels are)."""
+        model, batch, device = self.transformer, sample.shape[0], sample.device
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        sample = sample * getattr(self.scheduler, "init_noise_sigma", 1.0)
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_t = t / self.scheduler.config.num_train_timesteps if self.objective == "rf" else t
+            t_B = torch.full((batch,), float(model_t), device=device, dtype=self.dtype)
+            if self.objective == "ddpm":
+                t_B = t_B.long()
+            if guidance_scale != 1.0:
+                prediction = model.forward_with_cfg(sample, t_B, y, guidance_scale, text_emb=text_emb)
+            else:
+                prediction = model(sample, t_B, y, text_emb)
+            prediction = prediction.narrow(model.channel_dim, 0, model.in_channels)  # drop learned-variance channels
+            sample = self.scheduler.step(prediction, t, sample, generator=_first(generator)).prev_sample
+        return sample
+
     @torch.no_grad()
     def __call__(
         self,
@@ -166,20 +185,7 @@ class DiTMoEPipeline(Pipeline):
 
         shape = (batch, config.in_channels, config.input_size, config.input_size)
         sample = randn(shape, generator, device, self.dtype)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        sample = sample * getattr(self.scheduler, "init_noise_sigma", 1.0)
-        guided = guidance_scale != 1.0
-        for t in self.progress_bar(self.scheduler.timesteps):
-            model_t = t / self.scheduler.config.num_train_timesteps if self.objective == "rf" else t
-            t_B = torch.full((batch,), float(model_t), device=device, dtype=self.dtype)
-            if self.objective == "ddpm":
-                t_B = t_B.long()
-            if guided:
-                prediction = model.forward_with_cfg(sample, t_B, y, guidance_scale, text_emb=text_emb)
-            else:
-                prediction = model(sample, t_B, y, text_emb)
-            prediction = prediction[:, : config.in_channels]
-            sample = self.scheduler.step(prediction, t, sample, generator=_first(generator)).prev_sample
+        sample = self.denoise(sample, y, text_emb, num_inference_steps, guidance_scale, generator)
 
         routing_maps = None
         if return_routing:

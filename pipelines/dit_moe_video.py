@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .base import check_generators, numpy_to_pil, randn
-from .dit_moe import DiTMoEPipeline, _first
+from .dit_moe import DiTMoEPipeline
 
 
 @dataclass
@@ -103,20 +103,7 @@ class DiTMoEVideoPipeline(DiTMoEPipeline):
         text_emb = model.encode_text(prompts).to(device, self.dtype) if prompts is not None else None
         shape = (batch, num_frames, config.in_channels, height, width)
         sample = randn(shape, generator, device, self.dtype)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        sample = sample * getattr(self.scheduler, "init_noise_sigma", 1.0)
-        guided = guidance_scale != 1.0
-        for t in self.progress_bar(self.scheduler.timesteps):
-            model_t = t / self.scheduler.config.num_train_timesteps if self.objective == "rf" else t
-            t_B = torch.full((batch,), float(model_t), device=device, dtype=self.dtype)
-            if self.objective == "ddpm":
-                t_B = t_B.long()
-            if guided:
-                prediction = model.forward_with_cfg(sample, t_B, y, guidance_scale, text_emb=text_emb)
-            else:
-                prediction = model(sample, t_B, y, text_emb)
-            prediction = prediction[:, :, : config.in_channels]
-            sample = self.scheduler.step(prediction, t, sample, generator=_first(generator)).prev_sample
+        sample = self.denoise(sample, y, text_emb, num_inference_steps, guidance_scale, generator)
 
         routing_maps = None
         if return_routing:

@@ -127,6 +127,9 @@ class _ImageDataModule(LightningDataModule):
     train_set: Dataset | None
     val_set: Dataset | None
 
+    #: how samples become a batch (the video modules stack clips instead of images).
+    collate_fn = staticmethod(collate_image_batch)
+
     def __init__(self, batch_size: int, num_workers: int, seed: int) -> None:
         super().__init__()
         self.batch_size = batch_size
@@ -146,7 +149,7 @@ class _ImageDataModule(LightningDataModule):
             generator=self._shuffle_generator if shuffle else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            collate_fn=collate_image_batch,
+            collate_fn=type(self).collate_fn,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -31,7 +31,7 @@ from typing import TypedDict
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from .data import (
     BACKGROUND_RGB,
@@ -84,18 +84,7 @@ def collate_video_batch(samples: Sequence[VideoSample]) -> VideoBatch:
 class _VideoDataModule(_ImageDataModule):
     """The image modules' loaders (seeded shuffling, fixed-order val/predict) with the video collate."""
 
-    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError(f"{type(self).__name__}.setup() must run before asking for a dataloader")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=self._shuffle_generator if shuffle else None,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=collate_video_batch,
-        )
+    collate_fn = staticmethod(collate_video_batch)
 
 
 def _frames_to_tensor(frames_FHWC: np.ndarray) -> torch.Tensor:

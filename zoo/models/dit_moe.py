@@ -361,6 +361,9 @@ class DiTMoE(nn.Module):
     ``tokens_shape == (B, N)``, N patches in raster order); :meth:`routing_maps` turns them into pictures.
     """
 
+    #: the channel axis of inputs and outputs ([B, C, H, W]; video models: [B, F, C, H, W]).
+    channel_dim = 1
+
     def __init__(self, config: DiTMoEConfig):
         super().__init__()
         self.config = cfg = config
@@ -506,9 +509,10 @@ class DiTMoE(nn.Module):
             text2 = torch.cat([null_text if text_emb is None else text_emb, null_text])
         out = self.forward(torch.cat([x, x]), torch.cat([t_B, t_B]), y2, text2)
         cond, uncond = out[:B], out[B:]
-        C = self.in_channels
-        guided = uncond[:, :C] + guidance_scale * (cond[:, :C] - uncond[:, :C])
-        return torch.cat([guided, cond[:, C:]], dim=1)
+        C, dim = self.in_channels, self.channel_dim
+        pred, pred_uncond = cond.narrow(dim, 0, C), uncond.narrow(dim, 0, C)
+        guided = pred_uncond + guidance_scale * (pred - pred_uncond)
+        return torch.cat([guided, cond.narrow(dim, C, cond.shape[dim] - C)], dim=dim)
 
     # ------------------------------------------------------------------------------------------ routing
 

@@ -114,6 +114,8 @@ class DiTMoEVideo(DiTMoE):
     layout), so image checkpoints load into it with :meth:`init_from_image`.
     """
 
+    channel_dim = 2  # classifier-free guidance (inherited) splits prediction channels on this axis
+
     def __init__(self, config: DiTMoEVideoConfig):
         super().__init__(config)
         self.temporal_blocks = nn.ModuleList(
@@ -165,28 +167,6 @@ class DiTMoEVideo(DiTMoE):
                 x_bND = x_SFD.view(B, N, Fr, D).transpose(1, 2).reshape(B * Fr, N, D)
         out = self.unpatchify(self.final_layer(x_bND, c_bD))
         return out.view(B, Fr, *out.shape[1:])
-
-    def forward_with_cfg(self, x: torch.Tensor, t, y: torch.Tensor | None = None, guidance_scale: float = 1.0,
-                         text_emb: torch.Tensor | None = None) -> torch.Tensor:
-        """Classifier-free guidance in one batched pass of ``2B`` clips: ``uncond + s * (cond - uncond)`` on the
-        ``in_channels`` prediction channels (learned-variance channels from the conditional branch)."""
-        if self.y_embedder is None and self.text_embedder is None:
-            raise ValueError("classifier-free guidance needs a class- or text-conditioned model")
-        B = x.shape[0]
-        t_B = torch.as_tensor(t, device=x.device)
-        t_B = t_B.expand(B) if t_B.dim() == 0 else t_B
-        y2 = text2 = None
-        if self.y_embedder is not None:
-            null = torch.full((B,), self.null_class, dtype=torch.long, device=x.device)
-            y2 = torch.cat([null if y is None else y, null])
-        if self.text_embedder is not None:
-            null_text = x.new_zeros(B, self.config.text_dim)
-            text2 = torch.cat([null_text if text_emb is None else text_emb, null_text])
-        out = self.forward(torch.cat([x, x]), torch.cat([t_B, t_B]), y2, text2)
-        cond, uncond = out[:B], out[B:]
-        C = self.in_channels
-        guided = uncond[:, :, :C] + guidance_scale * (cond[:, :, :C] - uncond[:, :, :C])
-        return torch.cat([guided, cond[:, :, C:]], dim=2)
 
     # ------------------------------------------------------------------------------------------ routing
 
