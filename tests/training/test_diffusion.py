@@ -109,3 +109,12 @@ def test_text_model_trains_and_draws_a_sample_grid(tmp_path):
     assert grid.last_path is not None and grid.last_path.name == "epoch=000.png"
     # 4 RGB 32x32 samples in one row, 1-pixel padding around each.
     assert Image.open(grid.last_path).size == (4 * 33 + 1, 33 + 1)
+
+
+def test_export_refuses_checkpoints_of_foreign_modules(tmp_path):
+    # moezoo-export imports the class the checkpoint names: only moezoo.training modules are accepted.
+    fake = tmp_path / "foreign.ckpt"
+    torch.save({"hyper_parameters": {"_class_path": "os.system"}, "state_dict": {}}, fake)
+    with pytest.raises(ValueError, match="moezoo.training"):
+        export_main([str(fake), str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
