@@ -2,11 +2,12 @@
 
 from .dit_moe import DiTMoEPipeline, DiTMoEPipelineOutput, make_scheduler
 from .dit_moe_video import DiTMoEVideoPipeline, DiTMoEVideoPipelineOutput
+from .deweather import DeweatherPipeline, DeweatherPipelineOutput
 from .fusion import FusionPipeline, FusionPipelineOutput
 from .video_export import export_to_gif, export_to_video
 
 __all__ = [
     "DiTMoEPipeline", "DiTMoEPipelineOutput", "make_scheduler",
     "DiTMoEVideoPipeline", "DiTMoEVideoPipelineOutput", "export_to_gif", "export_to_video",
-    "FusionPipeline", "FusionPipelineOutput",
+    "FusionPipeline", "FusionPipelineOutput", "DeweatherPipeline", "DeweatherPipelineOutput",
 ]

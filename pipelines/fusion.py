@@ -155,7 +155,6 @@ class FusionPipeline(Pipeline):
         **model_overrides,
     ) -> "FusionPipeline":
         """Load a zoo fusion model with its weights (``name``, ``name.tag``, ``local-dir:PATH``, ``hf-hub:...``)."""
-        import moezoo.zoo.models.moe_fusion  # noqa: F401  (registers the MoE-Fusion entrypoints)
         from moezoo.zoo import create_model
 
         model = create_model(

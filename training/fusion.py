@@ -19,7 +19,6 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
-import moezoo.zoo.models.moe_fusion  # noqa: F401  (registers the MoE-Fusion entrypoints)
 from moezoo.zoo import create_model, save_pretrained
 from moezoo.zoo.models.moe_fusion import fusion_loss
 

@@ -6,8 +6,6 @@ import socket
 import pytest
 import torch
 
-import moezoo.zoo.models.moe_fusion  # noqa: F401  registers test_moe_fusion
-import moezoo.zoo.models.mofme  # noqa: F401  registers test_mofme
 from moezoo.pipelines import DiTMoEPipeline, DiTMoEVideoPipeline
 from moezoo.pipelines.deweather import DeweatherPipeline
 from moezoo.pipelines.fusion import FusionPipeline

@@ -8,13 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-import moezoo.zoo.models.moe_fusion  # noqa: F401  (registers the entrypoints)
 from moezoo.pipelines.fusion import FusionPipeline, FusionPipelineOutput
 from moezoo.training.fusion_data import SyntheticFusionDataset
 from moezoo.zoo import create_model
+from moezoo.zoo.models import moe_fusion
 from moezoo.zoo.models.moe_fusion import fusion_loss
 
-WEIGHTS = Path(moezoo.zoo.models.moe_fusion.__file__).parents[1] / "weights" / "moe_fusion_irvis.safetensors"
+WEIGHTS = Path(moe_fusion.__file__).parents[1] / "weights" / "moe_fusion_irvis.safetensors"
 
 
 @pytest.fixture(scope="module")

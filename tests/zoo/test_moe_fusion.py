@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-import moezoo.zoo.models.moe_fusion  # noqa: F401  (registers the entrypoints)
 from moezoo.zoo import create_model
 from moezoo.zoo.layers import collect_routing, total_aux_loss
 from moezoo.zoo.models.moe_fusion import (

@@ -1,0 +1,465 @@
+"""Weather data for deweathering (MoFME): synthetic rain streaks, raindrops, snow and haze on the photographs
+bundled with scikit-image, and paired folders of real benchmarks.
+
+Every batch, from both DataModules here, is a dict (:class:`RestorationBatch`)::
+
+    {"input": float32 [B, 3, H, W] in [0, 1] (degraded), "target": float32 [B, 3, H, W] in [0, 1] (clean),
+     "weather": int64 [B] (index into the module's ``weather_types``; -1: unknown)}
+
+Images are in [0, 1] here (not [-1, 1] as in ``training/data.py``): PSNR and SSIM are defined on that range.
+
+- :func:`add_weather` (and one function per kind) degrades an RGB float image with a seeded numpy Generator.
+  All sizes (streak length, drop radius, flake size, haze correlation length) are in pixels, not fractions
+  of the image, so 64x64 training crops and whole test photos see weather at the same scale.
+- :class:`SyntheticWeatherDataset` / :class:`SyntheticWeatherDataModule`: crops of ``moezoo.training.photos``
+  with one weather kind each; train and validation come from different photographs (split by photo, never by
+  crop). Item ``i`` of seed ``s`` is always the same pair, and the weather kinds take turns (``i mod K``).
+- :func:`weather_test_set`: whole held-out photographs with each weather, for the benchmark.
+- :class:`PairedFolderDataModule`: ``root/input/*`` + ``root/gt/*`` matched by file name — the layout of
+  Allweather, Outdoor-Rain and Snow100K (folder names are arguments).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TypedDict
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from PIL import Image
+from scipy import ndimage
+from torch.utils.data import DataLoader, Dataset
+
+from .data import IMAGE_EXTENSIONS
+from .photos import photos
+
+__all__ = [
+    "WEATHER_TYPES",
+    "RestorationSample",
+    "RestorationBatch",
+    "collate_restoration_batch",
+    "add_rain_streaks",
+    "add_raindrops",
+    "add_snow",
+    "add_haze",
+    "add_weather",
+    "weather_test_set",
+    "SyntheticWeatherDataset",
+    "SyntheticWeatherDataModule",
+    "PairedFolderDataset",
+    "PairedFolderDataModule",
+]
+
+WEATHER_TYPES = ("rain_streaks", "raindrops", "snow", "haze")
+
+
+class RestorationSample(TypedDict):
+    input: torch.Tensor  # float32 [3, H, W] in [0, 1], degraded
+    target: torch.Tensor  # float32 [3, H, W] in [0, 1], clean
+    weather: int  # index into weather_types, -1 unknown
+
+
+class RestorationBatch(TypedDict):
+    input: torch.Tensor  # float32 [B, 3, H, W]
+    target: torch.Tensor  # float32 [B, 3, H, W]
+    weather: torch.Tensor  # int64 [B]
+
+
+def collate_restoration_batch(samples: Sequence[RestorationSample]) -> RestorationBatch:
+    return {
+        "input": torch.stack([s["input"] for s in samples]),
+        "target": torch.stack([s["target"] for s in samples]),
+        "weather": torch.tensor([s["weather"] for s in samples], dtype=torch.long),
+    }
+
+
+def _to_tensor(image_HWC: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(image_HWC, dtype=np.float32)).permute(2, 0, 1).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Weather synthesis (numpy, float32 RGB [H, W, 3] in [0, 1] -> same)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_image(image: np.ndarray) -> None:
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
+        got = image.shape if isinstance(image, np.ndarray) else type(image).__name__
+        raise ValueError(f"weather is added to float RGB arrays [H, W, 3] in [0, 1], got {got}")
+
+
+def _screen(image: np.ndarray, layer_HW: np.ndarray) -> np.ndarray:
+    """Light added as a screen blend: 1 - (1 - image)(1 - layer); bright things stay bright, nothing clips."""
+    return 1.0 - (1.0 - image) * (1.0 - np.clip(layer_HW, 0.0, 1.0)[..., None])
+
+
+def _line_kernel(length: float, angle_deg: float) -> np.ndarray:
+    """A normalised anti-aliased line of ``length`` pixels at ``angle_deg`` from vertical (motion blur)."""
+    size = int(math.ceil(length)) | 1
+    kernel = np.zeros((size, size), np.float32)
+    theta = math.radians(angle_deg)
+    c = (size - 1) / 2
+    for t in np.linspace(-length / 2, length / 2, 4 * size):
+        y, x = c + t * math.cos(theta), c + t * math.sin(theta)
+        y0, x0 = int(math.floor(y)), int(math.floor(x))
+        for yy, wy in ((y0, 1 - (y - y0)), (y0 + 1, y - y0)):
+            for xx, wx in ((x0, 1 - (x - x0)), (x0 + 1, x - x0)):
+                if 0 <= yy < size and 0 <= xx < size:
+                    kernel[yy, xx] += wy * wx
+    return kernel / kernel.sum()
+
+
+def add_rain_streaks(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Rain streaks: sparse seeds motion-blurred along one slanted direction, screen-blended.
+
+    Random per image: seed density 0.4-1.5% of pixels, streak length 6-16 px, angle -25..25 degrees from
+    vertical, brightness 0.5-0.9.
+    """
+    _check_image(image)
+    H, W, _ = image.shape
+    length = rng.uniform(6, 16)
+    seeds = (rng.random((H, W)) < rng.uniform(0.004, 0.015)) * rng.uniform(0.6, 1.0, (H, W))
+    streaks = ndimage.convolve(seeds.astype(np.float32), _line_kernel(length, rng.uniform(-25, 25)), mode="wrap")
+    streaks = ndimage.gaussian_filter(streaks, 0.5) * length * rng.uniform(0.5, 0.9)
+    return _screen(image, streaks)
+
+
+def add_raindrops(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Raindrops on the lens: discs that show a blurred, inverted (refracted) view of what is behind them.
+
+    Each drop of radius 2.5-9 px at a random place takes the blurred image mirrored through its centre and
+    shrunk 2-4x (a water lens flips and minifies), slightly brightened, blended in with a soft edge. About
+    one drop per 250-700 pixels.
+    """
+    _check_image(image)
+    H, W, _ = image.shape
+    blurred = ndimage.gaussian_filter(image, sigma=(1.5, 1.5, 0))
+    out = image.copy()
+    count = rng.poisson(H * W / rng.uniform(250, 700))
+    for _ in range(count):
+        r = rng.uniform(2.5, 9.0)
+        cy, cx = rng.uniform(0, H), rng.uniform(0, W)
+        y0, y1 = max(0, int(cy - r - 1)), min(H, int(cy + r + 2))
+        x0, x1 = max(0, int(cx - r - 1)), min(W, int(cx + r + 2))
+        if y0 >= y1 or x0 >= x1:
+            continue
+        yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+        dist = np.hypot(yy - cy, xx - cx) / r
+        alpha = np.clip((1.0 - dist) * r / 1.5, 0.0, 1.0) * rng.uniform(0.75, 0.95)  # ~1.5 px soft edge
+        shrink = rng.uniform(0.25, 0.5)
+        src_y = np.clip(cy - (yy - cy) * shrink, 0, H - 1)
+        src_x = np.clip(cx - (xx - cx) * shrink, 0, W - 1)
+        lens = np.stack([ndimage.map_coordinates(blurred[..., c], [src_y, src_x], order=1) for c in range(3)], -1)
+        lens = np.clip(lens * 1.08 + 0.04, 0.0, 1.0)
+        patch = out[y0:y1, x0:x1]
+        out[y0:y1, x0:x1] = patch * (1 - alpha[..., None]) + lens * alpha[..., None]
+    return out
+
+
+def _flakes(shape: tuple[int, int], rng: np.random.Generator, density: float, sigma: float) -> np.ndarray:
+    """Gaussian blobs of std ``sigma`` px at Bernoulli(density) pixels, peak brightness 0.6-1."""
+    seeds = (rng.random(shape) < density) * rng.uniform(0.6, 1.0, shape)
+    return ndimage.gaussian_filter(seeds.astype(np.float32), sigma) * (2 * math.pi * sigma**2)
+
+
+def add_snow(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Snow: a light veil, many small flakes and a few large near ones, optionally motion-blurred by wind."""
+    _check_image(image)
+    H, W, _ = image.shape
+    veil = rng.uniform(0.0, 0.15)
+    out = image * (1 - veil) + veil * 0.9
+    layer = _flakes((H, W), rng, rng.uniform(0.004, 0.015), rng.uniform(0.5, 1.0))
+    layer = layer + _flakes((H, W), rng, rng.uniform(0.0005, 0.002), rng.uniform(1.2, 2.2))
+    if rng.random() < 0.5:
+        layer = ndimage.convolve(layer, _line_kernel(rng.uniform(2, 5), rng.uniform(-60, 60)), mode="wrap")
+    return _screen(out, layer)
+
+
+def _smooth_noise(shape: tuple[int, int], rng: np.random.Generator, scale: float) -> np.ndarray:
+    """White noise low-passed by a Gaussian of std ``scale`` px, rescaled to unit standard deviation (the
+    2-D filtered-noise std is 1 / (2 sqrt(pi) scale) in theory, so a small crop is not re-normalised)."""
+    field = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), scale, mode="wrap")
+    return field * (2 * math.sqrt(math.pi) * scale)
+
+
+def add_haze(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Haze by the atmospheric scattering model ``I = J t + A (1 - t)``, ``t = exp(-beta d)``.
+
+    Depth ``d`` is a random level plus smooth variation (correlation length 40 px); ``beta`` 0.6-1.6;
+    airlight ``A`` a light grey 0.7-0.95 with a slight random tint.
+    """
+    _check_image(image)
+    H, W, _ = image.shape
+    depth = np.clip(rng.uniform(0.3, 1.0) + 0.15 * _smooth_noise((H, W), rng, 40.0), 0.05, 1.5)
+    transmission = np.exp(-rng.uniform(0.6, 1.6) * depth)[..., None]
+    airlight = np.clip(rng.uniform(0.7, 0.95) + rng.uniform(-0.03, 0.03, 3), 0.0, 1.0).astype(np.float32)
+    return image * transmission + airlight * (1 - transmission)
+
+
+_SYNTHESISERS = {
+    "rain_streaks": add_rain_streaks,
+    "raindrops": add_raindrops,
+    "snow": add_snow,
+    "haze": add_haze,
+}
+
+
+def add_weather(image: np.ndarray, weather: str, rng: np.random.Generator) -> np.ndarray:
+    """``image`` (float RGB [H, W, 3] in [0, 1]) with ``weather`` (one of :data:`WEATHER_TYPES`), float32,
+    clipped to [0, 1]."""
+    if weather not in _SYNTHESISERS:
+        raise ValueError(f"unknown weather {weather!r}; accepted: {', '.join(WEATHER_TYPES)}")
+    out = _SYNTHESISERS[weather](np.asarray(image, dtype=np.float32), rng)
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def _check_weather_types(weather_types: Sequence[str]) -> tuple[str, ...]:
+    weather_types = tuple(weather_types)
+    unknown = [w for w in weather_types if w not in _SYNTHESISERS]
+    if not weather_types or unknown:
+        raise ValueError(f"weather_types must be a non-empty subset of {', '.join(WEATHER_TYPES)}; got {weather_types}")
+    return weather_types
+
+
+def weather_test_set(weather: str, seed: int = 0, split: str = "test") -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(photo name, degraded, clean) for every whole photograph of ``split`` with ``weather``; the same for
+    the same seed. The benchmark's test images."""
+    index = WEATHER_TYPES.index(weather) if weather in WEATHER_TYPES else -1
+    if index < 0:
+        raise ValueError(f"unknown weather {weather!r}; accepted: {', '.join(WEATHER_TYPES)}")
+    return [
+        (name, add_weather(clean, weather, np.random.default_rng([seed, index, i])), clean)
+        for i, (name, clean) in enumerate(photos(split))
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Synthetic weather on the bundled photographs
+# ----------------------------------------------------------------------------------------------------------
+
+
+class SyntheticWeatherDataset(Dataset):
+    """``length`` (degraded, clean) crops of the photos of ``split``, one weather kind each.
+
+    Item ``i``: generator ``default_rng([seed, i])`` picks a photo (uniformly), a ``crop_size`` crop, with
+    ``augment`` a random flip / 90-degree rotation, and adds weather ``weather_types[i % K]``.
+
+    Args:
+        split: "train", "test" or "all" (see ``moezoo.training.photos``).
+        crop_size: side of the square crops in pixels (at most the smallest photo side, 300).
+        length: number of items.
+        weather_types: which kinds, in turn.
+        seed: makes the items reproducible; use different seeds for different sets.
+        augment: random flips and rotations.
+    """
+
+    def __init__(self, split: str = "train", crop_size: int = 64, length: int = 1000,
+                 weather_types: Sequence[str] = WEATHER_TYPES, seed: int = 0, augment: bool = True):
+        self.photo_names = [name for name, _ in photos(split)]
+        self.photos = [image for _, image in photos(split)]
+        smallest = min(min(p.shape[:2]) for p in self.photos)
+        if not 1 <= crop_size <= smallest:
+            raise ValueError(f"crop_size must be in [1, {smallest}] (the smallest {split} photo side), got {crop_size}")
+        if length < 1:
+            raise ValueError(f"length must be >= 1, got {length}")
+        self.split, self.crop_size, self.length = split, crop_size, length
+        self.weather_types = _check_weather_types(weather_types)
+        self.seed, self.augment = seed, augment
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> RestorationSample:
+        if not 0 <= i < self.length:
+            raise IndexError(f"index {i} out of range for {self.length} items")
+        rng = np.random.default_rng([self.seed, i])
+        photo = self.photos[rng.integers(len(self.photos))]
+        s = self.crop_size
+        y, x = rng.integers(photo.shape[0] - s + 1), rng.integers(photo.shape[1] - s + 1)
+        clean = photo[y : y + s, x : x + s]
+        if self.augment:
+            clean = np.rot90(clean, k=rng.integers(4))
+            clean = clean[:, ::-1] if rng.random() < 0.5 else clean
+        clean = np.ascontiguousarray(clean)
+        kind = i % len(self.weather_types)
+        degraded = add_weather(clean, self.weather_types[kind], rng)
+        return {"input": _to_tensor(degraded), "target": _to_tensor(clean), "weather": kind}
+
+
+class _RestorationDataModule(LightningDataModule):
+    """Loaders shared by the modules below; subclasses build ``train_set`` and ``val_set`` in ``setup``."""
+
+    def __init__(self, batch_size: int, num_workers: int, seed: int):
+        super().__init__()
+        if batch_size < 1 or num_workers < 0:
+            raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    def _loader(self, dataset: Dataset | None, shuffle: bool, batch_size: int) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must run before asking for a dataloader")
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+                          persistent_workers=self.num_workers > 0, collate_fn=collate_restoration_batch)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, True, self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, False, self.batch_size)
+
+
+class SyntheticWeatherDataModule(_RestorationDataModule):
+    """Multi-weather training on scikit-image photos: training crops from the "train" photos, validation
+    crops from the held-out "test" photos (split by photograph).
+
+    Args:
+        crop_size: side of the square training and validation crops.
+        batch_size: pairs per batch.
+        num_workers: DataLoader worker processes.
+        train_length: training items (each is a new random crop; make it at least steps x batch size).
+        val_length: validation items (fixed crops of the held-out photos, no augmentation).
+        weather_types: the kinds to train on, in turn.
+        seed: seeds the training items (validation uses seed + 1).
+    """
+
+    def __init__(self, crop_size: int = 64, batch_size: int = 16, num_workers: int = 0, train_length: int = 100_000,
+                 val_length: int = 128, weather_types: Sequence[str] = WEATHER_TYPES, seed: int = 0):
+        super().__init__(batch_size, num_workers, seed)
+        self.save_hyperparameters()
+        self.crop_size, self.train_length, self.val_length = crop_size, train_length, val_length
+        self.weather_types = _check_weather_types(weather_types)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.train_set = SyntheticWeatherDataset("train", self.crop_size, self.train_length, self.weather_types,
+                                                 seed=self.seed, augment=True)
+        self.val_set = SyntheticWeatherDataset("test", self.crop_size, self.val_length, self.weather_types,
+                                               seed=self.seed + 1, augment=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Paired folders (Allweather, Outdoor-Rain, Snow100K...)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _image_files(folder: Path) -> dict[str, Path]:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no folder {folder}")
+    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
+
+
+def _load_rgb(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+
+
+class PairedFolderDataset(Dataset):
+    """Pairs ``root/<input_dir>/NAME.*`` (degraded) and ``root/<target_dir>/NAME.*`` (clean), matched by file
+    name without extension.
+
+    Args:
+        root: the folder holding the two sub-folders.
+        input_dir, target_dir: their names ("input"/"gt" in Allweather; Snow100K calls its inputs "synthetic").
+        crop_size: crop each pair to this square (None: whole images; then use batch size 1 unless all images
+            have one size).
+        random_crop: a random crop and flip (training) instead of the centre crop.
+        names: use only these pair names (for splits), in this order.
+    """
+
+    def __init__(self, root: str | Path, input_dir: str = "input", target_dir: str = "gt",
+                 crop_size: int | None = 64, random_crop: bool = True, names: Sequence[str] | None = None):
+        root = Path(root).expanduser()
+        inputs, targets = _image_files(root / input_dir), _image_files(root / target_dir)
+        paired = sorted(set(inputs) & set(targets))
+        if not paired:
+            raise ValueError(f"no image pairs in {root}: {len(inputs)} images in {input_dir}/, {len(targets)} in "
+                             f"{target_dir}/, none with the same name (pairs are matched by file name)")
+        self.names = list(paired if names is None else names)
+        missing = [n for n in self.names if n not in inputs or n not in targets]
+        if missing:
+            raise ValueError(f"{len(missing)} requested pairs are not in {root}, e.g. {missing[:3]}")
+        self.inputs, self.targets = inputs, targets
+        self.crop_size, self.random_crop = crop_size, random_crop
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int) -> RestorationSample:
+        name = self.names[i]
+        degraded, clean = _load_rgb(self.inputs[name]), _load_rgb(self.targets[name])
+        if degraded.shape != clean.shape:
+            raise ValueError(f"pair {name!r}: input {degraded.shape} and target {clean.shape} differ in size")
+        if self.crop_size is not None:
+            degraded, clean = self._crop(name, degraded, clean)
+        return {"input": _to_tensor(degraded), "target": _to_tensor(clean), "weather": -1}
+
+    def _crop(self, name: str, degraded: np.ndarray, clean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        H, W, _ = degraded.shape
+        s = self.crop_size
+        if H < s or W < s:
+            raise ValueError(f"pair {name!r} is {H}x{W}, smaller than crop_size {s}")
+        if self.random_crop:
+            y, x = np.random.randint(H - s + 1), np.random.randint(W - s + 1)
+            flip = np.random.rand() < 0.5
+        else:
+            y, x, flip = (H - s) // 2, (W - s) // 2, False
+        degraded, clean = degraded[y : y + s, x : x + s], clean[y : y + s, x : x + s]
+        return (degraded[:, ::-1], clean[:, ::-1]) if flip else (degraded, clean)
+
+
+class PairedFolderDataModule(_RestorationDataModule):
+    """A real deweathering benchmark on disk: ``train_root/{input,gt}`` and optionally ``val_root/{input,gt}``
+    (without ``val_root``, ``val_fraction`` of the training pairs are held out, chosen by ``seed``).
+
+    Training pairs are random ``crop_size`` crops with flips (numpy's global RNG, which Lightning seeds per
+    worker); validation pairs are centre crops of ``val_crop_size`` (None: whole images, batch size 1).
+
+    Args:
+        train_root: folder with the training pairs.
+        val_root: folder with the validation pairs (e.g. Allweather's test set).
+        input_dir, target_dir: sub-folder names of degraded and clean images.
+        crop_size: training crop side.
+        val_crop_size: validation centre-crop side (a multiple of the model's patch size), or None.
+        batch_size: pairs per training batch.
+        num_workers: DataLoader worker processes.
+        val_fraction: share held out when there is no ``val_root``.
+        seed: the hold-out split and the shuffling.
+    """
+
+    def __init__(self, train_root: str, val_root: str | None = None, input_dir: str = "input",
+                 target_dir: str = "gt", crop_size: int = 64, val_crop_size: int | None = 256, batch_size: int = 16,
+                 num_workers: int = 0, val_fraction: float = 0.05, seed: int = 0):
+        super().__init__(batch_size, num_workers, seed)
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.save_hyperparameters()
+        self.train_root, self.val_root = train_root, val_root
+        self.input_dir, self.target_dir = input_dir, target_dir
+        self.crop_size, self.val_crop_size, self.val_fraction = crop_size, val_crop_size, val_fraction
+
+    def setup(self, stage: str | None = None) -> None:
+        folders = dict(input_dir=self.input_dir, target_dir=self.target_dir)
+        train = PairedFolderDataset(self.train_root, **folders, crop_size=self.crop_size, random_crop=True)
+        if self.val_root is not None:
+            self.train_set = train
+            self.val_set = PairedFolderDataset(self.val_root, **folders, crop_size=self.val_crop_size,
+                                               random_crop=False)
+            return
+        order = np.random.default_rng(self.seed).permutation(len(train.names))
+        n_val = max(1, round(len(order) * self.val_fraction)) if self.val_fraction > 0 else 0
+        if len(order) - n_val < 1:
+            raise ValueError(f"{len(order)} pairs are too few to hold out val_fraction={self.val_fraction}")
+        val_names = [train.names[i] for i in sorted(order[:n_val])]
+        train_names = [train.names[i] for i in sorted(order[n_val:])]
+        self.train_set = PairedFolderDataset(self.train_root, **folders, crop_size=self.crop_size,
+                                             random_crop=True, names=train_names)
+        self.val_set = PairedFolderDataset(self.train_root, **folders, crop_size=self.val_crop_size,
+                                           random_crop=False, names=val_names) if val_names else None
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, False, self.batch_size if self.val_crop_size else 1)
