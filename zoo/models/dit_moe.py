@@ -783,7 +783,9 @@ def dit_moe_digits(pretrained: bool = False, **kwargs) -> DiTMoE:
     return _create(_DIGITS, **kwargs)
 
 
-@register_model(**_FILTER)
+@register_model(**_FILTER, **_bundled(
+    "dit_dense_digits.safetensors", "1423ac6233074196e94f1364a038039813132e61b4bcb71d9f6c89c4f5e13fbd",
+    label_names=_DIGIT_NAMES))
 def dit_dense_digits(pretrained: bool = False, **kwargs) -> DiTMoE:
     """The dense counterpart of dit_moe_digits: one SwiGLU of width 2*128 + 256 = 512 per block, the same
     active parameters (the MoE-vs-dense comparison)."""
