@@ -51,7 +51,7 @@ percent (or ~10 MiB) whether it runs first in a fresh process or after the other
 
 Usage::
 
-    python bench/moe_layer.py                       # all shapes, ~8 minutes on 2 idle cores
+    python bench/moe_layer.py                       # all shapes, ~6-8 minutes on 2 idle cores
     python bench/moe_layer.py --shapes dit_moe_s --repeats 3 --json out.json
     python bench/moe_layer.py --quick               # T / 16: a smoke run
 
