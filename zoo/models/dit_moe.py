@@ -563,18 +563,19 @@ class DiTMoE(nn.Module):
             if text_emb is not None:
                 text_emb = text_emb.masked_fill(drop_B[:, None], 0.0)
         noise = _randn(x0.shape, generator, x0)
+        per_sample = (B,) + (1,) * (x0.dim() - 1)  # one t per image (or per clip: every frame shares it)
         if objective == "rf":
             t_B = torch.sigmoid(_randn((B,), generator, x0))
-            t_B4 = t_B.view(B, 1, 1, 1)
-            z_t = (1 - t_B4) * x0 + t_B4 * noise
+            t_bc = t_B.view(per_sample)
+            z_t = (1 - t_bc) * x0 + t_bc * noise
             target = noise - x0
         else:
             t_B = torch.randint(0, DDPM_NUM_TIMESTEPS, (B,), generator=generator,
                                 device=generator.device if generator is not None else x0.device).to(x0.device)
-            alpha_bar_B4 = ddpm_alphas_cumprod().to(x0.device)[t_B].view(B, 1, 1, 1).to(x0.dtype)
-            z_t = alpha_bar_B4.sqrt() * x0 + (1 - alpha_bar_B4).sqrt() * noise
+            alpha_bar = ddpm_alphas_cumprod().to(x0.device)[t_B].view(per_sample).to(x0.dtype)
+            z_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
             target = noise
-        prediction = self(z_t, t_B, y, text_emb)[:, :C]
+        prediction = self(z_t, t_B, y, text_emb).narrow(self.channel_dim, 0, C)
         return F.mse_loss(prediction, target), self.aux_loss()
 
     # ------------------------------------------------------------------------------------------ sizes

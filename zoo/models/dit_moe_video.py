@@ -31,20 +31,8 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from moezoo.zoo.models.dit_moe import (
-    DDPM_NUM_TIMESTEPS,
-    OBJECTIVES,
-    Attention,
-    DiTMoE,
-    DiTMoEConfig,
-    _rand,
-    _randn,
-    checkpoint_filter_fn,
-    ddpm_alphas_cumprod,
-    modulate,
-)
+from moezoo.zoo.models.dit_moe import Attention, DiTMoE, DiTMoEConfig, checkpoint_filter_fn, modulate
 from moezoo.zoo.registry import PretrainedCfg, register_model
 
 __all__ = ["DiTMoEVideoConfig", "DiTMoEVideo", "TemporalAttentionLayer", "sincos_pos_embed_1d", "SPACETIME"]
@@ -199,30 +187,7 @@ class DiTMoEVideo(DiTMoE):
         every frame. ``"rf"``: logit-normal t, ``z_t = (1 - t) x0 + t eps``, target ``eps - x0``; ``"ddpm"``:
         epsilon on DiT's linear schedule."""
         self._check_clip(x0)
-        objective = self.config.objective if objective is None else objective
-        if objective not in OBJECTIVES:
-            raise ValueError(f"unknown objective {objective!r}; accepted: {', '.join(OBJECTIVES)}")
-        B, C = x0.shape[0], self.in_channels
-        if self.config.class_dropout_prob > 0 and (y is not None or text_emb is not None):
-            drop_B = _rand((B,), generator, x0) < self.config.class_dropout_prob
-            if y is not None and self.y_embedder is not None:
-                y = torch.where(drop_B, torch.full_like(y, self.null_class), y)
-            if text_emb is not None:
-                text_emb = text_emb.masked_fill(drop_B[:, None], 0.0)
-        noise = _randn(x0.shape, generator, x0)
-        if objective == "rf":
-            t_B = torch.sigmoid(_randn((B,), generator, x0))
-            t_B5 = t_B.view(B, 1, 1, 1, 1)
-            z_t = (1 - t_B5) * x0 + t_B5 * noise
-            target = noise - x0
-        else:
-            t_B = torch.randint(0, DDPM_NUM_TIMESTEPS, (B,), generator=generator,
-                                device=generator.device if generator is not None else x0.device).to(x0.device)
-            alpha_bar_B5 = ddpm_alphas_cumprod().to(x0.device)[t_B].view(B, 1, 1, 1, 1).to(x0.dtype)
-            z_t = alpha_bar_B5.sqrt() * x0 + (1 - alpha_bar_B5).sqrt() * noise
-            target = noise
-        prediction = self(z_t, t_B, y, text_emb)[:, :, :C]
-        return F.mse_loss(prediction, target), self.aux_loss()
+        return super().training_loss(x0, y, text_emb, objective=objective, generator=generator)
 
     # ------------------------------------------------------------------------------------------ from images
 
