@@ -272,7 +272,7 @@ _TEST = DiTMoEVideoConfig(input_size=8, patch_size=2, in_channels=3, hidden_size
                           text_encoder="moezoo-text-tiny", num_frames=4)
 # Bundled: 32x32 RGB clips of 8 frames in pixel space, patch 4 (64 patches per frame, 512 tokens per clip),
 # conditioned on its own tiny CLIP text encoder; the image part has dit_moe_shapes' layout at a smaller width.
-_SHAPES_VIDEO = DiTMoEVideoConfig(input_size=32, patch_size=4, in_channels=3, hidden_size=128, depth=4, num_heads=4,
+_SHAPES_VIDEO = DiTMoEVideoConfig(input_size=32, patch_size=4, in_channels=3, hidden_size=128, depth=6, num_heads=4,
                                   mlp_ratio=1.0, num_experts=8, top_k=2, num_shared_experts=2, num_classes=0,
                                   learn_sigma=False, text_dim=64, text_encoder="moezoo-text-tiny", num_frames=8)
 
@@ -294,13 +294,13 @@ def test_dit_moe_video(pretrained: bool = False, **kwargs) -> DiTMoEVideo:
 @register_model(
     pretrained_cfgs={"moving_shapes": PretrainedCfg(
         file="dit_moe_shapes_video.safetensors",
-        sha256="ea9d7ade68e1354b46d9ad9ecb5dcdd463368d313151d5559ac08bcf2e20a201",
+        sha256="1f3813bcbe282e351414de1d6b579b51662a1f634b71f18db998b3b79dc0c7e3",
         metadata=_SHAPES_VIDEO_METADATA,
     )},
     checkpoint_filter=checkpoint_filter_fn,
 )
 def dit_moe_shapes_video(pretrained: bool = False, **kwargs) -> DiTMoEVideo:
-    """Text-to-video moving shapes: 8 frames of 32x32 RGB, factorized space-time attention, D=128, 4 layers,
+    """Text-to-video moving shapes: 8 frames of 32x32 RGB, factorized space-time attention, D=128, 6 layers,
     8 experts top-2 + a shared expert, its own tiny CLIP text encoder. ``init_from_image="NAME"`` starts it
     from an image DiT-MoE checkpoint of the same layout (temporal layers as the identity)."""
     return _create(_SHAPES_VIDEO, **kwargs)
