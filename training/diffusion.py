@@ -74,12 +74,7 @@ class DiffusionModule(pl.LightningModule):
         clean = clean_input(batch)
         loss, aux_loss = self.model.training_loss(clean, labels, text_emb, objective=self.objective)
         batch_size = clean.shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-        self.log("train/aux_loss", aux_loss, batch_size=batch_size)
-        every = self.hparams.log_expert_load_every
-        if every and self.global_step % every == 0:
-            self.log_dict(expert_load_stats(self.model), batch_size=batch_size)
-        return loss + aux_loss
+        return log_training_losses(self, loss, aux_loss, batch_size)
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self.ema is not None:
@@ -127,6 +122,18 @@ class DiffusionModule(pl.LightningModule):
         # replace it, and reloading must not need the starting checkpoint.
         args = {k: v for k, v in self.model_args.items() if k != "init_from_image"}
         return save_pretrained(self.sampling_model, directory, self.model_name, args, meta, dtype=dtype)
+
+
+def log_training_losses(module: pl.LightningModule, loss: torch.Tensor, aux_loss: torch.Tensor,
+                        batch_size: int) -> torch.Tensor:
+    """Log a training step's task loss and MoE aux loss (and, every ``log_expert_load_every`` steps, the
+    per-layer expert load of ``module.model``); returns the loss to optimise, their sum."""
+    module.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+    module.log("train/aux_loss", aux_loss, batch_size=batch_size)
+    every = module.hparams.log_expert_load_every
+    if every and module.global_step % every == 0:
+        module.log_dict(expert_load_stats(module.model), batch_size=batch_size)
+    return loss + aux_loss
 
 
 def clean_input(batch) -> torch.Tensor:

@@ -33,7 +33,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from moezoo.zoo import create_model, save_pretrained
 
-from .diffusion import expert_load_stats, update_ema
+from .diffusion import log_training_losses, update_ema
 from .weather import WEATHER_TYPES
 
 LOSSES = {"l1": F.l1_loss, "mse": F.mse_loss, "smooth_l1": F.smooth_l1_loss}
@@ -108,12 +108,7 @@ class RestorationModule(pl.LightningModule):
         loss = LOSSES[self.hparams.loss](restored, batch["target"])
         aux_loss = self.model.aux_loss()
         batch_size = batch["input"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-        self.log("train/aux_loss", aux_loss, batch_size=batch_size)
-        every = self.hparams.log_expert_load_every
-        if every and self.global_step % every == 0:
-            self.log_dict(expert_load_stats(self.model), batch_size=batch_size)
-        return loss + aux_loss
+        return log_training_losses(self, loss, aux_loss, batch_size)
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self.ema is not None:
