@@ -35,13 +35,14 @@ class DiTMoEPipelineOutput:
     routing_maps: list[np.ndarray] | None = None
 
 
-def make_scheduler(objective: str, name: str | None = None):
-    """The diffusers scheduler for a training objective: rectified flow -> flow-match Euler (shift 1, as
-    DiT-MoE's uniform Euler steps); DDPM epsilon -> DDIM (default) or ancestral DDPM on DiT's linear betas."""
+def make_scheduler(objective: str, name: str | None = None, shift: float = 1.0):
+    """The diffusers scheduler for a training objective: rectified flow -> flow-match Euler (``shift``: the
+    model's ``config.time_shift``; 1 gives DiT-MoE's uniform Euler steps); DDPM epsilon -> DDIM (default) or
+    ancestral DDPM on DiT's linear betas."""
     if objective == "rf":
         if name not in (None, "flow_match_euler"):
             raise ValueError(f"a rectified-flow model samples with 'flow_match_euler', not {name!r}")
-        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
     if objective != "ddpm":
         raise ValueError(f"unknown objective {objective!r}; accepted: 'rf', 'ddpm'")
     betas = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
@@ -62,7 +63,8 @@ class DiTMoEPipeline(Pipeline):
         super().__init__()
         self.transformer = transformer.eval()
         self.objective = getattr(transformer.config, "objective", "rf")
-        self.scheduler = scheduler if scheduler is not None else make_scheduler(self.objective)
+        self.time_shift = getattr(transformer.config, "time_shift", 1.0)
+        self.scheduler = scheduler if scheduler is not None else make_scheduler(self.objective, shift=self.time_shift)
         self.vae = vae
         num_classes = transformer.config.num_classes
         self.label_names = list(label_names) if label_names else [str(i) for i in range(num_classes)]
@@ -89,8 +91,9 @@ class DiTMoEPipeline(Pipeline):
             name, pretrained=True, cache_dir=cache_dir, local_files_only=local_files_only, **model_overrides
         )
         metadata = getattr(getattr(transformer, "pretrained_cfg", None), "metadata", None) or {}
-        objective = getattr(transformer.config, "objective", "rf")
-        pipe = cls(transformer, make_scheduler(objective, scheduler), vae, metadata.get("label_names"))
+        config = transformer.config
+        scheduler = make_scheduler(getattr(config, "objective", "rf"), scheduler, getattr(config, "time_shift", 1.0))
+        pipe = cls(transformer, scheduler, vae, metadata.get("label_names"))
         return pipe.to(device, torch_dtype)
 
     def get_label_ids(self, labels: list[str | int] | str | int) -> list[int]:

@@ -34,6 +34,10 @@ class DiffusionModule(pl.LightningModule):
         warmup_steps: linear learning-rate warm-up steps.
         ema_decay: EMA decay per step (0 disables the EMA: the raw weights are used everywhere).
         log_expert_load_every: log per-layer expert load every this many steps (0: never).
+        freeze_text_encoder: keep the model's own text encoder as it is (no gradients, not in the optimizer).
+            For a model grown from a trained one (``init_from_image``): the text tower already tells the
+            caption words apart, and training it jointly from there can erase words the new parts need
+            before those parts learn to use them.
     """
 
     def __init__(
@@ -46,6 +50,7 @@ class DiffusionModule(pl.LightningModule):
         warmup_steps: int = 200,
         ema_decay: float = 0.999,
         log_expert_load_every: int = 50,
+        freeze_text_encoder: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -54,6 +59,10 @@ class DiffusionModule(pl.LightningModule):
         self.objective = objective or getattr(self.model.config, "objective", "rf")
         if self.objective not in ("rf", "ddpm"):
             raise ValueError(f"unknown objective {self.objective!r}; accepted: 'rf', 'ddpm'")
+        if freeze_text_encoder:
+            if getattr(self.model, "text_encoder", None) is None:
+                raise ValueError(f"freeze_text_encoder=True, but {model} has no text encoder of its own")
+            self.model.text_encoder.requires_grad_(False)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False) if ema_decay > 0 else None
 
     @property
@@ -107,8 +116,9 @@ class DiffusionModule(pl.LightningModule):
         return pipe
 
     def configure_optimizers(self):
+        trained = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay
+            trained, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay
         )
         warmup = max(1, self.hparams.warmup_steps)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))

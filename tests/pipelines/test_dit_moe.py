@@ -107,6 +107,26 @@ def test_rectified_flow_sampling_is_euler_on_the_model_velocity(digits_pipe):
     torch.testing.assert_close(out.images, expected, atol=1e-5, rtol=1e-4)
 
 
+@torch.no_grad()
+def test_a_time_shifted_model_samples_on_the_shifted_grid(tmp_path):
+    # Reference: Euler steps on the grid t' = s t / (1 + (s - 1) t) of evenly spaced t; diffusers spaces
+    # them from 1 down to the shifted smallest training time (the shift of 1/1000), then shifts them.
+    shift, steps = 3.0, 3
+    lowest = shift * 1e-3 / (1 + (shift - 1) * 1e-3)
+    model = randomise(create_model("dit_moe_digits", time_shift=shift, **TINY), seed=2).eval()
+    save_pretrained(model, tmp_path, "dit_moe_digits", {**TINY, "time_shift": shift}, {"objective": "rf"})
+    x = torch.randn((1, 1, 16, 16), generator=torch.Generator().manual_seed(6))
+    grid = [shift * t / (1 + (shift - 1) * t) for t in np.linspace(1.0, lowest, steps)] + [0.0]
+    for t, t_next in zip(grid[:-1], grid[1:]):
+        x = x + (t_next - t) * model(x, torch.full((1,), t), torch.tensor([4]))
+    expected = (x.clamp(-1, 1) + 1) / 2
+    for pipe in (DiTMoEPipeline(model), DiTMoEPipeline.from_pretrained(f"local-dir:{tmp_path}")):
+        pipe.set_progress_bar_config(disable=True)
+        out = pipe(class_labels=[4], num_inference_steps=steps, guidance_scale=1.0,
+                   generator=torch.Generator().manual_seed(6), output_type="pt")
+        torch.testing.assert_close(out.images, expected, atol=1e-5, rtol=1e-4)
+
+
 def test_generators_give_reproducible_independent_samples(digits_pipe):
     def run(labels, seeds):
         return digits_pipe(class_labels=labels, num_inference_steps=2, generator=[torch.Generator().manual_seed(s)

@@ -118,3 +118,23 @@ def test_export_refuses_checkpoints_of_foreign_modules(tmp_path):
     with pytest.raises(ValueError, match="moezoo.training"):
         export_main([str(fake), str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_freeze_text_encoder_keeps_the_tower_out_of_training():
+    module = DiffusionModule("dit_moe_shapes", model_args=TINY, freeze_text_encoder=True)
+    tower = module.model.text_encoder
+    before = {name: p.detach().clone() for name, p in tower.named_parameters()}
+    optimizer = module.configure_optimizers()["optimizer"]
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert not any(id(p) in in_optimizer for p in tower.parameters())
+    assert id(module.model.text_embedder.weight) in in_optimizer  # the projection still trains
+    batch = {"image": torch.rand(2, 3, 32, 32) * 2 - 1, "label": torch.tensor([-1, -1]),
+             "caption": ["a red square", "a blue circle"]}
+    module.training_step(batch, 0).backward()
+    optimizer.step()
+    assert all(p.grad is None for p in tower.parameters())
+    assert module.model.text_embedder.weight.grad is not None
+    for name, p in tower.named_parameters():
+        assert torch.equal(p, before[name]), name
+    with pytest.raises(ValueError, match="has no text encoder"):
+        DiffusionModule("dit_moe_digits", model_args=TINY, freeze_text_encoder=True)

@@ -349,6 +349,23 @@ def test_training_loss_objectives_by_hand():
         model.training_loss(x0, y, objective="edm")
 
 
+def test_time_shift_moves_training_times_toward_noise():
+    """time_shift s: t' = s t / (1 + (s - 1) t) on the logit-normal draw (SD3); 1 leaves t alone."""
+    assert dit_moe.shift_time(torch.tensor([0.0, 0.5, 1.0]), 4.0).tolist() == pytest.approx([0.0, 0.8, 1.0])
+    model = randomise(create_model("test_dit_moe", class_dropout_prob=0.0, time_shift=3.0), seed=4).eval()
+    x0, y = torch.randn(2, 4, 8, 8), torch.tensor([1, 2])
+    gen = torch.Generator().manual_seed(11)
+    eps, n = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, generator=gen)
+    u = torch.sigmoid(n)
+    t = (3 * u / (1 + 2 * u))[:, None, None, None]
+    with torch.no_grad():
+        expected = ((model((1 - t) * x0 + t * eps, t.flatten(), y)[:, :4] - (eps - x0)) ** 2).mean()
+        loss, _ = model.training_loss(x0, y, objective="rf", generator=torch.Generator().manual_seed(11))
+    torch.testing.assert_close(loss, expected)
+    with pytest.raises(ValueError, match="time_shift must be > 0"):
+        create_model("test_dit_moe", time_shift=0.0)
+
+
 def test_routing_maps():
     model = randomise(create_model("test_dit_moe")).eval()
     with pytest.raises(RuntimeError, match="forward"):

@@ -21,6 +21,7 @@ from moezoo.zoo.models.dit_moe import DiTMoE
 from moezoo.zoo.models.dit_moe_video import DiTMoEVideo, DiTMoEVideoConfig, sincos_pos_embed_1d
 
 TOL = dict(rtol=1e-5, atol=1e-5)
+TEXT_TOL = dict(rtol=1e-4, atol=1e-4)  # random text embeddings make larger activations (fp32 sums of ~1e2)
 SMALL = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_experts=4,
              top_k=2, num_classes=5, learn_sigma=False, num_frames=3)
 
@@ -109,6 +110,40 @@ def test_factorized_forward_matches_frame_and_patch_loops():
             h = reference_temporal(temporal, h, c_BD, pos_FD)
         expected = torch.stack([model.unpatchify(model.final_layer(h[:, f], c_BD)) for f in range(Fr)], dim=1)
         torch.testing.assert_close(model(x, t, y), expected, **TOL)
+
+
+def test_text_reaches_temporal_layers_through_their_own_projection():
+    """Spatial blocks and the final layer see c = t + W text; temporal layers see c + W_t text."""
+    model = randomise(DiTMoEVideo(DiTMoEVideoConfig(**{**SMALL, "num_classes": 0, "text_dim": 6}))).eval()
+    x, t = clip(), torch.tensor([0.2, 0.7])
+    text = torch.randn(2, 6, generator=torch.Generator().manual_seed(5))
+    Fr = x.shape[1]
+    with torch.no_grad():
+        c_BD = model.t_embedder(t) + text @ model.text_embedder.weight.T + model.text_embedder.bias
+        c_temporal = c_BD + text @ model.temporal_text_embedder.weight.T + model.temporal_text_embedder.bias
+        pos_FD = sincos_pos_embed_1d(32, Fr)
+        h = torch.stack([model.x_embedder(x[:, f]) + model.pos_embed for f in range(Fr)], dim=1)
+        for block, temporal in zip(model.blocks, model.temporal_blocks):
+            h = torch.stack([block(h[:, f], c_BD) for f in range(Fr)], dim=1)
+            h = reference_temporal(temporal, h, c_temporal, pos_FD)
+        expected = torch.stack([model.unpatchify(model.final_layer(h[:, f], c_BD)) for f in range(Fr)], dim=1)
+        torch.testing.assert_close(model(x, t, text_emb=text), expected, **TEXT_TOL)
+        # The null text (None) is zeros on both paths.
+        null = model(x, t, text_emb=torch.zeros(2, 6))
+        torch.testing.assert_close(model(x, t), null, **TOL)
+
+
+def test_init_from_image_zeroes_the_temporal_text_projection():
+    config = DiTMoEVideoConfig(**{**SMALL, "num_classes": 0, "text_dim": 6})
+    video = randomise(DiTMoEVideo(config), seed=3)
+    image = randomise(DiTMoE(config.image_config()), seed=4)
+    video.init_from_image(image)
+    assert not video.temporal_text_embedder.weight.any() and not video.temporal_text_embedder.bias.any()
+    assert torch.equal(video.text_embedder.weight, image.text_embedder.weight)
+    x, t, text = clip(), torch.tensor([0.4, 0.9]), torch.randn(2, 6)
+    with torch.no_grad():  # still exactly the image model on every frame, text included
+        per_frame = torch.stack([image.eval()(x[:, f], t, text_emb=text) for f in range(x.shape[1])], dim=1)
+        torch.testing.assert_close(video.eval()(x, t, text_emb=text), per_frame, **TEXT_TOL)
 
 
 def test_full_spacetime_attends_over_all_frames_tokens():

@@ -107,6 +107,11 @@ class DiTMoEConfig:
         text_encoder: a ``moezoo.encoders.text.TextEncoder`` config name the model owns and encodes prompts
             with (its output width must be ``text_dim``); None: the caller passes ``text_emb``.
         objective: "rf" (rectified flow, v = eps - x0) or "ddpm" (epsilon): what the model is trained for.
+        time_shift: rectified flow only: training times ``t`` (logit-normal) are shifted toward noise,
+            ``t' = s t / (1 + (s - 1) t)``, and sampling uses the same shift (SD3's resolution-dependent
+            shift, Esser et al. 2024, sec. 5.3.2). Inputs with more redundant pixels (large images, clips whose
+            frames all show the object) still show the layout at higher noise, so the steps that decide it
+            sit closer to ``t = 1``; 1 = no shift.
         attention: "standard" (timm layout) or "moh" (Mixture-of-Head attention).
         qk_norm: per-head LayerNorm of queries and keys (the official XL/G flash-attention checkpoints).
         moh_shared_heads, moh_top_k_heads: MoH's always-on heads and routed heads per token (None: half the
@@ -133,6 +138,7 @@ class DiTMoEConfig:
     text_dim: int | None = None
     text_encoder: str | None = None
     objective: str = "rf"
+    time_shift: float = 1.0
     attention: str = "standard"
     qk_norm: bool = False
     moh_shared_heads: int | None = None
@@ -156,6 +162,8 @@ class DiTMoEConfig:
                              f"{self.num_classes}, {self.class_dropout_prob}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}; accepted: {', '.join(OBJECTIVES)}")
+        if not self.time_shift > 0:
+            raise ValueError(f"time_shift must be > 0, got {self.time_shift}")
         if self.text_encoder is not None and not self.text_dim:
             raise ValueError(f"text_encoder={self.text_encoder!r} needs text_dim (its output width)")
         if self.attention not in ATTENTIONS:
@@ -340,6 +348,12 @@ def ddpm_alphas_cumprod(num_timesteps: int = DDPM_NUM_TIMESTEPS, beta_start: flo
     scale = 1000 / num_timesteps
     betas = torch.linspace(scale * beta_start, scale * beta_end, num_timesteps, dtype=torch.float64)
     return torch.cumprod(1.0 - betas, dim=0)
+
+
+def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """Rectified-flow time shifted toward noise: ``s t / (1 + (s - 1) t)`` (0 and 1 stay put; diffusers'
+    FlowMatchEulerDiscreteScheduler(shift=s) shifts its sigmas the same way)."""
+    return t if shift == 1.0 else shift * t / (1 + (shift - 1) * t)
 
 
 def _randn(shape, generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
@@ -549,7 +563,7 @@ class DiTMoE(nn.Module):
 
         The condition (label and text together) is dropped with probability ``class_dropout_prob`` per
         sample. ``objective`` (default: ``config.objective``): ``"rf"``, rectified flow (logit-normal t,
-        target ``eps - x0``), or ``"ddpm"``, epsilon-prediction on DiT's linear schedule. Only the first
+        shifted by ``config.time_shift``, target ``eps - x0``), or ``"ddpm"``, epsilon-prediction on DiT's linear schedule. Only the first
         ``in_channels`` output channels are trained. ``generator`` makes t, noise and dropout reproducible.
         """
         objective = self.config.objective if objective is None else objective
@@ -565,7 +579,7 @@ class DiTMoE(nn.Module):
         noise = _randn(x0.shape, generator, x0)
         per_sample = (B,) + (1,) * (x0.dim() - 1)  # one t per image (or per clip: every frame shares it)
         if objective == "rf":
-            t_B = torch.sigmoid(_randn((B,), generator, x0))
+            t_B = shift_time(torch.sigmoid(_randn((B,), generator, x0)), self.config.time_shift)
             t_bc = t_B.view(per_sample)
             z_t = (1 - t_bc) * x0 + t_bc * noise
             target = noise - x0

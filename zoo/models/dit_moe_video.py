@@ -10,11 +10,18 @@ Tokens are (frame, patch) pairs: each frame is patch-embedded like an image and 
     x = DiTMoEBlock(x, c)              # spatial attention within a frame + MoE FFN (shared experts), per frame
     x = x + g * TAttn(LN(x) * (1 + scale) + shift + temporal_pos)   # attention across frames, per patch
 
-with ``(shift, scale, g) = Linear(SiLU(c))`` zero-initialised (adaLN-Zero), so a new temporal layer adds
-exactly nothing until it trains: a video model initialised from an image checkpoint
+with ``(shift, scale, g) = Linear(SiLU(c_temporal))`` zero-initialised (adaLN-Zero), so a new temporal layer
+adds exactly nothing until it trains: a video model initialised from an image checkpoint
 (:meth:`DiTMoEVideo.init_from_image`) first computes the image model on every frame independently. The
 temporal positions are a fixed 1-D sin-cos table over frames, added to the temporal attention's input only
 (so the spatial path stays exactly the image model's); any number of frames works.
+
+Text models give the temporal layers their own view of the caption: ``c_temporal = c + W_t text_emb`` with
+``W_t`` (``temporal_text_embedder``) zero-initialised. Why: grown from an image model, the shared text
+projection is pulled by the per-frame (spatial) path to *drop* the motion words (to an image model "left"
+means "on the left", which is wrong for most frames of a clip moving left), while the temporal layers, still
+near the identity, cannot yet pull the other way; with one shared projection the motion words were erased
+and directions came out at chance. The temporal path's own projection keeps them.
 
 ``spacetime="full"`` instead runs each DiTMoEBlock's attention over all frames' tokens at once (no temporal
 layers; the temporal positions are added to the tokens after patch embedding). It costs ``F`` times more
@@ -38,6 +45,8 @@ from moezoo.zoo.registry import PretrainedCfg, register_model
 __all__ = ["DiTMoEVideoConfig", "DiTMoEVideo", "TemporalAttentionLayer", "sincos_pos_embed_1d", "SPACETIME"]
 
 SPACETIME = ("factorized", "full")
+# State-dict prefixes of what video adds to the image model (initialised to the identity, not loaded from images).
+TEMPORAL_PREFIXES = ("temporal_blocks.", "temporal_text_embedder.")
 
 
 @dataclass
@@ -98,17 +107,22 @@ class DiTMoEVideo(DiTMoE):
     """A DiT-MoE on clips: ``forward(x [B, F, C, H, W], t [B], y [B], text_emb [B, text_dim]) ->
     [B, F, C_out, H, W]``.
 
-    Its state dict is the image model's (same keys, same shapes) plus ``temporal_blocks.*`` (factorized
-    layout), so image checkpoints load into it with :meth:`init_from_image`.
+    Its state dict is the image model's (same keys, same shapes) plus ``temporal_blocks.*`` and, for text
+    models, ``temporal_text_embedder.*`` (factorized layout), so image checkpoints load into it with
+    :meth:`init_from_image`.
     """
 
     channel_dim = 2  # classifier-free guidance (inherited) splits prediction channels on this axis
 
     def __init__(self, config: DiTMoEVideoConfig):
         super().__init__(config)
+        factorized = config.spacetime == "factorized"
         self.temporal_blocks = nn.ModuleList(
-            [TemporalAttentionLayer(config) for _ in range(config.depth)] if config.spacetime == "factorized" else []
+            [TemporalAttentionLayer(config) for _ in range(config.depth)] if factorized else []
         )
+        # The temporal layers' own projection of the caption (see the module docstring).
+        self.temporal_text_embedder = (nn.Linear(config.text_dim, config.hidden_size)
+                                       if factorized and config.text_dim else None)
         self._init_temporal()
         self._last_clip_shape: tuple[int, int] | None = None  # (clips, frames) of the last forward, for routing_maps
 
@@ -120,6 +134,9 @@ class DiTMoEVideo(DiTMoE):
                     nn.init.zeros_(module.bias)
             nn.init.zeros_(layer.adaLN_modulation[-1].weight)
             nn.init.zeros_(layer.adaLN_modulation[-1].bias)
+        if self.temporal_text_embedder is not None:
+            nn.init.zeros_(self.temporal_text_embedder.weight)
+            nn.init.zeros_(self.temporal_text_embedder.bias)
 
     # ------------------------------------------------------------------------------------------ forward
 
@@ -147,7 +164,7 @@ class DiTMoEVideo(DiTMoE):
                 x_BTD = block(x_BTD, c_BD)
             x_bND = x_BTD.reshape(B * Fr, N, D)
         else:
-            c_SD = c_BD.repeat_interleave(N, dim=0)  # one condition per patch sequence, S = (clip, patch)
+            c_SD = self._temporal_condition(c_BD, text_emb).repeat_interleave(N, dim=0)  # S = (clip, patch)
             for block, temporal in zip(self.blocks, self.temporal_blocks):
                 x_bND = block(x_bND, c_bD)
                 x_SFD = x_bND.view(B, Fr, N, D).transpose(1, 2).reshape(B * N, Fr, D)
@@ -155,6 +172,14 @@ class DiTMoEVideo(DiTMoE):
                 x_bND = x_SFD.view(B, N, Fr, D).transpose(1, 2).reshape(B * Fr, N, D)
         out = self.unpatchify(self.final_layer(x_bND, c_bD))
         return out.view(B, Fr, *out.shape[1:])
+
+    def _temporal_condition(self, c_BD: torch.Tensor, text_emb: torch.Tensor | None) -> torch.Tensor:
+        """``c + W_t text_emb`` (the null text is zeros, as in :meth:`condition`, which checked the shape)."""
+        if self.temporal_text_embedder is None:
+            return c_BD
+        if text_emb is None:
+            text_emb = c_BD.new_zeros(c_BD.shape[0], self.config.text_dim)
+        return c_BD + self.temporal_text_embedder(text_emb.to(c_BD.dtype))
 
     # ------------------------------------------------------------------------------------------ routing
 
@@ -203,7 +228,7 @@ class DiTMoEVideo(DiTMoE):
         state = _image_state_dict(image)
         state = checkpoint_filter_fn(state, self)  # official keys -> ours; raises on keys that fit nothing
         own = self.state_dict()
-        missing = [k for k in own if k not in state and not k.startswith("temporal_blocks.")]
+        missing = [k for k in own if k not in state and not k.startswith(TEMPORAL_PREFIXES)]
         mis_shaped = [f"{k} (image {tuple(v.shape)}, video {tuple(own[k].shape)})"
                       for k, v in state.items() if v.shape != own[k].shape]
         if missing or mis_shaped:
