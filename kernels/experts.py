@@ -191,6 +191,83 @@ def _expert_slices(counts: list[int]):
         start += count
 
 
+# ------------------------------------------------------------------------------------------ expert streams
+# With several CPU threads, one GEMM per expert split across all threads wastes much of each call on
+# splitting small matrices and waiting at barriers. Instead the experts are cut into as many contiguous groups
+# ("streams") as there are threads, of about equal row counts, and each group runs on its own worker thread
+# with single-threaded GEMMs. Each stream adds into its own output, and the outputs are summed in a fixed
+# order, so results are still deterministic.
+
+MIN_STREAM_FLOPS = 2e8  # below this a call is too small to be worth handing to worker threads
+_stream_pool = None  # (ThreadPoolExecutor, its worker count)
+
+
+def _pool_thread_init(barrier) -> None:
+    torch.set_num_threads(1)  # this thread's own OpenMP / MKL thread count
+    torch.get_num_threads()  # makes torch's per-thread lazy init read 1 now, before the caller restores its count
+    barrier.wait()
+
+
+def _streams_pool(streams: int):
+    """A pool of ``streams`` single-threaded workers (made once; remade if the thread count changes)."""
+    global _stream_pool
+    if _stream_pool is None or _stream_pool[1] != streams:
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        threads = torch.get_num_threads()
+        barrier = threading.Barrier(streams + 1)
+        pool = ThreadPoolExecutor(streams, thread_name_prefix="moezoo-experts",
+                                  initializer=_pool_thread_init, initargs=(barrier,))
+        futures = [pool.submit(lambda: None) for _ in range(streams)]
+        barrier.wait()  # every worker has set its own thread count ...
+        torch.set_num_threads(threads)  # ... so the process-wide default can go back to the caller's
+        for future in futures:
+            future.result()
+        if _stream_pool is not None:
+            _stream_pool[0].shutdown(wait=False)
+        _stream_pool = (pool, streams)
+    return _stream_pool[0]
+
+
+def _stream_groups(counts: list[int], flops_per_row: float, device: torch.device) -> list[list[tuple[int, slice]]]:
+    """The experts with rows, cut into contiguous groups of about equal rows: one group per CPU thread when
+    the call is large enough and there are at least two experts per thread, else one group."""
+    slices = list(_expert_slices(counts))
+    threads = torch.get_num_threads() if device.type == "cpu" else 1
+    rows = sum(counts)
+    if threads < 2 or len(slices) < 2 * threads or rows * flops_per_row < MIN_STREAM_FLOPS:
+        return [slices]
+    groups, current, done = [], [], 0
+    for expert, row_slice in slices:
+        current.append((expert, row_slice))
+        done += row_slice.stop - row_slice.start
+        if done >= rows * (len(groups) + 1) / threads and len(groups) < threads - 1:
+            groups.append(current)
+            current = []
+    groups.append(current)
+    return [g for g in groups if g]
+
+
+def _run_streams(work, groups: list, accumulators: list[torch.Tensor]) -> None:
+    """``work(group, accumulator)`` for every group: inline for one group, else one worker per group; the
+    accumulators after the first are added into the first, in order."""
+    if len(groups) == 1:
+        work(groups[0], accumulators[0])
+        return
+    pool = _streams_pool(len(groups))
+    grad_enabled = torch.is_grad_enabled()  # grad mode is per thread: the workers take the caller's
+
+    def in_caller_grad_mode(group, accumulator):
+        with torch.set_grad_enabled(grad_enabled):
+            work(group, accumulator)
+
+    for future in [pool.submit(in_caller_grad_mode, g, acc) for g, acc in zip(groups, accumulators)]:
+        future.result()
+    for acc in accumulators[1:]:
+        accumulators[0].add_(acc)
+
+
 def _torch_expert_forward(x_TD, w_S, plan, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, activation, gated, keep_h):
     """The forward walk; returns the output and, if ``keep_h``, the pre-activations [S, N_in] for backward."""
     num_tokens, dim = x_TD.shape
@@ -200,32 +277,38 @@ def _torch_expert_forward(x_TD, w_S, plan, w_in_ENK, w_out_EDF, b_in_EN, b_out_E
     hidden = n_in // 2 if gated else n_in
     # With a backward to come, h is kept whole; otherwise it is scratch like the rest.
     h_SN = x_TD.new_empty(len(tokens_S), n_in) if keep_h else None
-    buffers = _Buffers(x_TD, max(counts, default=0))
-    out_TD = x_TD.new_zeros(num_tokens, dim)
     act = activation_fn(activation)
-    for e, rows in _expert_slices(counts):
-        count = rows.stop - rows.start
-        x_CD = torch.index_select(x_TD, 0, tokens_S[rows], out=buffers.get("x", dim, count))
-        h_CN = h_SN[rows] if keep_h else buffers.get("h", n_in, count)
-        torch.mm(x_CD, w_in_ENK[e].t(), out=h_CN)
-        if b_in_EN is not None:
-            h_CN += b_in_EN[e]
-        a_CF = buffers.get("a", hidden, count)
-        if gated:
-            torch.mul(act(h_CN[:, :hidden]), h_CN[:, hidden:], out=a_CF)
-        else:
-            a_CF.copy_(act(h_CN))
-        a_CF.mul_(w_S[rows, None])
-        y_CD = torch.mm(a_CF, w_out_EDF[e].t(), out=buffers.get("y", dim, count))
-        if b_out_ED is not None:
-            y_CD.addr_(w_S[rows], b_out_ED[e])
-        out_TD.index_add_(0, tokens_S[rows], y_CD)
-    return out_TD, h_SN
+
+    def work(group, out_TD):
+        buffers = _Buffers(x_TD, max((r.stop - r.start for _, r in group), default=0))
+        for e, rows in group:
+            count = rows.stop - rows.start
+            x_CD = torch.index_select(x_TD, 0, tokens_S[rows], out=buffers.get("x", dim, count))
+            h_CN = h_SN[rows] if keep_h else buffers.get("h", n_in, count)
+            torch.mm(x_CD, w_in_ENK[e].t(), out=h_CN)
+            if b_in_EN is not None:
+                h_CN += b_in_EN[e]
+            a_CF = buffers.get("a", hidden, count)
+            if gated:
+                torch.mul(act(h_CN[:, :hidden]), h_CN[:, hidden:], out=a_CF)
+            else:
+                a_CF.copy_(act(h_CN))
+            a_CF.mul_(w_S[rows, None])
+            y_CD = torch.mm(a_CF, w_out_EDF[e].t(), out=buffers.get("y", dim, count))
+            if b_out_ED is not None:
+                y_CD.addr_(w_S[rows], b_out_ED[e])
+            out_TD.index_add_(0, tokens_S[rows], y_CD)
+
+    groups = _stream_groups(counts, 2.0 * dim * (n_in + hidden), x_TD.device)
+    outs = [x_TD.new_zeros(num_tokens, dim) for _ in groups]
+    _run_streams(work, groups, outs)
+    return outs[0], h_SN
 
 
 class _TorchExpertMLP(torch.autograd.Function):
     """The CPU path: per expert, gather its rows, two GEMMs and the activation in reused scratch buffers,
     and ``index_add_`` the weighted result into the output; a hand-written backward does the same walk.
+    With several threads the experts run as parallel single-threaded streams (see ``_stream_groups``).
 
     The routing weight is applied to the hidden activation (F wide) rather than to the output (D wide):
     ``w * (a @ W_out^T) == (w * a) @ W_out^T``, and the router gradient is ``<dA', a>``. Only the
@@ -253,48 +336,53 @@ class _TorchExpertMLP(torch.autograd.Function):
         dim, n_in = x_TD.shape[1], h_SN.shape[1]
         hidden = n_in // 2 if gated else n_in
         act = activation_fn(ctx.activation)
-        grad_x_TD = torch.zeros_like(x_TD)
         grad_w_in, grad_w_out = torch.zeros_like(w_in_ENK), torch.zeros_like(w_out_EDF)
         grad_b_in = h_SN.new_zeros(w_in_ENK.shape[:2]) if ctx.has_b_in else None
         grad_b_out = torch.zeros_like(b_out_ED) if ctx.has_b_out else None
         grad_w_S = w_S.new_empty(len(tokens_S))
-        buffers = _Buffers(x_TD, max(counts, default=0))
-        for e, rows in _expert_slices(counts):
-            count = rows.stop - rows.start
-            w_C1 = w_S[rows, None]
-            grad_y_CD = torch.index_select(grad_out_TD, 0, tokens_S[rows], out=buffers.get("gy", dim, count))
-            h_CN = h_SN[rows]
-            pre_CF = h_CN[:, :hidden]
-            a_CF = buffers.get("a", hidden, count)
-            if gated:
-                torch.mul(act(pre_CF), h_CN[:, hidden:], out=a_CF)
-            else:
-                a_CF.copy_(act(pre_CF))
-            # dA' (the gradient at the weighted activation), then the router weight's and W_out's gradients.
-            grad_wa_CF = torch.mm(grad_y_CD, w_out_EDF[e], out=buffers.get("gwa", hidden, count))
-            grad_w_S[rows] = (grad_wa_CF * a_CF).sum(-1)
-            if ctx.has_b_out:
-                grad_w_S[rows] += grad_y_CD @ b_out_ED[e]
-                grad_b_out[e] = w_S[rows] @ grad_y_CD
-            torch.mm(grad_y_CD.t(), a_CF.mul_(w_C1), out=grad_w_out[e])
-            grad_a_CF = grad_wa_CF.mul_(w_C1)
-            grad_h_CN = buffers.get("gh", n_in, count)
-            if gated:
-                up_CF = h_CN[:, hidden:]
-                torch.mul(grad_a_CF, act(pre_CF), out=grad_h_CN[:, hidden:])
-                grad_h_CN[:, :hidden] = _act_grad(ctx.activation, grad_a_CF.mul_(up_CF), pre_CF)
-            else:
-                grad_h_CN.copy_(_act_grad(ctx.activation, grad_a_CF, pre_CF))
-            if ctx.has_b_in:
-                grad_b_in[e] = grad_h_CN.sum(0)
-            x_CD = torch.index_select(x_TD, 0, tokens_S[rows], out=buffers.get("x", dim, count))
-            torch.mm(grad_h_CN.t(), x_CD, out=grad_w_in[e])
-            grad_x_CD = torch.mm(grad_h_CN, w_in_ENK[e], out=buffers.get("gx", dim, count))
-            grad_x_TD.index_add_(0, tokens_S[rows], grad_x_CD)
+
+        def work(group, grad_x_TD):
+            buffers = _Buffers(x_TD, max((r.stop - r.start for _, r in group), default=0))
+            for e, rows in group:
+                count = rows.stop - rows.start
+                w_C1 = w_S[rows, None]
+                grad_y_CD = torch.index_select(grad_out_TD, 0, tokens_S[rows], out=buffers.get("gy", dim, count))
+                h_CN = h_SN[rows]
+                pre_CF = h_CN[:, :hidden]
+                a_CF = buffers.get("a", hidden, count)
+                if gated:
+                    torch.mul(act(pre_CF), h_CN[:, hidden:], out=a_CF)
+                else:
+                    a_CF.copy_(act(pre_CF))
+                # dA' (the gradient at the weighted activation), then the router weight's and W_out's gradients.
+                grad_wa_CF = torch.mm(grad_y_CD, w_out_EDF[e], out=buffers.get("gwa", hidden, count))
+                grad_w_S[rows] = (grad_wa_CF * a_CF).sum(-1)
+                if ctx.has_b_out:
+                    grad_w_S[rows] += grad_y_CD @ b_out_ED[e]
+                    grad_b_out[e] = w_S[rows] @ grad_y_CD
+                torch.mm(grad_y_CD.t(), a_CF.mul_(w_C1), out=grad_w_out[e])
+                grad_a_CF = grad_wa_CF.mul_(w_C1)
+                grad_h_CN = buffers.get("gh", n_in, count)
+                if gated:
+                    up_CF = h_CN[:, hidden:]
+                    torch.mul(grad_a_CF, act(pre_CF), out=grad_h_CN[:, hidden:])
+                    grad_h_CN[:, :hidden] = _act_grad(ctx.activation, grad_a_CF.mul_(up_CF), pre_CF)
+                else:
+                    grad_h_CN.copy_(_act_grad(ctx.activation, grad_a_CF, pre_CF))
+                if ctx.has_b_in:
+                    grad_b_in[e] = grad_h_CN.sum(0)
+                x_CD = torch.index_select(x_TD, 0, tokens_S[rows], out=buffers.get("x", dim, count))
+                torch.mm(grad_h_CN.t(), x_CD, out=grad_w_in[e])
+                grad_x_CD = torch.mm(grad_h_CN, w_in_ENK[e], out=buffers.get("gx", dim, count))
+                grad_x_TD.index_add_(0, tokens_S[rows], grad_x_CD)
+
+        groups = _stream_groups(counts, 4.0 * dim * (n_in + hidden), x_TD.device)
+        grad_xs = [torch.zeros_like(x_TD) for _ in groups]
+        _run_streams(work, groups, grad_xs)
         grad_weights = grad_w_S.new_zeros(plan.num_tokens * plan.top_k)
         grad_weights[plan.sorted_slots_S] = grad_w_S
         grad_weights = grad_weights.view(plan.num_tokens, plan.top_k).to(ctx.weights_dtype)
-        return grad_x_TD, grad_weights, grad_w_in, grad_w_out, grad_b_in, grad_b_out, None, None, None
+        return grad_xs[0], grad_weights, grad_w_in, grad_w_out, grad_b_in, grad_b_out, None, None, None
 
 
 def grouped_linear(

@@ -272,6 +272,47 @@ def test_deterministic_bitwise(backend):
         assert torch.equal(g1[name], g2[name]), name
 
 
+@pytest.fixture
+def expert_streams(monkeypatch):
+    """The torch backend's parallel expert streams switched on for tiny inputs (2 threads, no size floor)."""
+    import moezoo.kernels.experts as experts
+
+    monkeypatch.setattr(experts, "MIN_STREAM_FLOPS", 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield experts
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("E", [4, 5, 64])
+def test_parallel_expert_streams_match_loop(expert_streams, E, bias):
+    case = make_case(33, 3, E, bias=bias, seed=E + 20)
+    plan = build_plan(case["ids"], E)
+    groups = expert_streams._stream_groups(plan.counts_list(), 1.0, torch.device("cpu"))
+    assert len(groups) == 2  # two streams of contiguous experts that cover every routed row exactly once
+    rows = [r for group in groups for _, r in group]
+    assert rows[0].start == 0 and rows[-1].stop == 33 * 3
+    assert all(a.stop == b.start for a, b in zip(rows, rows[1:]))
+    check_against_loop(case, "torch")
+    assert torch.get_num_threads() == 2  # the workers' single-threadedness did not leak into the caller
+
+
+def test_parallel_expert_streams_are_deterministic_and_skip_small_calls(expert_streams):
+    case = make_case(33, 4, 8, bias=True, seed=8)
+    upstream = torch.randn(33, 8, generator=torch.Generator().manual_seed(9))
+    runs = []
+    for _ in range(2):
+        y, p = run_library(case, "torch")
+        runs.append((y.detach(), grads_of(y, p, upstream)))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert all(torch.equal(runs[0][1][n], runs[1][1][n]) for n in runs[0][1])
+    counts = [5, 0, 7, 1]  # three experts with rows: fewer than two per thread -> one stream
+    assert len(expert_streams._stream_groups(counts, 1.0, torch.device("cpu"))) == 1
+    expert_streams.MIN_STREAM_FLOPS = 1e12
+    assert len(expert_streams._stream_groups([4] * 8, 1.0, torch.device("cpu"))) == 1
+
+
 def test_torch_and_reference_agree_on_mixed_case():
     case = make_case(33, 4, 8, bias=True, gated=False, seed=10)
     case["ids"][3, 1] = -1

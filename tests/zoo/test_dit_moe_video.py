@@ -140,7 +140,7 @@ def test_init_from_image_zeroes_the_temporal_text_projection():
     video.init_from_image(image)
     assert not video.temporal_text_embedder.weight.any() and not video.temporal_text_embedder.bias.any()
     assert torch.equal(video.text_embedder.weight, image.text_embedder.weight)
-    x, t, text = clip(), torch.tensor([0.4, 0.9]), torch.randn(2, 6)
+    x, t, text = clip(), torch.tensor([0.4, 0.9]), torch.randn(2, 6, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():  # still exactly the image model on every frame, text included
         per_frame = torch.stack([image.eval()(x[:, f], t, text_emb=text) for f in range(x.shape[1])], dim=1)
         torch.testing.assert_close(video.eval()(x, t, text_emb=text), per_frame, **TEXT_TOL)

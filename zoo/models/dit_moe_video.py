@@ -299,7 +299,8 @@ _TEST = DiTMoEVideoConfig(input_size=8, patch_size=2, in_channels=3, hidden_size
 # conditioned on its own tiny CLIP text encoder; the image part has dit_moe_shapes' layout at a smaller width.
 _SHAPES_VIDEO = DiTMoEVideoConfig(input_size=32, patch_size=4, in_channels=3, hidden_size=128, depth=6, num_heads=4,
                                   mlp_ratio=1.0, num_experts=8, top_k=2, num_shared_experts=2, num_classes=0,
-                                  learn_sigma=False, text_dim=64, text_encoder="moezoo-text-tiny", num_frames=8)
+                                  learn_sigma=False, text_dim=64, text_encoder="moezoo-text-tiny", num_frames=8,
+                                  time_shift=4.0)
 
 _SHAPES_VIDEO_METADATA = {
     "task": "text-to-video",
@@ -319,7 +320,7 @@ def test_dit_moe_video(pretrained: bool = False, **kwargs) -> DiTMoEVideo:
 @register_model(
     pretrained_cfgs={"moving_shapes": PretrainedCfg(
         file="dit_moe_shapes_video.safetensors",
-        sha256="1f3813bcbe282e351414de1d6b579b51662a1f634b71f18db998b3b79dc0c7e3",
+        sha256="be6ff265790bb7fbacdba8d34bc557ba57e3a9df3019c60dce20d8c9a17828b2",
         metadata=_SHAPES_VIDEO_METADATA,
     )},
     checkpoint_filter=checkpoint_filter_fn,
