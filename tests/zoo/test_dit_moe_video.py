@@ -143,7 +143,8 @@ def test_init_from_image_zeroes_the_temporal_text_projection():
     x, t, text = clip(), torch.tensor([0.4, 0.9]), torch.randn(2, 6, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():  # still exactly the image model on every frame, text included
         per_frame = torch.stack([image.eval()(x[:, f], t, text_emb=text) for f in range(x.shape[1])], dim=1)
-        torch.testing.assert_close(video.eval()(x, t, text_emb=text), per_frame, **TEXT_TOL)
+        # 1e-3: batched frames vs one frame at a time round differently through 2 random layers (values ~1)
+        torch.testing.assert_close(video.eval()(x, t, text_emb=text), per_frame, rtol=1e-3, atol=1e-3)
 
 
 def test_full_spacetime_attends_over_all_frames_tokens():
