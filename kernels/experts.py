@@ -256,10 +256,11 @@ def _run_streams(work, groups: list, accumulators: list[torch.Tensor]) -> None:
         work(groups[0], accumulators[0])
         return
     pool = _streams_pool(len(groups))
-    grad_enabled = torch.is_grad_enabled()  # grad mode is per thread: the workers take the caller's
+    # grad and inference mode are per thread: the workers take the caller's
+    grad_enabled, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
     def in_caller_grad_mode(group, accumulator):
-        with torch.set_grad_enabled(grad_enabled):
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad_enabled):
             work(group, accumulator)
 
     for future in [pool.submit(in_caller_grad_mode, g, acc) for g, acc in zip(groups, accumulators)]:

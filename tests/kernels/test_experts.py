@@ -309,6 +309,9 @@ def test_parallel_expert_streams_are_deterministic_and_skip_small_calls(expert_s
     assert all(torch.equal(runs[0][1][n], runs[1][1][n]) for n in runs[0][1])
     counts = [5, 0, 7, 1]  # three experts with rows: fewer than two per thread -> one stream
     assert len(expert_streams._stream_groups(counts, 1.0, torch.device("cpu"))) == 1
+    with torch.inference_mode():  # the workers run in the caller's inference mode
+        inferred = run_library({**case, "x": case["x"].clone()}, "torch")[0]
+    torch.testing.assert_close(inferred, runs[0][0])
     expert_streams.MIN_STREAM_FLOPS = 1e12
     assert len(expert_streams._stream_groups([4] * 8, 1.0, torch.device("cpu"))) == 1
 
