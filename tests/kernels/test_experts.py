@@ -278,6 +278,7 @@ def expert_streams(monkeypatch):
     import moezoo.kernels.experts as experts
 
     monkeypatch.setattr(experts, "MIN_STREAM_FLOPS", 0)
+    monkeypatch.setattr(experts, "MIN_EXPERTS_PER_STREAM", experts.MIN_EXPERTS_PER_STREAM)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     yield experts
@@ -287,6 +288,7 @@ def expert_streams(monkeypatch):
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("E", [4, 5, 64])
 def test_parallel_expert_streams_match_loop(expert_streams, E, bias):
+    expert_streams.MIN_EXPERTS_PER_STREAM = 2
     case = make_case(33, 3, E, bias=bias, seed=E + 20)
     plan = build_plan(case["ids"], E)
     groups = expert_streams._stream_groups(plan.counts_list(), 1.0, torch.device("cpu"))
@@ -299,6 +301,7 @@ def test_parallel_expert_streams_match_loop(expert_streams, E, bias):
 
 
 def test_parallel_expert_streams_are_deterministic_and_skip_small_calls(expert_streams):
+    expert_streams.MIN_EXPERTS_PER_STREAM = 2
     case = make_case(33, 4, 8, bias=True, seed=8)
     upstream = torch.randn(33, 8, generator=torch.Generator().manual_seed(9))
     runs = []
@@ -309,6 +312,10 @@ def test_parallel_expert_streams_are_deterministic_and_skip_small_calls(expert_s
     assert all(torch.equal(runs[0][1][n], runs[1][1][n]) for n in runs[0][1])
     counts = [5, 0, 7, 1]  # three experts with rows: fewer than two per thread -> one stream
     assert len(expert_streams._stream_groups(counts, 1.0, torch.device("cpu"))) == 1
+    expert_streams.MIN_EXPERTS_PER_STREAM = 8  # the shipped rule: 8 experts on 2 threads stay one stream
+    assert len(expert_streams._stream_groups([4] * 8, 1.0, torch.device("cpu"))) == 1
+    assert len(expert_streams._stream_groups([4] * 16, 1.0, torch.device("cpu"))) == 2
+    expert_streams.MIN_EXPERTS_PER_STREAM = 2
     with torch.inference_mode():  # the workers run in the caller's inference mode
         inferred = run_library({**case, "x": case["x"].clone()}, "torch")[0]
     torch.testing.assert_close(inferred, runs[0][0])
