@@ -176,6 +176,11 @@ class _Buffers:
     def __init__(self, like: torch.Tensor, rows: int):
         self.like, self.rows, self.cache = like, rows, {}
 
+    @classmethod
+    def for_group(cls, like: torch.Tensor, group: list[tuple[int, slice]]) -> "_Buffers":
+        """Buffers that fit the largest expert of one stream's (expert, rows) group."""
+        return cls(like, max((rows.stop - rows.start for _, rows in group), default=0))
+
     def get(self, name: str, cols: int, count: int) -> torch.Tensor:
         if name not in self.cache:
             self.cache[name] = self.like.new_empty(self.rows, cols)
@@ -234,7 +239,7 @@ def _streams_pool(streams: int):
 def _stream_groups(counts: list[int], flops_per_row: float, device: torch.device) -> list[list[tuple[int, slice]]]:
     """The experts with rows, cut into contiguous groups of about equal rows: one group per CPU thread when
     the call is large enough and there are at least ``MIN_EXPERTS_PER_STREAM`` experts per thread, else one
-    group. Measured (bench/moe_layer.py, 2 threads): 64 experts gain (fwd+bwd 1.21x -> 1.08x of dense),
+    group. Measured (bench/moe_layer.py, 2 threads, fwd+bwd vs dense): 64 experts gain (1.21x -> 1.02x),
     8 experts lose (1.01x -> 1.26x: halves of 4 experts balance poorly and big GEMMs thread well anyway)."""
     slices = list(_expert_slices(counts))
     threads = torch.get_num_threads() if device.type == "cpu" else 1
@@ -284,7 +289,7 @@ def _torch_expert_forward(x_TD, w_S, plan, w_in_ENK, w_out_EDF, b_in_EN, b_out_E
     act = activation_fn(activation)
 
     def work(group, out_TD):
-        buffers = _Buffers(x_TD, max((r.stop - r.start for _, r in group), default=0))
+        buffers = _Buffers.for_group(x_TD, group)
         for e, rows in group:
             count = rows.stop - rows.start
             x_CD = torch.index_select(x_TD, 0, tokens_S[rows], out=buffers.get("x", dim, count))
@@ -346,7 +351,7 @@ class _TorchExpertMLP(torch.autograd.Function):
         grad_w_S = w_S.new_empty(len(tokens_S))
 
         def work(group, grad_x_TD):
-            buffers = _Buffers(x_TD, max((r.stop - r.start for _, r in group), default=0))
+            buffers = _Buffers.for_group(x_TD, group)
             for e, rows in group:
                 count = rows.stop - rows.start
                 w_C1 = w_S[rows, None]

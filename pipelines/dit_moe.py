@@ -54,6 +54,12 @@ def make_scheduler(objective: str, name: str | None = None, shift: float = 1.0):
     raise ValueError(f"unknown scheduler {name!r} for an epsilon model; accepted: 'ddim', 'ddpm'")
 
 
+def scheduler_for(transformer, name: str | None = None):
+    """:func:`make_scheduler` for what ``transformer`` was trained for (its config's objective and time shift)."""
+    config = transformer.config
+    return make_scheduler(getattr(config, "objective", "rf"), name, getattr(config, "time_shift", 1.0))
+
+
 class DiTMoEPipeline(Pipeline):
     """Generation with a :class:`moezoo.zoo.models.dit_moe.DiTMoE` (the ``transformer``)."""
 
@@ -63,8 +69,7 @@ class DiTMoEPipeline(Pipeline):
         super().__init__()
         self.transformer = transformer.eval()
         self.objective = getattr(transformer.config, "objective", "rf")
-        self.time_shift = getattr(transformer.config, "time_shift", 1.0)
-        self.scheduler = scheduler if scheduler is not None else make_scheduler(self.objective, shift=self.time_shift)
+        self.scheduler = scheduler if scheduler is not None else scheduler_for(transformer)
         self.vae = vae
         num_classes = transformer.config.num_classes
         self.label_names = list(label_names) if label_names else [str(i) for i in range(num_classes)]
@@ -91,9 +96,7 @@ class DiTMoEPipeline(Pipeline):
             name, pretrained=True, cache_dir=cache_dir, local_files_only=local_files_only, **model_overrides
         )
         metadata = getattr(getattr(transformer, "pretrained_cfg", None), "metadata", None) or {}
-        config = transformer.config
-        scheduler = make_scheduler(getattr(config, "objective", "rf"), scheduler, getattr(config, "time_shift", 1.0))
-        pipe = cls(transformer, scheduler, vae, metadata.get("label_names"))
+        pipe = cls(transformer, scheduler_for(transformer, scheduler), vae, metadata.get("label_names"))
         return pipe.to(device, torch_dtype)
 
     def get_label_ids(self, labels: list[str | int] | str | int) -> list[int]:

@@ -471,8 +471,7 @@ class DiTMoE(nn.Module):
         elif y is not None:
             raise ValueError("this model has no class conditioning (num_classes=0) but got labels y")
         if self.text_embedder is not None:
-            if text_emb is None:
-                text_emb = c_BD.new_zeros(batch, self.config.text_dim)
+            text_emb = self.text_or_null(text_emb, batch, c_BD)
             if text_emb.shape != (batch, self.config.text_dim):
                 raise ValueError(f"text_emb must be the pooled text embedding [{batch}, {self.config.text_dim}], "
                                  f"got {tuple(text_emb.shape)}")
@@ -480,6 +479,10 @@ class DiTMoE(nn.Module):
         elif text_emb is not None:
             raise ValueError("this model has no text conditioning (text_dim=None) but got text_emb")
         return c_BD
+
+    def text_or_null(self, text_emb: torch.Tensor | None, batch: int, like: torch.Tensor) -> torch.Tensor:
+        """``text_emb``, or the null text (zeros ``[batch, text_dim]`` like ``like``) when it is None."""
+        return like.new_zeros(batch, self.config.text_dim) if text_emb is None else text_emb
 
     def encode_text(self, prompts: str | list[str]) -> torch.Tensor:
         """Pooled text embeddings ``[B, text_dim]`` of ``prompts`` from the model's own text encoder (with
@@ -563,8 +566,8 @@ class DiTMoE(nn.Module):
 
         The condition (label and text together) is dropped with probability ``class_dropout_prob`` per
         sample. ``objective`` (default: ``config.objective``): ``"rf"``, rectified flow (logit-normal t,
-        shifted by ``config.time_shift``, target ``eps - x0``), or ``"ddpm"``, epsilon-prediction on DiT's linear schedule. Only the first
-        ``in_channels`` output channels are trained. ``generator`` makes t, noise and dropout reproducible.
+        shifted by ``config.time_shift``, target ``eps - x0``), or ``"ddpm"``, epsilon-prediction on DiT's
+        linear schedule. Only the first ``in_channels`` output channels are trained. ``generator`` makes t, noise and dropout reproducible.
         """
         objective = self.config.objective if objective is None else objective
         if objective not in OBJECTIVES:

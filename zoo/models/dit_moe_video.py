@@ -177,8 +177,7 @@ class DiTMoEVideo(DiTMoE):
         """``c + W_t text_emb`` (the null text is zeros, as in :meth:`condition`, which checked the shape)."""
         if self.temporal_text_embedder is None:
             return c_BD
-        if text_emb is None:
-            text_emb = c_BD.new_zeros(c_BD.shape[0], self.config.text_dim)
+        text_emb = self.text_or_null(text_emb, c_BD.shape[0], c_BD)
         return c_BD + self.temporal_text_embedder(text_emb.to(c_BD.dtype))
 
     # ------------------------------------------------------------------------------------------ routing
