@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import os
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -237,23 +239,20 @@ def _streams_pool(streams: int):
 
 
 def _stream_groups(counts: list[int], flops_per_row: float, device: torch.device) -> list[list[tuple[int, slice]]]:
-    """The experts with rows, cut into contiguous groups of about equal rows: one group per CPU thread when
-    the call is large enough and there are at least ``MIN_EXPERTS_PER_STREAM`` experts per thread, else one
-    group. Measured (bench/moe_layer.py, 2 threads, fwd+bwd vs dense): 64 experts gain (1.21x -> 1.02x),
-    8 experts lose (1.01x -> 1.26x: halves of 4 experts balance poorly and big GEMMs thread well anyway)."""
+    """The sorted rows cut into one contiguous range of equal length per CPU thread ("stream"), each as the
+    (expert, row slice) pieces it covers: an expert on a cut is split between two streams. One group (no
+    streams) when torch has one thread, the call is small, or there are fewer than
+    ``MIN_EXPERTS_PER_STREAM`` experts per thread."""
     slices = list(_expert_slices(counts))
     threads = torch.get_num_threads() if device.type == "cpu" else 1
     rows = sum(counts)
     if threads < 2 or len(slices) < MIN_EXPERTS_PER_STREAM * threads or rows * flops_per_row < MIN_STREAM_FLOPS:
         return [slices]
-    groups, current, done = [], [], 0
-    for expert, row_slice in slices:
-        current.append((expert, row_slice))
-        done += row_slice.stop - row_slice.start
-        if done >= rows * (len(groups) + 1) / threads and len(groups) < threads - 1:
-            groups.append(current)
-            current = []
-    groups.append(current)
+    cuts = [rows * i // threads for i in range(threads + 1)]
+    groups = []
+    for begin, end in zip(cuts[:-1], cuts[1:]):
+        pieces = [(e, slice(max(r.start, begin), min(r.stop, end))) for e, r in slices]
+        groups.append([(e, r) for e, r in pieces if r.start < r.stop])
     return [g for g in groups if g]
 
 
@@ -349,11 +348,20 @@ class _TorchExpertMLP(torch.autograd.Function):
         grad_b_in = h_SN.new_zeros(w_in_ENK.shape[:2]) if ctx.has_b_in else None
         grad_b_out = torch.zeros_like(b_out_ED) if ctx.has_b_out else None
         grad_w_S = w_S.new_empty(len(tokens_S))
+        expert_starts = [0] + list(itertools.accumulate(counts))[:-1]
+        continued = {}  # (expert, first row) -> weight gradients of a piece continuing an expert in a later stream
 
         def work(group, grad_x_TD):
             buffers = _Buffers.for_group(x_TD, group)
             for e, rows in group:
                 count = rows.stop - rows.start
+                # An expert split between streams: its first piece writes the gradients in place, the later
+                # piece into its own tensors, added after the streams join (no two threads write one tensor).
+                grads = [g[e] if g is not None else None for g in (grad_w_in, grad_w_out, grad_b_in, grad_b_out)]
+                if rows.start != expert_starts[e]:
+                    grads = [torch.empty_like(g) if g is not None else None for g in grads]
+                    continued[e, rows.start] = grads
+                g_w_in, g_w_out, g_b_in, g_b_out = grads
                 w_C1 = w_S[rows, None]
                 grad_y_CD = torch.index_select(grad_out_TD, 0, tokens_S[rows], out=buffers.get("gy", dim, count))
                 h_CN = h_SN[rows]
@@ -368,8 +376,8 @@ class _TorchExpertMLP(torch.autograd.Function):
                 grad_w_S[rows] = (grad_wa_CF * a_CF).sum(-1)
                 if ctx.has_b_out:
                     grad_w_S[rows] += grad_y_CD @ b_out_ED[e]
-                    grad_b_out[e] = w_S[rows] @ grad_y_CD
-                torch.mm(grad_y_CD.t(), a_CF.mul_(w_C1), out=grad_w_out[e])
+                    torch.mv(grad_y_CD.t(), w_S[rows], out=g_b_out)
+                torch.mm(grad_y_CD.t(), a_CF.mul_(w_C1), out=g_w_out)
                 grad_a_CF = grad_wa_CF.mul_(w_C1)
                 grad_h_CN = buffers.get("gh", n_in, count)
                 if gated:
@@ -379,15 +387,19 @@ class _TorchExpertMLP(torch.autograd.Function):
                 else:
                     grad_h_CN.copy_(_act_grad(ctx.activation, grad_a_CF, pre_CF))
                 if ctx.has_b_in:
-                    grad_b_in[e] = grad_h_CN.sum(0)
+                    torch.sum(grad_h_CN, 0, out=g_b_in)
                 x_CD = torch.index_select(x_TD, 0, tokens_S[rows], out=buffers.get("x", dim, count))
-                torch.mm(grad_h_CN.t(), x_CD, out=grad_w_in[e])
+                torch.mm(grad_h_CN.t(), x_CD, out=g_w_in)
                 grad_x_CD = torch.mm(grad_h_CN, w_in_ENK[e], out=buffers.get("gx", dim, count))
                 grad_x_TD.index_add_(0, tokens_S[rows], grad_x_CD)
 
         groups = _stream_groups(counts, 4.0 * dim * (n_in + hidden), x_TD.device)
         grad_xs = [torch.zeros_like(x_TD) for _ in groups]
         _run_streams(work, groups, grad_xs)
+        for (e, _), grads in sorted(continued.items()):  # a fixed order: deterministic sums
+            for total, part in zip((grad_w_in, grad_w_out, grad_b_in, grad_b_out), grads):
+                if part is not None:
+                    total[e] += part
         grad_weights = grad_w_S.new_zeros(plan.num_tokens * plan.top_k)
         grad_weights[plan.sorted_slots_S] = grad_w_S
         grad_weights = grad_weights.view(plan.num_tokens, plan.top_k).to(ctx.weights_dtype)

@@ -292,12 +292,28 @@ def test_parallel_expert_streams_match_loop(expert_streams, E, bias):
     case = make_case(33, 3, E, bias=bias, seed=E + 20)
     plan = build_plan(case["ids"], E)
     groups = expert_streams._stream_groups(plan.counts_list(), 1.0, torch.device("cpu"))
-    assert len(groups) == 2  # two streams of contiguous experts that cover every routed row exactly once
+    assert len(groups) == 2  # two streams of contiguous rows that cover every routed row exactly once
     rows = [r for group in groups for _, r in group]
     assert rows[0].start == 0 and rows[-1].stop == 33 * 3
     assert all(a.stop == b.start for a, b in zip(rows, rows[1:]))
+    assert [sum(r.stop - r.start for _, r in g) for g in groups] == [49, 50]  # equal halves (experts may be cut)
     check_against_loop(case, "torch")
     assert torch.get_num_threads() == 2  # the workers' single-threadedness did not leak into the caller
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_one_expert_split_across_three_streams_matches_loop(expert_streams, bias):
+    """An expert whose rows span every stream: its weight gradients are the sum of three pieces."""
+    expert_streams.MIN_EXPERTS_PER_STREAM = 0
+    torch.set_num_threads(3)
+    case = make_case(30, 2, 2, bias=bias, seed=31)
+    case["ids"][:, 0] = 0  # expert 0 gets 30 of the 60 rows, expert 1 the other 30 (k=2: both per token)
+    case["ids"][:, 1] = 1
+    plan = build_plan(case["ids"], 2)
+    groups = expert_streams._stream_groups(plan.counts_list(), 1.0, torch.device("cpu"))
+    assert [[(e, r.start, r.stop) for e, r in g] for g in groups] == [[(0, 0, 20)], [(0, 20, 30), (1, 30, 40)],
+                                                                      [(1, 40, 60)]]
+    check_against_loop(case, "torch")
 
 
 def test_parallel_expert_streams_are_deterministic_and_skip_small_calls(expert_streams):
