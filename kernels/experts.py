@@ -189,6 +189,11 @@ class _Buffers:
         return self.cache[name][:count]
 
 
+def _expert_starts(counts: list[int]) -> list[int]:
+    """The first sorted row of every expert."""
+    return [0] + list(itertools.accumulate(counts))[:-1]
+
+
 def _expert_slices(counts: list[int]):
     """(expert, row slice of the sorted order) for every expert that received rows."""
     start = 0
@@ -206,7 +211,7 @@ def _expert_slices(counts: list[int]):
 # order, so results are still deterministic.
 
 MIN_STREAM_FLOPS = 2e8  # below this a call is too small to be worth handing to worker threads
-MIN_EXPERTS_PER_STREAM = 8  # fewer experts per thread: one stream of multi-threaded GEMMs is faster
+MIN_EXPERTS_PER_STREAM = 1  # experts with rows per thread (rows are cut evenly, so even 1 balances)
 _stream_pool = None  # (ThreadPoolExecutor, its worker count)
 
 
@@ -283,8 +288,11 @@ def _torch_expert_forward(x_TD, w_S, plan, w_in_ENK, w_out_EDF, b_in_EN, b_out_E
     tokens_S = plan.sorted_tokens_S
     n_in = w_in_ENK.shape[1]
     hidden = n_in // 2 if gated else n_in
-    # With a backward to come, h is kept whole; otherwise it is scratch like the rest.
-    h_SN = x_TD.new_empty(len(tokens_S), n_in) if keep_h else None
+    # With a backward to come, h is kept, one tensor per expert; otherwise it is scratch like the rest. Not one
+    # [S, N_in] tensor: that is often larger than the largest block glibc serves from its heap (32 MiB), so
+    # every call would map fresh pages and fault through all of them (DiT-MoE-S: 12k faults, ~15 ms a call).
+    starts = _expert_starts(counts)
+    h_E = [x_TD.new_empty(count, n_in) for count in counts] if keep_h else None
     act = activation_fn(activation)
 
     def work(group, out_TD):
@@ -292,7 +300,7 @@ def _torch_expert_forward(x_TD, w_S, plan, w_in_ENK, w_out_EDF, b_in_EN, b_out_E
         for e, rows in group:
             count = rows.stop - rows.start
             x_CD = torch.index_select(x_TD, 0, tokens_S[rows], out=buffers.get("x", dim, count))
-            h_CN = h_SN[rows] if keep_h else buffers.get("h", n_in, count)
+            h_CN = h_E[e][rows.start - starts[e]:rows.stop - starts[e]] if keep_h else buffers.get("h", n_in, count)
             torch.mm(x_CD, w_in_ENK[e].t(), out=h_CN)
             if b_in_EN is not None:
                 h_CN += b_in_EN[e]
@@ -310,7 +318,7 @@ def _torch_expert_forward(x_TD, w_S, plan, w_in_ENK, w_out_EDF, b_in_EN, b_out_E
     groups = _stream_groups(counts, 2.0 * dim * (n_in + hidden), x_TD.device)
     outs = [x_TD.new_zeros(num_tokens, dim) for _ in groups]
     _run_streams(work, groups, outs)
-    return outs[0], h_SN
+    return outs[0], h_E
 
 
 class _TorchExpertMLP(torch.autograd.Function):
@@ -328,8 +336,8 @@ class _TorchExpertMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, weights_TK, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, plan, activation, gated):
         w_S = weights_TK.reshape(-1).index_select(0, plan.sorted_slots_S).to(x_TD.dtype)
-        out_TD, h_SN = _torch_expert_forward(x_TD, w_S, plan, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, activation, gated, True)
-        ctx.save_for_backward(x_TD, h_SN, w_S, w_in_ENK, w_out_EDF, b_out_ED)
+        out_TD, h_E = _torch_expert_forward(x_TD, w_S, plan, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, activation, gated, True)
+        ctx.save_for_backward(x_TD, w_S, w_in_ENK, w_out_EDF, b_out_ED, *h_E)
         ctx.plan, ctx.counts, ctx.activation, ctx.gated = plan, plan.counts_list(), activation, gated
         ctx.has_b_in, ctx.has_b_out = b_in_EN is not None, b_out_ED is not None
         ctx.weights_dtype = weights_TK.dtype
@@ -337,18 +345,23 @@ class _TorchExpertMLP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out_TD):
-        x_TD, h_SN, w_S, w_in_ENK, w_out_EDF, b_out_ED = ctx.saved_tensors
+        x_TD, w_S, w_in_ENK, w_out_EDF, b_out_ED, *h_E = ctx.saved_tensors
         plan, counts, gated = ctx.plan, ctx.counts, ctx.gated
         tokens_S = plan.sorted_tokens_S
         grad_out_TD = grad_out_TD.contiguous()
-        dim, n_in = x_TD.shape[1], h_SN.shape[1]
+        dim, n_in = x_TD.shape[1], w_in_ENK.shape[1]
         hidden = n_in // 2 if gated else n_in
         act = activation_fn(ctx.activation)
-        grad_w_in, grad_w_out = torch.zeros_like(w_in_ENK), torch.zeros_like(w_out_EDF)
-        grad_b_in = h_SN.new_zeros(w_in_ENK.shape[:2]) if ctx.has_b_in else None
+        # Written in place by each expert's GEMMs (out=); only experts without rows need zeros.
+        grad_w_in, grad_w_out = torch.empty_like(w_in_ENK), torch.empty_like(w_out_EDF)
+        for e, count in enumerate(counts):
+            if not count:
+                grad_w_in[e].zero_()
+                grad_w_out[e].zero_()
+        grad_b_in = x_TD.new_zeros(w_in_ENK.shape[:2]) if ctx.has_b_in else None
         grad_b_out = torch.zeros_like(b_out_ED) if ctx.has_b_out else None
         grad_w_S = w_S.new_empty(len(tokens_S))
-        expert_starts = [0] + list(itertools.accumulate(counts))[:-1]
+        expert_starts = _expert_starts(counts)
         continued = {}  # (expert, first row) -> weight gradients of a piece continuing an expert in a later stream
 
         def work(group, grad_x_TD):
@@ -364,7 +377,7 @@ class _TorchExpertMLP(torch.autograd.Function):
                 g_w_in, g_w_out, g_b_in, g_b_out = grads
                 w_C1 = w_S[rows, None]
                 grad_y_CD = torch.index_select(grad_out_TD, 0, tokens_S[rows], out=buffers.get("gy", dim, count))
-                h_CN = h_SN[rows]
+                h_CN = h_E[e][rows.start - expert_starts[e]:rows.stop - expert_starts[e]]
                 pre_CF = h_CN[:, :hidden]
                 a_CF = buffers.get("a", hidden, count)
                 if gated:
