@@ -38,6 +38,9 @@ class DiffusionModule(pl.LightningModule):
             For a model grown from a trained one (``init_from_image``): the text tower already tells the
             caption words apart, and training it jointly from there can erase words the new parts need
             before those parts learn to use them.
+        lr_multipliers: ``{parameter name prefix: factor}``: those parameters train at ``factor *
+            learning_rate`` (e.g. ``{"word_vectors": 10}``: new word embeddings learn at textual inversion's
+            usual rate, ~5e-3, while the rest is fine-tuned gently). Every prefix must name a trained parameter.
     """
 
     def __init__(
@@ -51,6 +54,7 @@ class DiffusionModule(pl.LightningModule):
         ema_decay: float = 0.999,
         log_expert_load_every: int = 50,
         freeze_text_encoder: bool = False,
+        lr_multipliers: dict[str, float] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -116,10 +120,8 @@ class DiffusionModule(pl.LightningModule):
         return pipe
 
     def configure_optimizers(self):
-        trained = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            trained, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay
-        )
+        groups = parameter_groups(self.model, self.hparams.learning_rate, self.hparams.lr_multipliers or {})
+        optimizer = torch.optim.AdamW(groups, weight_decay=self.hparams.weight_decay)
         warmup = max(1, self.hparams.warmup_steps)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
@@ -132,6 +134,23 @@ class DiffusionModule(pl.LightningModule):
         # replace it, and reloading must not need the starting checkpoint.
         args = {k: v for k, v in self.model_args.items() if k != "init_from_image"}
         return save_pretrained(self.sampling_model, directory, self.model_name, args, meta, dtype=dtype)
+
+
+def parameter_groups(model: torch.nn.Module, learning_rate: float, multipliers: dict[str, float]) -> list[dict]:
+    """The trained parameters of ``model`` as optimizer groups: those whose name starts with a prefix of
+    ``multipliers`` at ``factor * learning_rate`` (the first matching prefix), the rest at ``learning_rate``."""
+    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    unmatched = [prefix for prefix in multipliers if not any(name.startswith(prefix) for name, _ in trained)]
+    if unmatched:
+        raise ValueError(f"lr_multipliers prefix(es) {unmatched} match no trained parameter; trained parameters "
+                         f"start with: {sorted({name.split('.')[0] for name, _ in trained})}")
+    groups = {prefix: [] for prefix in multipliers}
+    rest = []
+    for name, p in trained:
+        prefix = next((prefix for prefix in multipliers if name.startswith(prefix)), None)
+        (groups[prefix] if prefix is not None else rest).append(p)
+    return [{"params": rest, "lr": learning_rate}] + [
+        {"params": params, "lr": learning_rate * multipliers[prefix]} for prefix, params in groups.items()]
 
 
 def log_training_losses(module: pl.LightningModule, loss: torch.Tensor, aux_loss: torch.Tensor,

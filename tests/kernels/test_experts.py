@@ -328,7 +328,7 @@ def test_parallel_expert_streams_are_deterministic_and_skip_small_calls(expert_s
     assert all(torch.equal(runs[0][1][n], runs[1][1][n]) for n in runs[0][1])
     counts = [5, 0, 7, 1]  # three experts with rows: fewer than two per thread -> one stream
     assert len(expert_streams._stream_groups(counts, 1.0, torch.device("cpu"))) == 1
-    expert_streams.MIN_EXPERTS_PER_STREAM = 8  # the shipped rule: 8 experts on 2 threads stay one stream
+    expert_streams.MIN_EXPERTS_PER_STREAM = 8  # with this floor, 8 experts on 2 threads stay one stream
     assert len(expert_streams._stream_groups([4] * 8, 1.0, torch.device("cpu"))) == 1
     assert len(expert_streams._stream_groups([4] * 16, 1.0, torch.device("cpu"))) == 2
     expert_streams.MIN_EXPERTS_PER_STREAM = 2

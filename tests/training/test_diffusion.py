@@ -138,3 +138,23 @@ def test_freeze_text_encoder_keeps_the_tower_out_of_training():
         assert torch.equal(p, before[name]), name
     with pytest.raises(ValueError, match="has no text encoder"):
         DiffusionModule("dit_moe_digits", model_args=TINY, freeze_text_encoder=True)
+
+
+def test_lr_multipliers_put_named_parameters_in_their_own_group():
+    module = DiffusionModule("test_dit_moe_video", model_args={"learned_words": ["up", "down"]}, learning_rate=1e-3,
+                             warmup_steps=1, freeze_text_encoder=True, lr_multipliers={"word_vectors": 10.0})
+    optimizer = module.configure_optimizers()["optimizer"]
+    groups = {round(g["lr"], 9): [id(p) for p in g["params"]] for g in optimizer.param_groups}
+    assert groups[0.01] == [id(module.model.word_vectors)]
+    trained = [p for p in module.model.parameters() if p.requires_grad]
+    assert len(groups[0.001]) == len(trained) - 1  # every other trained parameter, once, at the base rate
+    # One AdamW step moves each element by about its group's lr (Adam's first step is lr * sign(grad)).
+    module.model.word_vectors.grad = torch.ones_like(module.model.word_vectors)
+    for p in trained[:1]:
+        p.grad = torch.ones_like(p)
+    before = module.model.word_vectors.detach().clone()
+    optimizer.step()
+    torch.testing.assert_close(before - module.model.word_vectors.detach(), torch.full_like(before, 0.01), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match=r"match no trained parameter.*word_vectors"):
+        DiffusionModule("test_dit_moe_video", model_args={"learned_words": ["up"]}, lr_multipliers={"text_encoder": 2},
+                        freeze_text_encoder=True).configure_optimizers()

@@ -147,6 +147,37 @@ def test_init_from_image_zeroes_the_temporal_text_projection():
         torch.testing.assert_close(video.eval()(x, t, text_emb=text), per_frame, rtol=1e-3, atol=1e-3)
 
 
+def test_learned_words_add_their_vector_to_captions_that_contain_them():
+    """encode_text = the tower's pooled embedding + the sum of the learned vectors of the words a caption has."""
+    model = create_model("test_dit_moe_video", learned_words=("up", "down")).eval()
+    assert not model.word_vectors.any()  # zero-initialised: a fresh model encodes text as its tower does
+    with torch.no_grad():
+        model.word_vectors.copy_(torch.randn(2, 64, generator=torch.Generator().manual_seed(0)))
+        captions = ["a red square moving up", "a red square moving down", "a red square moving left", "up and down"]
+        pooled = model.text_encoder.encode(captions)[1]
+        up, down = model.word_vectors
+        expected = pooled + torch.stack([up, down, torch.zeros_like(up), up + down])
+        torch.testing.assert_close(model.encode_text(captions), expected)
+    # The vectors train (the tower may be frozen) and are part of the state dict (saved with the weights).
+    model.text_encoder.requires_grad_(False)
+    model.encode_text(["moving up"]).sum().backward()
+    assert model.word_vectors.grad[0].abs().sum() > 0 and not model.word_vectors.grad[1].any()
+    assert "word_vectors" in model.state_dict()
+    with pytest.raises(ValueError, match="exactly one token"):
+        create_model("test_dit_moe_video", learned_words=("leftwards and up",))
+    with pytest.raises(ValueError, match="needs a text encoder"):
+        DiTMoEVideoConfig(**SMALL, learned_words=("up",))
+
+
+def test_init_from_image_starts_learned_words_at_zero():
+    video = create_model("test_dit_moe_video", learned_words=("up",))
+    with torch.no_grad():
+        video.word_vectors.fill_(1.0)
+    image = DiTMoE(video.config.image_config())
+    video.init_from_image(image)
+    assert not video.word_vectors.any()
+
+
 def test_full_spacetime_attends_over_all_frames_tokens():
     model = randomise(DiTMoEVideo(DiTMoEVideoConfig(**SMALL, spacetime="full"))).eval()
     assert len(model.temporal_blocks) == 0

@@ -23,6 +23,12 @@ means "on the left", which is wrong for most frames of a clip moving left), whil
 near the identity, cannot yet pull the other way; with one shared projection the motion words were erased
 and directions came out at chance. The temporal path's own projection keeps them.
 
+``learned_words`` (text models): words the text tower never saw while the image model trained ("up" and
+"down" never occur in image captions, so the tower maps "moving up" and "moving down" almost to the same
+pooled embedding) each get a learned vector, zero-initialised, that :meth:`DiTMoEVideo.encode_text` adds to
+the pooled embedding of every caption containing the word: textual inversion (Gal et al. 2022,
+arXiv 2208.01618) in the pooled space, so the words become distinct while the tower itself stays frozen.
+
 ``spacetime="full"`` instead runs each DiTMoEBlock's attention over all frames' tokens at once (no temporal
 layers; the temporal positions are added to the tokens after patch embedding). It costs ``F`` times more
 attention and is not the identity-on-init path from an image checkpoint.
@@ -46,7 +52,7 @@ __all__ = ["DiTMoEVideoConfig", "DiTMoEVideo", "TemporalAttentionLayer", "sincos
 
 SPACETIME = ("factorized", "full")
 # State-dict prefixes of what video adds to the image model (initialised to the identity, not loaded from images).
-TEMPORAL_PREFIXES = ("temporal_blocks.", "temporal_text_embedder.")
+TEMPORAL_PREFIXES = ("temporal_blocks.", "temporal_text_embedder.", "word_vectors")
 
 
 @dataclass
@@ -58,10 +64,13 @@ class DiTMoEVideoConfig(DiTMoEConfig):
             accepts any number of frames >= 1.
         spacetime: "factorized" (spatial attention per frame, then temporal attention per patch, in every
             layer) or "full" (one attention over all frames' patches).
+        learned_words: words (each one token of the text tower's vocabulary) that get a learned vector added
+            to the pooled text embedding of captions containing them (see the module docstring).
     """
 
     num_frames: int = 8
     spacetime: str = "factorized"
+    learned_words: tuple[str, ...] = ()
 
     def __post_init__(self):
         super().__post_init__()
@@ -69,6 +78,9 @@ class DiTMoEVideoConfig(DiTMoEConfig):
             raise ValueError(f"num_frames must be >= 1, got {self.num_frames}")
         if self.spacetime not in SPACETIME:
             raise ValueError(f"unknown spacetime {self.spacetime!r}; accepted: {', '.join(SPACETIME)}")
+        self.learned_words = tuple(self.learned_words)
+        if self.learned_words and self.text_encoder is None:
+            raise ValueError("learned_words needs a text encoder of the model's own (config.text_encoder)")
 
     def image_config(self) -> DiTMoEConfig:
         """The image DiT-MoE whose weights this video model's non-temporal part shares."""
@@ -123,6 +135,10 @@ class DiTMoEVideo(DiTMoE):
         # The temporal layers' own projection of the caption (see the module docstring).
         self.temporal_text_embedder = (nn.Linear(config.text_dim, config.hidden_size)
                                        if factorized and config.text_dim else None)
+        self.word_vectors = None
+        if config.learned_words:
+            self.word_vectors = nn.Parameter(torch.zeros(len(config.learned_words), config.text_dim))
+            self.register_buffer("word_token_ids", self._single_token_ids(config.learned_words), persistent=False)
         self._init_temporal()
         self._last_clip_shape: tuple[int, int] | None = None  # (clips, frames) of the last forward, for routing_maps
 
@@ -137,6 +153,29 @@ class DiTMoEVideo(DiTMoE):
         if self.temporal_text_embedder is not None:
             nn.init.zeros_(self.temporal_text_embedder.weight)
             nn.init.zeros_(self.temporal_text_embedder.bias)
+        if self.word_vectors is not None:
+            nn.init.zeros_(self.word_vectors)
+
+    def _single_token_ids(self, words: tuple[str, ...]) -> torch.Tensor:
+        ids = []
+        for word in words:
+            tokens = self.text_encoder.tokenize(word)[0]
+            tokens = tokens[tokens != 0][1:-1]  # drop padding, then the start and end tokens
+            if len(tokens) != 1:
+                raise ValueError(f"learned word {word!r} is {len(tokens)} tokens of the text encoder's vocabulary; "
+                                 "each learned word must be exactly one token (one lower-case word)")
+            ids.append(int(tokens[0]))
+        return torch.tensor(ids)
+
+    def encode_text(self, prompts: str | list[str]) -> torch.Tensor:
+        """Pooled text embeddings ``[B, text_dim]`` of ``prompts``, plus the learned vector of every
+        ``config.learned_words`` word a prompt contains (each counted once)."""
+        if self.word_vectors is None:
+            return super().encode_text(prompts)
+        token_ids = self.text_encoder.tokenize(prompts).to(self.word_vectors.device)
+        pooled = self.text_encoder(token_ids)[1]
+        contains_BW = (token_ids[:, :, None] == self.word_token_ids).any(1).to(pooled.dtype)
+        return pooled + contains_BW @ self.word_vectors.to(pooled.dtype)
 
     # ------------------------------------------------------------------------------------------ forward
 
@@ -299,7 +338,7 @@ _TEST = DiTMoEVideoConfig(input_size=8, patch_size=2, in_channels=3, hidden_size
 _SHAPES_VIDEO = DiTMoEVideoConfig(input_size=32, patch_size=4, in_channels=3, hidden_size=128, depth=6, num_heads=4,
                                   mlp_ratio=1.0, num_experts=8, top_k=2, num_shared_experts=2, num_classes=0,
                                   learn_sigma=False, text_dim=64, text_encoder="moezoo-text-tiny", num_frames=8,
-                                  time_shift=4.0)
+                                  time_shift=4.0, learned_words=("left", "right", "up", "down"))
 
 _SHAPES_VIDEO_METADATA = {
     "task": "text-to-video",
@@ -319,13 +358,14 @@ def test_dit_moe_video(pretrained: bool = False, **kwargs) -> DiTMoEVideo:
 @register_model(
     pretrained_cfgs={"moving_shapes": PretrainedCfg(
         file="dit_moe_shapes_video.safetensors",
-        sha256="be6ff265790bb7fbacdba8d34bc557ba57e3a9df3019c60dce20d8c9a17828b2",
+        sha256="0ab70420abc42bdac30cb21fdd476f54f933b5ab6e2d378b41abf312b877d017",
         metadata=_SHAPES_VIDEO_METADATA,
     )},
     checkpoint_filter=checkpoint_filter_fn,
 )
 def dit_moe_shapes_video(pretrained: bool = False, **kwargs) -> DiTMoEVideo:
     """Text-to-video moving shapes: 8 frames of 32x32 RGB, factorized space-time attention, D=128, 6 layers,
-    8 experts top-2 + a shared expert, its own tiny CLIP text encoder. ``init_from_image="NAME"`` starts it
+    8 experts top-2 + a shared expert, its own tiny CLIP text encoder (plus learned vectors for the words
+    left / right / up / down, see ``learned_words``). ``init_from_image="NAME"`` starts it
     from an image DiT-MoE checkpoint of the same layout (temporal layers as the identity)."""
     return _create(_SHAPES_VIDEO, **kwargs)
