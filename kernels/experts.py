@@ -205,10 +205,12 @@ def _expert_slices(counts: list[int]):
 
 # ------------------------------------------------------------------------------------------ expert streams
 # With several CPU threads, one GEMM per expert split across all threads wastes much of each call on
-# splitting small matrices and waiting at barriers. Instead the experts are cut into as many contiguous groups
-# ("streams") as there are threads, of about equal row counts, and each group runs on its own worker thread
-# with single-threaded GEMMs. Each stream adds into its own output, and the outputs are summed in a fixed
-# order, so results are still deterministic.
+# splitting small matrices and waiting at barriers. Instead the sorted rows are cut into as many equal ranges
+# ("streams") as there are threads, and each runs on its own worker thread with single-threaded GEMMs (an
+# expert on a cut is split between two streams). Each stream adds into its own output, and the outputs are
+# summed in a fixed order, so results are still deterministic. Measured (bench/moe_layer.py, 2 threads):
+# E=64 fwd+bwd 1.21x -> 1.02x of dense; with whole experts per stream E=8 lost (halves of 4 experts
+# balanced poorly), with even row cuts it is level or better.
 
 MIN_STREAM_FLOPS = 2e8  # below this a call is too small to be worth handing to worker threads
 MIN_EXPERTS_PER_STREAM = 1  # experts with rows per thread (rows are cut evenly, so even 1 balances)
