@@ -358,7 +358,7 @@ def test_dit_moe_video(pretrained: bool = False, **kwargs) -> DiTMoEVideo:
 @register_model(
     pretrained_cfgs={"moving_shapes": PretrainedCfg(
         file="dit_moe_shapes_video.safetensors",
-        sha256="0ab70420abc42bdac30cb21fdd476f54f933b5ab6e2d378b41abf312b877d017",
+        sha256="8a8847fdf4259bb623eb933c674e7962ed4541a0869b5bcddd5e4e4e5740d450",
         metadata=_SHAPES_VIDEO_METADATA,
     )},
     checkpoint_filter=checkpoint_filter_fn,
