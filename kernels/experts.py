@@ -17,9 +17,8 @@ Backends:
 
 from __future__ import annotations
 
-import os
-
 import itertools
+import os
 
 import torch
 import torch.nn.functional as F
