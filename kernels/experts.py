@@ -195,11 +195,14 @@ def _expert_starts(counts: list[int]) -> list[int]:
 
 def _expert_slices(counts: list[int]):
     """(expert, row slice of the sorted order) for every expert that received rows."""
-    start = 0
-    for expert, count in enumerate(counts):
+    for expert, (start, count) in enumerate(zip(_expert_starts(counts), counts)):
         if count:
             yield expert, slice(start, start + count)
-        start += count
+
+
+def _piece_of(per_expert: list[torch.Tensor], starts: list[int], e: int, rows: slice) -> torch.Tensor:
+    """The part of expert ``e``'s own tensor (its rows, from ``starts[e]``) that sorted ``rows`` cover."""
+    return per_expert[e][rows.start - starts[e]:rows.stop - starts[e]]
 
 
 # ------------------------------------------------------------------------------------------ expert streams
@@ -283,7 +286,8 @@ def _run_streams(work, groups: list, accumulators: list[torch.Tensor]) -> None:
 
 
 def _torch_expert_forward(x_TD, w_S, plan, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, activation, gated, keep_h):
-    """The forward walk; returns the output and, if ``keep_h``, the pre-activations [S, N_in] for backward."""
+    """The forward walk; returns the output and, if ``keep_h``, the pre-activations for backward (one
+    ``[rows of the expert, N_in]`` tensor per expert)."""
     num_tokens, dim = x_TD.shape
     counts = plan.counts_list()
     tokens_S = plan.sorted_tokens_S
@@ -301,7 +305,7 @@ def _torch_expert_forward(x_TD, w_S, plan, w_in_ENK, w_out_EDF, b_in_EN, b_out_E
         for e, rows in group:
             count = rows.stop - rows.start
             x_CD = torch.index_select(x_TD, 0, tokens_S[rows], out=buffers.get("x", dim, count))
-            h_CN = h_E[e][rows.start - starts[e]:rows.stop - starts[e]] if keep_h else buffers.get("h", n_in, count)
+            h_CN = _piece_of(h_E, starts, e, rows) if keep_h else buffers.get("h", n_in, count)
             torch.mm(x_CD, w_in_ENK[e].t(), out=h_CN)
             if b_in_EN is not None:
                 h_CN += b_in_EN[e]
@@ -329,7 +333,7 @@ class _TorchExpertMLP(torch.autograd.Function):
 
     The routing weight is applied to the hidden activation (F wide) rather than to the output (D wide):
     ``w * (a @ W_out^T) == (w * a) @ W_out^T``, and the router gradient is ``<dA', a>``. Only the
-    pre-activation ``h`` [S, N_in] is kept for backward (as a dense MLP keeps its own); the gathered
+    pre-activation ``h`` (one [rows, N_in] tensor per expert) is kept for backward (as a dense MLP keeps its own); the gathered
     inputs and activations are recomputed per expert, which is cheap next to the GEMMs. On CPU
     ``index_add_`` walks the rows in order, so results are deterministic.
     """
@@ -378,7 +382,7 @@ class _TorchExpertMLP(torch.autograd.Function):
                 g_w_in, g_w_out, g_b_in, g_b_out = grads
                 w_C1 = w_S[rows, None]
                 grad_y_CD = torch.index_select(grad_out_TD, 0, tokens_S[rows], out=buffers.get("gy", dim, count))
-                h_CN = h_E[e][rows.start - expert_starts[e]:rows.stop - expert_starts[e]]
+                h_CN = _piece_of(h_E, expert_starts, e, rows)
                 pre_CF = h_CN[:, :hidden]
                 a_CF = buffers.get("a", hidden, count)
                 if gated:
