@@ -17,7 +17,10 @@ All MoE implementations get the same router outputs (``ids_TK``, ``weights_TK``)
 timed region, from a fixed random router: ``softmax(x @ W_r^T)``, top-k, renormalised (random inputs and
 router, so expert loads are uniform-ish, not exactly balanced). They also get the same expert weights
 (copied into ``MixtralExperts``). For ``dit_moe_s`` a shared expert (a dense SwiGLU of hidden 768, one module
-instance) is added to the routed output of every MoE implementation, and the dense baseline is widened by 768.
+instance) is added to the routed output of every MoE implementation, and the dense baseline is widened by 768:
+the HF implementations add the module's output; moezoo hands the module's weights to ``expert_mlp`` as a
+``SharedExpert`` (gate and up weights concatenated inside the timed call), as moezoo's ``MoE`` layer does, so it
+runs in the same parallel walk as the routed experts.
 
 Passes: ``fwd`` runs under ``torch.inference_mode``; ``fwd+bwd`` runs the forward and then the backward of
 ``(y * g).sum()`` for a fixed random ``g``, with gradients to x, all weights (experts, shared, dense) and the
@@ -25,7 +28,8 @@ router weights ``weights_TK``. Gradients are set to ``None`` before each run (ou
 ``optimizer.zero_grad()`` does.
 
 Correctness: before any timing, every MoE implementation is run once in the parent process and compared with
-moezoo: the forward output (fwd) and the gradients of x, ``weights_TK`` and both expert weights (fwd+bwd).
+moezoo: the forward output (fwd) and the gradients of x, ``weights_TK``, both expert weights and the shared
+expert's weights (fwd+bwd).
 The max abs difference and the relative error ``max|a - b| / max|b|`` are printed; a row whose relative error
 exceeds 1e-3 is not timed and shows the error instead. The dense MLP computes a different function and is not
 compared.
@@ -80,7 +84,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moezoo.kernels.experts import expert_mlp
+from moezoo.kernels.experts import SharedExpert, expert_mlp
 from moezoo.kernels.plan import build_plan
 
 IMPLS = ("moezoo", "hf_eager", "hf_grouped_mm", "dense")
@@ -191,10 +195,12 @@ class Layer:
         if self.impl == "dense":
             return self.dense(x_TD)
         if self.impl == "moezoo":
+            # as moezoo's MoE layer does: the shared expert goes into expert_mlp (GatedMLP.as_shared_expert)
             plan = build_plan(ids_TK, self.shape.E)
-            y_TD = expert_mlp(x_TD, weights_TK, plan, self.w_in_ENK, self.w_out_EDF, backend="torch")
-        else:
-            y_TD = self.experts(x_TD, ids_TK, weights_TK)
+            shared = None if self.shared is None else SharedExpert(
+                torch.cat([self.shared.gate.weight, self.shared.up.weight]), self.shared.down.weight)
+            return expert_mlp(x_TD, weights_TK, plan, self.w_in_ENK, self.w_out_EDF, backend="torch", shared=shared)
+        y_TD = self.experts(x_TD, ids_TK, weights_TK)
         return y_TD if self.shared is None else y_TD + self.shared(x_TD)
 
 
@@ -311,16 +317,18 @@ def check_shape(shape: Shape) -> dict:
         (layer(x, ids_TK, w) * g_TD).sum().backward()
         results[impl] = {"y": y_fwd, "grad x": x.grad, "grad weights_TK": w.grad,
                          "grad w_in": layer.w_in_ENK.grad, "grad w_out": layer.w_out_EDF.grad}
-        if layer.shared is not None:
+        if layer.shared is not None:  # moezoo computes the shared expert's gradients itself: compare them too
+            results[impl].update({f"grad shared {n}": p.grad.clone() for n, p in layer.shared.named_parameters()})
             layer.shared.zero_grad(set_to_none=True)
         del layer
     ref = results["moezoo"]
     for impl in ("hf_eager", "hf_grouped_mm"):
-        for pass_, keys in (("fwd", ["y"]), ("fwd+bwd", ["grad x", "grad weights_TK", "grad w_in", "grad w_out"])):
+        grad_keys = [key for key in ref if key.startswith("grad")]
+        for pass_, keys in (("fwd", ["y"]), ("fwd+bwd", grad_keys)):
             failure = None
             for key in keys:
                 diff, rel = _rel_err(results[impl][key], ref[key])
-                print(f"  check {shape.name:<10} {impl:<14} {key:<16} max|diff| {diff:.2e}  rel {rel:.2e}")
+                print(f"  check {shape.name:<10} {impl:<14} {key:<22} max|diff| {diff:.2e}  rel {rel:.2e}")
                 if rel > REL_TOL and failure is None:
                     failure = f"{key} differs from moezoo: max|diff| {diff:.2e}, rel {rel:.2e} > {REL_TOL:g}"
             errors[(impl, pass_)] = failure

@@ -7,12 +7,21 @@ The pieces, in the order a MoE layer uses them:
   with an optional per-token allowed-expert mask;
 - dispatch plan (:mod:`.plan`): slots sorted by expert, counts, int64 offsets, capacity dropping, Triton block
   padding;
-- grouped expert compute (:mod:`.experts`): ``expert_mlp`` with ``backend="reference"|"torch"|"triton"|"auto"``,
-  ``grouped_linear`` and ``combine`` for other expert kinds;
+- grouped expert compute (:mod:`.experts`): ``expert_mlp`` with ``backend="reference"|"torch"|"triton"|"auto"``
+  and an optional always-on ``SharedExpert``, ``grouped_linear`` and ``combine`` for other expert kinds;
 - auxiliary losses (:mod:`.losses`) and ternary expert weights (:mod:`.ternary`).
 """
 
-from .experts import ACTIVATIONS, BACKENDS, activation_fn, combine, expert_mlp, grouped_linear, resolve_backend
+from .experts import (
+    ACTIVATIONS,
+    BACKENDS,
+    SharedExpert,
+    activation_fn,
+    combine,
+    expert_mlp,
+    grouped_linear,
+    resolve_backend,
+)
 from .losses import (
     cv_squared,
     expert_balance_loss,
@@ -31,6 +40,7 @@ __all__ = [
     "BACKENDS",
     "DispatchPlan",
     "RouterOutput",
+    "SharedExpert",
     "activation_fn",
     "build_plan",
     "capacity_for",

@@ -17,8 +17,10 @@ Backends:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +66,19 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+class SharedExpert(NamedTuple):
+    """An always-on expert (DeepSeekMoE, DiT-MoE, Qwen2-MoE): every token passes through it, and its output
+    times ``scale_T`` (one number per token, e.g. Qwen2-MoE's sigmoid gate; None: 1) is added to the routed
+    sum. Laid out like one routed expert: ``w_in_NK`` [N_in, D] (gated: the gate rows, then the up rows) and
+    ``w_out_DF`` [D, F], bias-free; gated or not as the routed experts are. ``activation`` None: the routed
+    experts' own."""
+
+    w_in_NK: torch.Tensor
+    w_out_DF: torch.Tensor
+    scale_T: torch.Tensor | None = None
+    activation: str | None = None
+
+
 def expert_mlp(
     x_TD: torch.Tensor,
     weights_TK: torch.Tensor,
@@ -76,26 +91,58 @@ def expert_mlp(
     activation: str = "silu",
     gated: bool = True,
     backend: str = "auto",
+    shared: SharedExpert | None = None,
 ) -> torch.Tensor:
-    """The routed experts' weighted sum for every token: ``y[t] = sum_j w[t,j] * expert_{ids[t,j]}(x[t])``.
+    """The routed experts' weighted sum for every token: ``y[t] = sum_j w[t,j] * expert_{ids[t,j]}(x[t])``,
+    plus ``scale[t] * shared(x[t])`` when a ``shared`` expert is given.
 
-    Only the slots the plan dispatched contribute; tokens with none get zeros. Differentiable with respect
-    to ``x_TD``, ``weights_TK`` (so the router learns), and all expert weights and biases.
+    Only the slots the plan dispatched contribute; tokens with none get zeros (or the shared expert alone).
+    Differentiable with respect to ``x_TD``, ``weights_TK`` (so the router learns), all expert weights and
+    biases, and the shared expert's weights and scale. The torch backend runs the shared expert inside the
+    same parallel walk as the routed ones; the other backends add it with plain torch ops.
     """
     _check_expert_inputs(x_TD, weights_TK, plan, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, gated)
     activation_fn(activation)  # validates the name before any compute
+    shared_activation = _check_shared(shared, x_TD, gated, activation)
     backend = resolve_backend(backend, x_TD.device)
-    if backend == "reference":
-        return _reference_expert_mlp(x_TD, weights_TK, plan, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, activation, gated)
-    if backend == "triton":
-        from .triton_moe import triton_expert_mlp
+    if backend in ("reference", "triton"):
+        if backend == "reference":
+            y_TD = _reference_expert_mlp(x_TD, weights_TK, plan, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, activation, gated)
+        else:
+            from .triton_moe import triton_expert_mlp
 
-        return triton_expert_mlp(x_TD, weights_TK, plan, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, activation, gated)
-    tensors = (x_TD, weights_TK, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED)
+            y_TD = triton_expert_mlp(x_TD, weights_TK, plan, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, activation, gated)
+        if shared is None:
+            return y_TD
+        shared_TD = single_expert(x_TD, shared.w_in_NK, shared.w_out_DF, None, None, shared_activation, gated)
+        return y_TD + (shared_TD if shared.scale_T is None else shared.scale_T[:, None] * shared_TD)
+    shared_tensors = (None, None, None) if shared is None else tuple(shared[:3])
+    tensors = (x_TD, weights_TK, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, *shared_tensors)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return _TorchExpertMLP.apply(*tensors, plan, activation, gated)
-    w_S = weights_TK.reshape(-1).index_select(0, plan.sorted_slots_S).to(x_TD.dtype)
-    return _torch_expert_forward(x_TD, w_S, plan, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, activation, gated, False)[0]
+        return _TorchExpertMLP.apply(*tensors, plan, activation, gated, shared_activation)
+    tables = _expert_tables(*tensors, plan, activation, gated, shared_activation)
+    return _torch_expert_forward(x_TD, tables, _stream_groups_of(tables, x_TD.device), keep_h=False)[0]
+
+
+def _check_shared(shared: SharedExpert | None, x_TD: torch.Tensor, gated: bool, activation: str) -> str | None:
+    """Validates a shared expert against the input; returns the activation it uses."""
+    if shared is None:
+        return None
+    if not isinstance(shared, SharedExpert):
+        raise TypeError(f"shared must be a SharedExpert(w_in_NK, w_out_DF, scale_T, activation), got {type(shared).__name__}")
+    w_in, w_out, scale = shared.w_in_NK, shared.w_out_DF, shared.scale_T
+    dim = x_TD.shape[1]
+    if w_in.dim() != 2 or w_in.shape[1] != dim or (gated and w_in.shape[0] % 2):
+        raise ValueError(f"shared w_in must be [N_in, D={dim}] ({'2F rows, gate then up' if gated else 'F rows'}), "
+                         f"got {tuple(w_in.shape)}")
+    hidden = w_in.shape[0] // 2 if gated else w_in.shape[0]
+    if tuple(w_out.shape) != (dim, hidden):
+        raise ValueError(f"shared w_out must be [D, F] = {(dim, hidden)}, got {tuple(w_out.shape)}")
+    if scale is not None and tuple(scale.shape) != (x_TD.shape[0],):
+        raise ValueError(f"shared scale must be [T] = {(x_TD.shape[0],)} (one number per token), got {tuple(scale.shape)}")
+    shared_activation = shared.activation or activation
+    activation_fn(shared_activation)
+    return shared_activation
 
 
 def _check_expert_inputs(x_TD, weights_TK, plan, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, gated):
@@ -169,6 +216,27 @@ def _act_grad(name: str, grad_SF: torch.Tensor, pre_SF: torch.Tensor) -> torch.T
     return torch.ops.aten.threshold_backward(grad_SF, pre_SF, 0)
 
 
+def _onednn_linear_available() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+# On x86 CPUs torch's fp32 ``mm`` calls MKL; oneDNN's linear (the kernel torch.compile uses for CPU linears)
+# runs the expert-shaped GEMMs faster on this AMD EPYC: single-threaded, [512, 384] x [384, 3072] 104 vs 97
+# GFLOP/s, [512, 384] x [384, 1536]^T-style backward products 111-113 vs 100-102 (/tmp-measured, see the
+# README's benchmark notes). Switch off with ``ONEDNN_GEMMS = False`` (tests run both paths).
+ONEDNN_GEMMS = _onednn_linear_available()
+
+
+def _matmul_nt(a_MK: torch.Tensor, b_NK: torch.Tensor) -> torch.Tensor:
+    """``a @ b.T`` as a new tensor: oneDNN's linear for fp32 CPU tensors when available, else ``torch.mm``."""
+    if ONEDNN_GEMMS and a_MK.dtype == torch.float32 and a_MK.device.type == "cpu":
+        return torch.ops.mkldnn._linear_pointwise(a_MK, b_NK, None, "none", [], "")
+    return torch.mm(a_MK, b_NK.t())
+
+
 class _Buffers:
     """Scratch rows reused across the experts of one call: every expert's rows fit in the largest expert's
     buffer, so the loop touches a few MB that stay in cache instead of fresh [S, *] tensors per step
@@ -178,14 +246,14 @@ class _Buffers:
         self.like, self.rows, self.cache = like, rows, {}
 
     @classmethod
-    def for_group(cls, like: torch.Tensor, group: list[tuple[int, slice]]) -> "_Buffers":
-        """Buffers that fit the largest expert of one stream's (expert, rows) group."""
-        return cls(like, max((rows.stop - rows.start for _, rows in group), default=0))
+    def for_group(cls, like: torch.Tensor, group: list[tuple[int, int, slice]]) -> "_Buffers":
+        """Buffers that fit the largest piece of one stream's (table, expert, rows) group."""
+        return cls(like, max((rows.stop - rows.start for _, _, rows in group), default=0))
 
     def get(self, name: str, cols: int, count: int) -> torch.Tensor:
-        if name not in self.cache:
-            self.cache[name] = self.like.new_empty(self.rows, cols)
-        return self.cache[name][:count]
+        if (name, cols) not in self.cache:
+            self.cache[name, cols] = self.like.new_empty(self.rows, cols)
+        return self.cache[name, cols][:count]
 
 
 def _expert_starts(counts: list[int]) -> list[int]:
@@ -200,11 +268,6 @@ def _expert_slices(counts: list[int]):
             yield expert, slice(start, start + count)
 
 
-def _piece_of(per_expert: list[torch.Tensor], starts: list[int], e: int, rows: slice) -> torch.Tensor:
-    """The part of expert ``e``'s own tensor (its rows, from ``starts[e]``) that sorted ``rows`` cover."""
-    return per_expert[e][rows.start - starts[e]:rows.stop - starts[e]]
-
-
 # ------------------------------------------------------------------------------------------ expert streams
 # With several CPU threads, one GEMM per expert split across all threads wastes much of each call on
 # splitting small matrices and waiting at barriers. Instead the sorted rows are cut into as many equal ranges
@@ -215,7 +278,6 @@ def _piece_of(per_expert: list[torch.Tensor], starts: list[int], e: int, rows: s
 # balanced poorly), with even row cuts it is level or better.
 
 MIN_STREAM_FLOPS = 2e8  # below this a call is too small to be worth handing to worker threads
-MIN_EXPERTS_PER_STREAM = 1  # experts with rows per thread (rows are cut evenly, so even 1 balances)
 _stream_pool = None  # (ThreadPoolExecutor, its worker count)
 
 
@@ -247,22 +309,24 @@ def _streams_pool(streams: int):
     return _stream_pool[0]
 
 
-def _stream_groups(counts: list[int], flops_per_row: float, device: torch.device) -> list[list[tuple[int, slice]]]:
-    """The sorted rows cut into one contiguous range of equal length per CPU thread ("stream"), each as the
-    (expert, row slice) pieces it covers: an expert on a cut is split between two streams. One group (no
-    streams) when torch has one thread, the call is small, or there are fewer than
-    ``MIN_EXPERTS_PER_STREAM`` experts per thread."""
-    slices = list(_expert_slices(counts))
+def _stream_groups(counts: list[list[int]], flops_per_row: list[float], device: torch.device):
+    """Every table's sorted rows (``counts[t]``: its rows per expert) cut into one contiguous range of equal
+    length per CPU thread ("stream"), each stream as the (table, expert, row slice) pieces it covers: an expert
+    on a cut is split between two streams. Equal cuts of every table give every stream the same work. One
+    group (no streams) when torch has one thread or the call is smaller than ``MIN_STREAM_FLOPS``."""
+    slices = [list(_expert_slices(table_counts)) for table_counts in counts]
     threads = torch.get_num_threads() if device.type == "cpu" else 1
-    rows = sum(counts)
-    if threads < 2 or len(slices) < MIN_EXPERTS_PER_STREAM * threads or rows * flops_per_row < MIN_STREAM_FLOPS:
-        return [slices]
-    cuts = [rows * i // threads for i in range(threads + 1)]
-    groups = []
-    for begin, end in zip(cuts[:-1], cuts[1:]):
-        pieces = [(e, slice(max(r.start, begin), min(r.stop, end))) for e, r in slices]
-        groups.append([(e, r) for e, r in pieces if r.start < r.stop])
-    return [g for g in groups if g]
+    flops = sum(sum(table_counts) * f for table_counts, f in zip(counts, flops_per_row))
+    if threads < 2 or flops < MIN_STREAM_FLOPS:
+        return [[(t, e, rows) for t, table in enumerate(slices) for e, rows in table]]
+    groups = [[] for _ in range(threads)]
+    for t, (table, table_counts) in enumerate(zip(slices, counts)):
+        total = sum(table_counts)
+        cuts = [total * i // threads for i in range(threads + 1)]
+        for group, begin, end in zip(groups, cuts[:-1], cuts[1:]):
+            pieces = [(t, e, slice(max(r.start, begin), min(r.stop, end))) for e, r in table]
+            group += [(t, e, r) for t, e, r in pieces if r.start < r.stop]
+    return [group for group in groups if group]
 
 
 def _run_streams(work, groups: list, accumulators: list[torch.Tensor]) -> None:
@@ -285,143 +349,212 @@ def _run_streams(work, groups: list, accumulators: list[torch.Tensor]) -> None:
         accumulators[0].add_(acc)
 
 
-def _torch_expert_forward(x_TD, w_S, plan, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, activation, gated, keep_h):
-    """The forward walk; returns the output and, if ``keep_h``, the pre-activations for backward (one
-    ``[rows of the expert, N_in]`` tensor per expert)."""
+def _activated(act, h_CN: torch.Tensor, hidden: int, gated: bool, out_CF: torch.Tensor) -> torch.Tensor:
+    """``act(gate) * up`` for gated experts, ``act(h)`` otherwise, written into ``out_CF``."""
+    if gated:
+        return torch.mul(act(h_CN[:, :hidden]), h_CN[:, hidden:], out=out_CF)
+    return out_CF.copy_(act(h_CN))
+
+
+@dataclasses.dataclass
+class _ExpertTable:
+    """One set of experts the torch backend walks: the plan's routed experts, or the shared expert as a
+    one-expert table whose rows are all tokens in order (``tokens_S`` None: row i is token i, so gathering
+    and scattering are plain slices)."""
+
+    w_in_ENK: torch.Tensor
+    w_out_EDF: torch.Tensor
+    b_in_EN: torch.Tensor | None
+    b_out_ED: torch.Tensor | None
+    tokens_S: torch.Tensor | None
+    w_S: torch.Tensor  # each row's weight: its routing weight, or the shared expert's per-token scale
+    counts: list[int]
+    activation: str
+    gated: bool
+
+    @property
+    def hidden(self) -> int:
+        return self.w_out_EDF.shape[2]
+
+    @property
+    def flops_per_row(self) -> float:
+        return 2.0 * self.w_in_ENK.shape[2] * (self.w_in_ENK.shape[1] + self.hidden)
+
+    def gather(self, src_TD: torch.Tensor, rows: slice, out: torch.Tensor) -> torch.Tensor:
+        if self.tokens_S is None:
+            return src_TD[rows]
+        return torch.index_select(src_TD, 0, self.tokens_S[rows], out=out)
+
+    def scatter_add(self, dst_TD: torch.Tensor, rows: slice, y_CD: torch.Tensor) -> None:
+        if self.tokens_S is None:
+            dst_TD[rows] += y_CD
+        else:
+            dst_TD.index_add_(0, self.tokens_S[rows], y_CD)
+
+
+def _expert_tables(x_TD, weights_TK, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, shared_w_in_NK, shared_w_out_DF,
+                   shared_scale_T, plan, activation, gated, shared_activation) -> list[_ExpertTable]:
+    """The routed experts' table, then the shared expert's if there is one."""
+    w_S = weights_TK.reshape(-1).index_select(0, plan.sorted_slots_S).to(x_TD.dtype)
+    tables = [_ExpertTable(w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, plan.sorted_tokens_S, w_S, plan.counts_list(),
+                           activation, gated)]
+    if shared_w_in_NK is not None:
+        num_tokens = x_TD.shape[0]
+        scale_T = x_TD.new_ones(num_tokens) if shared_scale_T is None else shared_scale_T.to(x_TD.dtype)
+        tables.append(_ExpertTable(shared_w_in_NK[None], shared_w_out_DF[None], None, None, None, scale_T,
+                                   [num_tokens], shared_activation, gated))
+    return tables
+
+
+def _stream_groups_of(tables: list[_ExpertTable], device: torch.device):
+    return _stream_groups([t.counts for t in tables], [t.flops_per_row for t in tables], device)
+
+
+def _torch_expert_forward(x_TD, tables: list[_ExpertTable], groups, keep_h: bool):
+    """The forward walk over ``groups``; returns the output and, if ``keep_h``, the pre-activations for
+    backward: one ``[rows, N_in]`` tensor per piece of ``groups``, in their order. Kept per piece, not as one
+    [S, N_in] tensor: that is often larger than the largest block glibc serves from its heap (32 MiB), so every
+    call would map fresh pages and fault through all of them (DiT-MoE-S: 12k faults, ~15 ms a call)."""
     num_tokens, dim = x_TD.shape
-    counts = plan.counts_list()
-    tokens_S = plan.sorted_tokens_S
-    n_in = w_in_ENK.shape[1]
-    hidden = n_in // 2 if gated else n_in
-    # With a backward to come, h is kept, one tensor per expert; otherwise it is scratch like the rest. Not one
-    # [S, N_in] tensor: that is often larger than the largest block glibc serves from its heap (32 MiB), so
-    # every call would map fresh pages and fault through all of them (DiT-MoE-S: 12k faults, ~15 ms a call).
-    starts = _expert_starts(counts)
-    h_E = [x_TD.new_empty(count, n_in) for count in counts] if keep_h else None
-    act = activation_fn(activation)
+    h_kept = {}  # (table, expert, first row) -> pre-activations
 
     def work(group, out_TD):
         buffers = _Buffers.for_group(x_TD, group)
-        for e, rows in group:
-            count = rows.stop - rows.start
-            x_CD = torch.index_select(x_TD, 0, tokens_S[rows], out=buffers.get("x", dim, count))
-            h_CN = _piece_of(h_E, starts, e, rows) if keep_h else buffers.get("h", n_in, count)
-            torch.mm(x_CD, w_in_ENK[e].t(), out=h_CN)
-            if b_in_EN is not None:
-                h_CN += b_in_EN[e]
-            a_CF = buffers.get("a", hidden, count)
-            if gated:
-                torch.mul(act(h_CN[:, :hidden]), h_CN[:, hidden:], out=a_CF)
-            else:
-                a_CF.copy_(act(h_CN))
-            a_CF.mul_(w_S[rows, None])
-            y_CD = torch.mm(a_CF, w_out_EDF[e].t(), out=buffers.get("y", dim, count))
-            if b_out_ED is not None:
-                y_CD.addr_(w_S[rows], b_out_ED[e])
-            out_TD.index_add_(0, tokens_S[rows], y_CD)
+        for t, e, rows in group:
+            table, count = tables[t], rows.stop - rows.start
+            x_CD = table.gather(x_TD, rows, buffers.get("x", dim, count))
+            h_CN = _matmul_nt(x_CD, table.w_in_ENK[e])
+            if table.b_in_EN is not None:
+                h_CN += table.b_in_EN[e]
+            if keep_h:
+                h_kept[t, e, rows.start] = h_CN
+            act = activation_fn(table.activation)
+            a_CF = _activated(act, h_CN, table.hidden, table.gated, buffers.get("a", table.hidden, count))
+            y_CD = _matmul_nt(a_CF, table.w_out_EDF[e])
+            if table.b_out_ED is not None:
+                y_CD += table.b_out_ED[e]
+            # the routing weight scales the D-wide output (not the F-wide activation): fewer elements to touch
+            table.scatter_add(out_TD, rows, y_CD.mul_(table.w_S[rows, None]))
 
-    groups = _stream_groups(counts, 2.0 * dim * (n_in + hidden), x_TD.device)
     outs = [x_TD.new_zeros(num_tokens, dim) for _ in groups]
     _run_streams(work, groups, outs)
-    return outs[0], h_E
+    return outs[0], [h_kept[t, e, rows.start] for group in groups for t, e, rows in group] if keep_h else None
+
+
+class _TableGrads:
+    """The gradients of one table's weights (biases only if it has them) and of its rows' weights."""
+
+    def __init__(self, table: _ExpertTable):
+        # Written in place by each expert's GEMMs (out=); only experts without rows need zeros.
+        self.w_in, self.w_out = torch.empty_like(table.w_in_ENK), torch.empty_like(table.w_out_EDF)
+        for e, count in enumerate(table.counts):
+            if not count:
+                self.w_in[e].zero_()
+                self.w_out[e].zero_()
+        self.b_in = None if table.b_in_EN is None else torch.zeros_like(table.b_in_EN)
+        self.b_out = None if table.b_out_ED is None else torch.zeros_like(table.b_out_ED)
+        self.w_S = table.w_S.new_empty(sum(table.counts))
+
+    def of_expert(self, e: int) -> list[torch.Tensor | None]:
+        return [g[e] if g is not None else None for g in (self.w_in, self.w_out, self.b_in, self.b_out)]
+
+
+def _backward_piece(table: _ExpertTable, e: int, rows: slice, h_CN, grads: list, grad_w_S, x_TD, grad_out_TD,
+                    grad_x_TD, buffers: _Buffers) -> None:
+    """One expert's piece of the backward: its weight gradients into ``grads``, its rows' weight gradients
+    into ``grad_w_S``, and its input gradient added into ``grad_x_TD``."""
+    g_w_in, g_w_out, g_b_in, g_b_out = grads
+    dim, count, hidden = x_TD.shape[1], rows.stop - rows.start, table.hidden
+    act = activation_fn(table.activation)
+    w_S, w_C1 = table.w_S[rows], table.w_S[rows, None]
+    grad_y_CD = table.gather(grad_out_TD, rows, buffers.get("gy", dim, count))
+    pre_CF = h_CN[:, :hidden]
+    a_CF = _activated(act, h_CN, hidden, table.gated, buffers.get("a", hidden, count))
+    # dA' (the gradient at the weighted activation), then the row weight's and W_out's gradients.
+    grad_wa_CF = _matmul_nt(grad_y_CD, table.w_out_EDF[e].t())
+    grad_w_S[rows] = (grad_wa_CF * a_CF).sum(-1)
+    if g_b_out is not None:
+        grad_w_S[rows] += grad_y_CD @ table.b_out_ED[e]
+        torch.mv(grad_y_CD.t(), w_S, out=g_b_out)
+    torch.mm(grad_y_CD.t(), a_CF.mul_(w_C1), out=g_w_out)
+    grad_a_CF = grad_wa_CF.mul_(w_C1)
+    grad_h_CN = buffers.get("gh", h_CN.shape[1], count)
+    if table.gated:
+        torch.mul(grad_a_CF, act(pre_CF), out=grad_h_CN[:, hidden:])
+        grad_h_CN[:, :hidden] = _act_grad(table.activation, grad_a_CF.mul_(h_CN[:, hidden:]), pre_CF)
+    else:
+        grad_h_CN.copy_(_act_grad(table.activation, grad_a_CF, pre_CF))
+    if g_b_in is not None:
+        torch.sum(grad_h_CN, 0, out=g_b_in)
+    x_CD = table.gather(x_TD, rows, buffers.get("x", dim, count))
+    torch.mm(grad_h_CN.t(), x_CD, out=g_w_in)
+    table.scatter_add(grad_x_TD, rows, _matmul_nt(grad_h_CN, table.w_in_ENK[e].t()))
 
 
 class _TorchExpertMLP(torch.autograd.Function):
-    """The CPU path: per expert, gather its rows, two GEMMs and the activation in reused scratch buffers,
-    and ``index_add_`` the weighted result into the output; a hand-written backward does the same walk.
-    With several threads the experts run as parallel single-threaded streams (see ``_stream_groups``).
+    """The CPU path: per expert, gather its rows, two GEMMs and the activation, and ``index_add_`` the
+    weighted result into the output; a hand-written backward does the same walk over the same pieces.
+    With several threads the experts run as parallel single-threaded streams (see ``_stream_groups``); the
+    shared expert, if any, is one more table of pieces in the same streams.
 
-    The routing weight is applied to the hidden activation (F wide) rather than to the output (D wide):
-    ``w * (a @ W_out^T) == (w * a) @ W_out^T``, and the router gradient is ``<dA', a>``. Only the
-    pre-activation ``h`` (one [rows, N_in] tensor per expert) is kept for backward (as a dense MLP keeps its own); the gathered
-    inputs and activations are recomputed per expert, which is cheap next to the GEMMs. On CPU
-    ``index_add_`` walks the rows in order, so results are deterministic.
+    ``w * (a @ W_out^T + b_out)`` is differentiated as ``(w * a) @ W_out^T + w * b_out``: the row weight's
+    gradient is ``<dY, a @ W_out^T + b_out>``. Only the pre-activation ``h`` (one [rows, N_in] tensor per
+    piece) is kept for backward (as a dense MLP keeps its own); the gathered inputs and activations are
+    recomputed per expert, which is cheap next to the GEMMs. On CPU ``index_add_`` walks the rows in order,
+    so results are deterministic.
     """
 
     @staticmethod
-    def forward(ctx, x_TD, weights_TK, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, plan, activation, gated):
-        w_S = weights_TK.reshape(-1).index_select(0, plan.sorted_slots_S).to(x_TD.dtype)
-        out_TD, h_E = _torch_expert_forward(x_TD, w_S, plan, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, activation, gated, True)
-        ctx.save_for_backward(x_TD, w_S, w_in_ENK, w_out_EDF, b_out_ED, *h_E)
-        ctx.plan, ctx.counts, ctx.activation, ctx.gated = plan, plan.counts_list(), activation, gated
-        ctx.has_b_in, ctx.has_b_out = b_in_EN is not None, b_out_ED is not None
+    def forward(ctx, x_TD, weights_TK, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, shared_w_in_NK, shared_w_out_DF,
+                shared_scale_T, plan, activation, gated, shared_activation):
+        tables = _expert_tables(x_TD, weights_TK, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, shared_w_in_NK,
+                                shared_w_out_DF, shared_scale_T, plan, activation, gated, shared_activation)
+        groups = _stream_groups_of(tables, x_TD.device)
+        out_TD, h_pieces = _torch_expert_forward(x_TD, tables, groups, keep_h=True)
+        ctx.save_for_backward(x_TD, *h_pieces)
+        ctx.tables, ctx.groups, ctx.plan = tables, groups, plan
         ctx.weights_dtype = weights_TK.dtype
+        ctx.scale_dtype = None if shared_scale_T is None else shared_scale_T.dtype
         return out_TD
 
     @staticmethod
     def backward(ctx, grad_out_TD):
-        x_TD, w_S, w_in_ENK, w_out_EDF, b_out_ED, *h_E = ctx.saved_tensors
-        plan, counts, gated = ctx.plan, ctx.counts, ctx.gated
-        tokens_S = plan.sorted_tokens_S
+        x_TD, *h_pieces = ctx.saved_tensors
+        tables, groups, plan = ctx.tables, ctx.groups, ctx.plan
         grad_out_TD = grad_out_TD.contiguous()
-        dim, n_in = x_TD.shape[1], w_in_ENK.shape[1]
-        hidden = n_in // 2 if gated else n_in
-        act = activation_fn(ctx.activation)
-        # Written in place by each expert's GEMMs (out=); only experts without rows need zeros.
-        grad_w_in, grad_w_out = torch.empty_like(w_in_ENK), torch.empty_like(w_out_EDF)
-        for e, count in enumerate(counts):
-            if not count:
-                grad_w_in[e].zero_()
-                grad_w_out[e].zero_()
-        grad_b_in = x_TD.new_zeros(w_in_ENK.shape[:2]) if ctx.has_b_in else None
-        grad_b_out = torch.zeros_like(b_out_ED) if ctx.has_b_out else None
-        grad_w_S = w_S.new_empty(len(tokens_S))
-        expert_starts = _expert_starts(counts)
-        continued = {}  # (expert, first row) -> weight gradients of a piece continuing an expert in a later stream
+        grads = [_TableGrads(table) for table in tables]
+        starts = [_expert_starts(table.counts) for table in tables]
+        h_of = dict(zip(((t, e, rows.start) for group in groups for t, e, rows in group), h_pieces))
+        continued = {}  # (table, expert, first row) -> weight gradients of a piece continuing in a later stream
 
         def work(group, grad_x_TD):
             buffers = _Buffers.for_group(x_TD, group)
-            for e, rows in group:
-                count = rows.stop - rows.start
+            for t, e, rows in group:
                 # An expert split between streams: its first piece writes the gradients in place, the later
                 # piece into its own tensors, added after the streams join (no two threads write one tensor).
-                grads = [g[e] if g is not None else None for g in (grad_w_in, grad_w_out, grad_b_in, grad_b_out)]
-                if rows.start != expert_starts[e]:
-                    grads = [torch.empty_like(g) if g is not None else None for g in grads]
-                    continued[e, rows.start] = grads
-                g_w_in, g_w_out, g_b_in, g_b_out = grads
-                w_C1 = w_S[rows, None]
-                grad_y_CD = torch.index_select(grad_out_TD, 0, tokens_S[rows], out=buffers.get("gy", dim, count))
-                h_CN = _piece_of(h_E, expert_starts, e, rows)
-                pre_CF = h_CN[:, :hidden]
-                a_CF = buffers.get("a", hidden, count)
-                if gated:
-                    torch.mul(act(pre_CF), h_CN[:, hidden:], out=a_CF)
-                else:
-                    a_CF.copy_(act(pre_CF))
-                # dA' (the gradient at the weighted activation), then the router weight's and W_out's gradients.
-                grad_wa_CF = torch.mm(grad_y_CD, w_out_EDF[e], out=buffers.get("gwa", hidden, count))
-                grad_w_S[rows] = (grad_wa_CF * a_CF).sum(-1)
-                if ctx.has_b_out:
-                    grad_w_S[rows] += grad_y_CD @ b_out_ED[e]
-                    torch.mv(grad_y_CD.t(), w_S[rows], out=g_b_out)
-                torch.mm(grad_y_CD.t(), a_CF.mul_(w_C1), out=g_w_out)
-                grad_a_CF = grad_wa_CF.mul_(w_C1)
-                grad_h_CN = buffers.get("gh", n_in, count)
-                if gated:
-                    up_CF = h_CN[:, hidden:]
-                    torch.mul(grad_a_CF, act(pre_CF), out=grad_h_CN[:, hidden:])
-                    grad_h_CN[:, :hidden] = _act_grad(ctx.activation, grad_a_CF.mul_(up_CF), pre_CF)
-                else:
-                    grad_h_CN.copy_(_act_grad(ctx.activation, grad_a_CF, pre_CF))
-                if ctx.has_b_in:
-                    torch.sum(grad_h_CN, 0, out=g_b_in)
-                x_CD = torch.index_select(x_TD, 0, tokens_S[rows], out=buffers.get("x", dim, count))
-                torch.mm(grad_h_CN.t(), x_CD, out=g_w_in)
-                grad_x_CD = torch.mm(grad_h_CN, w_in_ENK[e], out=buffers.get("gx", dim, count))
-                grad_x_TD.index_add_(0, tokens_S[rows], grad_x_CD)
+                piece_grads = grads[t].of_expert(e)
+                if rows.start != starts[t][e]:
+                    piece_grads = [torch.empty_like(g) if g is not None else None for g in piece_grads]
+                    continued[t, e, rows.start] = piece_grads
+                _backward_piece(tables[t], e, rows, h_of[t, e, rows.start], piece_grads, grads[t].w_S, x_TD,
+                                grad_out_TD, grad_x_TD, buffers)
 
-        groups = _stream_groups(counts, 4.0 * dim * (n_in + hidden), x_TD.device)
         grad_xs = [torch.zeros_like(x_TD) for _ in groups]
         _run_streams(work, groups, grad_xs)
-        for (e, _), grads in sorted(continued.items()):  # a fixed order: deterministic sums
-            for total, part in zip((grad_w_in, grad_w_out, grad_b_in, grad_b_out), grads):
+        for (t, e, _), parts in sorted(continued.items()):  # a fixed order: deterministic sums
+            for total, part in zip(grads[t].of_expert(e), parts):
                 if part is not None:
-                    total[e] += part
-        grad_weights = grad_w_S.new_zeros(plan.num_tokens * plan.top_k)
-        grad_weights[plan.sorted_slots_S] = grad_w_S
+                    total += part
+        routed = grads[0]
+        grad_weights = routed.w_S.new_zeros(plan.num_tokens * plan.top_k)
+        grad_weights[plan.sorted_slots_S] = routed.w_S
         grad_weights = grad_weights.view(plan.num_tokens, plan.top_k).to(ctx.weights_dtype)
-        return grad_xs[0], grad_weights, grad_w_in, grad_w_out, grad_b_in, grad_b_out, None, None, None
+        shared_grads = (None, None, None)
+        if len(tables) > 1:
+            shared = grads[1]
+            shared_grads = (shared.w_in[0], shared.w_out[0], None if ctx.scale_dtype is None else shared.w_S.to(ctx.scale_dtype))
+        return (grad_xs[0], grad_weights, routed.w_in, routed.w_out, routed.b_in, routed.b_out, *shared_grads,
+                None, None, None, None)
 
 
 def grouped_linear(

@@ -16,6 +16,7 @@ import torch
 from moezoo.kernels.experts import (
     ACTIVATIONS,
     BACKENDS,
+    SharedExpert,
     combine,
     expert_mlp,
     grouped_linear,
@@ -278,25 +279,28 @@ def expert_streams(monkeypatch):
     import moezoo.kernels.experts as experts
 
     monkeypatch.setattr(experts, "MIN_STREAM_FLOPS", 0)
-    monkeypatch.setattr(experts, "MIN_EXPERTS_PER_STREAM", experts.MIN_EXPERTS_PER_STREAM)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     yield experts
     torch.set_num_threads(threads)
 
 
+def stream_rows(groups):
+    """Each stream's (table, expert, first row, end row) pieces."""
+    return [[(t, e, r.start, r.stop) for t, e, r in g] for g in groups]
+
+
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("E", [4, 5, 64])
 def test_parallel_expert_streams_match_loop(expert_streams, E, bias):
-    expert_streams.MIN_EXPERTS_PER_STREAM = 2
     case = make_case(33, 3, E, bias=bias, seed=E + 20)
     plan = build_plan(case["ids"], E)
-    groups = expert_streams._stream_groups(plan.counts_list(), 1.0, torch.device("cpu"))
+    groups = expert_streams._stream_groups([plan.counts_list()], [1.0], torch.device("cpu"))
     assert len(groups) == 2  # two streams of contiguous rows that cover every routed row exactly once
-    rows = [r for group in groups for _, r in group]
+    rows = [r for group in groups for _, _, r in group]
     assert rows[0].start == 0 and rows[-1].stop == 33 * 3
     assert all(a.stop == b.start for a, b in zip(rows, rows[1:]))
-    assert [sum(r.stop - r.start for _, r in g) for g in groups] == [49, 50]  # equal halves (experts may be cut)
+    assert [sum(r.stop - r.start for _, _, r in g) for g in groups] == [49, 50]  # equal halves (experts may be cut)
     check_against_loop(case, "torch")
     assert torch.get_num_threads() == 2  # the workers' single-threadedness did not leak into the caller
 
@@ -304,20 +308,29 @@ def test_parallel_expert_streams_match_loop(expert_streams, E, bias):
 @pytest.mark.parametrize("bias", [False, True])
 def test_one_expert_split_across_three_streams_matches_loop(expert_streams, bias):
     """An expert whose rows span every stream: its weight gradients are the sum of three pieces."""
-    expert_streams.MIN_EXPERTS_PER_STREAM = 0
     torch.set_num_threads(3)
     case = make_case(30, 2, 2, bias=bias, seed=31)
     case["ids"][:, 0] = 0  # expert 0 gets 30 of the 60 rows, expert 1 the other 30 (k=2: both per token)
     case["ids"][:, 1] = 1
     plan = build_plan(case["ids"], 2)
-    groups = expert_streams._stream_groups(plan.counts_list(), 1.0, torch.device("cpu"))
-    assert [[(e, r.start, r.stop) for e, r in g] for g in groups] == [[(0, 0, 20)], [(0, 20, 30), (1, 30, 40)],
-                                                                      [(1, 40, 60)]]
+    groups = expert_streams._stream_groups([plan.counts_list()], [1.0], torch.device("cpu"))
+    assert stream_rows(groups) == [[(0, 0, 0, 20)], [(0, 0, 20, 30), (0, 1, 30, 40)], [(0, 1, 40, 60)]]
     check_against_loop(case, "torch")
 
 
-def test_parallel_expert_streams_are_deterministic_and_skip_small_calls(expert_streams):
-    expert_streams.MIN_EXPERTS_PER_STREAM = 2
+def test_stream_groups_cut_every_table_evenly_and_skip_small_calls(expert_streams):
+    # routed rows [5, 0, 7, 1] and a shared expert of 4 rows, on 2 threads: each table cut in half
+    groups = expert_streams._stream_groups([[5, 0, 7, 1], [4]], [1.0, 1.0], torch.device("cpu"))
+    assert stream_rows(groups) == [[(0, 0, 0, 5), (0, 2, 5, 6), (1, 0, 0, 2)],
+                                   [(0, 2, 6, 12), (0, 3, 12, 13), (1, 0, 2, 4)]]
+    expert_streams.MIN_STREAM_FLOPS = 100  # 17 rows x 5 flops = 85 < 100: one stream, every piece whole
+    assert stream_rows(expert_streams._stream_groups([[5, 0, 7, 1], [4]], [5.0, 5.0], torch.device("cpu"))) == [
+        [(0, 0, 0, 5), (0, 2, 5, 12), (0, 3, 12, 13), (1, 0, 0, 4)]]
+    torch.set_num_threads(1)
+    assert len(expert_streams._stream_groups([[4] * 8], [1.0], torch.device("cpu"))) == 1
+
+
+def test_parallel_expert_streams_are_deterministic_and_follow_inference_mode(expert_streams):
     case = make_case(33, 4, 8, bias=True, seed=8)
     upstream = torch.randn(33, 8, generator=torch.Generator().manual_seed(9))
     runs = []
@@ -326,17 +339,103 @@ def test_parallel_expert_streams_are_deterministic_and_skip_small_calls(expert_s
         runs.append((y.detach(), grads_of(y, p, upstream)))
     assert torch.equal(runs[0][0], runs[1][0])
     assert all(torch.equal(runs[0][1][n], runs[1][1][n]) for n in runs[0][1])
-    counts = [5, 0, 7, 1]  # three experts with rows: fewer than two per thread -> one stream
-    assert len(expert_streams._stream_groups(counts, 1.0, torch.device("cpu"))) == 1
-    expert_streams.MIN_EXPERTS_PER_STREAM = 8  # with this floor, 8 experts on 2 threads stay one stream
-    assert len(expert_streams._stream_groups([4] * 8, 1.0, torch.device("cpu"))) == 1
-    assert len(expert_streams._stream_groups([4] * 16, 1.0, torch.device("cpu"))) == 2
-    expert_streams.MIN_EXPERTS_PER_STREAM = 2
     with torch.inference_mode():  # the workers run in the caller's inference mode
         inferred = run_library({**case, "x": case["x"].clone()}, "torch")[0]
     torch.testing.assert_close(inferred, runs[0][0])
-    expert_streams.MIN_STREAM_FLOPS = 1e12
-    assert len(expert_streams._stream_groups([4] * 8, 1.0, torch.device("cpu"))) == 1
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_torch_backend_without_onednn_matches_loop(monkeypatch, expert_streams, bias):
+    """The plain ``torch.mm`` GEMMs (used where oneDNN is missing, or switched off) give the same answers."""
+    monkeypatch.setattr(expert_streams, "ONEDNN_GEMMS", False)
+    check_against_loop(make_case(33, 3, 5, bias=bias, seed=40), "torch")
+    check_against_loop(make_case(9, 2, 3, gated=False, bias=bias, seed=41), "torch", activation="gelu", gated=False)
+
+
+@pytest.mark.parametrize("onednn", [False, True])
+def test_matmul_nt_against_mm_with_strided_operands(monkeypatch, onednn):
+    import moezoo.kernels.experts as experts
+
+    monkeypatch.setattr(experts, "ONEDNN_GEMMS", onednn and experts._onednn_linear_available())
+    g = torch.Generator().manual_seed(42)
+    a, b = torch.randn(7, 5, generator=g), torch.randn(6, 5, generator=g)
+    expected = torch.tensor([[sum(float(a[i, k]) * float(b[j, k]) for k in range(5)) for j in range(6)] for i in range(7)])
+    torch.testing.assert_close(experts._matmul_nt(a, b), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(experts._matmul_nt(a.t().contiguous().t(), b.t().contiguous().t()), expected,
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(experts._matmul_nt(b, a), expected.t(), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ shared expert
+
+
+def shared_case(T, D=8, F=5, gated=True, scale=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(s_w_in=torch.randn(2 * F if gated else F, D, generator=g) * D**-0.5,
+                s_w_out=torch.randn(D, F, generator=g) * F**-0.5,
+                s_scale=torch.rand(T, generator=g) + 0.2 if scale else None)
+
+
+def check_shared_against_loop(case, shared, backend, activation="silu", gated=True, shared_activation=None):
+    """Routed loop + a per-token loop of the shared expert, outputs and every gradient (shared ones too)."""
+    p = {**leaves(case), **{n: None if v is None else v.detach().clone().requires_grad_(True) for n, v in shared.items()}}
+    routed = loop_moe(p["x"], p["weights"], case["ids"], p["w_in"], p["w_out"], p["b_in"], p["b_out"], activation, gated)
+    shared_rows = []
+    for t in range(case["x"].shape[0]):
+        y = loop_expert(p["x"][t], 0, p["s_w_in"][None], p["s_w_out"][None], None, None, shared_activation or activation, gated)
+        shared_rows.append(y if p["s_scale"] is None else p["s_scale"][t] * y)
+    y_ref = routed + torch.stack(shared_rows)
+
+    q = {**leaves(case), **{n: None if v is None else v.detach().clone().requires_grad_(True) for n, v in shared.items()}}
+    plan = build_plan(case["ids"], case["w_in"].shape[0])
+    y = expert_mlp(q["x"], q["weights"], plan, q["w_in"], q["w_out"], b_in_EN=q["b_in"], b_out_ED=q["b_out"],
+                   activation=activation, gated=gated, backend=backend,
+                   shared=SharedExpert(q["s_w_in"], q["s_w_out"], q["s_scale"], shared_activation))
+    torch.testing.assert_close(y, y_ref, **TOL)
+    upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(77))
+    g_ref, g = grads_of(y_ref, p, upstream), grads_of(y, q, upstream)
+    assert g.keys() == g_ref.keys() and {"s_w_in", "s_w_out"} <= g.keys()
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], **TOL, msg=lambda m, n=name: f"grad of {n}: {m}")
+    return y
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+@pytest.mark.parametrize("scale", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_shared_expert_matches_loop(backend, scale, bias):
+    check_shared_against_loop(make_case(13, 2, 4, bias=bias, seed=50), shared_case(13, scale=scale, seed=51), backend)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_shared_expert_in_parallel_streams_matches_loop(expert_streams, threads):
+    torch.set_num_threads(threads)
+    check_shared_against_loop(make_case(31, 3, 5, bias=True, seed=52), shared_case(31, seed=53), "torch")
+
+
+def test_shared_expert_ungated_with_its_own_activation_and_tokens_without_routes():
+    case = make_case(6, 2, 3, gated=False, seed=54)
+    case["ids"][2] = -1  # token 2 gets only the shared expert
+    y = check_shared_against_loop(case, shared_case(6, gated=False, seed=55), "torch", activation="relu",
+                                  gated=False, shared_activation="gelu_tanh")
+    assert torch.count_nonzero(y[2]) > 0
+
+
+def test_shared_expert_bad_input_errors():
+    case = make_case(4, 2, 3, seed=56)
+    plan = build_plan(case["ids"], 3)
+    sh = shared_case(4, seed=57)
+    args = (case["x"], case["weights"], plan, case["w_in"], case["w_out"])
+    with pytest.raises(ValueError, match=r"shared w_in must be \[N_in, D=8\]"):
+        expert_mlp(*args, shared=SharedExpert(sh["s_w_in"][:, :5], sh["s_w_out"]))
+    with pytest.raises(ValueError, match=r"shared w_out must be \[D, F\] = \(8, 5\)"):
+        expert_mlp(*args, shared=SharedExpert(sh["s_w_in"], sh["s_w_out"][:, :4]))
+    with pytest.raises(ValueError, match=r"shared scale must be \[T\] = \(4,\)"):
+        expert_mlp(*args, shared=SharedExpert(sh["s_w_in"], sh["s_w_out"], sh["s_scale"][:, None]))
+    with pytest.raises(TypeError, match="shared must be a SharedExpert"):
+        expert_mlp(*args, shared=(sh["s_w_in"], sh["s_w_out"]))
+    with pytest.raises(ValueError, match="unknown activation 'swish'"):
+        expert_mlp(*args, shared=SharedExpert(sh["s_w_in"], sh["s_w_out"], activation="swish"))
 
 
 def test_torch_and_reference_agree_on_mixed_case():

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moezoo.kernels import losses as aux
-from moezoo.kernels.experts import BACKENDS, activation_fn, expert_mlp
+from moezoo.kernels.experts import BACKENDS, SharedExpert, activation_fn, expert_mlp
 from moezoo.kernels.plan import build_plan, capacity_for
 from moezoo.kernels.routing import (
     RouterOutput,
@@ -88,6 +88,14 @@ class GatedMLP(nn.Module):
         act = activation_fn(self.activation)
         h = act(self.gate_proj(x)) * self.up_proj(x) if self.gated else act(self.up_proj(x))
         return self.down_proj(h)
+
+    def as_shared_expert(self, scale_T: torch.Tensor | None = None) -> SharedExpert:
+        """This MLP in ``expert_mlp``'s shared-expert layout (gate rows, then up rows), differentiable back to
+        the three Linear weights."""
+        if any(layer is not None and layer.bias is not None for layer in (self.gate_proj, self.up_proj, self.down_proj)):
+            raise ValueError("a shared expert is bias-free; this GatedMLP has biases")
+        w_in = torch.cat([self.gate_proj.weight, self.up_proj.weight]) if self.gated else self.up_proj.weight
+        return SharedExpert(w_in, self.down_proj.weight, scale_T, self.activation)
 
 
 class Router(nn.Module):
@@ -311,16 +319,19 @@ class MoE(nn.Module):
         plan = build_plan(ids_TK, self.num_experts, capacity=capacity)
         y_TD = expert_mlp(
             x_TD, weights_TK, plan, *self._expert_weights(), b_in_EN=self.b_in, b_out_ED=self.b_out,
-            activation=self.activation, gated=self.gated, backend=self.backend,
+            activation=self.activation, gated=self.gated, backend=self.backend, shared=self._shared_expert(x_TD),
         )
         y_TD = y_TD + self._special_experts(x_TD, ids_TK, weights_TK)
-        if self.shared is not None:
-            shared_TD = self.shared(x_TD)
-            if self.shared_gate is not None:
-                shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
-            y_TD = y_TD + shared_TD
         self.routing = self._record(routed, plan, lead_shape)
         return y_TD.reshape(x.shape)
+
+    def _shared_expert(self, x_TD: torch.Tensor) -> SharedExpert | None:
+        """The shared experts as one always-on expert for ``expert_mlp`` (which runs it in the same parallel
+        walk as the routed experts on CPU), scaled per token by the sigmoid gate if there is one."""
+        if self.shared is None:
+            return None
+        scale_T = None if self.shared_gate is None else torch.sigmoid(self.shared_gate(x_TD)).squeeze(-1)
+        return self.shared.as_shared_expert(scale_T)
 
     def _expert_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.expert_kind == "ternary":
