@@ -224,17 +224,41 @@ def _onednn_linear_available() -> bool:
 
 
 # On x86 CPUs torch's fp32 ``mm`` calls MKL; oneDNN's linear (the kernel torch.compile uses for CPU linears)
-# runs the expert-shaped GEMMs faster on this AMD EPYC: single-threaded, [512, 384] x [384, 3072] 104 vs 97
-# GFLOP/s, [512, 384] x [384, 1536]^T-style backward products 111-113 vs 100-102 (/tmp-measured, see the
-# README's benchmark notes). Switch off with ``ONEDNN_GEMMS = False`` (tests run both paths).
+# runs the experts' forward and input-gradient products 1.12x faster on this AMD EPYC, single-threaded, alone or
+# two at once (``python bench/cpu_gemm.py``). The weight gradients stay on ``mm``: it writes them in place, and
+# there oneDNN is not faster everywhere. Switch off with ``ONEDNN_GEMMS = False`` (tests run both paths).
 ONEDNN_GEMMS = _onednn_linear_available()
+
+
+def _use_onednn(a: torch.Tensor) -> bool:
+    return ONEDNN_GEMMS and a.dtype == torch.float32 and a.device.type == "cpu"
 
 
 def _matmul_nt(a_MK: torch.Tensor, b_NK: torch.Tensor) -> torch.Tensor:
     """``a @ b.T`` as a new tensor: oneDNN's linear for fp32 CPU tensors when available, else ``torch.mm``."""
-    if ONEDNN_GEMMS and a_MK.dtype == torch.float32 and a_MK.device.type == "cpu":
+    if _use_onednn(a_MK):
         return torch.ops.mkldnn._linear_pointwise(a_MK, b_NK, None, "none", [], "")
     return torch.mm(a_MK, b_NK.t())
+
+
+# oneDNN's names for our activations (attr, algorithm), applied inside the GEMM as a post-op
+_ONEDNN_ACTIVATIONS = {"silu": ("swish", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh"), "relu": ("relu", "")}
+
+
+def _fused_activated(x_CD, w_in_NK, b_in_N, activation: str, gated: bool) -> torch.Tensor | None:
+    """``act(x @ W_gate^T + b) * (x @ W_up^T + b)`` (or ``act(x @ W^T + b)``) with the activation and the
+    product done in the GEMMs' epilogues, as torch.compile does for CPU SwiGLUs: no separate pass over the
+    hidden activations. Inference only (the pre-activations are not kept); None when oneDNN is not in use."""
+    if not _use_onednn(x_CD):
+        return None
+    linear = torch.ops.mkldnn._linear_pointwise
+    attr, algorithm = _ONEDNN_ACTIVATIONS[activation]
+    if not gated:
+        return linear(x_CD, w_in_NK, b_in_N, attr, [], algorithm)
+    hidden = w_in_NK.shape[0] // 2
+    b_gate, b_up = (None, None) if b_in_N is None else (b_in_N[:hidden], b_in_N[hidden:])
+    gate_CF = linear(x_CD, w_in_NK[:hidden], b_gate, attr, [], algorithm)
+    return linear.binary(x_CD, gate_CF, w_in_NK[hidden:], b_up, "mul")
 
 
 class _Buffers:
@@ -423,13 +447,16 @@ def _torch_expert_forward(x_TD, tables: list[_ExpertTable], groups, keep_h: bool
         for t, e, rows in group:
             table, count = tables[t], rows.stop - rows.start
             x_CD = table.gather(x_TD, rows, buffers.get("x", dim, count))
-            h_CN = _matmul_nt(x_CD, table.w_in_ENK[e])
-            if table.b_in_EN is not None:
-                h_CN += table.b_in_EN[e]
-            if keep_h:
-                h_kept[t, e, rows.start] = h_CN
-            act = activation_fn(table.activation)
-            a_CF = _activated(act, h_CN, table.hidden, table.gated, buffers.get("a", table.hidden, count))
+            b_in_N = None if table.b_in_EN is None else table.b_in_EN[e]
+            a_CF = None if keep_h else _fused_activated(x_CD, table.w_in_ENK[e], b_in_N, table.activation, table.gated)
+            if a_CF is None:
+                h_CN = _matmul_nt(x_CD, table.w_in_ENK[e])
+                if b_in_N is not None:
+                    h_CN += b_in_N
+                if keep_h:
+                    h_kept[t, e, rows.start] = h_CN
+                act = activation_fn(table.activation)
+                a_CF = _activated(act, h_CN, table.hidden, table.gated, buffers.get("a", table.hidden, count))
             y_CD = _matmul_nt(a_CF, table.w_out_EDF[e])
             if table.b_out_ED is not None:
                 y_CD += table.b_out_ED[e]

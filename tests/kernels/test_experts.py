@@ -376,15 +376,20 @@ def shared_case(T, D=8, F=5, gated=True, scale=True, seed=0):
                 s_scale=torch.rand(T, generator=g) + 0.2 if scale else None)
 
 
+def loop_with_shared(ids, p, activation, gated, shared_activation):
+    """The routed loop plus a per-token loop of the shared expert times its per-token scale."""
+    routed = loop_moe(p["x"], p["weights"], ids, p["w_in"], p["w_out"], p["b_in"], p["b_out"], activation, gated)
+    shared_rows = []
+    for t in range(p["x"].shape[0]):
+        y = loop_expert(p["x"][t], 0, p["s_w_in"][None], p["s_w_out"][None], None, None, shared_activation or activation, gated)
+        shared_rows.append(y if p["s_scale"] is None else p["s_scale"][t] * y)
+    return routed + torch.stack(shared_rows)
+
+
 def check_shared_against_loop(case, shared, backend, activation="silu", gated=True, shared_activation=None):
     """Routed loop + a per-token loop of the shared expert, outputs and every gradient (shared ones too)."""
     p = {**leaves(case), **{n: None if v is None else v.detach().clone().requires_grad_(True) for n, v in shared.items()}}
-    routed = loop_moe(p["x"], p["weights"], case["ids"], p["w_in"], p["w_out"], p["b_in"], p["b_out"], activation, gated)
-    shared_rows = []
-    for t in range(case["x"].shape[0]):
-        y = loop_expert(p["x"][t], 0, p["s_w_in"][None], p["s_w_out"][None], None, None, shared_activation or activation, gated)
-        shared_rows.append(y if p["s_scale"] is None else p["s_scale"][t] * y)
-    y_ref = routed + torch.stack(shared_rows)
+    y_ref = loop_with_shared(case["ids"], p, activation, gated, shared_activation)
 
     q = {**leaves(case), **{n: None if v is None else v.detach().clone().requires_grad_(True) for n, v in shared.items()}}
     plan = build_plan(case["ids"], case["w_in"].shape[0])
@@ -411,6 +416,19 @@ def test_shared_expert_matches_loop(backend, scale, bias):
 def test_shared_expert_in_parallel_streams_matches_loop(expert_streams, threads):
     torch.set_num_threads(threads)
     check_shared_against_loop(make_case(31, 3, 5, bias=True, seed=52), shared_case(31, seed=53), "torch")
+
+
+@pytest.mark.parametrize("gated,activation", [(True, "silu"), (False, "gelu_tanh")])
+def test_shared_expert_without_grad_matches_loop(expert_streams, gated, activation):
+    """The inference path (fused activations with oneDNN) with a shared expert split across two streams."""
+    case, shared = make_case(31, 3, 5, gated=gated, bias=True, seed=60), shared_case(31, gated=gated, seed=61)
+    ref = loop_with_shared(case["ids"], {**case, **shared}, activation, gated, None)
+    plan = build_plan(case["ids"], 5)
+    with torch.inference_mode():
+        y = expert_mlp(case["x"], case["weights"], plan, case["w_in"], case["w_out"], b_in_EN=case["b_in"],
+                       b_out_ED=case["b_out"], activation=activation, gated=gated, backend="torch",
+                       shared=SharedExpert(shared["s_w_in"], shared["s_w_out"], shared["s_scale"]))
+    torch.testing.assert_close(y, ref, **TOL)
 
 
 def test_shared_expert_ungated_with_its_own_activation_and_tokens_without_routes():
@@ -739,8 +757,13 @@ def test_backend_resolution_on_cpu(monkeypatch):
     "activation,gated,bias,capacity",
     [("silu", True, False, None), ("gelu", False, True, None), ("gelu_tanh", True, True, 3), ("relu", False, False, 2)],
 )
-def test_torch_backend_without_grad_matches_loop(activation, gated, bias, capacity):
-    """Inputs that need no grad (and under torch.no_grad) take the forward-only path: same values."""
+@pytest.mark.parametrize("onednn", [True, False])
+def test_torch_backend_without_grad_matches_loop(monkeypatch, activation, gated, bias, capacity, onednn):
+    """Inputs that need no grad (and under torch.no_grad) take the forward-only path (with oneDNN: the
+    activation fused into the GEMM): same values."""
+    import moezoo.kernels.experts as experts
+
+    monkeypatch.setattr(experts, "ONEDNN_GEMMS", onednn and experts.ONEDNN_GEMMS)
     case = make_case(13, 3, 5, gated=gated, bias=bias, seed=16)
     case["ids"][2, 0] = -1
     case["ids"][4, 2] = 7
@@ -757,6 +780,8 @@ def test_torch_backend_without_grad_matches_loop(activation, gated, bias, capaci
         y2 = expert_mlp(case["x"], case["weights"], plan, leaf, case["w_out"], **kwargs)
     assert not y2.requires_grad
     torch.testing.assert_close(y2, ref, **TOL)
-    # The grad path gives bitwise the same forward values as the no-grad path.
+    # The grad path gives the same forward values as the no-grad path (bitwise without the fused epilogue).
     y3 = expert_mlp(case["x"], case["weights"], plan, leaf, case["w_out"], **kwargs)
-    assert torch.equal(y3.detach(), y)
+    torch.testing.assert_close(y3.detach(), y, rtol=1e-6, atol=1e-6)
+    if not experts.ONEDNN_GEMMS:
+        assert torch.equal(y3.detach(), y)

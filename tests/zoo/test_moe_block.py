@@ -16,7 +16,7 @@ import torch.nn as nn
 
 import moezoo.kernels.experts as experts_module
 import moezoo.zoo.layers.moe as moe_module
-from moezoo.zoo.layers import MoE, collect_routing, set_backend, total_aux_loss
+from moezoo.zoo.layers import GatedMLP, MoE, collect_routing, set_backend, total_aux_loss
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 KIND = {"swiglu": ("silu", True), "geglu": ("gelu", True), "mlp": ("gelu", False), "ternary": ("silu", True)}
@@ -789,3 +789,14 @@ def test_block_in_other_dtypes(router, dtype):
     assert y.dtype == dtype and y.shape == x.shape
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float64 else dict(rtol=0.05, atol=0.05)
     torch.testing.assert_close(y.float(), y32, **tol)
+
+
+def test_gated_mlp_as_shared_expert_layout_and_bias_error():
+    mlp = GatedMLP(8, 5)
+    shared = mlp.as_shared_expert()
+    assert torch.equal(shared.w_in_NK, torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+    assert shared.w_out_DF is mlp.down_proj.weight and shared.scale_T is None and shared.activation == "silu"
+    ungated = GatedMLP(8, 5, activation="gelu", gated=False)
+    assert ungated.as_shared_expert().w_in_NK is ungated.up_proj.weight
+    with pytest.raises(ValueError, match="a shared expert is bias-free; this GatedMLP has biases"):
+        GatedMLP(8, 5, bias=True).as_shared_expert()
