@@ -7,7 +7,9 @@ thread doing the same product at the same time (two expert streams, as on this 2
 ``X W_in^T`` and ``A W_out^T``; backward: ``dY W_out``, ``dH W_in`` (input-side gradients) and the weight gradients
 ``dH^T X``, ``dY^T A`` (these stay on ``torch.mm``, which writes them in place into the [E, ...] gradient:
 oneDNN returns new tensors, and the copy would cost more than it gains). Every product is first checked
-against ``torch.mm`` (relative error printed). Prints a markdown table of GFLOP/s (median of ``--repeats``).
+against ``torch.mm`` (relative error printed). Prints a markdown table of GFLOP/s (median of ``--repeats``), then
+one for row counts that change every call (as real routing makes them): oneDNN builds a kernel per new shape
+and caches it, so the first sight of a row count costs extra.
 
 Usage::
 
@@ -88,6 +90,27 @@ def time_product(fn, streams: int, m, k, n, layout, repeats: int, pool) -> float
     return 2.0 * m * k * n / statistics.median(times) / 1e9
 
 
+def changing_rows() -> list[tuple[str, float, float]]:
+    """Real routing changes every expert's row count every call, and oneDNN builds (then caches, up to 1024
+    shapes) a kernel per new shape: ms per 512 rows of ``dit_moe_s X W_in^T`` over 300 calls whose row counts
+    are drawn from 300..700 (most new the first time), then the same counts again (cached)."""
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.randint(300, 701, (300,), generator=gen).tolist()
+    x, w = torch.randn(max(counts), 384, generator=gen), torch.randn(3072, 384, generator=gen)
+    torch.set_num_threads(1)
+
+    def ms_per_512_rows(fn):
+        start = time.perf_counter()
+        for m in counts:
+            fn(x[:m], w)
+        return (time.perf_counter() - start) / sum(counts) * 512 * 1e3
+
+    rows = []
+    for label in ("first pass", "second pass"):
+        rows.append((label, ms_per_512_rows(mkl), ms_per_512_rows(onednn)))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=9)
@@ -116,6 +139,14 @@ def main() -> None:
     ratios = [r[6] / r[5] for r in used] + [r[8] / r[7] for r in used]
     print(f"\noneDNN / torch.mm on the products the expert backend gives oneDNN (all but dH^T X, dY^T A), geometric "
           f"mean: {statistics.geometric_mean(ratios):.2f}x (max rel err {max(r[4] for r in rows):.1e})")
+    threads = torch.get_num_threads()
+    changing = changing_rows()
+    torch.set_num_threads(threads)
+    print("\nRow counts that change every call (300 calls, 300..700 rows, dit_moe_s X W_in^T, 1 thread), ms per 512 rows:")
+    print("| pass | torch.mm | oneDNN | ratio |")
+    print("|---|---:|---:|---:|")
+    for label, mm_ms, dn_ms in changing:
+        print(f"| {label} | {mm_ms:.2f} | {dn_ms:.2f} | {mm_ms / dn_ms:.2f} |")
     print("# CPU: ", end="")
     try:
         with open("/proc/cpuinfo") as f:
