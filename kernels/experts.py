@@ -207,13 +207,15 @@ def _reference_expert_mlp(x_TD, weights_TK, plan, w_in_ENK, w_out_EDF, b_in_EN, 
     return torch.stack(rows)
 
 
-def _act_grad(name: str, grad_SF: torch.Tensor, pre_SF: torch.Tensor) -> torch.Tensor:
-    """d act(pre) / d pre times grad, with aten's fused backward kernels (one pass, no autograd graph)."""
+def _act_grad(name: str, grad_SF: torch.Tensor, pre_SF: torch.Tensor, out_SF: torch.Tensor) -> torch.Tensor:
+    """d act(pre) / d pre times grad, written into ``out_SF``, with aten's fused backward kernels (one pass, no
+    autograd graph)."""
     if name == "silu":
-        return torch.ops.aten.silu_backward(grad_SF, pre_SF)
+        return torch.ops.aten.silu_backward.grad_input(grad_SF, pre_SF, grad_input=out_SF)
     if name in ("gelu", "gelu_tanh"):
-        return torch.ops.aten.gelu_backward(grad_SF, pre_SF, approximate="tanh" if name == "gelu_tanh" else "none")
-    return torch.ops.aten.threshold_backward(grad_SF, pre_SF, 0)
+        approximate = "tanh" if name == "gelu_tanh" else "none"
+        return torch.ops.aten.gelu_backward.grad_input(grad_SF, pre_SF, approximate=approximate, grad_input=out_SF)
+    return torch.ops.aten.threshold_backward.grad_input(grad_SF, pre_SF, 0, grad_input=out_SF)
 
 
 def _onednn_linear_available() -> bool:
@@ -496,10 +498,12 @@ def _backward_piece(table: _ExpertTable, e: int, rows: slice, h_CN, grads: list,
     w_S, w_C1 = table.w_S[rows], table.w_S[rows, None]
     grad_y_CD = table.gather(grad_out_TD, rows, buffers.get("gy", dim, count))
     pre_CF = h_CN[:, :hidden]
-    a_CF = _activated(act, h_CN, hidden, table.gated, buffers.get("a", hidden, count))
+    # the activation is recomputed once and kept: a = act(gate) * up, and up's gradient is dA * act(gate)
+    act_CF = act(pre_CF)
+    a_CF = torch.mul(act_CF, h_CN[:, hidden:], out=buffers.get("a", hidden, count)) if table.gated else act_CF
     # dA' (the gradient at the weighted activation), then the row weight's and W_out's gradients.
     grad_wa_CF = _matmul_nt(grad_y_CD, table.w_out_EDF[e].t())
-    grad_w_S[rows] = (grad_wa_CF * a_CF).sum(-1)
+    grad_w_S[rows] = torch.linalg.vecdot(grad_wa_CF, a_CF)
     if g_b_out is not None:
         grad_w_S[rows] += grad_y_CD @ table.b_out_ED[e]
         torch.mv(grad_y_CD.t(), w_S, out=g_b_out)
@@ -507,10 +511,10 @@ def _backward_piece(table: _ExpertTable, e: int, rows: slice, h_CN, grads: list,
     grad_a_CF = grad_wa_CF.mul_(w_C1)
     grad_h_CN = buffers.get("gh", h_CN.shape[1], count)
     if table.gated:
-        torch.mul(grad_a_CF, act(pre_CF), out=grad_h_CN[:, hidden:])
-        grad_h_CN[:, :hidden] = _act_grad(table.activation, grad_a_CF.mul_(h_CN[:, hidden:]), pre_CF)
+        torch.mul(grad_a_CF, act_CF, out=grad_h_CN[:, hidden:])
+        _act_grad(table.activation, grad_a_CF.mul_(h_CN[:, hidden:]), pre_CF, grad_h_CN[:, :hidden])
     else:
-        grad_h_CN.copy_(_act_grad(table.activation, grad_a_CF, pre_CF))
+        _act_grad(table.activation, grad_a_CF, pre_CF, grad_h_CN)
     if g_b_in is not None:
         torch.sum(grad_h_CN, 0, out=g_b_in)
     x_CD = table.gather(x_TD, rows, buffers.get("x", dim, count))
