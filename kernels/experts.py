@@ -121,7 +121,7 @@ def expert_mlp(
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _TorchExpertMLP.apply(*tensors, plan, activation, gated, shared_activation)
     tables = _expert_tables(*tensors, plan, activation, gated, shared_activation)
-    return _torch_expert_forward(x_TD, tables, _stream_groups_of(tables, x_TD.device), keep_h=False)[0]
+    return _torch_expert_forward(x_TD, tables, _forward_groups(tables, x_TD), keep_h=False)[0]
 
 
 def _check_shared(shared: SharedExpert | None, x_TD: torch.Tensor, gated: bool, activation: str) -> str | None:
@@ -295,13 +295,14 @@ def _expert_slices(counts: list[int]):
 
 
 # ------------------------------------------------------------------------------------------ expert streams
-# With several CPU threads, one GEMM per expert split across all threads wastes much of each call on
+# With several CPU threads, one MKL GEMM per expert split across all threads wastes much of each call on
 # splitting small matrices and waiting at barriers. Instead the sorted rows are cut into as many equal ranges
 # ("streams") as there are threads, and each runs on its own worker thread with single-threaded GEMMs (an
 # expert on a cut is split between two streams). Each stream adds into its own output, and the outputs are
-# summed in a fixed order, so results are still deterministic. Measured (bench/moe_layer.py, 2 threads):
-# E=64 fwd+bwd 1.21x -> 1.02x of dense; with whole experts per stream E=8 lost (halves of 4 experts
-# balanced poorly), with even row cuts it is level or better.
+# summed in a fixed order, so results are still deterministic. Measured (bench/moe_layer.py, 2 threads, MKL
+# GEMMs): E=64 fwd+bwd 1.21x -> 1.02x of dense; with whole experts per stream E=8 lost (halves of 4 experts
+# balanced poorly), with even row cuts it is level or better. The backward always streams; the forward does
+# only without oneDNN, whose own threading of each GEMM is faster there (see ``_forward_groups``).
 
 MIN_STREAM_FLOPS = 2e8  # below this a call is too small to be worth handing to worker threads
 _stream_pool = None  # (ThreadPoolExecutor, its worker count)
@@ -335,6 +336,11 @@ def _streams_pool(streams: int):
     return _stream_pool[0]
 
 
+def _one_group(counts: list[list[int]]) -> list[list[tuple[int, int, slice]]]:
+    """Every table's experts whole, in one group: no streams."""
+    return [[(t, e, rows) for t, table_counts in enumerate(counts) for e, rows in _expert_slices(table_counts)]]
+
+
 def _stream_groups(counts: list[list[int]], flops_per_row: list[float], device: torch.device):
     """Every table's sorted rows (``counts[t]``: its rows per expert) cut into one contiguous range of equal
     length per CPU thread ("stream"), each stream as the (table, expert, row slice) pieces it covers: an expert
@@ -344,7 +350,7 @@ def _stream_groups(counts: list[list[int]], flops_per_row: list[float], device: 
     threads = torch.get_num_threads() if device.type == "cpu" else 1
     flops = sum(sum(table_counts) * f for table_counts, f in zip(counts, flops_per_row))
     if threads < 2 or flops < MIN_STREAM_FLOPS:
-        return [[(t, e, rows) for t, table in enumerate(slices) for e, rows in table]]
+        return _one_group(counts)
     groups = [[] for _ in range(threads)]
     for t, (table, table_counts) in enumerate(zip(slices, counts)):
         total = sum(table_counts)
@@ -436,13 +442,35 @@ def _stream_groups_of(tables: list[_ExpertTable], device: torch.device):
     return _stream_groups([t.counts for t in tables], [t.flops_per_row for t in tables], device)
 
 
+def _forward_groups(tables: list[_ExpertTable], x_TD: torch.Tensor):
+    """The forward's pieces. With oneDNN GEMMs, whole experts in the calling thread: oneDNN spreads each GEMM
+    over the threads itself (2.05x one thread's speed on these shapes, ``python bench/cpu_gemm.py``), which beat
+    parallel streams of single-threaded GEMMs in the forward (bench/moe_layer.py, fwd: DiT-MoE-S 102 vs 109 ms,
+    E8 and E64 level or ~1% better). The backward still streams: its weight gradients are MKL GEMMs that
+    reduce over an expert's rows, which two threads split poorly (E64 fwd+bwd 1.88 s without streams, 1.82 s
+    with)."""
+    if _use_onednn(x_TD):
+        return _one_group([t.counts for t in tables])
+    return _stream_groups_of(tables, x_TD.device)
+
+
+def _kept_h_for(h_kept: dict, t: int, e: int, rows: slice) -> torch.Tensor:
+    """The pre-activations of sorted ``rows`` of expert ``e`` of table ``t``, from the forward's piece that holds
+    them (the forward and backward may cut experts differently)."""
+    for start, h_CN in h_kept[t, e]:
+        if start <= rows.start and rows.stop <= start + h_CN.shape[0]:
+            return h_CN[rows.start - start:rows.stop - start]
+    raise AssertionError(f"no forward piece holds rows {rows} of expert {e}")
+
+
 def _torch_expert_forward(x_TD, tables: list[_ExpertTable], groups, keep_h: bool):
     """The forward walk over ``groups``; returns the output and, if ``keep_h``, the pre-activations for
-    backward: one ``[rows, N_in]`` tensor per piece of ``groups``, in their order. Kept per piece, not as one
+    backward: ``{(table, expert): [(first row, [rows, N_in] tensor) per piece]}``. Kept per piece, not as one
     [S, N_in] tensor: that is often larger than the largest block glibc serves from its heap (32 MiB), so every
     call would map fresh pages and fault through all of them (DiT-MoE-S: 12k faults, ~15 ms a call)."""
     num_tokens, dim = x_TD.shape
-    h_kept = {}  # (table, expert, first row) -> pre-activations
+    h_kept = {}  # (table, expert) -> [(first row, pre-activations)]; pieces of one expert are in one stream or
+    # in different ones, so appends to one list never race (and list.append is atomic under the GIL anyway)
 
     def work(group, out_TD):
         buffers = _Buffers.for_group(x_TD, group)
@@ -456,7 +484,7 @@ def _torch_expert_forward(x_TD, tables: list[_ExpertTable], groups, keep_h: bool
                 if b_in_N is not None:
                     h_CN += b_in_N
                 if keep_h:
-                    h_kept[t, e, rows.start] = h_CN
+                    h_kept.setdefault((t, e), []).append((rows.start, h_CN))
                 act = activation_fn(table.activation)
                 a_CF = _activated(act, h_CN, table.hidden, table.gated, buffers.get("a", table.hidden, count))
             y_CD = _matmul_nt(a_CF, table.w_out_EDF[e])
@@ -467,7 +495,7 @@ def _torch_expert_forward(x_TD, tables: list[_ExpertTable], groups, keep_h: bool
 
     outs = [x_TD.new_zeros(num_tokens, dim) for _ in groups]
     _run_streams(work, groups, outs)
-    return outs[0], [h_kept[t, e, rows.start] for group in groups for t, e, rows in group] if keep_h else None
+    return outs[0], h_kept if keep_h else None
 
 
 class _TableGrads:
@@ -540,10 +568,10 @@ class _TorchExpertMLP(torch.autograd.Function):
                 shared_scale_T, plan, activation, gated, shared_activation):
         tables = _expert_tables(x_TD, weights_TK, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, shared_w_in_NK,
                                 shared_w_out_DF, shared_scale_T, plan, activation, gated, shared_activation)
-        groups = _stream_groups_of(tables, x_TD.device)
-        out_TD, h_pieces = _torch_expert_forward(x_TD, tables, groups, keep_h=True)
-        ctx.save_for_backward(x_TD, *h_pieces)
-        ctx.tables, ctx.groups, ctx.plan = tables, groups, plan
+        out_TD, h_kept = _torch_expert_forward(x_TD, tables, _forward_groups(tables, x_TD), keep_h=True)
+        keys = [(key, start) for key, pieces in h_kept.items() for start, _ in pieces]
+        ctx.save_for_backward(x_TD, *(h for pieces in h_kept.values() for _, h in pieces))
+        ctx.tables, ctx.h_keys, ctx.plan = tables, keys, plan
         ctx.weights_dtype = weights_TK.dtype
         ctx.scale_dtype = None if shared_scale_T is None else shared_scale_T.dtype
         return out_TD
@@ -551,11 +579,14 @@ class _TorchExpertMLP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out_TD):
         x_TD, *h_pieces = ctx.saved_tensors
-        tables, groups, plan = ctx.tables, ctx.groups, ctx.plan
+        tables, plan = ctx.tables, ctx.plan
         grad_out_TD = grad_out_TD.contiguous()
         grads = [_TableGrads(table) for table in tables]
         starts = [_expert_starts(table.counts) for table in tables]
-        h_of = dict(zip(((t, e, rows.start) for group in groups for t, e, rows in group), h_pieces))
+        h_kept = {}
+        for (key, start), h_CN in zip(ctx.h_keys, h_pieces):
+            h_kept.setdefault(key, []).append((start, h_CN))
+        groups = _stream_groups_of(tables, x_TD.device)
         continued = {}  # (table, expert, first row) -> weight gradients of a piece continuing in a later stream
 
         def work(group, grad_x_TD):
@@ -567,7 +598,7 @@ class _TorchExpertMLP(torch.autograd.Function):
                 if rows.start != starts[t][e]:
                     piece_grads = [torch.empty_like(g) if g is not None else None for g in piece_grads]
                     continued[t, e, rows.start] = piece_grads
-                _backward_piece(tables[t], e, rows, h_of[t, e, rows.start], piece_grads, grads[t].w_S, x_TD,
+                _backward_piece(tables[t], e, rows, _kept_h_for(h_kept, t, e, rows), piece_grads, grads[t].w_S, x_TD,
                                 grad_out_TD, grad_x_TD, buffers)
 
         grad_xs = [torch.zeros_like(x_TD) for _ in groups]

@@ -330,6 +330,21 @@ def test_stream_groups_cut_every_table_evenly_and_skip_small_calls(expert_stream
     assert len(expert_streams._stream_groups([[4] * 8], [1.0], torch.device("cpu"))) == 1
 
 
+def test_forward_runs_whole_experts_with_onednn_and_backward_streams(monkeypatch, expert_streams):
+    """With oneDNN GEMMs the forward keeps every expert whole (oneDNN threads each GEMM itself) while the
+    backward still cuts the rows into streams; without oneDNN both stream."""
+    case = make_case(33, 3, 5, seed=45)
+    plan = build_plan(case["ids"], 5)
+    tables = expert_streams._expert_tables(case["x"], case["weights"], case["w_in"], case["w_out"], None, None, None,
+                                           None, None, plan, "silu", True, None)
+    whole = [[(0, e, r.start, r.stop) for e, r in expert_streams._expert_slices(plan.counts_list())]]
+    monkeypatch.setattr(expert_streams, "ONEDNN_GEMMS", True)
+    assert stream_rows(expert_streams._forward_groups(tables, case["x"])) == whole
+    assert len(expert_streams._stream_groups_of(tables, case["x"].device)) == 2  # what the backward walks
+    monkeypatch.setattr(expert_streams, "ONEDNN_GEMMS", False)
+    assert len(expert_streams._forward_groups(tables, case["x"])) == 2
+
+
 def test_parallel_expert_streams_are_deterministic_and_follow_inference_mode(expert_streams):
     case = make_case(33, 4, 8, bias=True, seed=8)
     upstream = torch.randn(33, 8, generator=torch.Generator().manual_seed(9))
