@@ -41,6 +41,11 @@ shows the median. To keep the whole run near ten minutes, a pass stops adding ti
 ``MIN_REPEATS`` (3) and they took more than ``--budget`` seconds (this only bites on the slowest cells, HF's
 fwd+bwd on E64_k8: eager takes 10+ s a call); the JSON records every run (``ms_runs``).
 
+Rounds: this VM's speed drifts by several percent between processes minutes apart (the same cell measured
+99-111 ms in fresh processes), more than a cell's runs vary among themselves. ``--rounds N`` runs every
+(shape, impl) cell N times, interleaved (moezoo, HF, HF, dense, moezoo, ...), and reports the median over all
+runs of all rounds, plus each round's moezoo / dense ratio so the spread is visible.
+
 Peak memory ("peak MiB"): the extra resident memory of the pass's first full-size call. torch's CPU
 allocations are invisible to ``tracemalloc`` and ``ru_maxrss`` is a high-water mark since process start (it
 would include setup), so for each pass the subprocess (1) runs the layer on the first 64 tokens, so that
@@ -56,6 +61,7 @@ percent (or ~10 MiB) whether it runs first in a fresh process or after the other
 Usage::
 
     python bench/moe_layer.py                       # all shapes, ~6-8 minutes on 2 idle cores
+    python bench/moe_layer.py --rounds 3            # every cell 3 times, interleaved: ~20 minutes, steadier ratios
     python bench/moe_layer.py --shapes dit_moe_s --repeats 3 --json out.json
     python bench/moe_layer.py --quick               # T / 16: a smoke run
 
@@ -335,6 +341,18 @@ def check_shape(shape: Shape) -> dict:
     return errors
 
 
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One cell's records from several rounds as one: the median over every timed run of every round (each
+    round's median kept in ``ms_rounds``), the largest peak memory, the median page-fault count."""
+    if len(rounds) == 1 or any("error" in r for r in rounds):
+        return next((r for r in rounds if "error" in r), rounds[0])
+    runs = [ms for r in rounds for ms in r["ms_runs"]]
+    return {**rounds[0], "ms": statistics.median(runs), "ms_runs": runs, "ms_rounds": [r["ms"] for r in rounds],
+            "ms_warmups": [ms for r in rounds for ms in r["ms_warmups"]],
+            "peak_mib": max((r["peak_mib"] for r in rounds if r["peak_mib"] is not None), default=None),
+            "page_faults_per_call": statistics.median(r["page_faults_per_call"] for r in rounds)}
+
+
 def hf_code_paths() -> dict:
     """Which code each experts_implementation really runs on this machine: the aten ops of a tiny fwd+bwd."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -434,6 +452,12 @@ def print_table(records: list[dict], shapes: list[str]) -> None:
                 best_ms, best = min(hf)
                 parts.append(f"{pass_} {ours / best_ms:.2f}× of {best} ({ours:.0f} vs {best_ms:.0f} ms)")
         print(f"{shape}: moezoo vs HF's best: " + ("; ".join(parts) if parts else "n/a"))
+    for shape in shapes:  # with rounds: how much the ratio to dense moved from round to round
+        for pass_ in PASSES:
+            ours, dense = (by_key.get((shape, impl, pass_), {}).get("ms_rounds") for impl in ("moezoo", "dense"))
+            if ours and dense:
+                print(f"{shape} {pass_}: moezoo / dense per round: "
+                      + ", ".join(f"{a / b:.2f}" for a, b in zip(ours, dense)))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -441,6 +465,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per cell (after %d warm-ups)" % WARMUPS)
     parser.add_argument("--quick", action="store_true", help="T / 16: a smoke run")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every (shape, impl) cell this many times, interleaved (moezoo, HF, dense, moezoo, "
+                             "...), and take the median over all runs: ratios then do not hang on one moment's "
+                             "machine speed")
     parser.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
     parser.add_argument("--budget", type=float, default=20.0,
                         help="seconds of timed runs per cell after which no more runs are added, once there are "
@@ -462,6 +490,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}")
     print(f"# load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"# {WARMUPS} warm-ups + median of {args.repeats} runs per cell, one subprocess per (shape, impl)"
+          + (f"; {args.rounds} interleaved rounds, median over all their runs" if args.rounds > 1 else "")
           + (" (QUICK: T / 16)" if args.quick else ""))
     for impl, path in hf_code_paths().items():
         print(f"# HF experts_implementation={impl!r} -> {path}")
@@ -474,16 +503,20 @@ def main(argv: list[str] | None = None) -> None:
               + (f" shared={shape.shared}" if shape.shared else ""), flush=True)
         errors = check_shape(shape)
         gc.collect()
-        for impl in IMPLS:
-            failed = [{"shape": name, "impl": impl, "pass": p, "error": errors[impl, p]}
-                      for p in PASSES if errors.get((impl, p))]
-            passes = [p for p in PASSES if not errors.get((impl, p))]
-            for r in failed + (run_impl_subprocess(name, impl, passes, args) if passes else []):
-                status = r.get("error") or (f"{r['ms']:.1f} ms  runs {r['ms_runs']}  warm-ups {r['ms_warmups']}  "
-                                            f"peak {r['peak_mib']:.0f} MiB  page faults/call "
-                                            f"{r['page_faults_per_call']}")
-                print(f"  {name:<10} {impl:<14} {r['pass']:<8} {status}", flush=True)
-                records.append(r)
+        by_cell = {}
+        for round_ in range(args.rounds):
+            for impl in IMPLS:
+                failed = [{"shape": name, "impl": impl, "pass": p, "error": errors[impl, p]}
+                          for p in PASSES if errors.get((impl, p))]
+                passes = [p for p in PASSES if not errors.get((impl, p))]
+                for r in failed + (run_impl_subprocess(name, impl, passes, args) if passes else []):
+                    status = r.get("error") or (f"{r['ms']:.1f} ms  runs {r['ms_runs']}  warm-ups {r['ms_warmups']}  "
+                                                f"peak {r['peak_mib']:.0f} MiB  page faults/call "
+                                                f"{r['page_faults_per_call']}")
+                    label = f"r{round_ + 1} " if args.rounds > 1 else ""
+                    print(f"  {label}{name:<10} {impl:<14} {r['pass']:<8} {status}", flush=True)
+                    by_cell.setdefault((impl, r["pass"]), []).append(r)
+        records += [merge_rounds(rounds) for rounds in by_cell.values()]
         print(flush=True)
 
     print(f"# finished {time.strftime('%Y-%m-%d %H:%M:%S %Z')} after {time.time() - started:.0f} s; "
