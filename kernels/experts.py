@@ -469,8 +469,8 @@ def _torch_expert_forward(x_TD, tables: list[_ExpertTable], groups, keep_h: bool
     [S, N_in] tensor: that is often larger than the largest block glibc serves from its heap (32 MiB), so every
     call would map fresh pages and fault through all of them (DiT-MoE-S: 12k faults, ~15 ms a call)."""
     num_tokens, dim = x_TD.shape
-    h_kept = {}  # (table, expert) -> [(first row, pre-activations)]; pieces of one expert are in one stream or
-    # in different ones, so appends to one list never race (and list.append is atomic under the GIL anyway)
+    h_kept = {}  # (table, expert) -> [(first row, pre-activations)]: two streams may each add a piece of one
+    # expert, which is safe (dict.setdefault and list.append are atomic under the GIL)
 
     def work(group, out_TD):
         buffers = _Buffers.for_group(x_TD, group)
@@ -552,9 +552,9 @@ def _backward_piece(table: _ExpertTable, e: int, rows: slice, h_CN, grads: list,
 
 class _TorchExpertMLP(torch.autograd.Function):
     """The CPU path: per expert, gather its rows, two GEMMs and the activation, and ``index_add_`` the
-    weighted result into the output; a hand-written backward does the same walk over the same pieces.
-    With several threads the experts run as parallel single-threaded streams (see ``_stream_groups``); the
-    shared expert, if any, is one more table of pieces in the same streams.
+    weighted result into the output; a hand-written backward does the same walk. With several threads the
+    backward (and, without oneDNN, the forward) runs as parallel single-threaded streams over equal row ranges
+    (see ``_stream_groups``, ``_forward_groups``); the shared expert, if any, is one more table of pieces.
 
     ``w * (a @ W_out^T + b_out)`` is differentiated as ``(w * a) @ W_out^T + w * b_out``: the row weight's
     gradient is ``<dY, a @ W_out^T + b_out>``. Only the pre-activation ``h`` (one [rows, N_in] tensor per
