@@ -10,7 +10,7 @@ What is timed (one call of the layer, router excluded)
                    ``transformers.integrations.moe.grouped_mm_experts_forward`` (sort by expert, ``aten::_grouped_mm``
                    for both projections, un-permute, sum over k). The path each setting really takes is checked
                    by recording the aten ops of a tiny call, and printed in the header.
-``dense``          a SwiGLU MLP ``down(silu(gate(x)) * up(x))`` (three bias-free ``nn.Linear``) with hidden width
+``dense``          a SwiGLU MLP ``down(silu(gate(x)) * up(x))`` (``GatedMLP``: three bias-free ``nn.Linear``) with hidden width
                    ``k * f (+ shared)``: the same active FLOPs per token as the MoE layer.
 
 All MoE implementations get the same router outputs (``ids_TK``, ``weights_TK``), computed once, outside the
@@ -19,8 +19,8 @@ router, so expert loads are uniform-ish, not exactly balanced). They also get th
 (copied into ``MixtralExperts``). For ``dit_moe_s`` a shared expert (a dense SwiGLU of hidden 768, one module
 instance) is added to the routed output of every MoE implementation, and the dense baseline is widened by 768:
 the HF implementations add the module's output; moezoo hands the module's weights to ``expert_mlp`` as a
-``SharedExpert`` (gate and up weights concatenated inside the timed call), as moezoo's ``MoE`` layer does, so it
-runs in the same parallel walk as the routed experts.
+``SharedExpert`` (``GatedMLP.as_shared_expert``: gate and up weights concatenated inside the timed call), as
+moezoo's ``MoE`` layer does, so it runs in the same parallel walk as the routed experts.
 
 Passes: ``fwd`` runs under ``torch.inference_mode``; ``fwd+bwd`` runs the forward and then the backward of
 ``(y * g).sum()`` for a fixed random ``g``, with gradients to x, all weights (experts, shared, dense) and the
@@ -88,10 +88,10 @@ import sys
 import time
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from moezoo.kernels.experts import SharedExpert, expert_mlp
+from moezoo.kernels.experts import expert_mlp
 from moezoo.kernels.plan import build_plan
+from moezoo.zoo.layers import GatedMLP
 
 IMPLS = ("moezoo", "hf_eager", "hf_grouped_mm", "dense")
 PASSES = ("fwd", "fwd+bwd")
@@ -129,19 +129,6 @@ def shape_for(name: str, quick: bool) -> Shape:
 # ----------------------------------------------------------------------------------------------- the layers
 
 
-class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)): the dense baseline, and the shared expert of dit_moe_s."""
-
-    def __init__(self, d: int, hidden: int):
-        super().__init__()
-        self.gate = nn.Linear(d, hidden, bias=False)
-        self.up = nn.Linear(d, hidden, bias=False)
-        self.down = nn.Linear(hidden, d, bias=False)
-
-    def forward(self, x):
-        return self.down(F.silu(self.gate(x)) * self.up(x))
-
-
 def make_problem(shape: Shape, seed: int = SEED) -> dict:
     """Inputs, router outputs, expert weights and the output gradient, all from one seeded generator."""
     gen = torch.Generator().manual_seed(seed)
@@ -155,7 +142,7 @@ def make_problem(shape: Shape, seed: int = SEED) -> dict:
     w_out_EDF = torch.randn(E, d, f, generator=gen) / math.sqrt(f)
     g_TD = torch.randn(T, d, generator=gen)
     torch.manual_seed(seed + 1)  # nn.Linear's init of the shared expert
-    shared = SwiGLU(d, shape.shared) if shape.shared else None
+    shared = GatedMLP(d, shape.shared) if shape.shared else None
     return dict(x_TD=x_TD, ids_TK=ids_TK, weights_TK=weights_TK, w_in_ENK=w_in_ENK, w_out_EDF=w_out_EDF,
                 g_TD=g_TD, shared=shared)
 
@@ -190,7 +177,7 @@ class Layer:
             self.params = [self.w_in_ENK, self.w_out_EDF]
         elif impl == "dense":
             torch.manual_seed(SEED + 2)
-            self.dense = SwiGLU(shape.d, shape.k * shape.f + shape.shared)
+            self.dense = GatedMLP(shape.d, shape.k * shape.f + shape.shared)
             self.params = list(self.dense.parameters())
         else:
             raise ValueError(f"unknown impl {impl!r}; accepted: {', '.join(IMPLS)}")
@@ -203,8 +190,7 @@ class Layer:
         if self.impl == "moezoo":
             # as moezoo's MoE layer does: the shared expert goes into expert_mlp (GatedMLP.as_shared_expert)
             plan = build_plan(ids_TK, self.shape.E)
-            shared = None if self.shared is None else SharedExpert(
-                torch.cat([self.shared.gate.weight, self.shared.up.weight]), self.shared.down.weight)
+            shared = None if self.shared is None else self.shared.as_shared_expert()
             return expert_mlp(x_TD, weights_TK, plan, self.w_in_ENK, self.w_out_EDF, backend="torch", shared=shared)
         y_TD = self.experts(x_TD, ids_TK, weights_TK)
         return y_TD if self.shared is None else y_TD + self.shared(x_TD)

@@ -391,6 +391,11 @@ def shared_case(T, D=8, F=5, gated=True, scale=True, seed=0):
                 s_scale=torch.rand(T, generator=g) + 0.2 if scale else None)
 
 
+def shared_leaves(case, shared):
+    """Fresh leaves of the routed case and of the shared expert's tensors."""
+    return {**leaves(case), **{n: None if v is None else v.detach().clone().requires_grad_(True) for n, v in shared.items()}}
+
+
 def loop_with_shared(ids, p, activation, gated, shared_activation):
     """The routed loop plus a per-token loop of the shared expert times its per-token scale."""
     routed = loop_moe(p["x"], p["weights"], ids, p["w_in"], p["w_out"], p["b_in"], p["b_out"], activation, gated)
@@ -403,10 +408,10 @@ def loop_with_shared(ids, p, activation, gated, shared_activation):
 
 def check_shared_against_loop(case, shared, backend, activation="silu", gated=True, shared_activation=None):
     """Routed loop + a per-token loop of the shared expert, outputs and every gradient (shared ones too)."""
-    p = {**leaves(case), **{n: None if v is None else v.detach().clone().requires_grad_(True) for n, v in shared.items()}}
+    p = shared_leaves(case, shared)
     y_ref = loop_with_shared(case["ids"], p, activation, gated, shared_activation)
 
-    q = {**leaves(case), **{n: None if v is None else v.detach().clone().requires_grad_(True) for n, v in shared.items()}}
+    q = shared_leaves(case, shared)
     plan = build_plan(case["ids"], case["w_in"].shape[0])
     y = expert_mlp(q["x"], q["weights"], plan, q["w_in"], q["w_out"], b_in_EN=q["b_in"], b_out_ED=q["b_out"],
                    activation=activation, gated=gated, backend=backend,
