@@ -1,5 +1,6 @@
 """The distribution: every module under the six folders ships in the wheel as moezoo.<folder>...."""
 
+import re
 import subprocess
 import sys
 import zipfile
@@ -59,3 +60,13 @@ def test_installed_subpackages_import():
     import moezoo.zoo
 
     assert moezoo.kernels.__name__ == "moezoo.kernels"
+
+
+def test_readme_starts_with_the_two_commands_and_has_no_unfilled_template():
+    text = (ROOT / "README.md").read_text()
+    first_block = text.split("```bash", 1)[1].split("```", 1)[0]
+    commands = [line.split("#")[0].strip() for line in first_block.strip().splitlines()]
+    assert commands == ["make demo", "make test"], commands
+    # a table pasted in by a script must not be left as its {name} placeholder
+    placeholders = [line for line in text.splitlines() if re.fullmatch(r"\{[a-z_]+\}", line.strip())]
+    assert not placeholders, f"unfilled README placeholders: {placeholders}"
