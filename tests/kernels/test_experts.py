@@ -805,3 +805,114 @@ def test_torch_backend_without_grad_matches_loop(monkeypatch, activation, gated,
     torch.testing.assert_close(y3.detach(), y, rtol=1e-6, atol=1e-6)
     if not experts.ONEDNN_GEMMS:
         assert torch.equal(y3.detach(), y)
+
+
+# ------------------------------------------------------------------------- prepacked weights (inference)
+
+needs_onednn = pytest.mark.skipif(
+    not __import__("moezoo.kernels.experts", fromlist=["ONEDNN_GEMMS"]).ONEDNN_GEMMS, reason="oneDNN not available")
+
+
+def packed_parts(experts, w):
+    """How many prepacked (expert, rows) copies exist for weight tensor ``w``."""
+    entry = experts._packed.get(id(w))
+    return 0 if entry is None or entry[0]() is not w else len(entry[1].parts)
+
+
+def no_grad_call(case, w_in, w_out, activation="silu", gated=True):
+    plan = build_plan(case["ids"], w_in.shape[0])
+    with torch.no_grad():
+        return expert_mlp(case["x"], case["weights"], plan, w_in, w_out, b_in_EN=case["b_in"], b_out_ED=case["b_out"],
+                          activation=activation, gated=gated, backend="torch")
+
+
+def loop_of(case, w_in, w_out, activation="silu", gated=True):
+    return loop_moe(case["x"], case["weights"], case["ids"], w_in, w_out, case["b_in"], case["b_out"], activation, gated)
+
+
+@needs_onednn
+@pytest.mark.parametrize("activation,gated,bias", [("silu", True, False), ("gelu", False, True), ("gelu_tanh", True, True)])
+def test_prepacked_weights_from_the_second_call_match_loop(activation, gated, bias):
+    import moezoo.kernels.experts as experts
+
+    case = make_case(29, 2, 4, gated=gated, bias=bias, seed=60)
+    w_in, w_out = torch.nn.Parameter(case["w_in"].clone()), torch.nn.Parameter(case["w_out"].clone())
+    ref = loop_of(case, w_in.detach(), w_out.detach(), activation, gated)
+    first = no_grad_call(case, w_in, w_out, activation, gated)
+    assert packed_parts(experts, w_in) == 0  # the first sight of a tensor runs on its plain weights
+    for _ in range(2):
+        torch.testing.assert_close(no_grad_call(case, w_in, w_out, activation, gated), ref, **TOL)
+    used = int((torch.bincount(case["ids"].reshape(-1), minlength=4) > 0).sum())
+    assert packed_parts(experts, w_in) == used * (2 if gated else 1)  # gate and up halves packed apiece
+    assert packed_parts(experts, w_out) == used
+    torch.testing.assert_close(first, ref, **TOL)
+    # other routing (other row counts per expert) on the same packed weights
+    other = {**case, "ids": make_case(29, 2, 4, seed=61)["ids"]}
+    torch.testing.assert_close(no_grad_call(other, w_in, w_out, activation, gated),
+                               loop_of(other, w_in.detach(), w_out.detach(), activation, gated), **TOL)
+
+
+@needs_onednn
+@pytest.mark.parametrize("how", ["in place", "through .data", "load_state_dict", "new tensor"])
+def test_prepacked_weights_follow_weight_changes(how):
+    import moezoo.kernels.experts as experts
+
+    case = make_case(17, 2, 3, seed=62)
+    layer = torch.nn.Module()
+    layer.w_in, layer.w_out = torch.nn.Parameter(case["w_in"].clone()), torch.nn.Parameter(case["w_out"].clone())
+    for _ in range(2):
+        no_grad_call(case, layer.w_in, layer.w_out)
+    assert packed_parts(experts, layer.w_in) > 0
+    new_in = torch.randn(case["w_in"].shape, generator=torch.Generator().manual_seed(63))
+    if how == "in place":
+        with torch.no_grad():
+            layer.w_in.copy_(new_in)
+    elif how == "through .data":  # bypasses the version counter: the value sample catches it
+        layer.w_in.data.copy_(new_in)
+    elif how == "load_state_dict":
+        layer.load_state_dict({"w_in": new_in, "w_out": layer.w_out.detach().clone()})
+    else:
+        layer.w_in = torch.nn.Parameter(new_in.clone())
+    torch.testing.assert_close(no_grad_call(case, layer.w_in, layer.w_out), loop_of(case, new_in, case["w_out"]), **TOL)
+
+
+@needs_onednn
+def test_prepacked_weights_skip_fresh_tensors_and_leave_with_their_weights(monkeypatch):
+    import gc
+
+    import moezoo.kernels.experts as experts
+
+    case = make_case(11, 2, 3, seed=64)
+    before = len(experts._packed)
+    for _ in range(3):  # a weight made fresh on every call (dequantized, concatenated...) is never packed
+        no_grad_call(case, case["w_in"].clone(), case["w_out"].clone())
+    gc.collect()
+    assert len(experts._packed) == before
+    w_in, w_out = case["w_in"].clone(), case["w_out"].clone()
+    for _ in range(2):
+        no_grad_call(case, w_in, w_out)
+    assert len(experts._packed) == before + 2
+    del w_in, w_out
+    gc.collect()
+    assert len(experts._packed) == before  # freed with the weights
+    monkeypatch.setattr(experts, "PACK_WEIGHTS", False)
+    w_in = case["w_in"].clone()
+    for _ in range(2):
+        torch.testing.assert_close(no_grad_call(case, w_in, case["w_out"]), loop_of(case, case["w_in"], case["w_out"]), **TOL)
+    assert packed_parts(experts, w_in) == 0
+    experts.clear_packed_weights()
+    assert not experts._packed
+
+
+@needs_onednn
+def test_prepacked_weights_are_not_used_when_training():
+    import moezoo.kernels.experts as experts
+
+    case = make_case(13, 2, 3, seed=65)
+    w_in = torch.nn.Parameter(case["w_in"].clone())
+    plan = build_plan(case["ids"], 3)
+    for _ in range(3):
+        y = expert_mlp(case["x"], case["weights"], plan, w_in, case["w_out"], backend="torch")
+        y.sum().backward()
+    assert packed_parts(experts, w_in) == 0
+    torch.testing.assert_close(y.detach(), loop_of(case, case["w_in"], case["w_out"]), **TOL)
