@@ -275,6 +275,9 @@ def _fused_activated(x_CD, w_in_parts: tuple, b_in_N, activation: str, gated: bo
 
 PACK_WEIGHTS = True  # False: every GEMM takes the plain weights (tests run both)
 _SAMPLES_PER_EXPERT = 16
+# oneDNN picks the blocked layout for a row count; one fixed count, so that results never depend on which call
+# happened to pack a weight (other row counts run on it at the same speed as on their own layout, or faster)
+_PACKED_FOR_ROWS = 512
 
 
 class _PackedExperts:
@@ -292,7 +295,7 @@ class _PackedExperts:
         positions = torch.linspace(0, per_expert - 1, min(per_expert, _SAMPLES_PER_EXPERT)).long()
         self.positions = (torch.arange(num_experts)[:, None] * per_expert + positions).reshape(-1)
         self.sample = self._sample_of(w_ENK)
-        self.calls, self.parts, self.lock = 0, {}, threading.Lock()
+        self.parts, self.lock = {}, threading.Lock()
 
     def _sample_of(self, w_ENK: torch.Tensor) -> torch.Tensor:
         return w_ENK.reshape(-1).index_select(0, self.positions)
@@ -301,13 +304,13 @@ class _PackedExperts:
         return (w_ENK.data_ptr() == self.data_ptr and w_ENK._version == self.version
                 and torch.equal(self._sample_of(w_ENK), self.sample))
 
-    def part(self, w_ENK: torch.Tensor, expert: int, rows: slice, batch_rows: int) -> torch.Tensor:
+    def part(self, w_ENK: torch.Tensor, expert: int, rows: slice) -> torch.Tensor:
         """The packed ``w_ENK[expert, rows]`` (rows: gate or up half), packed now if it is the first use."""
         key = (expert, rows.start, rows.stop)
         with self.lock:  # Gradio serves requests from several threads
             if key not in self.parts:
                 plain = w_ENK[expert, rows].contiguous()
-                self.parts[key] = torch.ops.mkldnn._reorder_linear_weight(plain, max(batch_rows, 1))
+                self.parts[key] = torch.ops.mkldnn._reorder_linear_weight(plain, _PACKED_FOR_ROWS)
             return self.parts[key]
 
 
@@ -323,9 +326,10 @@ def clear_packed_weights() -> None:
 
 
 def _packed_experts(w_ENK: torch.Tensor) -> _PackedExperts | None:
-    """The packed copies of ``w_ENK`` to use in this call, or None (use the plain weights). A tensor is packed
-    from the second call that sees it unchanged, so weights made fresh on every call (e.g. dequantized
-    ternary experts) are never packed for nothing; inference tensors (no version counter) are not packed."""
+    """The packed copies of ``w_ENK`` to use in this call, or None (use the plain weights: oneDNN off, or an
+    inference tensor, which has no version counter). Every no-grad oneDNN call packs, even weights made fresh
+    per call (dequantized ternary experts): the plain path reorders them inside every GEMM anyway, so that costs
+    nothing extra, and every call computes on the same layout (bitwise the same results)."""
     if not (PACK_WEIGHTS and _use_onednn(w_ENK)) or w_ENK.is_inference() or w_ENK.numel() == 0:
         return None
     key = id(w_ENK)
@@ -336,8 +340,7 @@ def _packed_experts(w_ENK: torch.Tensor) -> _PackedExperts | None:
             ref = weakref.ref(w_ENK, lambda _, key=key: _packed.pop(key, None))
             packed = _PackedExperts(w_ENK)
             _packed[key] = (ref, packed)
-        packed.calls += 1
-    return packed if packed.calls >= 2 else None
+    return packed
 
 
 class _Buffers:
@@ -491,19 +494,19 @@ class _ExpertTable:
         if _use_onednn(x_TD):
             self.packed_in, self.packed_out = _packed_experts(self.w_in_ENK), _packed_experts(self.w_out_EDF)
 
-    def w_in_parts(self, e: int, count: int) -> tuple:
+    def w_in_parts(self, e: int) -> tuple:
         """Expert ``e``'s W_in as (W_gate, W_up) for gated experts, (W,) otherwise; prepacked if it can be."""
         n_in = self.w_in_ENK.shape[1]
         parts = (slice(0, self.hidden), slice(self.hidden, n_in)) if self.gated else (slice(0, n_in),)
         if self.packed_in is None:
             return tuple(self.w_in_ENK[e, rows] for rows in parts)
-        return tuple(self.packed_in.part(self.w_in_ENK, e, rows, count) for rows in parts)
+        return tuple(self.packed_in.part(self.w_in_ENK, e, rows) for rows in parts)
 
-    def w_out(self, e: int, count: int) -> torch.Tensor:
+    def w_out(self, e: int) -> torch.Tensor:
         """Expert ``e``'s W_out, prepacked if it can be."""
         if self.packed_out is None:
             return self.w_out_EDF[e]
-        return self.packed_out.part(self.w_out_EDF, e, slice(0, self.w_out_EDF.shape[1]), count)
+        return self.packed_out.part(self.w_out_EDF, e, slice(0, self.w_out_EDF.shape[1]))
 
     @property
     def flops_per_row(self) -> float:
@@ -584,8 +587,8 @@ def _torch_expert_forward(x_TD, tables: list[_ExpertTable], groups, keep_h: bool
                 act = activation_fn(table.activation)
                 a_CF = _activated(act, h_CN, table.hidden, table.gated, buffers.get("a", table.hidden, count))
             else:
-                a_CF = _fused_activated(x_CD, table.w_in_parts(e, count), b_in_N, table.activation, table.gated)
-            y_CD = _matmul_nt(a_CF, table.w_out(e, count))
+                a_CF = _fused_activated(x_CD, table.w_in_parts(e), b_in_N, table.activation, table.gated)
+            y_CD = _matmul_nt(a_CF, table.w_out(e))
             if table.b_out_ED is not None:
                 y_CD += table.b_out_ED[e]
             # the routing weight scales the D-wide output (not the F-wide activation): fewer elements to touch

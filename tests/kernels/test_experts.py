@@ -832,24 +832,25 @@ def loop_of(case, w_in, w_out, activation="silu", gated=True):
 
 @needs_onednn
 @pytest.mark.parametrize("activation,gated,bias", [("silu", True, False), ("gelu", False, True), ("gelu_tanh", True, True)])
-def test_prepacked_weights_from_the_second_call_match_loop(activation, gated, bias):
+def test_prepacked_weights_match_loop_and_every_call_agrees_bitwise(activation, gated, bias):
     import moezoo.kernels.experts as experts
 
     case = make_case(29, 2, 4, gated=gated, bias=bias, seed=60)
     w_in, w_out = torch.nn.Parameter(case["w_in"].clone()), torch.nn.Parameter(case["w_out"].clone())
     ref = loop_of(case, w_in.detach(), w_out.detach(), activation, gated)
     first = no_grad_call(case, w_in, w_out, activation, gated)
-    assert packed_parts(experts, w_in) == 0  # the first sight of a tensor runs on its plain weights
-    for _ in range(2):
-        torch.testing.assert_close(no_grad_call(case, w_in, w_out, activation, gated), ref, **TOL)
+    torch.testing.assert_close(first, ref, **TOL)
     used = int((torch.bincount(case["ids"].reshape(-1), minlength=4) > 0).sum())
     assert packed_parts(experts, w_in) == used * (2 if gated else 1)  # gate and up halves packed apiece
     assert packed_parts(experts, w_out) == used
-    torch.testing.assert_close(first, ref, **TOL)
-    # other routing (other row counts per expert) on the same packed weights
-    other = {**case, "ids": make_case(29, 2, 4, seed=61)["ids"]}
-    torch.testing.assert_close(no_grad_call(other, w_in, w_out, activation, gated),
-                               loop_of(other, w_in.detach(), w_out.detach(), activation, gated), **TOL)
+    assert torch.equal(no_grad_call(case, w_in, w_out, activation, gated), first)
+    # other routing (other row counts, one token alone) on the same packed weights; the result does not depend
+    # on which call packed them: the same as on weights packed by that call itself
+    for other_case in (make_case(29, 2, 4, seed=61), make_case(1, 2, 4, seed=62)):
+        other = {**case, "x": other_case["x"], "ids": other_case["ids"], "weights": other_case["weights"]}
+        y = no_grad_call(other, w_in, w_out, activation, gated)
+        torch.testing.assert_close(y, loop_of(other, w_in.detach(), w_out.detach(), activation, gated), **TOL)
+        assert torch.equal(y, no_grad_call(other, w_in.detach().clone(), w_out.detach().clone(), activation, gated))
 
 
 @needs_onednn
@@ -860,8 +861,7 @@ def test_prepacked_weights_follow_weight_changes(how):
     case = make_case(17, 2, 3, seed=62)
     layer = torch.nn.Module()
     layer.w_in, layer.w_out = torch.nn.Parameter(case["w_in"].clone()), torch.nn.Parameter(case["w_out"].clone())
-    for _ in range(2):
-        no_grad_call(case, layer.w_in, layer.w_out)
+    no_grad_call(case, layer.w_in, layer.w_out)
     assert packed_parts(experts, layer.w_in) > 0
     new_in = torch.randn(case["w_in"].shape, generator=torch.Generator().manual_seed(63))
     if how == "in place":
@@ -877,7 +877,7 @@ def test_prepacked_weights_follow_weight_changes(how):
 
 
 @needs_onednn
-def test_prepacked_weights_skip_fresh_tensors_and_leave_with_their_weights(monkeypatch):
+def test_prepacked_weights_leave_with_their_weights_and_can_be_switched_off(monkeypatch):
     import gc
 
     import moezoo.kernels.experts as experts
@@ -885,23 +885,23 @@ def test_prepacked_weights_skip_fresh_tensors_and_leave_with_their_weights(monke
     case = make_case(11, 2, 3, seed=64)
     gc.collect()
     experts.clear_packed_weights()  # earlier tests' entries could otherwise leave mid-test
-    before = 0
-    for _ in range(3):  # a weight made fresh on every call (dequantized, concatenated...) is never packed
+    for _ in range(3):  # weights made fresh on every call (dequantized, concatenated...)
         no_grad_call(case, case["w_in"].clone(), case["w_out"].clone())
     gc.collect()
-    assert len(experts._packed) == before
+    assert not experts._packed  # their packed copies went with them
     w_in, w_out = case["w_in"].clone(), case["w_out"].clone()
-    for _ in range(2):
-        no_grad_call(case, w_in, w_out)
-    assert len(experts._packed) == before + 2
+    no_grad_call(case, w_in, w_out)
+    assert len(experts._packed) == 2
     del w_in, w_out
     gc.collect()
-    assert len(experts._packed) == before  # freed with the weights
+    assert not experts._packed
     monkeypatch.setattr(experts, "PACK_WEIGHTS", False)
     w_in = case["w_in"].clone()
-    for _ in range(2):
-        torch.testing.assert_close(no_grad_call(case, w_in, case["w_out"]), loop_of(case, case["w_in"], case["w_out"]), **TOL)
+    torch.testing.assert_close(no_grad_call(case, w_in, case["w_out"]), loop_of(case, case["w_in"], case["w_out"]), **TOL)
     assert packed_parts(experts, w_in) == 0
+    monkeypatch.setattr(experts, "PACK_WEIGHTS", True)
+    no_grad_call(case, w_in, case["w_out"])
+    assert experts._packed
     experts.clear_packed_weights()
     assert not experts._packed
 
