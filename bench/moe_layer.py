@@ -3,7 +3,8 @@
 What is timed (one call of the layer, router excluded)
 ------------------------------------------------------
 ``moezoo``         ``build_plan(ids_TK, E)`` + ``expert_mlp(..., backend="torch")``: plan building is part of
-                   the layer's cost, so it is inside the timed region.
+                   the layer's cost, so it is inside the timed region. Its ``fwd`` runs on prepacked expert
+                   weights (packed by the first call, a warm-up, and kept: ``bench/packed_weights.py``).
 ``hf_eager``       ``transformers`` ``MixtralExperts`` with ``config._experts_implementation = "eager"``: the
                    class's own forward (one_hot mask, a Python loop over the experts hit, ``index_add_``).
 ``hf_grouped_mm``  the same module with ``"grouped_mm"``: ``@use_experts_implementation`` swaps the forward for
