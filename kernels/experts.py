@@ -291,14 +291,16 @@ class _PackedExperts:
 
     def __init__(self, w_ENK: torch.Tensor):
         self.data_ptr, self.version = w_ENK.data_ptr(), w_ENK._version
-        num_experts, per_expert = w_ENK.shape[0], w_ENK[0].numel()
-        positions = torch.linspace(0, per_expert - 1, min(per_expert, _SAMPLES_PER_EXPERT)).long()
-        self.positions = (torch.arange(num_experts)[:, None] * per_expert + positions).reshape(-1)
+        num_experts, rows, cols = w_ENK.shape
+        flat = torch.linspace(0, rows * cols - 1, min(rows * cols, _SAMPLES_PER_EXPERT)).long()
+        # (expert, row, column) of every sampled value: indexing reads just these, whatever the strides
+        self.positions = (torch.arange(num_experts).repeat_interleave(len(flat)), (flat // cols).repeat(num_experts),
+                          (flat % cols).repeat(num_experts))
         self.sample = self._sample_of(w_ENK)
         self.parts, self.lock = {}, threading.Lock()
 
     def _sample_of(self, w_ENK: torch.Tensor) -> torch.Tensor:
-        return w_ENK.reshape(-1).index_select(0, self.positions)
+        return w_ENK[self.positions]
 
     def still_describes(self, w_ENK: torch.Tensor) -> bool:
         return (w_ENK.data_ptr() == self.data_ptr and w_ENK._version == self.version

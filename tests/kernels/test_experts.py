@@ -877,6 +877,18 @@ def test_prepacked_weights_follow_weight_changes(how):
 
 
 @needs_onednn
+def test_prepacked_weights_of_a_strided_view_follow_edits_of_one_expert():
+    case = make_case(23, 2, 3, seed=66)
+    storage = case["w_in"].transpose(1, 2).contiguous()  # [E, D, N]: w_in below is a transposed view of it
+    w_in = storage.transpose(1, 2)
+    no_grad_call(case, w_in, case["w_out"])
+    storage.data[1] *= 3  # one expert, through .data: the version counter does not move
+    expected_w_in = case["w_in"].clone()
+    expected_w_in[1] *= 3
+    torch.testing.assert_close(no_grad_call(case, w_in, case["w_out"]), loop_of(case, expected_w_in, case["w_out"]), **TOL)
+
+
+@needs_onednn
 def test_prepacked_weights_leave_with_their_weights_and_can_be_switched_off(monkeypatch):
     import gc
 
