@@ -269,11 +269,11 @@ def _fused_activated(x_CD, w_in_parts: tuple, b_in_N, activation: str, gated: bo
 # ----------------------------------------------------------------------------- prepacked weights (inference)
 # oneDNN computes with weights in its own blocked layout and, given a plain [N, K] weight, reorders it inside
 # every GEMM. For inference the weights stay the same from call to call, so they are reordered once and kept
-# (what torch.compile's "freezing" does for CPU linears): in one process, interleaved, the no-grad forward of
-# DiT-MoE-S went 103 -> 93 ms and E64 564 -> 526 ms. The training path does not pack: its weights change every
-# step and its backward needs them transposed.
+# (what torch.compile's "freezing" does for CPU linears): the no-grad forward runs 1.06-1.08x faster on
+# bench/moe_layer.py's shapes (``python bench/packed_weights.py``). The training path does not pack: its
+# weights change every step and its backward needs them transposed.
 
-PACK_WEIGHTS = True  # False: every GEMM takes the plain weights (tests run both)
+PACK_WEIGHTS = True  # False: every GEMM takes the plain weights
 _SAMPLES_PER_EXPERT = 16
 # oneDNN picks the blocked layout for a row count; one fixed count, so that results never depend on which call
 # happened to pack a weight (other row counts run on it at the same speed as on their own layout, or faster)
