@@ -328,11 +328,15 @@ def clear_packed_weights() -> None:
 
 
 def _packed_experts(w_ENK: torch.Tensor) -> _PackedExperts | None:
-    """The packed copies of ``w_ENK`` to use in this call, or None (use the plain weights: oneDNN off, or an
-    inference tensor, which has no version counter). Every no-grad oneDNN call packs, even weights made fresh
-    per call (dequantized ternary experts): the plain path reorders them inside every GEMM anyway, so that costs
-    nothing extra, and every call computes on the same layout (bitwise the same results)."""
-    if not (PACK_WEIGHTS and _use_onednn(w_ENK)) or w_ENK.is_inference() or w_ENK.numel() == 0:
+    """The packed copies of ``w_ENK`` to use in this call, or None: use the plain weights.
+
+    Only ``nn.Parameter``s are packed: they persist from call to call. Weights made fresh on every call (the
+    shared expert's concatenated gate and up, dequantized ternary experts) would be packed on every call, and
+    packing costs more than it saves on one call (DiT-MoE digits, 128 tokens: 180 us to pack a weight its GEMM
+    then uses for 40 us). A given weight is thus always packed or never, and repeated calls agree bitwise."""
+    if not (PACK_WEIGHTS and _use_onednn(w_ENK) and isinstance(w_ENK, torch.nn.Parameter)) or w_ENK.numel() == 0:
+        return None
+    if w_ENK.is_inference():  # made under torch.inference_mode: no version counter to watch
         return None
     key = id(w_ENK)
     with _packed_lock:

@@ -850,7 +850,8 @@ def test_prepacked_weights_match_loop_and_every_call_agrees_bitwise(activation, 
         other = {**case, "x": other_case["x"], "ids": other_case["ids"], "weights": other_case["weights"]}
         y = no_grad_call(other, w_in, w_out, activation, gated)
         torch.testing.assert_close(y, loop_of(other, w_in.detach(), w_out.detach(), activation, gated), **TOL)
-        assert torch.equal(y, no_grad_call(other, w_in.detach().clone(), w_out.detach().clone(), activation, gated))
+        fresh = [torch.nn.Parameter(w.detach().clone()) for w in (w_in, w_out)]
+        assert torch.equal(y, no_grad_call(other, *fresh, activation, gated))
 
 
 @needs_onednn
@@ -879,9 +880,12 @@ def test_prepacked_weights_follow_weight_changes(how):
 @needs_onednn
 def test_prepacked_weights_of_a_strided_view_follow_edits_of_one_expert():
     case = make_case(23, 2, 3, seed=66)
+    import moezoo.kernels.experts as experts
+
     storage = case["w_in"].transpose(1, 2).contiguous()  # [E, D, N]: w_in below is a transposed view of it
-    w_in = storage.transpose(1, 2)
+    w_in = torch.nn.Parameter(storage.transpose(1, 2))
     no_grad_call(case, w_in, case["w_out"])
+    assert packed_parts(experts, w_in) > 0
     storage.data[1] *= 3  # one expert, through .data: the version counter does not move
     expected_w_in = case["w_in"].clone()
     expected_w_in[1] *= 3
@@ -897,18 +901,17 @@ def test_prepacked_weights_leave_with_their_weights_and_can_be_switched_off(monk
     case = make_case(11, 2, 3, seed=64)
     gc.collect()
     experts.clear_packed_weights()  # earlier tests' entries could otherwise leave mid-test
-    for _ in range(3):  # weights made fresh on every call (dequantized, concatenated...)
+    for _ in range(3):  # plain tensors (weights made fresh per call: dequantized, concatenated...) never pack
         no_grad_call(case, case["w_in"].clone(), case["w_out"].clone())
-    gc.collect()
-    assert not experts._packed  # their packed copies went with them
-    w_in, w_out = case["w_in"].clone(), case["w_out"].clone()
+    assert not experts._packed
+    w_in, w_out = torch.nn.Parameter(case["w_in"].clone()), torch.nn.Parameter(case["w_out"].clone())
     no_grad_call(case, w_in, w_out)
     assert len(experts._packed) == 2
     del w_in, w_out
     gc.collect()
-    assert not experts._packed
+    assert not experts._packed  # the packed copies went with their weights
     monkeypatch.setattr(experts, "PACK_WEIGHTS", False)
-    w_in = case["w_in"].clone()
+    w_in = torch.nn.Parameter(case["w_in"].clone())
     torch.testing.assert_close(no_grad_call(case, w_in, case["w_out"]), loop_of(case, case["w_in"], case["w_out"]), **TOL)
     assert packed_parts(experts, w_in) == 0
     monkeypatch.setattr(experts, "PACK_WEIGHTS", True)
