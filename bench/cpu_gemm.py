@@ -9,7 +9,8 @@ thread doing the same product at the same time (two expert streams, as on this 2
 oneDNN returns new tensors, and the copy would cost more than it gains). Every product is first checked
 against ``torch.mm`` (relative error printed). Prints a markdown table of GFLOP/s (median of ``--repeats``), then
 one for row counts that change every call (as real routing makes them): oneDNN builds a kernel per new shape
-and caches it, so the first sight of a row count costs extra.
+and caches it, so the first sight of a row count costs extra. Last, small products (few tokens per expert) in
+microseconds per call: there a call's fixed cost decides, which is where ``ONEDNN_MIN_MACS`` comes from.
 
 Usage::
 
@@ -111,6 +112,35 @@ def changing_rows() -> list[tuple[str, float, float]]:
     return rows
 
 
+# Small products, as experts get them when few tokens are routed (one image of DiT-MoE digits: ~32 rows of
+# 128 x 128), timed per call on torch's threads (as the no-grad forward runs them): here a call's fixed cost
+# decides, and the expert backend sends products under ``ONEDNN_MIN_MACS`` multiply-adds to torch.mm.
+SMALL_ROWS = (8, 32, 128, 512)
+SMALL_K_N = ((128, 128), (128, 512), (384, 512), (1024, 512), (384, 1536))
+
+
+def small_products(repeats: int) -> list[tuple[int, int, int, float, float, float]]:
+    """(M, K, N, torch.mm us, oneDNN us, oneDNN on prepacked weights us) per call, medians."""
+    def us_per_call(fn, *operands):
+        for _ in range(20):
+            fn(*operands)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(50):
+                fn(*operands)
+            times.append((time.perf_counter() - start) / 50 * 1e6)
+        return statistics.median(times)
+
+    rows = []
+    for m in SMALL_ROWS:
+        for k, n in SMALL_K_N:
+            a, b = operands(m, k, n, "", seed=1)
+            packed = torch.ops.mkldnn._reorder_linear_weight(b, 512)
+            rows.append((m, k, n, us_per_call(mkl, a, b), us_per_call(onednn, a, b), us_per_call(onednn, a, packed)))
+    return sorted(rows, key=lambda r: r[0] * r[1] * r[2])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=9)
@@ -147,6 +177,13 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     for label, mm_ms, dn_ms in changing:
         print(f"| {label} | {mm_ms:.2f} | {dn_ms:.2f} | {mm_ms / dn_ms:.2f} |")
+    print(f"\nSmall products, us per call on {threads} threads (median of {args.repeats} x 50 calls), sorted by "
+          "multiply-adds; the expert backend uses oneDNN from 2M (``ONEDNN_MIN_MACS``):")
+    print("| M x K x N | multiply-adds | torch.mm | oneDNN | oneDNN, prepacked | torch.mm / prepacked |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for m, k, n, mm_us, dn_us, packed_us in small_products(args.repeats):
+        print(f"| {m} x {k} x {n} | {m * k * n / 1e6:.2f}M | {mm_us:.1f} | {dn_us:.1f} | {packed_us:.1f} | "
+              f"{mm_us / packed_us:.2f} |")
     print("# CPU: ", end="")
     try:
         with open("/proc/cpuinfo") as f:

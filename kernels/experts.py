@@ -234,15 +234,25 @@ def _onednn_linear_available() -> bool:
 # two at once (``python bench/cpu_gemm.py``). The weight gradients stay on ``mm``: it writes them in place, and
 # there oneDNN is not faster everywhere. Switch off with ``ONEDNN_GEMMS = False`` (tests run both paths).
 ONEDNN_GEMMS = _onednn_linear_available()
+# Below this many multiply-adds a product is mostly call overhead, and oneDNN's (~20 us a call here) is about
+# three times MKL's: at 32 rows x 128 x 128 (DiT-MoE digits' experts at one image) torch.mm is 2-3x faster;
+# from ~2M multiply-adds up oneDNN wins (``python bench/cpu_gemm.py``, small products).
+ONEDNN_MIN_MACS = 1 << 21
 
 
 def _use_onednn(a: torch.Tensor) -> bool:
     return ONEDNN_GEMMS and a.dtype == torch.float32 and a.device.type == "cpu"
 
 
+def _onednn_pays(a_MK: torch.Tensor, n_out: int) -> bool:
+    """Whether ``a @ W.T`` with ``n_out`` output columns goes to oneDNN: fp32 on CPU and large enough."""
+    return _use_onednn(a_MK) and a_MK.shape[0] * a_MK.shape[1] * n_out >= ONEDNN_MIN_MACS
+
+
 def _matmul_nt(a_MK: torch.Tensor, b_NK: torch.Tensor) -> torch.Tensor:
-    """``a @ b.T`` as a new tensor: oneDNN's linear for fp32 CPU tensors when available, else ``torch.mm``."""
-    if _use_onednn(a_MK):
+    """``a @ b.T`` as a new tensor: oneDNN's linear for fp32 CPU products large enough to gain from it (``b``
+    may be a prepacked oneDNN weight, which only oneDNN takes), else ``torch.mm``."""
+    if b_NK.layout == torch._mkldnn or _onednn_pays(a_MK, b_NK.shape[0]):
         return torch.ops.mkldnn._linear_pointwise(a_MK, b_NK, None, "none", [], "")
     return torch.mm(a_MK, b_NK.t())
 
@@ -508,9 +518,9 @@ class _ExpertTable:
             return tuple(self.w_in_ENK[e, rows] for rows in parts)
         return tuple(self.packed_in.part(self.w_in_ENK, e, rows) for rows in parts)
 
-    def w_out(self, e: int) -> torch.Tensor:
-        """Expert ``e``'s W_out, prepacked if it can be."""
-        if self.packed_out is None:
+    def w_out(self, e: int, a_CF: torch.Tensor) -> torch.Tensor:
+        """Expert ``e``'s W_out for the product with ``a_CF``: prepacked if it can be and oneDNN will run it."""
+        if self.packed_out is None or not _onednn_pays(a_CF, self.w_out_EDF.shape[1]):
             return self.w_out_EDF[e]
         return self.packed_out.part(self.w_out_EDF, e, slice(0, self.w_out_EDF.shape[1]))
 
@@ -584,7 +594,7 @@ def _torch_expert_forward(x_TD, tables: list[_ExpertTable], groups, keep_h: bool
             table, count = tables[t], rows.stop - rows.start
             x_CD = table.gather(x_TD, rows, buffers.get("x", dim, count))
             b_in_N = None if table.b_in_EN is None else table.b_in_EN[e]
-            if keep_h or not _use_onednn(x_CD):
+            if keep_h or not _onednn_pays(x_CD, table.w_in_ENK.shape[1]):
                 h_CN = _matmul_nt(x_CD, table.w_in_ENK[e])
                 if b_in_N is not None:
                     h_CN += b_in_N
@@ -594,7 +604,7 @@ def _torch_expert_forward(x_TD, tables: list[_ExpertTable], groups, keep_h: bool
                 a_CF = _activated(act, h_CN, table.hidden, table.gated, buffers.get("a", table.hidden, count))
             else:
                 a_CF = _fused_activated(x_CD, table.w_in_parts(e), b_in_N, table.activation, table.gated)
-            y_CD = _matmul_nt(a_CF, table.w_out(e))
+            y_CD = _matmul_nt(a_CF, table.w_out(e, a_CF))
             if table.b_out_ED is not None:
                 y_CD += table.b_out_ED[e]
             # the routing weight scales the D-wide output (not the F-wide activation): fewer elements to touch

@@ -28,6 +28,16 @@ BACKENDS_UNDER_TEST = ("torch", "reference")
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture(autouse=True)
+def onednn_for_every_size(monkeypatch):
+    """These tests' products are tiny, which the torch backend hands to torch.mm (``ONEDNN_MIN_MACS``); here
+    they go to oneDNN as real-size products do, so that its paths are what is tested (``ONEDNN_GEMMS = False``
+    tests cover torch.mm, and ``test_small_products_*`` the size rule itself)."""
+    import moezoo.kernels.experts as experts
+
+    monkeypatch.setattr(experts, "ONEDNN_MIN_MACS", 0)
+
+
 # ----------------------------------------------------------------------------------------------- the oracle
 
 
@@ -933,3 +943,20 @@ def test_prepacked_weights_are_not_used_when_training():
         y.sum().backward()
     assert packed_parts(experts, w_in) == 0
     torch.testing.assert_close(y.detach(), loop_of(case, case["w_in"], case["w_out"]), **TOL)
+
+
+@needs_onednn
+def test_small_products_go_to_torch_mm_and_large_ones_to_onednn(monkeypatch):
+    import moezoo.kernels.experts as experts
+
+    monkeypatch.setattr(experts, "ONEDNN_MIN_MACS", 1 << 21)
+    assert not experts._onednn_pays(torch.zeros(32, 128), 128)  # 0.5M multiply-adds
+    assert experts._onednn_pays(torch.zeros(128, 128, dtype=torch.float32), 128)  # exactly 2M
+    assert not experts._onednn_pays(torch.zeros(4096, 1024, dtype=torch.float64), 1024)  # oneDNN runs fp32 only
+    # rows per expert ~6 (x 128 x 256: tiny, torch.mm, nothing packed) and ~470 (15M: oneDNN, packed)
+    for T, on_onednn in ((9, False), (700, True)):
+        case = make_case(T, 2, 3, D=128, F=128, seed=67)
+        w_in, w_out = torch.nn.Parameter(case["w_in"].clone()), torch.nn.Parameter(case["w_out"].clone())
+        y = no_grad_call(case, w_in, w_out)
+        torch.testing.assert_close(y, loop_of(case, case["w_in"], case["w_out"]), rtol=1e-4, atol=1e-4)
+        assert (packed_parts(experts, w_in) > 0) == on_onednn
