@@ -29,13 +29,15 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(autouse=True)
-def onednn_for_every_size(monkeypatch):
-    """These tests' products are tiny, which the torch backend hands to torch.mm (``ONEDNN_MIN_MACS``); here
-    they go to oneDNN as real-size products do, so that its paths are what is tested (``ONEDNN_GEMMS = False``
-    tests cover torch.mm, and ``test_small_products_*`` the size rule itself)."""
+def real_size_paths_for_tiny_shapes(monkeypatch):
+    """These tests' products are tiny, which the torch backend hands to torch.mm (``ONEDNN_MIN_MACS``) and,
+    without autograd, to padded batched GEMMs (``PADDED_MAX_MACS``); here they take the paths real-size
+    products take, so that those are what is tested. ``ONEDNN_GEMMS = False`` tests cover torch.mm, the
+    ``padded`` tests the batched path, and ``test_small_products_*`` the size rules themselves."""
     import moezoo.kernels.experts as experts
 
     monkeypatch.setattr(experts, "ONEDNN_MIN_MACS", 0)
+    monkeypatch.setattr(experts, "PADDED_MAX_MACS", 0)
 
 
 # ----------------------------------------------------------------------------------------------- the oracle
@@ -960,3 +962,63 @@ def test_small_products_go_to_torch_mm_and_large_ones_to_onednn(monkeypatch):
         y = no_grad_call(case, w_in, w_out)
         torch.testing.assert_close(y, loop_of(case, case["w_in"], case["w_out"]), rtol=1e-4, atol=1e-4)
         assert (packed_parts(experts, w_in) > 0) == on_onednn
+
+
+# ------------------------------------------------------------------ few rows: padded batched GEMMs (no grad)
+
+
+@pytest.fixture
+def padded(monkeypatch):
+    import moezoo.kernels.experts as experts
+
+    monkeypatch.setattr(experts, "PADDED_MAX_MACS", 1 << 40)  # every no-grad call below takes the padded path
+    return experts
+
+
+@pytest.mark.parametrize(
+    "activation,gated,bias,capacity",
+    [("silu", True, False, None), ("gelu", False, True, None), ("gelu_tanh", True, True, 3), ("relu", False, False, 2)],
+)
+def test_padded_forward_matches_loop(padded, activation, gated, bias, capacity):
+    case = make_case(21, 3, 5, gated=gated, bias=bias, seed=70)
+    case["ids"][2, 0] = -1  # a slot routed nowhere
+    case["ids"][:, 0] = torch.where(case["ids"][:, 0] == 4, 3, case["ids"][:, 0])  # fewer rows on expert 4
+    plan = build_plan(case["ids"], 5, capacity=capacity)
+    assert padded._padded_pays(padded._expert_tables(case["x"], case["weights"], case["w_in"], case["w_out"],
+                                                     case["b_in"], case["b_out"], None, None, None, plan,
+                                                     activation, gated, None)[0])
+    with torch.no_grad():
+        y = expert_mlp(case["x"], case["weights"], plan, case["w_in"], case["w_out"], b_in_EN=case["b_in"],
+                       b_out_ED=case["b_out"], activation=activation, gated=gated, backend="torch")
+    ref = loop_moe(case["x"], case["weights"], case["ids"], case["w_in"], case["w_out"], case["b_in"], case["b_out"],
+                   activation, gated, capacity)
+    torch.testing.assert_close(y, ref, **TOL)
+
+
+def test_padded_forward_with_shared_expert_and_empty_experts_matches_loop(padded):
+    case = make_case(13, 2, 6, seed=71)
+    case["ids"] = case["ids"] % 3  # experts 3..5 get nothing (and a token may pick one expert twice)
+    sh = shared_case(13, seed=72)
+    plan = build_plan(case["ids"], 6)
+    with torch.no_grad():
+        y = expert_mlp(case["x"], case["weights"], plan, case["w_in"], case["w_out"], backend="torch",
+                       shared=SharedExpert(sh["s_w_in"], sh["s_w_out"], sh["s_scale"]))
+    ref = loop_with_shared(case["ids"], {**case, **sh}, "silu", True, "silu")
+    torch.testing.assert_close(y, ref, **TOL)
+
+
+def test_padded_path_only_for_small_experts_and_modest_padding(monkeypatch):
+    import moezoo.kernels.experts as experts
+
+    monkeypatch.setattr(experts, "PADDED_MAX_MACS", 1 << 22)  # the default (the autouse fixture turns it off)
+
+    def table(counts, dim, n_in):
+        return experts._ExpertTable(torch.zeros(len(counts), n_in, dim), torch.zeros(len(counts), dim, n_in // 2),
+                                    None, None, torch.zeros(sum(counts), dtype=torch.long), torch.zeros(sum(counts)),
+                                    counts, "silu", True)
+
+    # DiT-MoE digits at one image: 8 experts, 32 rows each, 128 x 256: 1M multiply-adds each
+    assert experts._padded_pays(table([32] * 8, 128, 256))
+    assert not experts._padded_pays(table([512] * 8, 384, 3072))  # dit_moe_s: 604M each
+    assert not experts._padded_pays(table([60, 1, 1, 1, 1, 1, 1, 1], 128, 256))  # padding would be 7x the rows
+    assert not experts._padded_pays(table([0] * 8, 128, 256))  # nothing routed
