@@ -235,7 +235,7 @@ def _onednn_linear_available() -> bool:
 
 
 # On x86 CPUs torch's fp32 ``mm`` calls MKL; oneDNN's linear (the kernel torch.compile uses for CPU linears)
-# runs the experts' forward and input-gradient products 1.12x faster on this AMD EPYC, single-threaded, alone or
+# runs the experts' forward and input-gradient products 1.1-1.2x faster on this AMD EPYC, single-threaded, alone or
 # two at once (``python bench/cpu_gemm.py``). The weight gradients stay on ``mm``: it writes them in place, and
 # there oneDNN is not faster everywhere. Switch off with ``ONEDNN_GEMMS = False`` (tests run both paths).
 ONEDNN_GEMMS = _onednn_linear_available()
