@@ -623,9 +623,9 @@ def _torch_expert_forward(x_TD, tables: list[_ExpertTable], groups, keep_h: bool
 # ---------------------------------------------------------------------------- few rows: one batched GEMM
 # With few tokens per expert each product is a few microseconds of arithmetic behind ~10 us of fixed cost per
 # call, and the walk above makes ~7 calls per expert. Without autograd, such a call instead pads every expert's
-# rows to the largest expert's count and runs each projection as one torch.bmm over all experts: a DiT-MoE digits
-# layer at one image (128 tokens, 8 experts of 128 x 128) went 766 -> 372 us. Larger experts lose on bmm and
-# on the padding (``python bench/moe_layer.py --small`` compares the two).
+# rows to the largest expert's count and runs each projection as one torch.bmm over all experts: the bundled
+# DiT-MoE digits' MoE layer at 128 tokens (8 experts of 128 x 128) went 2.5 -> 1.6 ms a call, router and plan
+# included (``python bench/few_tokens.py``). Larger experts lose on bmm and on the padding.
 PADDED_MAX_MACS = 1 << 22  # the padded path runs while an average expert's input product is at most this
 
 
