@@ -17,6 +17,7 @@ from moezoo.kernels.experts import (
     ACTIVATIONS,
     BACKENDS,
     SharedExpert,
+    _onednn_linear_available,
     combine,
     expert_mlp,
     grouped_linear,
@@ -821,8 +822,7 @@ def test_torch_backend_without_grad_matches_loop(monkeypatch, activation, gated,
 
 # ------------------------------------------------------------------------- prepacked weights (inference)
 
-needs_onednn = pytest.mark.skipif(
-    not __import__("moezoo.kernels.experts", fromlist=["ONEDNN_GEMMS"]).ONEDNN_GEMMS, reason="oneDNN not available")
+needs_onednn = pytest.mark.skipif(not _onednn_linear_available(), reason="this torch has no oneDNN linear")
 
 
 def packed_parts(experts, w):
