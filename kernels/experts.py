@@ -124,7 +124,7 @@ def expert_mlp(
         return _TorchExpertMLP.apply(*tensors, plan, activation, gated, shared_activation)
     tables = _expert_tables(*tensors, plan, activation, gated, shared_activation)
     if _padded_pays(tables[0]):
-        out_TD = _padded_forward(x_TD, tables[0])
+        out_TD = _padded_forward(x_TD, tables[0], plan)
         if len(tables) > 1:  # the shared expert: one expert of T rows, as the walk below runs it
             out_TD += _torch_expert_forward(x_TD, tables[1:], _forward_groups(tables[1:], x_TD), keep_h=False)[0]
         return out_TD
@@ -637,26 +637,25 @@ def _padded_pays(table: _ExpertTable) -> bool:
     return 0 < rows * dim * n_in <= PADDED_MAX_MACS * num_experts and max(table.counts) * num_experts <= 2 * rows
 
 
-def _padded_forward(x_TD: torch.Tensor, table: _ExpertTable) -> torch.Tensor:
-    """The routed experts' weighted sum with every expert's rows padded to the largest count ``C``: gather into
-    [E, C, D], two ``torch.bmm``, then each real row weighted and added to its token (in sorted order, so the
-    sums are deterministic). Padding rows are zeros and are never read back."""
+def _padded_forward(x_TD: torch.Tensor, table: _ExpertTable, plan: DispatchPlan) -> torch.Tensor:
+    """The routed experts' (``table``, laid out by ``plan``) weighted sum with every expert's rows padded to the
+    largest count ``C``: gather into [E, C, D], two ``torch.bmm``, then each real row weighted and added to its
+    token (in sorted order, so the sums are deterministic). Padding rows are zeros and are never read back."""
     device, (num_tokens, dim) = x_TD.device, x_TD.shape
-    counts_E = torch.tensor(table.counts, device=device)
     num_experts, widest = len(table.counts), max(table.counts)
-    expert_S = torch.repeat_interleave(torch.arange(num_experts, device=device), counts_E)
-    first_row_E = torch.cumsum(counts_E, 0) - counts_E
+    expert_S = torch.repeat_interleave(torch.arange(num_experts, device=device), plan.counts_E)
     # padded row of every sorted row: its expert's block of C rows, then its rank within the expert
-    padded_S = expert_S * widest + torch.arange(len(expert_S), device=device) - first_row_E[expert_S]
+    rank_S = torch.arange(len(expert_S), device=device) - plan.offsets_E1[expert_S]
+    padded_S = expert_S * widest + rank_S
     x_PD = x_TD.new_zeros(num_experts * widest, dim)
     x_PD[padded_S] = x_TD.index_select(0, table.tokens_S)
     h_ECN = torch.bmm(x_PD.view(num_experts, widest, dim), table.w_in_ENK.transpose(1, 2))
     if table.b_in_EN is not None:
         h_ECN += table.b_in_EN[:, None]
-    act = activation_fn(table.activation)
     hidden = table.hidden
-    a_ECF = act(h_ECN[..., :hidden]).mul_(h_ECN[..., hidden:]) if table.gated else act(h_ECN)
-    y_ECD = torch.bmm(a_ECF, table.w_out_EDF.transpose(1, 2))
+    a_PF = _activated(activation_fn(table.activation), h_ECN.view(num_experts * widest, -1), hidden, table.gated,
+                      x_TD.new_empty(num_experts * widest, hidden))
+    y_ECD = torch.bmm(a_PF.view(num_experts, widest, hidden), table.w_out_EDF.transpose(1, 2))
     if table.b_out_ED is not None:
         y_ECD += table.b_out_ED[:, None]
     y_SD = y_ECD.view(-1, dim).index_select(0, padded_S).mul_(table.w_S[:, None])
