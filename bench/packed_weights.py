@@ -3,20 +3,20 @@
 Without autograd, ``expert_mlp`` hands oneDNN each expert's weights already reordered into its blocked layout
 (``moezoo.kernels.experts.PACK_WEIGHTS``, made once per weight tensor and kept); with packing off, oneDNN
 reorders the plain weights inside every GEMM. This times both, in one process and interleaved call by call
-(this VM's speed drifts between processes more than the difference), on ``bench/moe_layer.py``'s shapes and
+(this VM's speed drifts between processes more than the difference; each timed call follows an untimed one of
+its kind, ``few_tokens.interleaved_ms``), on ``bench/moe_layer.py``'s shapes and
 layers (same inputs, router outputs and shared expert), under ``torch.inference_mode`` as its ``fwd`` pass.
 Prints a markdown table: median ms of each, their ratio, and the memory the packed copies hold.
 
 Usage::
 
-    python bench/packed_weights.py                 # ~2 minutes on 2 idle cores
+    python bench/packed_weights.py                 # ~1 minute on 2 idle cores
     python bench/packed_weights.py --rounds 20 --shapes dit_moe_s
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import moe_layer  # noqa: E402  (this folder's MoE layer benchmark: shapes, problems, layers)
+from few_tokens import interleaved_ms  # noqa: E402  (each timed call after an untimed one of its kind)
 
 import moezoo.kernels.experts as experts  # noqa: E402
 
@@ -41,24 +42,20 @@ def time_shape(name: str, rounds: int) -> dict:
     layer = moe_layer.Layer("moezoo", shape, problem)
     inputs = (problem["x_TD"], problem["ids_TK"], problem["weights_TK"], problem["g_TD"])
 
-    def call(pack: bool) -> float:
+    def call(pack: bool):
         experts.PACK_WEIGHTS = pack
-        return moe_layer.run_once(layer, "fwd", *inputs)
+        with torch.inference_mode():
+            return layer(*inputs[:3])
 
     experts.clear_packed_weights()
-    plain_out = layer(*inputs[:3]).detach()
-    for pack in (False, True, False, True):  # warm-ups; the first packed call packs
-        call(pack)
-    packed_out = layer(*inputs[:3]).detach()
+    plain_out, packed_out = call(False), call(True)  # the packed call packs
     rel_err = ((packed_out - plain_out).abs().max() / plain_out.abs().max()).item()
-    times = {False: [], True: []}
-    for _ in range(rounds):
-        for pack in (False, True):
-            times[pack].append(call(pack))
+    ms = interleaved_ms({False: lambda: call(False), True: lambda: call(True)}, rounds)
     mib = packed_mib()
     experts.clear_packed_weights()
-    plain, packed = statistics.median(times[False]), statistics.median(times[True])
-    return dict(shape=name, plain_ms=plain, packed_ms=packed, speedup=plain / packed, packed_mib=mib, rel_err=rel_err)
+    experts.PACK_WEIGHTS = True
+    return dict(shape=name, plain_ms=ms[False], packed_ms=ms[True], speedup=ms[False] / ms[True], packed_mib=mib,
+                rel_err=rel_err)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -284,7 +284,7 @@ def _fused_activated(x_CD, w_in_parts: tuple, b_in_N, activation: str, gated: bo
 # ----------------------------------------------------------------------------- prepacked weights (inference)
 # oneDNN computes with weights in its own blocked layout and, given a plain [N, K] weight, reorders it inside
 # every GEMM. For inference the weights stay the same from call to call, so they are reordered once and kept
-# (what torch.compile's "freezing" does for CPU linears): the no-grad forward runs 1.06-1.08x faster on
+# (what torch.compile's "freezing" does for CPU linears): the no-grad forward runs 1.04-1.12x faster on
 # bench/moe_layer.py's shapes (``python bench/packed_weights.py``). The training path does not pack: its
 # weights change every step and its backward needs them transposed.
 
