@@ -2,6 +2,10 @@
 
 import os
 import shutil
+import sys
+
+# Shared test helpers (tests/tolerance.py) import by bare name under --import-mode=importlib.
+sys.path.insert(0, os.path.dirname(__file__))
 
 # Triton kernels run on CPU through the interpreter when no GPU is present. Triton reads the variable when a
 # kernel is defined, so it is set here, before any test module imports moezoo.kernels.triton_moe.
