@@ -1,6 +1,6 @@
 """MoE inference at few tokens (CPU, fp32): the case of one image, where fixed costs per call decide.
 
-With few tokens each expert's products are small, and the torch backend changes path (``kernels/experts.py``):
+With few tokens each expert's products are small, and the torch backend changes path (``kernels/cpu_backend.py``):
 products under ``ONEDNN_MIN_MACS`` multiply-adds go to ``torch.mm`` (oneDNN's per-call cost is ~3x MKL's), and
 without autograd, experts under ``PADDED_MAX_MACS`` run padded to the largest expert's rows as two ``torch.bmm``.
 This times, in one process with the three interleaved call by call (this VM drifts between processes):
@@ -30,7 +30,7 @@ from contextlib import contextmanager
 
 import torch
 
-import moezoo.kernels.experts as experts
+import moezoo.kernels.cpu_backend as cpu_backend
 from moezoo.zoo.layers import MoE, GatedMLP
 
 LAYERS = {  # name: (dim, hidden per expert, experts, k, shared hidden)
@@ -43,13 +43,13 @@ TOKENS = (32, 128, 512)
 @contextmanager
 def one_path(enabled: bool):
     """oneDNN at every size and the per-expert walk at every size (both thresholds off) while enabled."""
-    saved = experts.ONEDNN_MIN_MACS, experts.PADDED_MAX_MACS
+    saved = cpu_backend.ONEDNN_MIN_MACS, cpu_backend.PADDED_MAX_MACS
     if enabled:
-        experts.ONEDNN_MIN_MACS, experts.PADDED_MAX_MACS = 0, 0
+        cpu_backend.ONEDNN_MIN_MACS, cpu_backend.PADDED_MAX_MACS = 0, 0
     try:
         yield
     finally:
-        experts.ONEDNN_MIN_MACS, experts.PADDED_MAX_MACS = saved
+        cpu_backend.ONEDNN_MIN_MACS, cpu_backend.PADDED_MAX_MACS = saved
 
 
 def interleaved_ms(calls: dict, repeats: int) -> dict:

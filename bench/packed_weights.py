@@ -1,7 +1,7 @@
 """What prepacked expert weights buy the torch backend's no-grad forward (CPU, fp32).
 
 Without autograd, ``expert_mlp`` hands oneDNN each expert's weights already reordered into its blocked layout
-(``moezoo.kernels.experts.PACK_WEIGHTS``, made once per weight tensor and kept); with packing off, oneDNN
+(``moezoo.kernels.cpu_backend.PACK_WEIGHTS``, made once per weight tensor and kept); with packing off, oneDNN
 reorders the plain weights inside every GEMM. This times both, in one process and interleaved call by call
 (this VM's speed drifts between processes more than the difference; each timed call follows an untimed one of
 its kind, ``few_tokens.interleaved_ms``), on ``bench/moe_layer.py``'s shapes and
@@ -27,12 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import moe_layer  # noqa: E402  (this folder's MoE layer benchmark: shapes, problems, layers)
 from few_tokens import interleaved_ms  # noqa: E402  (each timed call after an untimed one of its kind)
 
-import moezoo.kernels.experts as experts  # noqa: E402
+import moezoo.kernels.cpu_backend as cpu_backend  # noqa: E402
 
 
 def packed_mib() -> float:
     """Memory held by every packed copy right now."""
-    parts = [p for _, packed in experts._packed.values() for p in packed.parts.values()]
+    parts = [p for _, packed in cpu_backend._packed.values() for p in packed.parts.values()]
     return sum(p.numel() * p.element_size() for p in parts) / 2**20
 
 
@@ -43,17 +43,17 @@ def time_shape(name: str, rounds: int) -> dict:
     inputs = (problem["x_TD"], problem["ids_TK"], problem["weights_TK"], problem["g_TD"])
 
     def call(pack: bool):
-        experts.PACK_WEIGHTS = pack
+        cpu_backend.PACK_WEIGHTS = pack
         with torch.inference_mode():
             return layer(*inputs[:3])
 
-    experts.clear_packed_weights()
+    cpu_backend.clear_packed_weights()
     plain_out, packed_out = call(False), call(True)  # the packed call packs
     rel_err = ((packed_out - plain_out).abs().max() / plain_out.abs().max()).item()
     ms = interleaved_ms({False: lambda: call(False), True: lambda: call(True)}, rounds)
     mib = packed_mib()
-    experts.clear_packed_weights()
-    experts.PACK_WEIGHTS = True
+    cpu_backend.clear_packed_weights()
+    cpu_backend.PACK_WEIGHTS = True
     return dict(shape=name, plain_ms=ms[False], packed_ms=ms[True], speedup=ms[False] / ms[True], packed_mib=mib,
                 rel_err=rel_err)
 

@@ -8,15 +8,15 @@ The pieces, in the order a MoE layer uses them:
 - dispatch plan (:mod:`.plan`): slots sorted by expert, counts, int64 offsets, capacity dropping, Triton block
   padding;
 - grouped expert compute (:mod:`.experts`): ``expert_mlp`` with ``backend="reference"|"torch"|"triton"|"auto"``
-  and an optional always-on ``SharedExpert``, ``grouped_linear`` and ``combine`` for other expert kinds;
+  and an optional always-on ``SharedExpert``, ``grouped_linear`` and ``combine`` for other expert kinds; the
+  backends live in :mod:`.cpu_backend` (torch) and :mod:`.triton_moe`, the activations in :mod:`.activations`;
 - auxiliary losses (:mod:`.losses`) and ternary expert weights (:mod:`.ternary`).
 """
 
+from .activations import ACTIVATIONS, activation_fn
 from .experts import (
-    ACTIVATIONS,
     BACKENDS,
     SharedExpert,
-    activation_fn,
     combine,
     expert_mlp,
     grouped_linear,

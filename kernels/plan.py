@@ -15,6 +15,8 @@ expert (vLLM's ``moe_align_block_size`` in index space: only indices are padded,
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -110,7 +112,7 @@ def build_plan(
 
     padded_rows_P = block_experts_B = None
     if block_size is not None:
-        padded_rows_P, block_experts_B = _pad_to_blocks(counts_E, offsets_E1, block_size)
+        padded_rows_P, block_experts_B = pad_to_blocks(counts_E, offsets_E1, block_size)
 
     return DispatchPlan(
         num_tokens=num_tokens,
@@ -140,8 +142,19 @@ def _within_capacity(ids_TK: torch.Tensor, kept_TK: torch.Tensor, num_experts: i
     return (position_KT < capacity).t()
 
 
-def _pad_to_blocks(counts_E: torch.Tensor, offsets_E1: torch.Tensor, block_size: int):
-    """Pad each expert's row range up to a multiple of ``block_size`` (indices only; -1 marks padding)."""
+def pad_to_blocks(counts_E: torch.Tensor, offsets_E1: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad each expert's range of the sorted order up to a multiple of ``block_size`` rows, in index space only.
+
+    Args:
+        counts_E: int64 [E], rows per expert (``DispatchPlan.counts_E``).
+        offsets_E1: int64 [E + 1], where each expert's rows start (``DispatchPlan.offsets_E1``).
+        block_size: rows per block, >= 1.
+
+    Returns:
+        ``(padded_rows_P, block_experts_B)``: for every padded row its index into the sorted order or -1 for
+        padding, and the expert owning each block of ``block_size`` padded rows. ``build_plan(block_size=...)``
+        stores them in the plan; the Triton backend calls this again when it needs another block size.
+    """
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     device = counts_E.device
@@ -155,3 +168,12 @@ def _pad_to_blocks(counts_E: torch.Tensor, offsets_E1: torch.Tensor, block_size:
     within_P = row_P - padded_start_E[expert_P]
     padded_rows_P = torch.where(within_P < counts_E[expert_P], offsets_E1[expert_P] + within_P, -1)
     return padded_rows_P, block_experts_B
+
+
+def expert_slices(counts: list[int]) -> Iterator[tuple[int, slice]]:
+    """``(expert, its rows of the sorted order)`` for every expert that received rows, from the per-expert
+    counts on the host (``plan.counts_list()``): the loop of every backend that walks experts one by one."""
+    starts = itertools.accumulate(counts, initial=0)
+    for expert, (start, count) in enumerate(zip(starts, counts)):
+        if count:
+            yield expert, slice(start, start + count)

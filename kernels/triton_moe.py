@@ -48,8 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .experts import activation_fn
-from .plan import DispatchPlan, _pad_to_blocks
+from .activations import activation_fn, activation_grad
+from .plan import DispatchPlan, pad_to_blocks
 
 __all__ = ["triton_expert_mlp"]
 
@@ -282,7 +282,7 @@ class _Layout:
         if plan.block_size == block_m and plan.padded_rows_P is not None:
             padded_rows_P, block_experts_B = plan.padded_rows_P, plan.block_experts_B
         else:  # built for another block size (or not at all): redo the cheap index padding for ours
-            padded_rows_P, block_experts_B = _pad_to_blocks(plan.counts_E, plan.offsets_E1, block_m)
+            padded_rows_P, block_experts_B = pad_to_blocks(plan.counts_E, plan.offsets_E1, block_m)
         self.block_m = block_m
         self.num_blocks = int(block_experts_B.numel())
         self.block_experts_B = block_experts_B.contiguous()
@@ -407,15 +407,6 @@ def _reduce_slots(slots_TKD: torch.Tensor, num_tokens: int, top_k: int, dtype: t
     return slots_TKD.view(num_tokens, top_k, slots_TKD.shape[1]).sum(1, dtype=torch.float32).to(dtype)
 
 
-def _activation_grad(name: str, grad: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-    """``grad * act'(pre)`` with aten's fused elementwise backward ops (no autograd graph)."""
-    if name == "silu":
-        return torch.ops.aten.silu_backward(grad, pre)
-    if name in ("gelu", "gelu_tanh"):
-        return torch.ops.aten.gelu_backward(grad, pre, approximate="tanh" if name == "gelu_tanh" else "none")
-    return torch.ops.aten.threshold_backward(grad, pre, 0)
-
-
 def _hidden_size(w_in_ENK: torch.Tensor, gated: bool) -> int:
     return w_in_ENK.shape[1] // 2 if gated else w_in_ENK.shape[1]
 
@@ -522,10 +513,10 @@ class _TritonExpertMLP(torch.autograd.Function):
             if gated:
                 gate_SF, up_SF = h_SN[:, :hidden], h_SN[:, hidden:]
                 grad_h_SN = torch.cat(
-                    [_activation_grad(ctx.activation, grad_a_SF * up_SF, gate_SF), grad_a_SF * act_gate_SF], dim=1
+                    [activation_grad(ctx.activation, grad_a_SF * up_SF, gate_SF), grad_a_SF * act_gate_SF], dim=1
                 )
             else:
-                grad_h_SN = _activation_grad(ctx.activation, grad_a_SF, h_SN)
+                grad_h_SN = activation_grad(ctx.activation, grad_a_SF, h_SN)
             grad_h_SN = grad_h_SN.contiguous()
             if need_x:  # dX slot rows = dH @ W_in[e] (W_in read transposed), reduced over k
                 slots_TKD = x_TD.new_zeros(num_tokens * plan.top_k, dim)

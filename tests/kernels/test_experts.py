@@ -1,4 +1,5 @@
-"""moezoo.kernels.plan / moezoo.kernels.experts against an independent per-token loop written here.
+"""moezoo.kernels.plan / moezoo.kernels.experts (and its torch backend, moezoo.kernels.cpu_backend) against an
+independent per-token loop written here.
 
 The oracle (``loop_moe``) computes ``y[t] = sum_j w[t, j] * expert_{ids[t, j]}(x[t])`` one token and one slot
 at a time from the raw weight tensors with plain torch ops and hand-written activation formulas; gradients
@@ -13,17 +14,17 @@ import math
 import pytest
 import torch
 
+import moezoo.kernels.cpu_backend as cpu_backend
+from moezoo.kernels.activations import ACTIVATIONS
 from moezoo.kernels.experts import (
-    ACTIVATIONS,
     BACKENDS,
     SharedExpert,
-    _onednn_linear_available,
     combine,
     expert_mlp,
     grouped_linear,
     resolve_backend,
 )
-from moezoo.kernels.plan import build_plan, capacity_for
+from moezoo.kernels.plan import build_plan, capacity_for, expert_slices
 
 BACKENDS_UNDER_TEST = ("torch", "reference")
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -35,10 +36,8 @@ def real_size_paths_for_tiny_shapes(monkeypatch):
     without autograd, to padded batched GEMMs (``PADDED_MAX_MACS``); here they take the paths real-size
     products take, so that those are what is tested. ``ONEDNN_GEMMS = False`` tests cover torch.mm, the
     ``padded`` tests the batched path, and ``test_small_products_*`` the size rules themselves."""
-    import moezoo.kernels.experts as experts
-
-    monkeypatch.setattr(experts, "ONEDNN_MIN_MACS", 0)
-    monkeypatch.setattr(experts, "PADDED_MAX_MACS", 0)
+    monkeypatch.setattr(cpu_backend, "ONEDNN_MIN_MACS", 0)
+    monkeypatch.setattr(cpu_backend, "PADDED_MAX_MACS", 0)
 
 
 # ----------------------------------------------------------------------------------------------- the oracle
@@ -289,12 +288,10 @@ def test_deterministic_bitwise(backend):
 @pytest.fixture
 def expert_streams(monkeypatch):
     """The torch backend's parallel expert streams switched on for tiny inputs (2 threads, no size floor)."""
-    import moezoo.kernels.experts as experts
-
-    monkeypatch.setattr(experts, "MIN_STREAM_FLOPS", 0)
+    monkeypatch.setattr(cpu_backend, "MIN_STREAM_FLOPS", 0)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
-    yield experts
+    yield cpu_backend
     torch.set_num_threads(threads)
 
 
@@ -350,7 +347,7 @@ def test_forward_runs_whole_experts_with_onednn_and_backward_streams(monkeypatch
     plan = build_plan(case["ids"], 5)
     tables = expert_streams._expert_tables(case["x"], case["weights"], case["w_in"], case["w_out"], None, None, None,
                                            None, None, plan, "silu", True, None)
-    whole = [[(0, e, r.start, r.stop) for e, r in expert_streams._expert_slices(plan.counts_list())]]
+    whole = [[(0, e, r.start, r.stop) for e, r in expert_slices(plan.counts_list())]]
     monkeypatch.setattr(expert_streams, "ONEDNN_GEMMS", True)
     assert stream_rows(expert_streams._forward_groups(tables, case["x"])) == whole
     assert len(expert_streams._stream_groups_of(tables, case["x"].device)) == 2  # what the backward walks
@@ -382,16 +379,14 @@ def test_torch_backend_without_onednn_matches_loop(monkeypatch, expert_streams, 
 
 @pytest.mark.parametrize("onednn", [False, True])
 def test_matmul_nt_against_mm_with_strided_operands(monkeypatch, onednn):
-    import moezoo.kernels.experts as experts
-
-    monkeypatch.setattr(experts, "ONEDNN_GEMMS", onednn and experts._onednn_linear_available())
+    monkeypatch.setattr(cpu_backend, "ONEDNN_GEMMS", onednn and cpu_backend._onednn_linear_available())
     g = torch.Generator().manual_seed(42)
     a, b = torch.randn(7, 5, generator=g), torch.randn(6, 5, generator=g)
     expected = torch.tensor([[sum(float(a[i, k]) * float(b[j, k]) for k in range(5)) for j in range(6)] for i in range(7)])
-    torch.testing.assert_close(experts._matmul_nt(a, b), expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(experts._matmul_nt(a.t().contiguous().t(), b.t().contiguous().t()), expected,
+    torch.testing.assert_close(cpu_backend._matmul_nt(a, b), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cpu_backend._matmul_nt(a.t().contiguous().t(), b.t().contiguous().t()), expected,
                                rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(experts._matmul_nt(b, a), expected.t(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cpu_backend._matmul_nt(b, a), expected.t(), rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ shared expert
@@ -546,6 +541,12 @@ def test_build_plan_random_against_hand_loop():
     assert plan.counts_E.tolist() == counts
     assert plan.offsets_E1.tolist() == [sum(counts[:e]) for e in range(E + 1)]
     assert plan.sorted_tokens_S.tolist() == [s // K for s in expected_order]
+
+
+def test_expert_slices_by_hand():
+    # counts [2, 0, 3, 1]: expert 1 has no rows and is skipped
+    assert list(expert_slices([2, 0, 3, 1])) == [(0, slice(0, 2)), (2, slice(2, 5)), (3, slice(5, 6))]
+    assert list(expert_slices([0, 0])) == []
 
 
 def test_capacity_gshard_priority_first_choices_before_second():
@@ -794,9 +795,7 @@ def test_backend_resolution_on_cpu(monkeypatch):
 def test_torch_backend_without_grad_matches_loop(monkeypatch, activation, gated, bias, capacity, onednn):
     """Inputs that need no grad (and under torch.no_grad) take the forward-only path (with oneDNN: the
     activation fused into the GEMM): same values."""
-    import moezoo.kernels.experts as experts
-
-    monkeypatch.setattr(experts, "ONEDNN_GEMMS", onednn and experts.ONEDNN_GEMMS)
+    monkeypatch.setattr(cpu_backend, "ONEDNN_GEMMS", onednn and cpu_backend.ONEDNN_GEMMS)
     case = make_case(13, 3, 5, gated=gated, bias=bias, seed=16)
     case["ids"][2, 0] = -1
     case["ids"][4, 2] = 7
@@ -816,18 +815,18 @@ def test_torch_backend_without_grad_matches_loop(monkeypatch, activation, gated,
     # The grad path gives the same forward values as the no-grad path (bitwise without the fused epilogue).
     y3 = expert_mlp(case["x"], case["weights"], plan, leaf, case["w_out"], **kwargs)
     torch.testing.assert_close(y3.detach(), y, rtol=1e-6, atol=1e-6)
-    if not experts.ONEDNN_GEMMS:
+    if not cpu_backend.ONEDNN_GEMMS:
         assert torch.equal(y3.detach(), y)
 
 
 # ------------------------------------------------------------------------- prepacked weights (inference)
 
-needs_onednn = pytest.mark.skipif(not _onednn_linear_available(), reason="this torch has no oneDNN linear")
+needs_onednn = pytest.mark.skipif(not cpu_backend._onednn_linear_available(), reason="this torch has no oneDNN linear")
 
 
-def packed_parts(experts, w):
+def packed_parts(w):
     """How many prepacked (expert, rows) copies exist for weight tensor ``w``."""
-    entry = experts._packed.get(id(w))
+    entry = cpu_backend._packed.get(id(w))
     return 0 if entry is None or entry[0]() is not w else len(entry[1].parts)
 
 
@@ -845,16 +844,14 @@ def loop_of(case, w_in, w_out, activation="silu", gated=True):
 @needs_onednn
 @pytest.mark.parametrize("activation,gated,bias", [("silu", True, False), ("gelu", False, True), ("gelu_tanh", True, True)])
 def test_prepacked_weights_match_loop_and_every_call_agrees_bitwise(activation, gated, bias):
-    import moezoo.kernels.experts as experts
-
     case = make_case(29, 2, 4, gated=gated, bias=bias, seed=60)
     w_in, w_out = torch.nn.Parameter(case["w_in"].clone()), torch.nn.Parameter(case["w_out"].clone())
     ref = loop_of(case, w_in.detach(), w_out.detach(), activation, gated)
     first = no_grad_call(case, w_in, w_out, activation, gated)
     torch.testing.assert_close(first, ref, **TOL)
     used = int((torch.bincount(case["ids"].reshape(-1), minlength=4) > 0).sum())
-    assert packed_parts(experts, w_in) == used * (2 if gated else 1)  # gate and up halves packed apiece
-    assert packed_parts(experts, w_out) == used
+    assert packed_parts(w_in) == used * (2 if gated else 1)  # gate and up halves packed apiece
+    assert packed_parts(w_out) == used
     assert torch.equal(no_grad_call(case, w_in, w_out, activation, gated), first)
     # other routing (other row counts, one token alone) on the same packed weights; the result does not depend
     # on which call packed them: the same as on weights packed by that call itself
@@ -869,13 +866,11 @@ def test_prepacked_weights_match_loop_and_every_call_agrees_bitwise(activation, 
 @needs_onednn
 @pytest.mark.parametrize("how", ["in place", "through .data", "load_state_dict", "new tensor"])
 def test_prepacked_weights_follow_weight_changes(how):
-    import moezoo.kernels.experts as experts
-
     case = make_case(17, 2, 3, seed=62)
     layer = torch.nn.Module()
     layer.w_in, layer.w_out = torch.nn.Parameter(case["w_in"].clone()), torch.nn.Parameter(case["w_out"].clone())
     no_grad_call(case, layer.w_in, layer.w_out)
-    assert packed_parts(experts, layer.w_in) > 0
+    assert packed_parts(layer.w_in) > 0
     new_in = torch.randn(case["w_in"].shape, generator=torch.Generator().manual_seed(63))
     if how == "in place":
         with torch.no_grad():
@@ -892,12 +887,10 @@ def test_prepacked_weights_follow_weight_changes(how):
 @needs_onednn
 def test_prepacked_weights_of_a_strided_view_follow_edits_of_one_expert():
     case = make_case(23, 2, 3, seed=66)
-    import moezoo.kernels.experts as experts
-
     storage = case["w_in"].transpose(1, 2).contiguous()  # [E, D, N]: w_in below is a transposed view of it
     w_in = torch.nn.Parameter(storage.transpose(1, 2))
     no_grad_call(case, w_in, case["w_out"])
-    assert packed_parts(experts, w_in) > 0
+    assert packed_parts(w_in) > 0
     storage.data[1] *= 3  # one expert, through .data: the version counter does not move
     expected_w_in = case["w_in"].clone()
     expected_w_in[1] *= 3
@@ -908,60 +901,54 @@ def test_prepacked_weights_of_a_strided_view_follow_edits_of_one_expert():
 def test_prepacked_weights_leave_with_their_weights_and_can_be_switched_off(monkeypatch):
     import gc
 
-    import moezoo.kernels.experts as experts
-
     case = make_case(11, 2, 3, seed=64)
     gc.collect()
-    experts.clear_packed_weights()  # earlier tests' entries could otherwise leave mid-test
+    cpu_backend.clear_packed_weights()  # earlier tests' entries could otherwise leave mid-test
     for _ in range(3):  # plain tensors (weights made fresh per call: dequantized, concatenated...) never pack
         no_grad_call(case, case["w_in"].clone(), case["w_out"].clone())
-    assert not experts._packed
+    assert not cpu_backend._packed
     w_in, w_out = torch.nn.Parameter(case["w_in"].clone()), torch.nn.Parameter(case["w_out"].clone())
     no_grad_call(case, w_in, w_out)
-    assert len(experts._packed) == 2
+    assert len(cpu_backend._packed) == 2
     del w_in, w_out
     gc.collect()
-    assert not experts._packed  # the packed copies went with their weights
-    monkeypatch.setattr(experts, "PACK_WEIGHTS", False)
+    assert not cpu_backend._packed  # the packed copies went with their weights
+    monkeypatch.setattr(cpu_backend, "PACK_WEIGHTS", False)
     w_in = torch.nn.Parameter(case["w_in"].clone())
     torch.testing.assert_close(no_grad_call(case, w_in, case["w_out"]), loop_of(case, case["w_in"], case["w_out"]), **TOL)
-    assert packed_parts(experts, w_in) == 0
-    monkeypatch.setattr(experts, "PACK_WEIGHTS", True)
+    assert packed_parts(w_in) == 0
+    monkeypatch.setattr(cpu_backend, "PACK_WEIGHTS", True)
     no_grad_call(case, w_in, case["w_out"])
-    assert experts._packed
-    experts.clear_packed_weights()
-    assert not experts._packed
+    assert cpu_backend._packed
+    cpu_backend.clear_packed_weights()
+    assert not cpu_backend._packed
 
 
 @needs_onednn
 def test_prepacked_weights_are_not_used_when_training():
-    import moezoo.kernels.experts as experts
-
     case = make_case(13, 2, 3, seed=65)
     w_in = torch.nn.Parameter(case["w_in"].clone())
     plan = build_plan(case["ids"], 3)
     for _ in range(3):
         y = expert_mlp(case["x"], case["weights"], plan, w_in, case["w_out"], backend="torch")
         y.sum().backward()
-    assert packed_parts(experts, w_in) == 0
+    assert packed_parts(w_in) == 0
     torch.testing.assert_close(y.detach(), loop_of(case, case["w_in"], case["w_out"]), **TOL)
 
 
 @needs_onednn
 def test_small_products_go_to_torch_mm_and_large_ones_to_onednn(monkeypatch):
-    import moezoo.kernels.experts as experts
-
-    monkeypatch.setattr(experts, "ONEDNN_MIN_MACS", 1 << 21)
-    assert not experts._onednn_pays(torch.zeros(32, 128), 128)  # 0.5M multiply-adds
-    assert experts._onednn_pays(torch.zeros(128, 128, dtype=torch.float32), 128)  # exactly 2M
-    assert not experts._onednn_pays(torch.zeros(4096, 1024, dtype=torch.float64), 1024)  # oneDNN runs fp32 only
+    monkeypatch.setattr(cpu_backend, "ONEDNN_MIN_MACS", 1 << 21)
+    assert not cpu_backend._onednn_pays(torch.zeros(32, 128), 128)  # 0.5M multiply-adds
+    assert cpu_backend._onednn_pays(torch.zeros(128, 128, dtype=torch.float32), 128)  # exactly 2M
+    assert not cpu_backend._onednn_pays(torch.zeros(4096, 1024, dtype=torch.float64), 1024)  # oneDNN runs fp32 only
     # rows per expert ~6 (x 128 x 256: tiny, torch.mm, nothing packed) and ~470 (15M: oneDNN, packed)
     for T, on_onednn in ((9, False), (700, True)):
         case = make_case(T, 2, 3, D=128, F=128, seed=67)
         w_in, w_out = torch.nn.Parameter(case["w_in"].clone()), torch.nn.Parameter(case["w_out"].clone())
         y = no_grad_call(case, w_in, w_out)
         torch.testing.assert_close(y, loop_of(case, case["w_in"], case["w_out"]), rtol=1e-4, atol=1e-4)
-        assert (packed_parts(experts, w_in) > 0) == on_onednn
+        assert (packed_parts(w_in) > 0) == on_onednn
 
 
 # ------------------------------------------------------------------ few rows: padded batched GEMMs (no grad)
@@ -969,10 +956,8 @@ def test_small_products_go_to_torch_mm_and_large_ones_to_onednn(monkeypatch):
 
 @pytest.fixture
 def padded(monkeypatch):
-    import moezoo.kernels.experts as experts
-
-    monkeypatch.setattr(experts, "PADDED_MAX_MACS", 1 << 40)  # every no-grad call below takes the padded path
-    return experts
+    monkeypatch.setattr(cpu_backend, "PADDED_MAX_MACS", 1 << 40)  # every no-grad call below takes the padded path
+    return cpu_backend
 
 
 @pytest.mark.parametrize(
@@ -1008,17 +993,15 @@ def test_padded_forward_with_shared_expert_and_empty_experts_matches_loop(padded
 
 
 def test_padded_path_only_for_small_experts_and_modest_padding(monkeypatch):
-    import moezoo.kernels.experts as experts
-
-    monkeypatch.setattr(experts, "PADDED_MAX_MACS", 1 << 22)  # the default (the autouse fixture turns it off)
+    monkeypatch.setattr(cpu_backend, "PADDED_MAX_MACS", 1 << 22)  # the default (the autouse fixture turns it off)
 
     def table(counts, dim, n_in):
-        return experts._ExpertTable(torch.zeros(len(counts), n_in, dim), torch.zeros(len(counts), dim, n_in // 2),
+        return cpu_backend._ExpertTable(torch.zeros(len(counts), n_in, dim), torch.zeros(len(counts), dim, n_in // 2),
                                     None, None, torch.zeros(sum(counts), dtype=torch.long), torch.zeros(sum(counts)),
                                     counts, "silu", True)
 
     # DiT-MoE digits at one image: 8 experts, 32 rows each, 128 x 256: 1M multiply-adds each
-    assert experts._padded_pays(table([32] * 8, 128, 256))
-    assert not experts._padded_pays(table([512] * 8, 384, 3072))  # dit_moe_s: 604M each
-    assert not experts._padded_pays(table([60, 1, 1, 1, 1, 1, 1, 1], 128, 256))  # padding would be 7x the rows
-    assert not experts._padded_pays(table([0] * 8, 128, 256))  # nothing routed
+    assert cpu_backend._padded_pays(table([32] * 8, 128, 256))
+    assert not cpu_backend._padded_pays(table([512] * 8, 384, 3072))  # dit_moe_s: 604M each
+    assert not cpu_backend._padded_pays(table([60, 1, 1, 1, 1, 1, 1, 1], 128, 256))  # padding would be 7x the rows
+    assert not cpu_backend._padded_pays(table([0] * 8, 128, 256))  # nothing routed

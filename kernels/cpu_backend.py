@@ -1,0 +1,586 @@
+"""The torch backend of the grouped expert MLP: the CPU default, plain torch ops and oneDNN / MKL GEMMs.
+
+Per expert: gather its rows, two GEMMs and the activation, and ``index_add_`` the weighted result into the
+output, with a hand-written backward that reuses the forward's buffers (``_TorchExpertMLP``). Around that walk:
+which GEMM library runs a product (oneDNN's linear for large fp32 products, ``torch.mm`` below
+``ONEDNN_MIN_MACS``), parallel single-threaded streams of rows with several threads, a padded batched path for
+few rows per expert without autograd (``PADDED_MAX_MACS``), and oneDNN-prepacked weights for inference.
+Shape checks are the caller's (``moezoo.kernels.experts.expert_mlp``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import weakref
+
+import torch
+
+from .activations import activation_fn, activation_grad
+from .plan import DispatchPlan, expert_slices
+
+__all__ = ["torch_expert_mlp"]
+
+
+def torch_expert_mlp(x_TD, weights_TK, plan: DispatchPlan, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, activation: str,
+                     gated: bool, shared_tensors: tuple, shared_activation: str | None) -> torch.Tensor:
+    """``y[t] = sum_{kept j} weights_TK[t, j] * expert_{ids[t, j]}(x[t])``, plus the shared expert's
+    ``scale[t] * shared(x[t])`` when ``shared_tensors`` = (w_in_NK, w_out_DF, scale_T or None) is not
+    (None, None, None). Differentiable with respect to every tensor argument; without autograd it runs the
+    forward-only paths (padded batched GEMMs for few rows, oneDNN's fused activations, prepacked weights)."""
+    tensors = (x_TD, weights_TK, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, *shared_tensors)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _TorchExpertMLP.apply(*tensors, plan, activation, gated, shared_activation)
+    tables = _expert_tables(*tensors, plan, activation, gated, shared_activation)
+    if _padded_pays(tables[0]):
+        out_TD = _padded_forward(x_TD, tables[0], plan)
+        if len(tables) > 1:  # the shared expert: one expert of T rows, as the walk below runs it
+            out_TD += _torch_expert_forward(x_TD, tables[1:], _forward_groups(tables[1:], x_TD), keep_h=False)[0]
+        return out_TD
+    for table in tables:
+        table.use_packed_weights(x_TD)
+    return _torch_expert_forward(x_TD, tables, _forward_groups(tables, x_TD), keep_h=False)[0]
+
+
+def _onednn_linear_available() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+# On x86 CPUs torch's fp32 ``mm`` calls MKL; oneDNN's linear (the kernel torch.compile uses for CPU linears)
+# runs the experts' forward and input-gradient products 1.1-1.2x faster on this AMD EPYC, single-threaded, alone or
+# two at once (``python bench/cpu_gemm.py``). The weight gradients stay on ``mm``: it writes them in place, and
+# there oneDNN is not faster everywhere. Switch off with ``ONEDNN_GEMMS = False`` (tests run both paths).
+ONEDNN_GEMMS = _onednn_linear_available()
+# Below this many multiply-adds a product is mostly call overhead, and oneDNN's (~20 us a call here) is about
+# three times MKL's: at 32 rows x 128 x 128 (DiT-MoE digits' experts at one image) torch.mm is 2-3x faster;
+# from ~2M multiply-adds up oneDNN wins (``python bench/cpu_gemm.py``, small products).
+ONEDNN_MIN_MACS = 1 << 21
+
+
+def _use_onednn(a: torch.Tensor) -> bool:
+    return ONEDNN_GEMMS and a.dtype == torch.float32 and a.device.type == "cpu"
+
+
+def _onednn_pays(a_MK: torch.Tensor, n_out: int) -> bool:
+    """Whether ``a @ W.T`` with ``n_out`` output columns goes to oneDNN: fp32 on CPU and large enough."""
+    return _use_onednn(a_MK) and a_MK.shape[0] * a_MK.shape[1] * n_out >= ONEDNN_MIN_MACS
+
+
+def _matmul_nt(a_MK: torch.Tensor, b_NK: torch.Tensor) -> torch.Tensor:
+    """``a @ b.T`` as a new tensor: oneDNN's linear for fp32 CPU products large enough to gain from it (``b``
+    may be a prepacked oneDNN weight, which only oneDNN takes), else ``torch.mm``."""
+    if b_NK.layout == torch._mkldnn or _onednn_pays(a_MK, b_NK.shape[0]):
+        return torch.ops.mkldnn._linear_pointwise(a_MK, b_NK, None, "none", [], "")
+    return torch.mm(a_MK, b_NK.t())
+
+
+# oneDNN's names for our activations (attr, algorithm), applied inside the GEMM as a post-op
+_ONEDNN_ACTIVATIONS = {"silu": ("swish", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh"), "relu": ("relu", "")}
+
+
+def _fused_activated(x_CD, w_in_parts: tuple, b_in_N, activation: str, gated: bool) -> torch.Tensor:
+    """``act(x @ W_gate^T + b) * (x @ W_up^T + b)`` (or ``act(x @ W^T + b)``) with the activation and the
+    product done in oneDNN's GEMM epilogues, as torch.compile does for CPU SwiGLUs: no separate pass over the
+    hidden activations. Inference only (the pre-activations are not kept). ``w_in_parts``: (W_gate, W_up) for
+    gated experts, (W,) otherwise, each plain [F, D] or prepacked (``_PackedExperts``)."""
+    linear = torch.ops.mkldnn._linear_pointwise
+    attr, algorithm = _ONEDNN_ACTIVATIONS[activation]
+    if not gated:
+        return linear(x_CD, w_in_parts[0], b_in_N, attr, [], algorithm)
+    hidden = w_in_parts[0].shape[0]
+    b_gate, b_up = (None, None) if b_in_N is None else (b_in_N[:hidden], b_in_N[hidden:])
+    gate_CF = linear(x_CD, w_in_parts[0], b_gate, attr, [], algorithm)
+    return linear.binary(x_CD, gate_CF, w_in_parts[1], b_up, "mul")
+
+
+# ----------------------------------------------------------------------------- prepacked weights (inference)
+# oneDNN computes with weights in its own blocked layout and, given a plain [N, K] weight, reorders it inside
+# every GEMM. For inference the weights stay the same from call to call, so they are reordered once and kept
+# (what torch.compile's "freezing" does for CPU linears): the no-grad forward runs 1.04-1.12x faster on
+# bench/moe_layer.py's shapes (``python bench/packed_weights.py``). The training path does not pack: its
+# weights change every step and its backward needs them transposed.
+
+PACK_WEIGHTS = True  # False: every GEMM takes the plain weights
+_SAMPLES_PER_EXPERT = 16
+# oneDNN picks the blocked layout for a row count; one fixed count, so that results never depend on which call
+# happened to pack a weight (other row counts run on it at the same speed as on their own layout, or faster)
+_PACKED_FOR_ROWS = 512
+
+
+class _PackedExperts:
+    """Prepacked copies of one [E, N, K] weight tensor, made per (expert, row range) on first use.
+
+    Valid while the tensor is the same object with the same storage, version counter and a sample of
+    ``_SAMPLES_PER_EXPERT`` values per expert: in-place changes (optimizer steps, ``load_state_dict``,
+    ``copy_`` under no_grad) bump the counter; changes made through ``.data`` do not, and are caught by the
+    sample. Only a ``.data`` edit that leaves every sampled value as it was can go unseen:
+    ``clear_packed_weights()`` drops every copy."""
+
+    def __init__(self, w_ENK: torch.Tensor):
+        self.data_ptr, self.version = w_ENK.data_ptr(), w_ENK._version
+        num_experts, rows, cols = w_ENK.shape
+        flat = torch.linspace(0, rows * cols - 1, min(rows * cols, _SAMPLES_PER_EXPERT)).long()
+        # (expert, row, column) of every sampled value: indexing reads just these, whatever the strides
+        self.positions = (torch.arange(num_experts).repeat_interleave(len(flat)), (flat // cols).repeat(num_experts),
+                          (flat % cols).repeat(num_experts))
+        self.sample = self._sample_of(w_ENK)
+        self.parts, self.lock = {}, threading.Lock()
+
+    def _sample_of(self, w_ENK: torch.Tensor) -> torch.Tensor:
+        return w_ENK[self.positions]
+
+    def still_describes(self, w_ENK: torch.Tensor) -> bool:
+        return (w_ENK.data_ptr() == self.data_ptr and w_ENK._version == self.version
+                and torch.equal(self._sample_of(w_ENK), self.sample))
+
+    def part(self, w_ENK: torch.Tensor, expert: int, rows: slice) -> torch.Tensor:
+        """The packed ``w_ENK[expert, rows]`` (rows: gate or up half), packed now if it is the first use."""
+        key = (expert, rows.start, rows.stop)
+        with self.lock:  # Gradio serves requests from several threads
+            if key not in self.parts:
+                plain = w_ENK[expert, rows].contiguous()
+                self.parts[key] = torch.ops.mkldnn._reorder_linear_weight(plain, _PACKED_FOR_ROWS)
+            return self.parts[key]
+
+
+_packed: dict[int, tuple] = {}  # id(weight tensor) -> (weakref to it, _PackedExperts)
+_packed_lock = threading.Lock()
+
+
+def clear_packed_weights() -> None:
+    """Drops every prepacked weight copy (they are otherwise freed with their weights, or remade when the
+    weights change)."""
+    with _packed_lock:
+        _packed.clear()
+
+
+def _packed_experts(w_ENK: torch.Tensor) -> _PackedExperts | None:
+    """The packed copies of ``w_ENK`` to use in this call, or None: use the plain weights.
+
+    Only ``nn.Parameter``s are packed: they persist from call to call. Weights made fresh on every call (the
+    shared expert's concatenated gate and up, dequantized ternary experts) would be packed on every call, and
+    packing costs more than it saves on one call (DiT-MoE digits, 128 tokens: 180 us to pack a weight its GEMM
+    then uses for 40 us). A given weight is thus always packed or never, and repeated calls agree bitwise."""
+    if not (PACK_WEIGHTS and _use_onednn(w_ENK) and isinstance(w_ENK, torch.nn.Parameter)) or w_ENK.numel() == 0:
+        return None
+    if w_ENK.is_inference():  # made under torch.inference_mode: no version counter to watch
+        return None
+    key = id(w_ENK)
+    with _packed_lock:
+        ref, packed = _packed.get(key, (None, None))
+        if ref is None or ref() is not w_ENK or not packed.still_describes(w_ENK):
+            # the entry leaves with its tensor (weakref callback), so ids reused later never match stale entries
+            ref = weakref.ref(w_ENK, lambda _, key=key: _packed.pop(key, None))
+            packed = _PackedExperts(w_ENK)
+            _packed[key] = (ref, packed)
+    return packed
+
+
+class _Buffers:
+    """Scratch rows reused across the experts of one call: every expert's rows fit in the largest expert's
+    buffer, so the loop touches a few MB that stay in cache instead of fresh [S, *] tensors per step
+    (on CPU, allocating and page-faulting large fresh tensors costs as much as a small GEMM)."""
+
+    def __init__(self, like: torch.Tensor, rows: int):
+        self.like, self.rows, self.cache = like, rows, {}
+
+    @classmethod
+    def for_group(cls, like: torch.Tensor, group: list[tuple[int, int, slice]]) -> "_Buffers":
+        """Buffers that fit the largest piece of one stream's (table, expert, rows) group."""
+        return cls(like, max((rows.stop - rows.start for _, _, rows in group), default=0))
+
+    def get(self, name: str, cols: int, count: int) -> torch.Tensor:
+        if (name, cols) not in self.cache:
+            self.cache[name, cols] = self.like.new_empty(self.rows, cols)
+        return self.cache[name, cols][:count]
+
+
+# ------------------------------------------------------------------------------------------ expert streams
+# With several CPU threads, one MKL GEMM per expert split across all threads wastes much of each call on
+# splitting small matrices and waiting at barriers. Instead the sorted rows are cut into as many equal ranges
+# ("streams") as there are threads, and each runs on its own worker thread with single-threaded GEMMs (an
+# expert on a cut is split between two streams). Each stream adds into its own output, and the outputs are
+# summed in a fixed order, so results are still deterministic. Measured (bench/moe_layer.py, 2 threads, MKL
+# GEMMs): E=64 fwd+bwd 1.21x -> 1.02x of dense; with whole experts per stream E=8 lost (halves of 4 experts
+# balanced poorly), with even row cuts it is level or better. The backward always streams; the forward does
+# only without oneDNN, whose own threading of each GEMM is faster there (see ``_forward_groups``).
+
+MIN_STREAM_FLOPS = 2e8  # below this a call is too small to be worth handing to worker threads
+_stream_pool = None  # (ThreadPoolExecutor, its worker count)
+
+
+def _pool_thread_init(barrier) -> None:
+    torch.set_num_threads(1)  # this thread's own OpenMP / MKL thread count
+    torch.get_num_threads()  # makes torch's per-thread lazy init read 1 now, before the caller restores its count
+    barrier.wait()
+
+
+def _streams_pool(streams: int):
+    """A pool of ``streams`` single-threaded workers (made once; remade if the thread count changes)."""
+    global _stream_pool
+    if _stream_pool is None or _stream_pool[1] != streams:
+        from concurrent.futures import ThreadPoolExecutor
+
+        threads = torch.get_num_threads()
+        barrier = threading.Barrier(streams + 1)
+        pool = ThreadPoolExecutor(streams, thread_name_prefix="moezoo-experts",
+                                  initializer=_pool_thread_init, initargs=(barrier,))
+        futures = [pool.submit(lambda: None) for _ in range(streams)]
+        barrier.wait()  # every worker has set its own thread count ...
+        torch.set_num_threads(threads)  # ... so the process-wide default can go back to the caller's
+        for future in futures:
+            future.result()
+        if _stream_pool is not None:
+            _stream_pool[0].shutdown(wait=False)
+        _stream_pool = (pool, streams)
+    return _stream_pool[0]
+
+
+def _one_group(counts: list[list[int]]) -> list[list[tuple[int, int, slice]]]:
+    """Every table's experts whole, in one group: no streams."""
+    return [[(t, e, rows) for t, table_counts in enumerate(counts) for e, rows in expert_slices(table_counts)]]
+
+
+def _stream_groups(counts: list[list[int]], flops_per_row: list[float], device: torch.device):
+    """Every table's sorted rows (``counts[t]``: its rows per expert) cut into one contiguous range of equal
+    length per CPU thread ("stream"), each stream as the (table, expert, row slice) pieces it covers: an expert
+    on a cut is split between two streams. Equal cuts of every table give every stream the same work. One
+    group (no streams) when torch has one thread or the call is smaller than ``MIN_STREAM_FLOPS``."""
+    slices = [list(expert_slices(table_counts)) for table_counts in counts]
+    threads = torch.get_num_threads() if device.type == "cpu" else 1
+    flops = sum(sum(table_counts) * f for table_counts, f in zip(counts, flops_per_row))
+    if threads < 2 or flops < MIN_STREAM_FLOPS:
+        return _one_group(counts)
+    groups = [[] for _ in range(threads)]
+    for t, (table, table_counts) in enumerate(zip(slices, counts)):
+        total = sum(table_counts)
+        cuts = [total * i // threads for i in range(threads + 1)]
+        for group, begin, end in zip(groups, cuts[:-1], cuts[1:]):
+            pieces = [(t, e, slice(max(r.start, begin), min(r.stop, end))) for e, r in table]
+            group += [(t, e, r) for t, e, r in pieces if r.start < r.stop]
+    return [group for group in groups if group]
+
+
+def _run_streams(work, groups: list, accumulators: list[torch.Tensor]) -> None:
+    """``work(group, accumulator)`` for every group: inline for one group, else one worker per group; the
+    accumulators after the first are added into the first, in order."""
+    if len(groups) == 1:
+        work(groups[0], accumulators[0])
+        return
+    pool = _streams_pool(len(groups))
+    # grad and inference mode are per thread: the workers take the caller's
+    grad_enabled, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    def in_caller_grad_mode(group, accumulator):
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad_enabled):
+            work(group, accumulator)
+
+    for future in [pool.submit(in_caller_grad_mode, g, acc) for g, acc in zip(groups, accumulators)]:
+        future.result()
+    for acc in accumulators[1:]:
+        accumulators[0].add_(acc)
+
+
+def _activated(act, h_CN: torch.Tensor, hidden: int, gated: bool, out_CF: torch.Tensor) -> torch.Tensor:
+    """``act(gate) * up`` for gated experts, ``act(h)`` otherwise, written into ``out_CF``."""
+    if gated:
+        return torch.mul(act(h_CN[:, :hidden]), h_CN[:, hidden:], out=out_CF)
+    return out_CF.copy_(act(h_CN))
+
+
+@dataclasses.dataclass
+class _ExpertTable:
+    """One set of experts the torch backend walks: the plan's routed experts, or the shared expert as a
+    one-expert table whose rows are all tokens in order (``tokens_S`` None: row i is token i, so gathering
+    and scattering are plain slices)."""
+
+    w_in_ENK: torch.Tensor
+    w_out_EDF: torch.Tensor
+    b_in_EN: torch.Tensor | None
+    b_out_ED: torch.Tensor | None
+    tokens_S: torch.Tensor | None
+    w_S: torch.Tensor  # each row's weight: its routing weight, or the shared expert's per-token scale
+    counts: list[int]
+    activation: str
+    gated: bool
+    packed_in: _PackedExperts | None = None  # prepacked weights, inference only (``use_packed_weights``)
+    packed_out: _PackedExperts | None = None
+
+    @property
+    def hidden(self) -> int:
+        return self.w_out_EDF.shape[2]
+
+    def use_packed_weights(self, x_TD: torch.Tensor) -> None:
+        """Takes the weights' prepacked copies for this (no-grad, oneDNN) call, where there are some."""
+        if _use_onednn(x_TD):
+            self.packed_in, self.packed_out = _packed_experts(self.w_in_ENK), _packed_experts(self.w_out_EDF)
+
+    def w_in_parts(self, e: int) -> tuple:
+        """Expert ``e``'s W_in as (W_gate, W_up) for gated experts, (W,) otherwise; prepacked if it can be."""
+        n_in = self.w_in_ENK.shape[1]
+        parts = (slice(0, self.hidden), slice(self.hidden, n_in)) if self.gated else (slice(0, n_in),)
+        if self.packed_in is None:
+            return tuple(self.w_in_ENK[e, rows] for rows in parts)
+        return tuple(self.packed_in.part(self.w_in_ENK, e, rows) for rows in parts)
+
+    def w_out(self, e: int, a_CF: torch.Tensor) -> torch.Tensor:
+        """Expert ``e``'s W_out for the product with ``a_CF``: prepacked if it can be and oneDNN will run it."""
+        if self.packed_out is None or not _onednn_pays(a_CF, self.w_out_EDF.shape[1]):
+            return self.w_out_EDF[e]
+        return self.packed_out.part(self.w_out_EDF, e, slice(0, self.w_out_EDF.shape[1]))
+
+    @property
+    def flops_per_row(self) -> float:
+        return 2.0 * self.w_in_ENK.shape[2] * (self.w_in_ENK.shape[1] + self.hidden)
+
+    def gather(self, src_TD: torch.Tensor, rows: slice, out: torch.Tensor) -> torch.Tensor:
+        if self.tokens_S is None:
+            return src_TD[rows]
+        return torch.index_select(src_TD, 0, self.tokens_S[rows], out=out)
+
+    def scatter_add(self, dst_TD: torch.Tensor, rows: slice, y_CD: torch.Tensor) -> None:
+        if self.tokens_S is None:
+            dst_TD[rows] += y_CD
+        else:
+            dst_TD.index_add_(0, self.tokens_S[rows], y_CD)
+
+
+def _expert_tables(x_TD, weights_TK, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, shared_w_in_NK, shared_w_out_DF,
+                   shared_scale_T, plan, activation, gated, shared_activation) -> list[_ExpertTable]:
+    """The routed experts' table, then the shared expert's if there is one."""
+    w_S = weights_TK.reshape(-1).index_select(0, plan.sorted_slots_S).to(x_TD.dtype)
+    tables = [_ExpertTable(w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, plan.sorted_tokens_S, w_S, plan.counts_list(),
+                           activation, gated)]
+    if shared_w_in_NK is not None:
+        num_tokens = x_TD.shape[0]
+        scale_T = x_TD.new_ones(num_tokens) if shared_scale_T is None else shared_scale_T.to(x_TD.dtype)
+        tables.append(_ExpertTable(shared_w_in_NK[None], shared_w_out_DF[None], None, None, None, scale_T,
+                                   [num_tokens], shared_activation, gated))
+    return tables
+
+
+def _stream_groups_of(tables: list[_ExpertTable], device: torch.device):
+    return _stream_groups([t.counts for t in tables], [t.flops_per_row for t in tables], device)
+
+
+def _forward_groups(tables: list[_ExpertTable], x_TD: torch.Tensor):
+    """The forward's pieces. With oneDNN GEMMs, whole experts in the calling thread: oneDNN spreads each GEMM
+    over the threads itself (2.05x one thread's speed on these shapes, ``python bench/cpu_gemm.py``), which beat
+    parallel streams of single-threaded GEMMs in the forward (bench/moe_layer.py, fwd: DiT-MoE-S 102 vs 109 ms,
+    E8 and E64 level or ~1% better). The backward still streams: its weight gradients are MKL GEMMs that
+    reduce over an expert's rows, which two threads split poorly (E64 fwd+bwd 1.88 s without streams, 1.82 s
+    with)."""
+    if _use_onednn(x_TD):
+        return _one_group([t.counts for t in tables])
+    return _stream_groups_of(tables, x_TD.device)
+
+
+def _kept_h_for(h_kept: dict, t: int, e: int, rows: slice) -> torch.Tensor:
+    """The pre-activations of sorted ``rows`` of expert ``e`` of table ``t``, from the forward's piece that holds
+    them (the forward and backward may cut experts differently)."""
+    for start, h_CN in h_kept[t, e]:
+        if start <= rows.start and rows.stop <= start + h_CN.shape[0]:
+            return h_CN[rows.start - start:rows.stop - start]
+    raise AssertionError(f"no forward piece holds rows {rows} of expert {e}")
+
+
+def _torch_expert_forward(x_TD, tables: list[_ExpertTable], groups, keep_h: bool):
+    """The forward walk over ``groups``; returns the output and, if ``keep_h``, the pre-activations for
+    backward: ``{(table, expert): [(first row, [rows, N_in] tensor) per piece]}``. Kept per piece, not as one
+    [S, N_in] tensor: that is often larger than the largest block glibc serves from its heap (32 MiB), so every
+    call would map fresh pages and fault through all of them (DiT-MoE-S: 12k faults, ~15 ms a call)."""
+    num_tokens, dim = x_TD.shape
+    h_kept = {}  # (table, expert) -> [(first row, pre-activations)]: two streams may each add a piece of one
+    # expert, which is safe (dict.setdefault and list.append are atomic under the GIL)
+
+    def work(group, out_TD):
+        buffers = _Buffers.for_group(x_TD, group)
+        for t, e, rows in group:
+            table, count = tables[t], rows.stop - rows.start
+            x_CD = table.gather(x_TD, rows, buffers.get("x", dim, count))
+            b_in_N = None if table.b_in_EN is None else table.b_in_EN[e]
+            if keep_h or not _onednn_pays(x_CD, table.w_in_ENK.shape[1]):
+                h_CN = _matmul_nt(x_CD, table.w_in_ENK[e])
+                if b_in_N is not None:
+                    h_CN += b_in_N
+                if keep_h:
+                    h_kept.setdefault((t, e), []).append((rows.start, h_CN))
+                act = activation_fn(table.activation)
+                a_CF = _activated(act, h_CN, table.hidden, table.gated, buffers.get("a", table.hidden, count))
+            else:
+                a_CF = _fused_activated(x_CD, table.w_in_parts(e), b_in_N, table.activation, table.gated)
+            y_CD = _matmul_nt(a_CF, table.w_out(e, a_CF))
+            if table.b_out_ED is not None:
+                y_CD += table.b_out_ED[e]
+            # the routing weight scales the D-wide output (not the F-wide activation): fewer elements to touch
+            table.scatter_add(out_TD, rows, y_CD.mul_(table.w_S[rows, None]))
+
+    outs = [x_TD.new_zeros(num_tokens, dim) for _ in groups]
+    _run_streams(work, groups, outs)
+    return outs[0], h_kept if keep_h else None
+
+
+# ---------------------------------------------------------------------------- few rows: one batched GEMM
+# With few tokens per expert each product is a few microseconds of arithmetic behind ~10 us of fixed cost per
+# call, and the walk above makes ~7 calls per expert. Without autograd, such a call instead pads every expert's
+# rows to the largest expert's count and runs each projection as one torch.bmm over all experts: the bundled
+# DiT-MoE digits' MoE layer at 128 tokens (8 experts of 128 x 128) went 2.5 -> 1.6 ms a call, router and plan
+# included (``python bench/few_tokens.py``). Larger experts lose on bmm and on the padding.
+PADDED_MAX_MACS = 1 << 22  # the padded path runs while an average expert's input product is at most this
+
+
+def _padded_pays(table: _ExpertTable) -> bool:
+    """Whether the no-grad forward runs ``table`` as padded batched GEMMs: small experts, padding that at most
+    doubles the rows."""
+    rows, num_experts = sum(table.counts), len(table.counts)
+    n_in, dim = table.w_in_ENK.shape[1:]
+    return 0 < rows * dim * n_in <= PADDED_MAX_MACS * num_experts and max(table.counts) * num_experts <= 2 * rows
+
+
+def _padded_forward(x_TD: torch.Tensor, table: _ExpertTable, plan: DispatchPlan) -> torch.Tensor:
+    """The routed experts' (``table``, laid out by ``plan``) weighted sum with every expert's rows padded to the
+    largest count ``C``: gather into [E, C, D], two ``torch.bmm``, then each real row weighted and added to its
+    token (in sorted order, so the sums are deterministic). Padding rows are zeros and are never read back."""
+    device, (num_tokens, dim) = x_TD.device, x_TD.shape
+    num_experts, widest = len(table.counts), max(table.counts)
+    expert_S = torch.repeat_interleave(torch.arange(num_experts, device=device), plan.counts_E)
+    # padded row of every sorted row: its expert's block of C rows, then its rank within the expert
+    rank_S = torch.arange(len(expert_S), device=device) - plan.offsets_E1[expert_S]
+    padded_S = expert_S * widest + rank_S
+    x_PD = x_TD.new_zeros(num_experts * widest, dim)
+    x_PD[padded_S] = x_TD.index_select(0, table.tokens_S)
+    h_ECN = torch.bmm(x_PD.view(num_experts, widest, dim), table.w_in_ENK.transpose(1, 2))
+    if table.b_in_EN is not None:
+        h_ECN += table.b_in_EN[:, None]
+    hidden = table.hidden
+    a_PF = _activated(activation_fn(table.activation), h_ECN.view(num_experts * widest, -1), hidden, table.gated,
+                      x_TD.new_empty(num_experts * widest, hidden))
+    y_ECD = torch.bmm(a_PF.view(num_experts, widest, hidden), table.w_out_EDF.transpose(1, 2))
+    if table.b_out_ED is not None:
+        y_ECD += table.b_out_ED[:, None]
+    y_SD = y_ECD.view(-1, dim).index_select(0, padded_S).mul_(table.w_S[:, None])
+    return x_TD.new_zeros(num_tokens, dim).index_add_(0, table.tokens_S, y_SD)
+
+
+class _TableGrads:
+    """The gradients of one table's weights (biases only if it has them) and of its rows' weights."""
+
+    def __init__(self, table: _ExpertTable):
+        # Written in place by each expert's GEMMs (out=); only experts without rows need zeros.
+        self.w_in, self.w_out = torch.empty_like(table.w_in_ENK), torch.empty_like(table.w_out_EDF)
+        for e, count in enumerate(table.counts):
+            if not count:
+                self.w_in[e].zero_()
+                self.w_out[e].zero_()
+        self.b_in = None if table.b_in_EN is None else torch.zeros_like(table.b_in_EN)
+        self.b_out = None if table.b_out_ED is None else torch.zeros_like(table.b_out_ED)
+        self.w_S = table.w_S.new_empty(sum(table.counts))
+
+    def of_expert(self, e: int) -> list[torch.Tensor | None]:
+        return [g[e] if g is not None else None for g in (self.w_in, self.w_out, self.b_in, self.b_out)]
+
+
+def _backward_piece(table: _ExpertTable, e: int, rows: slice, h_CN, grads: list, grad_w_S, x_TD, grad_out_TD,
+                    grad_x_TD, buffers: _Buffers) -> None:
+    """One expert's piece of the backward: its weight gradients into ``grads``, its rows' weight gradients
+    into ``grad_w_S``, and its input gradient added into ``grad_x_TD``."""
+    g_w_in, g_w_out, g_b_in, g_b_out = grads
+    dim, count, hidden = x_TD.shape[1], rows.stop - rows.start, table.hidden
+    act = activation_fn(table.activation)
+    w_S, w_C1 = table.w_S[rows], table.w_S[rows, None]
+    grad_y_CD = table.gather(grad_out_TD, rows, buffers.get("gy", dim, count))
+    pre_CF = h_CN[:, :hidden]
+    # the activation is recomputed once and kept: a = act(gate) * up, and up's gradient is dA * act(gate)
+    act_CF = act(pre_CF)
+    a_CF = torch.mul(act_CF, h_CN[:, hidden:], out=buffers.get("a", hidden, count)) if table.gated else act_CF
+    # dA' (the gradient at the weighted activation), then the row weight's and W_out's gradients.
+    grad_wa_CF = _matmul_nt(grad_y_CD, table.w_out_EDF[e].t())
+    grad_w_S[rows] = torch.linalg.vecdot(grad_wa_CF, a_CF)
+    if g_b_out is not None:
+        grad_w_S[rows] += grad_y_CD @ table.b_out_ED[e]
+        torch.mv(grad_y_CD.t(), w_S, out=g_b_out)
+    torch.mm(grad_y_CD.t(), a_CF.mul_(w_C1), out=g_w_out)
+    grad_a_CF = grad_wa_CF.mul_(w_C1)
+    grad_h_CN = buffers.get("gh", h_CN.shape[1], count)
+    if table.gated:
+        torch.mul(grad_a_CF, act_CF, out=grad_h_CN[:, hidden:])
+        activation_grad(table.activation, grad_a_CF.mul_(h_CN[:, hidden:]), pre_CF, grad_h_CN[:, :hidden])
+    else:
+        activation_grad(table.activation, grad_a_CF, pre_CF, grad_h_CN)
+    if g_b_in is not None:
+        torch.sum(grad_h_CN, 0, out=g_b_in)
+    x_CD = table.gather(x_TD, rows, buffers.get("x", dim, count))
+    torch.mm(grad_h_CN.t(), x_CD, out=g_w_in)
+    table.scatter_add(grad_x_TD, rows, _matmul_nt(grad_h_CN, table.w_in_ENK[e].t()))
+
+
+class _TorchExpertMLP(torch.autograd.Function):
+    """The CPU path: per expert, gather its rows, two GEMMs and the activation, and ``index_add_`` the
+    weighted result into the output; a hand-written backward does the same walk. With several threads the
+    backward (and, without oneDNN, the forward) runs as parallel single-threaded streams over equal row ranges
+    (see ``_stream_groups``, ``_forward_groups``); the shared expert, if any, is one more table of pieces.
+
+    ``w * (a @ W_out^T + b_out)`` is differentiated as ``(w * a) @ W_out^T + w * b_out``: the row weight's
+    gradient is ``<dY, a @ W_out^T + b_out>``. Only the pre-activation ``h`` (one [rows, N_in] tensor per
+    piece) is kept for backward (as a dense MLP keeps its own); the gathered inputs and activations are
+    recomputed per expert, which is cheap next to the GEMMs. On CPU ``index_add_`` walks the rows in order,
+    so results are deterministic.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD, weights_TK, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, shared_w_in_NK, shared_w_out_DF,
+                shared_scale_T, plan, activation, gated, shared_activation):
+        tables = _expert_tables(x_TD, weights_TK, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, shared_w_in_NK,
+                                shared_w_out_DF, shared_scale_T, plan, activation, gated, shared_activation)
+        out_TD, h_kept = _torch_expert_forward(x_TD, tables, _forward_groups(tables, x_TD), keep_h=True)
+        keys = [(key, start) for key, pieces in h_kept.items() for start, _ in pieces]
+        ctx.save_for_backward(x_TD, *(h for pieces in h_kept.values() for _, h in pieces))
+        ctx.tables, ctx.h_keys, ctx.plan = tables, keys, plan
+        ctx.weights_dtype = weights_TK.dtype
+        ctx.scale_dtype = None if shared_scale_T is None else shared_scale_T.dtype
+        return out_TD
+
+    @staticmethod
+    def backward(ctx, grad_out_TD):
+        x_TD, *h_pieces = ctx.saved_tensors
+        tables, plan = ctx.tables, ctx.plan
+        grad_out_TD = grad_out_TD.contiguous()
+        grads = [_TableGrads(table) for table in tables]
+        starts = [{e: rows.start for e, rows in expert_slices(table.counts)} for table in tables]
+        h_kept = {}
+        for (key, start), h_CN in zip(ctx.h_keys, h_pieces):
+            h_kept.setdefault(key, []).append((start, h_CN))
+        groups = _stream_groups_of(tables, x_TD.device)
+        continued = {}  # (table, expert, first row) -> weight gradients of a piece continuing in a later stream
+
+        def work(group, grad_x_TD):
+            buffers = _Buffers.for_group(x_TD, group)
+            for t, e, rows in group:
+                # An expert split between streams: its first piece writes the gradients in place, the later
+                # piece into its own tensors, added after the streams join (no two threads write one tensor).
+                piece_grads = grads[t].of_expert(e)
+                if rows.start != starts[t][e]:
+                    piece_grads = [torch.empty_like(g) if g is not None else None for g in piece_grads]
+                    continued[t, e, rows.start] = piece_grads
+                _backward_piece(tables[t], e, rows, _kept_h_for(h_kept, t, e, rows), piece_grads, grads[t].w_S, x_TD,
+                                grad_out_TD, grad_x_TD, buffers)
+
+        grad_xs = [torch.zeros_like(x_TD) for _ in groups]
+        _run_streams(work, groups, grad_xs)
+        for (t, e, _), parts in sorted(continued.items()):  # a fixed order: deterministic sums
+            for total, part in zip(grads[t].of_expert(e), parts):
+                if part is not None:
+                    total += part
+        routed = grads[0]
+        grad_weights = routed.w_S.new_zeros(plan.num_tokens * plan.top_k)
+        grad_weights[plan.sorted_slots_S] = routed.w_S
+        grad_weights = grad_weights.view(plan.num_tokens, plan.top_k).to(ctx.weights_dtype)
+        shared_grads = (None, None, None)
+        if len(tables) > 1:
+            shared = grads[1]
+            shared_grads = (shared.w_in[0], shared.w_out[0], None if ctx.scale_dtype is None else shared.w_S.to(ctx.scale_dtype))
+        return (grad_xs[0], grad_weights, routed.w_in, routed.w_out, routed.b_in, routed.b_out, *shared_grads,
+                None, None, None, None)
