@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--load", default=None, help="score the clips of this .npz (from --save) instead of generating")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    import moezoo.zoo.models.dit_moe_video  # noqa: F401  registers the video models
+    import moezoo.zoo.models  # noqa: F401  registers the video models
 
     dataset = held_out_clips(args.clips, args.seed)
     captions = [dataset[i]["caption"] for i in range(len(dataset))]

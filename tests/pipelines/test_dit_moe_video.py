@@ -14,7 +14,6 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 
-import moezoo.zoo.models.dit_moe_video  # noqa: F401  registers test_dit_moe_video
 from moezoo.pipelines.dit_moe_video import DiTMoEVideoPipeline, DiTMoEVideoPipelineOutput
 from moezoo.pipelines.video_export import export_to_gif, export_to_video
 from moezoo.zoo import create_model, save_pretrained

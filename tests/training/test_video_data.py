@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-import moezoo.zoo.models.dit_moe_video  # noqa: F401  registers test_dit_moe_video
 from moezoo.pipelines.video_export import export_to_gif, export_to_video
 from moezoo.training.data import COLOUR_RGB, COLOURS, SHAPES
 from moezoo.training.diffusion import DiffusionModule, clean_input

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from moezoo.zoo.layers.moe import MoE
 from moezoo.zoo.layers.moh import MoHAttention
-from moezoo.zoo.models import dit_moe
+from moezoo.zoo import diffusion
 from moezoo.zoo.models.dit_moe import DiTMoE, DiTMoEConfig, checkpoint_filter_fn
 from moezoo.zoo.registry import create_model
 
@@ -337,7 +337,7 @@ def test_training_loss_objectives_by_hand():
 
     betas = np.linspace(1e-4, 0.02, 1000)
     alpha_bar = torch.from_numpy(np.cumprod(1 - betas))
-    torch.testing.assert_close(dit_moe.ddpm_alphas_cumprod(), alpha_bar)
+    torch.testing.assert_close(diffusion.ddpm_alphas_cumprod(), alpha_bar)
     gen = torch.Generator().manual_seed(12)
     eps, steps = torch.randn(2, 4, 8, 8, generator=gen), torch.randint(0, 1000, (2,), generator=gen)
     a = alpha_bar[steps].float()[:, None, None, None]
@@ -351,7 +351,7 @@ def test_training_loss_objectives_by_hand():
 
 def test_time_shift_moves_training_times_toward_noise():
     """time_shift s: t' = s t / (1 + (s - 1) t) on the logit-normal draw (SD3); 1 leaves t alone."""
-    assert dit_moe.shift_time(torch.tensor([0.0, 0.5, 1.0]), 4.0).tolist() == pytest.approx([0.0, 0.8, 1.0])
+    assert diffusion.shift_time(torch.tensor([0.0, 0.5, 1.0]), 4.0).tolist() == pytest.approx([0.0, 0.8, 1.0])
     model = randomise(create_model("test_dit_moe", class_dropout_prob=0.0, time_shift=3.0), seed=4).eval()
     x0, y = torch.randn(2, 4, 8, 8), torch.tensor([1, 2])
     gen = torch.Generator().manual_seed(11)
@@ -411,7 +411,8 @@ def test_moh_attention_option():
     x, t, y = tiny_inputs()
     loss, aux = model.training_loss(x, y, objective="rf")
     moe_aux = sum(block.moe.routing.aux_loss for block in model.blocks)
-    moh_aux = sum(block.attn.routing.aux_loss for block in model.blocks) / 2
+    # the official MoH loss: coefficient x the head balance averaged over the layers
+    moh_aux = 0.01 * sum(block.attn.routing.aux_terms["head_balance"] for block in model.blocks) / len(model.blocks)
     torch.testing.assert_close(aux, moe_aux + moh_aux)
     (loss + aux).backward()
     assert torch.count_nonzero(model.blocks[0].attn.routed_router.weight.grad) > 0

@@ -1,4 +1,4 @@
-"""The spatio-temporal DiT-MoE (moezoo.zoo.models.dit_moe_video) against per-frame / per-patch loops written here.
+"""The spatio-temporal DiT-MoE (DiTMoEVideo in moezoo.zoo.models.dit_moe) against per-frame / per-patch loops written here.
 
 References: the image DiT-MoE run frame by frame (what a video model initialised from it must compute), a
 hand-written attention across frames (softmax(q k^T / sqrt(d)) v per head, looped over patches), the sin-cos
@@ -14,11 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import moezoo.zoo.models.dit_moe_video as video_module
+import moezoo.zoo.models.dit_moe as video_module
 from moezoo.zoo import create_model
 from moezoo.zoo.hub import WEIGHTS_DIR
-from moezoo.zoo.models.dit_moe import DiTMoE
-from moezoo.zoo.models.dit_moe_video import DiTMoEVideo, DiTMoEVideoConfig, sincos_pos_embed_1d
+from moezoo.zoo.layers.blocks import sincos_pos_embed_1d
+from moezoo.zoo.models.dit_moe import DiTMoE, DiTMoEVideo, DiTMoEVideoConfig
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 TEXT_TOL = dict(rtol=1e-4, atol=1e-4)  # random text embeddings make larger activations (fp32 sums of ~1e2)

@@ -14,7 +14,8 @@ import math
 import pytest
 import torch
 
-from moezoo.zoo.layers.moh import MoHAttention, moh_aux_loss
+from moezoo.zoo.layers import total_aux_loss
+from moezoo.zoo.layers.moh import MoHAttention
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -104,11 +105,11 @@ def test_balance_loss_by_hand():
     chosen = torch.zeros_like(probs).scatter(1, probs.topk(2, dim=-1).indices, 1.0)
     E = 3
     expected = E * E * (probs.mean(0) * chosen.mean(0)).mean()
-    torch.testing.assert_close(attn.routing.aux_terms["moh_balance"], expected)
+    torch.testing.assert_close(attn.routing.aux_terms["head_balance"], expected)
     torch.testing.assert_close(attn.routing.aux_loss, 0.5 * expected)
     model = torch.nn.Sequential(attn, make(heads=4, shared=2, top_k=1, seed=3))
     model(x)
-    torch.testing.assert_close(moh_aux_loss(model), (model[0].routing.aux_loss + model[1].routing.aux_loss) / 2)
+    torch.testing.assert_close(total_aux_loss(model), model[0].routing.aux_loss + model[1].routing.aux_loss)
 
 
 def test_gradients_reach_every_router():

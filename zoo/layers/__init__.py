@@ -1,16 +1,18 @@
-"""moezoo.zoo.layers: the MoE block family and the layers models are built from."""
+"""moezoo.zoo.layers: the routed blocks (MoE, MoH attention, ...) on one base, and the layers models share."""
 
-from .moe import (
+from .moe import EXPERT_KINDS, ROUTERS, GatedMLP, MoE, Router
+from .moh import MoHAttention
+from .routed import (
     AUX_LOSSES,
-    EXPERT_KINDS,
-    ROUTERS,
-    GatedMLP,
-    MoE,
-    Router,
+    RoutedBlock,
     RoutingRecord,
     collect_routing,
+    freeze,
+    routed_blocks,
+    routing_maps,
     set_backend,
     total_aux_loss,
+    unfreeze,
 )
 
 __all__ = [
@@ -19,9 +21,15 @@ __all__ = [
     "ROUTERS",
     "GatedMLP",
     "MoE",
+    "MoHAttention",
+    "RoutedBlock",
     "Router",
     "RoutingRecord",
     "collect_routing",
+    "freeze",
+    "routed_blocks",
+    "routing_maps",
     "set_backend",
     "total_aux_loss",
+    "unfreeze",
 ]

@@ -13,21 +13,18 @@ Composition (all on ``moezoo.kernels``):
 - copy and constant experts (MoE++): output ``x``, or ``a1 * x + a2 * v`` with ``[a1, a2] = softmax(W x)``;
 - capacity with token dropping, multiplicative router jitter, and auxiliary losses by name and coefficient.
 
-What it routed is recorded after every forward in ``moe.routing`` (a :class:`RoutingRecord`): the one place
-training, tests and the app's routing pictures read it from. ``collect_routing(model)`` and
-``total_aux_loss(model)`` gather it over a whole network.
+It is a :class:`~moezoo.zoo.layers.routed.RoutedBlock`: what it routed is in ``moe.routing`` after every
+forward, read by ``collect_routing``, ``total_aux_loss`` and the routing pictures like every routed layer's.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moezoo.kernels import losses as aux
-from moezoo.kernels.experts import BACKENDS, SharedExpert, activation_fn, expert_mlp
+from moezoo.kernels import losses
+from moezoo.kernels.experts import SharedExpert, activation_fn, expert_mlp
 from moezoo.kernels.plan import build_plan, capacity_for
 from moezoo.kernels.routing import (
     RouterOutput,
@@ -38,6 +35,9 @@ from moezoo.kernels.routing import (
 )
 from moezoo.kernels.ternary import ternary_ste
 
+from .blocks import GatedMLP
+from .routed import RoutedBlock
+
 EXPERT_KINDS = {  # name -> (activation, gated)
     "swiglu": ("silu", True),
     "geglu": ("gelu", True),
@@ -45,57 +45,6 @@ EXPERT_KINDS = {  # name -> (activation, gated)
     "ternary": ("silu", True),  # MoTE: SwiGLU experts with ternary weights
 }
 ROUTERS = ("softmax", "sigmoid", "top_p", "expert_choice", "noisy")
-AUX_LOSSES = ("load_balance", "global_load_balance", "z_loss", "expert_balance", "cv2", "entropy")
-
-
-@dataclass
-class RoutingRecord:
-    """What one MoE block routed in its last forward.
-
-    Attributes:
-        ids_TK: int64 [T, k], the expert each slot chose (-1: unused slot). Ids ``>= num_experts`` name the
-            special experts in order: null, copy, constant.
-        weights_TK: the routing weights of those slots (detached).
-        probs_TE: the router's scores over all routable experts (detached).
-        load_E: float [num_routable], how many slots each routable expert received (after capacity).
-        dropped: how many chosen slots capacity dropped.
-        aux_loss: the weighted sum of the configured auxiliary losses (keeps its graph: add it to the loss).
-        aux_terms: each configured auxiliary loss by name, unweighted and detached, for logging.
-        tokens_shape: the leading shape of the input, so ids can be reshaped to e.g. [B, H/p, W/p, k].
-    """
-
-    ids_TK: torch.Tensor
-    weights_TK: torch.Tensor
-    probs_TE: torch.Tensor
-    load_E: torch.Tensor
-    dropped: int
-    aux_loss: torch.Tensor
-    aux_terms: dict[str, torch.Tensor] = field(default_factory=dict)
-    tokens_shape: tuple[int, ...] = ()
-
-
-class GatedMLP(nn.Module):
-    """A dense (gated) MLP: the shared expert, and the dense baseline at equal active width."""
-
-    def __init__(self, dim: int, hidden_dim: int, activation: str = "silu", gated: bool = True, bias: bool = False):
-        super().__init__()
-        self.activation, self.gated = activation, gated
-        self.gate_proj = nn.Linear(dim, hidden_dim, bias=bias) if gated else None
-        self.up_proj = nn.Linear(dim, hidden_dim, bias=bias)
-        self.down_proj = nn.Linear(hidden_dim, dim, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        act = activation_fn(self.activation)
-        h = act(self.gate_proj(x)) * self.up_proj(x) if self.gated else act(self.up_proj(x))
-        return self.down_proj(h)
-
-    def as_shared_expert(self, scale_T: torch.Tensor | None = None) -> SharedExpert:
-        """This MLP in ``expert_mlp``'s shared-expert layout (gate rows, then up rows), differentiable back to
-        the three Linear weights."""
-        if any(layer is not None and layer.bias is not None for layer in (self.gate_proj, self.up_proj, self.down_proj)):
-            raise ValueError("a shared expert is bias-free; this GatedMLP has biases")
-        w_in = torch.cat([self.gate_proj.weight, self.up_proj.weight]) if self.gated else self.up_proj.weight
-        return SharedExpert(w_in, self.down_proj.weight, scale_T, self.activation)
 
 
 class Router(nn.Module):
@@ -167,7 +116,7 @@ class Router(nn.Module):
         return noisy_topk_route(logits_TE, noise_logits_TE, self.top_k, training=self.training)
 
 
-class MoE(nn.Module):
+class MoE(RoutedBlock):
     """A Mixture-of-Experts feed-forward block: ``forward(x[..., dim]) -> [..., dim]``.
 
     Args:
@@ -226,26 +175,21 @@ class MoE(nn.Module):
         aux_loss_coefs: dict[str, float] | None = None,
         backend: str = "auto",
     ):
-        super().__init__()
         if expert not in EXPERT_KINDS:
             raise ValueError(f"unknown expert kind {expert!r}; accepted: {', '.join(EXPERT_KINDS)}")
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; accepted: {', '.join(BACKENDS)}")
         if min(dim, hidden_dim, num_experts) < 1:
             raise ValueError(f"dim, hidden_dim and num_experts must be >= 1, got {dim}, {hidden_dim}, {num_experts}")
-        num_routable = num_experts + num_null_experts + num_copy_experts + num_constant_experts
-        if not 1 <= top_k <= num_routable:
-            raise ValueError(f"top_k must be between 1 and the {num_routable} routable experts, got {top_k}")
+        num_special = num_null_experts + num_copy_experts + num_constant_experts
+        if not 1 <= top_k <= num_experts + num_special:
+            raise ValueError(f"top_k must be between 1 and the {num_experts + num_special} routable experts, got {top_k}")
         if shared_gate and not num_shared_experts:
             raise ValueError("shared_gate=True needs num_shared_experts >= 1 (it scales the shared experts' output)")
-        self.aux_loss_coefs = dict(aux_loss_coefs or {})
-        unknown = set(self.aux_loss_coefs) - set(AUX_LOSSES)
-        if unknown:
-            raise ValueError(f"unknown aux losses {sorted(unknown)}; accepted: {', '.join(AUX_LOSSES)}")
-        self.dim, self.hidden_dim, self.num_experts, self.top_k = dim, hidden_dim, num_experts, top_k
+        super().__init__(num_experts, top_k, num_special=num_special, aux_loss_coefs=aux_loss_coefs, backend=backend)
+        num_routable = self.num_routable
+        self.dim, self.hidden_dim = dim, hidden_dim
         self.num_null_experts, self.num_copy_experts = num_null_experts, num_copy_experts
-        self.num_constant_experts, self.num_routable = num_constant_experts, num_routable
-        self.expert_kind, self.capacity_factor, self.backend = expert, capacity_factor, backend
+        self.num_constant_experts = num_constant_experts
+        self.expert_kind, self.capacity_factor = expert, capacity_factor
         self.activation, self.gated = EXPERT_KINDS[expert]
         if activation is not None:
             activation_fn(activation)  # validates the name
@@ -269,7 +213,6 @@ class MoE(nn.Module):
         if num_constant_experts:
             self.constant_vectors = nn.Parameter(torch.zeros(num_constant_experts, dim))
             self.constant_mix = nn.Linear(dim, 2 * num_constant_experts, bias=False)
-        self.routing: RoutingRecord | None = None
         self.reset_expert_parameters()
 
     @classmethod
@@ -322,7 +265,7 @@ class MoE(nn.Module):
             activation=self.activation, gated=self.gated, backend=self.backend, shared=self._shared_expert(x_TD),
         )
         y_TD = y_TD + self._special_experts(x_TD, ids_TK, weights_TK)
-        self.routing = self._record(routed, plan, lead_shape)
+        self._record(routed, plan, lead_shape)
         return y_TD.reshape(x.shape)
 
     def _shared_expert(self, x_TD: torch.Tensor) -> SharedExpert | None:
@@ -357,71 +300,13 @@ class MoE(nn.Module):
             out_TD = out_TD + (weight_TC * mix_TC2[..., 1]) @ self.constant_vectors
         return out_TD
 
-    def _record(self, routed: RouterOutput, plan, lead_shape) -> RoutingRecord:
-        ids_TK = routed.ids_TK
-        valid = (ids_TK >= 0) & (ids_TK < self.num_routable)
-        load_E = torch.bincount(ids_TK[valid], minlength=self.num_routable).float()
+    def _record(self, routed: RouterOutput, plan, lead_shape) -> None:
+        """The routing record, with the computed experts' load after capacity and the slots it dropped."""
+        load_E = losses.expert_counts(routed.ids_TK, self.num_routable).float()
         load_E[: self.num_experts] = plan.counts_E.float()
-        dropped = int(((ids_TK >= 0) & (ids_TK < self.num_experts)).sum()) - plan.num_dispatched
-        terms = self._aux_terms(routed)
-        aux_loss = sum((self.aux_loss_coefs[n] * v for n, v in terms.items()), routed.logits_TE.new_zeros(()))
-        return RoutingRecord(
-            ids_TK=ids_TK.detach(),
-            weights_TK=routed.weights_TK.detach(),
-            probs_TE=routed.probs_TE.detach(),
-            load_E=load_E,
-            dropped=dropped,
-            aux_loss=aux_loss,
-            aux_terms={n: v.detach() for n, v in terms.items()},
-            tokens_shape=tuple(lead_shape),
-        )
+        chosen = int(((routed.ids_TK >= 0) & (routed.ids_TK < self.num_experts)).sum())
+        self.record_routing(routed, lead_shape, load_E=load_E, dropped=chosen - plan.num_dispatched)
 
-    def _aux_terms(self, routed: RouterOutput) -> dict[str, torch.Tensor]:
-        terms = {}
-        for name in self.aux_loss_coefs:
-            if name == "load_balance":
-                terms[name] = aux.switch_load_balance_loss(routed.probs_TE, routed.ids_TK, self.num_routable)
-            elif name == "global_load_balance":
-                terms[name] = aux.switch_load_balance_loss(
-                    routed.probs_TE, routed.ids_TK, self.num_routable, global_batch=True
-                )
-            elif name == "z_loss":
-                terms[name] = aux.router_z_loss(routed.logits_TE)
-            elif name == "expert_balance":
-                terms[name] = aux.expert_balance_loss(routed.probs_TE, routed.ids_TK, self.num_routable)
-            elif name == "cv2":
-                load_E = routed.load_E if routed.load_E is not None else _hard_load(routed, self.num_routable)
-                gates_TE = torch.zeros_like(routed.probs_TE).scatter_add(
-                    1, routed.ids_TK.clamp(min=0), routed.weights_TK * (routed.ids_TK >= 0)
-                )
-                terms[name] = aux.importance_load_loss(gates_TE, load_E)
-            elif name == "entropy":
-                terms[name] = aux.routing_entropy(routed.probs_TE)
-        return terms
-
-
-def _hard_load(routed: RouterOutput, num_routable: int) -> torch.Tensor:
-    ids = routed.ids_TK[routed.ids_TK >= 0]
-    return torch.bincount(ids, minlength=num_routable).float()
-
-
-def collect_routing(model: nn.Module) -> list[tuple[str, RoutingRecord]]:
-    """Every MoE block's last routing record, by module name, in forward-definition order."""
-    return [(name, m.routing) for name, m in model.named_modules() if isinstance(m, MoE) and m.routing is not None]
-
-
-def total_aux_loss(model: nn.Module) -> torch.Tensor:
-    """The sum of all MoE blocks' weighted auxiliary losses from their last forward (0 if none)."""
-    records = collect_routing(model)
-    if not records:
-        return torch.zeros(())
-    return sum(record.aux_loss for _, record in records)
-
-
-def set_backend(model: nn.Module, backend: str) -> None:
-    """Switch every MoE block in ``model`` to ``backend``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; accepted: {', '.join(BACKENDS)}")
-    for module in model.modules():
-        if isinstance(module, MoE):
-            module.backend = backend
+    def special_labels(self) -> list[str]:
+        kinds = [("null", self.num_null_experts), ("copy", self.num_copy_experts), ("constant", self.num_constant_experts)]
+        return [f"{kind} {i}" for kind, count in kinds for i in range(count)]

@@ -1,6 +1,5 @@
 """moezoo.zoo.models: one file per model family. Importing a family registers its entrypoints."""
 
 from . import dit_moe  # noqa: F401
-from . import dit_moe_video  # noqa: F401
 from . import moe_fusion  # noqa: F401
 from . import mofme  # noqa: F401

@@ -55,8 +55,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moezoo.kernels.plan import build_plan
-from moezoo.zoo.layers.moe import MoE, Router, collect_routing, total_aux_loss
+from moezoo.zoo.layers.moe import Router
+from moezoo.zoo.layers.routed import RoutedBlock, routed_blocks, routing_maps, total_aux_loss
 from moezoo.zoo.registry import PretrainedCfg, register_model
 
 __all__ = [
@@ -149,17 +149,16 @@ def cells_to_pixels(value_BGG: torch.Tensor, cell: int | None, height: int, widt
     return pixels[:, None, :height, :width]
 
 
-class ConvExpertMoE(MoE):
+class ConvExpertMoE(RoutedBlock):
     """Convolutional experts chosen per cell (or per image) by a noisy top-k gate.
 
     ``forward(inputs, gate_tokens, cell) -> [B, out_channels, H, W]``: ``gate_tokens [B, gh, gw, D]`` are routed
     (top-k of ``num_experts``), expert ``e`` runs on ``inputs[expert_sources[e]]`` for the images that chose it
     in at least one cell, and each pixel gets ``sum_k w_k E_k(x)`` with the weights of its cell.
 
-    It subclasses :class:`MoE` for the routing contract only (``self.routing`` is a ``RoutingRecord`` with
-    ``tokens_shape = (B, gh, gw)``, so ``collect_routing``, ``total_aux_loss`` and routing maps work as for every
-    MoE block, and the CV² loss is the block's own ``"cv2"`` term); its experts are conv modules, so it sets up
-    its own parameters instead of calling ``MoE.__init__``.
+    A routed block: ``self.routing`` records ``tokens_shape = (B, gh, gw)``, so ``collect_routing``,
+    ``total_aux_loss`` and routing maps work as for every routed layer; the CV² loss is the ``"cv2"`` aux loss.
+    ``expert_names`` (optional, one per expert) label the experts in pictures, e.g. the modality each reads.
     """
 
     def __init__(
@@ -170,25 +169,19 @@ class ConvExpertMoE(MoE):
         top_k: int,
         *,
         expert_sources: Sequence[int] | None = None,
+        expert_names: Sequence[str] | None = None,
         aux_coef: float = 0.01,
     ):
-        nn.Module.__init__(self)
         num_experts = len(experts)
         sources = tuple(expert_sources) if expert_sources is not None else (0,) * num_experts
         if len(sources) != num_experts or min(sources, default=0) < 0:
             raise ValueError(f"expert_sources must give one input index >= 0 per expert, got {sources}")
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be between 1 and the {num_experts} experts, got {top_k}")
-        # The attributes MoE's record / aux-loss code reads.
-        self.dim, self.hidden_dim, self.num_experts, self.top_k = gate_dim, out_channels, num_experts, top_k
-        self.num_routable = num_experts
-        self.num_null_experts = self.num_copy_experts = self.num_constant_experts = 0
-        self.expert_kind, self.capacity_factor, self.backend = "conv", None, "torch"
-        self.aux_loss_coefs = {"cv2": aux_coef}
-        self.expert_sources, self.out_channels = sources, out_channels
+        super().__init__(num_experts, top_k, aux_loss_coefs={"cv2": aux_coef}, expert_names=expert_names)
+        self.dim, self.expert_sources, self.out_channels = gate_dim, sources, out_channels
         self.router = Router(gate_dim, num_experts, top_k, "noisy")
         self.experts = nn.ModuleList(experts)
-        self.routing = None
 
     def extra_repr(self) -> str:
         return (
@@ -218,7 +211,7 @@ class ConvExpertMoE(MoE):
             weight_bN = (weights_BNK[images] * chosen_BNK[images]).sum(-1)
             weight_map = cells_to_pixels(weight_bN.view(-1, grid_h, grid_w), cell, height, width)
             out = out.index_add(0, images, weight_map * expert(inputs[self.expert_sources[e]][images]))
-        self.routing = self._record(routed, build_plan(routed.ids_TK, self.num_experts), (batch, grid_h, grid_w))
+        self.record_routing(routed, (batch, grid_h, grid_w))
         return out
 
 
@@ -298,10 +291,12 @@ class MoEFusion(nn.Module):
         half = cfg.num_local_experts // 2
         sources = (0,) * half + (1,) * half  # input 0: visible features, input 1: infrared features
 
+        names = ["visible"] * half + ["infrared"] * half
+
         def mole() -> ConvExpertMoE:
             experts = [local_expert(cfg.width, cfg.local_hidden) for _ in range(cfg.num_local_experts)]
             return ConvExpertMoE(2 * cfg.width, experts, cfg.width, cfg.top_k, expert_sources=sources,
-                                 aux_coef=cfg.local_aux_coef)
+                                 expert_names=names, aux_coef=cfg.local_aux_coef)
 
         self.local_foreground = mole()
         self.local_background = mole()
@@ -344,14 +339,12 @@ class MoEFusion(nn.Module):
     def routing_maps(self) -> list[torch.Tensor]:
         """Per MoE layer (foreground MoLE, background MoLE, MoGE), the top-1 expert of every gate decision of
         the last forward: int64 ``[B, gh, gw]`` — one entry per ``local_cell`` cell, ``[B, 1, 1]`` for a
-        per-image gate. MoLE experts below ``num_local_experts // 2`` read the visible image, the rest infrared."""
-        records = collect_routing(self)
-        if not records:
-            raise RuntimeError("no routing recorded yet: run a forward first")
-        return [record.ids_TK[:, 0].reshape(record.tokens_shape) for _, record in records]
+        per-image gate. MoLE experts below ``num_local_experts // 2`` read the visible image, the rest infrared
+        (their ``expert_names``)."""
+        return routing_maps(self)
 
     def routing_layer_names(self) -> list[str]:
-        return [name for name, _ in collect_routing(self)]
+        return [name for name, _ in routed_blocks(self)]
 
     def aux_loss(self) -> torch.Tensor:
         """The CV² importance + load losses of the last forward, weighted (keeps the graph)."""

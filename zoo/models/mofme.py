@@ -55,10 +55,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moezoo.kernels.plan import build_plan
 from moezoo.kernels.routing import RouterOutput
-from moezoo.zoo.layers.moe import MoE, Router, collect_routing, total_aux_loss
-from moezoo.zoo.models.dit_moe import Attention
+from moezoo.zoo.layers.blocks import Attention, Mlp
+from moezoo.zoo.layers.moe import MoE, Router
+from moezoo.zoo.layers.routed import RoutedBlock, routing_maps, total_aux_loss
 from moezoo.zoo.registry import PretrainedCfg, register_model
 
 __all__ = ["MoFMEConfig", "UncertaintyRouter", "FeatureModulatedMoE", "MoFME", "FFN_KINDS", "FILM_KINDS"]
@@ -196,26 +196,19 @@ class UncertaintyRouter(Router):
 # ----------------------------------------------------------------------------------------------------------
 
 
-class FeatureModulatedMoE(MoE):
+class FeatureModulatedMoE(RoutedBlock):
     """MoFME's FFN: one shared expert, E FiLM experts of it, top-k routed, then the adaptor.
 
-    ``forward(x[..., D]) -> [..., D]``; what it routed is in ``self.routing`` (a ``RoutingRecord``), exactly
-    as a :class:`MoE` block's, so ``collect_routing``, ``total_aux_loss`` and the routing maps read it the
-    same way. It subclasses ``MoE`` for that contract only: it has no stacked SwiGLU expert weights, so it
-    sets up its own parameters instead of calling ``MoE.__init__``, and reuses MoE's record and aux-loss code.
+    ``forward(x[..., D]) -> [..., D]``; a routed block, so what it routed is in ``self.routing`` after every
+    forward, read by ``collect_routing``, ``total_aux_loss`` and the routing maps like every routed layer's.
     """
 
     def __init__(self, dim: int, hidden_dim: int, num_experts: int, top_k: int, *, film: str = "vector",
                  router: UncertaintyRouter | None = None, aux_loss_coefs: dict[str, float] | None = None):
-        nn.Module.__init__(self)
         if film not in FILM_KINDS:
             raise ValueError(f"unknown film {film!r}; accepted: {', '.join(FILM_KINDS)}")
-        self.aux_loss_coefs = dict(aux_loss_coefs or {})
-        # The attributes MoE's record / aux-loss / repr code reads.
-        self.dim, self.hidden_dim, self.num_experts, self.top_k = dim, hidden_dim, num_experts, top_k
-        self.num_routable, self.num_null_experts, self.num_copy_experts, self.num_constant_experts = num_experts, 0, 0, 0
-        self.expert_kind, self.capacity_factor, self.backend = f"film_{film}", None, "torch"
-        self.film = film
+        super().__init__(num_experts, top_k, aux_loss_coefs=aux_loss_coefs)
+        self.dim, self.hidden_dim, self.film = dim, hidden_dim, film
         self.router = router if router is not None else UncertaintyRouter(dim, num_experts, top_k)
         self.shared_gate_proj = nn.Linear(dim, dim)  # the shared expert: GELU(A h) * B h
         self.shared_up_proj = nn.Linear(dim, dim)
@@ -227,9 +220,12 @@ class FeatureModulatedMoE(MoE):
             self.scale_bias_ED = nn.Parameter(torch.empty(num_experts, dim))
             self.shift_EDD = nn.Parameter(torch.empty(num_experts, dim, dim))
             self.shift_bias_ED = nn.Parameter(torch.empty(num_experts, dim))
-        self.adaptor = nn.Sequential(nn.Linear(dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, dim))
-        self.routing = None
+        self.adaptor = Mlp(dim, hidden_dim, dim, act_layer=nn.GELU)  # timm's Linear-GELU-Linear (fc1, fc2)
         self.reset_expert_parameters()
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, hidden_dim={self.hidden_dim}, experts={self.num_experts}, top_k={self.top_k}, "
+                f"film={self.film!r}")
 
     def reset_expert_parameters(self) -> None:
         """FiLM experts start near the identity (scale 1, shift 0) but not equal to one another, so the
@@ -262,8 +258,7 @@ class FeatureModulatedMoE(MoE):
             mixed_TD = scale_TD * u_TD + shift_TD
         else:
             mixed_TD = self._linear_film_experts(u_TD, routed.ids_TK, weights_TK)
-        plan = build_plan(routed.ids_TK, self.num_experts)
-        self.routing = self._record(routed, plan, lead_shape)
+        self.record_routing(routed, lead_shape)
         return self.adaptor(mixed_TD).reshape(x.shape)
 
     def _linear_film_experts(self, u_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
@@ -298,8 +293,8 @@ class ResBlock(nn.Module):
 
 
 def dense_ffn(dim: int, hidden_dim: int) -> nn.Module:
-    """The dense FFN baseline (and the shape of one conventional expert): Linear-GELU-Linear."""
-    return nn.Sequential(nn.Linear(dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, dim))
+    """The dense FFN baseline (and the shape of one conventional expert): timm's Linear-GELU-Linear."""
+    return Mlp(dim, hidden_dim, dim, act_layer=nn.GELU)
 
 
 def make_ffn(cfg: MoFMEConfig) -> nn.Module:
@@ -386,13 +381,9 @@ class MoFME(nn.Module):
     def routing_maps(self) -> list[torch.Tensor]:
         """Per MoE layer, the top-1 expert of every patch of the last forward: int64 ``[B, H/p, W/p]`` (an
         empty list for the dense baseline)."""
-        maps, grid = [], self.last_grid
-        for name, record in collect_routing(self):
-            B, N = record.tokens_shape
-            if grid is None or grid[0] * grid[1] != N:
-                raise RuntimeError(f"{name} routed {N} tokens per image; run a forward first")
-            maps.append(record.ids_TK[:, 0].reshape(B, *grid))
-        return maps
+        if self.has_routing and self.last_grid is None:
+            raise RuntimeError("no routing recorded yet: run a forward first")
+        return routing_maps(self, grid=self.last_grid)
 
     def aux_loss(self) -> torch.Tensor:
         """The MoE auxiliary losses of the last forward (0 for the dense baseline or with no coefficients)."""
@@ -435,7 +426,7 @@ _WEATHER_METADATA = dict(
 @register_model(pretrained_cfgs={
     "synthetic": PretrainedCfg(
         file="mofme_weather.safetensors",  # training/configs/mofme_weather.yaml, fp16, 0.66 MB
-        sha256="8119f431f125438e3e71c906e134274e83bfecd2681fa28e9a661ca79abe0180",
+        sha256="88f978e9f973b9d90f4ce664680a75bb143ca93eb09bb0e60ea892cd40ac3e56",
         metadata=_WEATHER_METADATA,
     ),
 })

@@ -1,0 +1,287 @@
+"""The one base of every layer that sends tokens to experts, and the tools that walk a model for them.
+
+Every routed layer — the FFN :class:`~moezoo.zoo.layers.moe.MoE`, MoH attention (heads as experts), MoFME's
+FiLM experts, MoE-Fusion's conv experts, and whatever routes next — subclasses :class:`RoutedBlock` and runs
+its constructor. The base owns what all of them share:
+
+- the routing record: after every forward, ``block.routing`` is a :class:`RoutingRecord` (ids, weights,
+  scores, per-expert load, dropped slots, the weighted aux loss and its unweighted terms, the input's token
+  layout), made by :meth:`RoutedBlock.record_routing` from the router's :class:`RouterOutput`;
+- the auxiliary losses: ``aux_loss_coefs`` maps names of :data:`AUX_LOSSES` (one table from loss name to the
+  kernels' loss function) to coefficients;
+- the per-token expert map in the input's layout (:meth:`RoutedBlock.expert_map`), which a family only
+  parametrises with its token grid;
+- the expert-compute backend switch (``block.backend``; validated; blocks whose experts are not
+  ``kernels.expert_mlp`` keep it for uniformity and ignore it);
+- the experts' display names (``expert_names``: e.g. which modality a MoE-Fusion expert reads), for pictures.
+
+Walkers — :func:`routed_blocks`, :func:`collect_routing`, :func:`total_aux_loss`, :func:`set_backend`,
+:func:`routing_maps`, :func:`freeze`, :func:`unfreeze` — look for this base only, so a new routed layer is
+seen by training's expert-load logging, the app's layer menu and the pipelines' routing maps with no change
+there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from moezoo.kernels import losses
+from moezoo.kernels.experts import BACKENDS
+from moezoo.kernels.routing import RouterOutput
+
+
+@dataclass
+class RoutingRecord:
+    """What one routed block routed in its last forward.
+
+    Attributes:
+        ids_TK: int64 [T, k], the expert each slot chose (-1: unused slot). Ids ``>= num_experts`` name the
+            block's special experts in order (MoE: null, copy, constant).
+        weights_TK: the routing weights of those slots (detached).
+        probs_TE: the router's scores over all routable experts (detached).
+        load_E: float [num_routable], how many slots each routable expert received (after capacity).
+        dropped: how many chosen slots capacity dropped.
+        aux_loss: the weighted sum of the configured auxiliary losses (keeps its graph: add it to the loss).
+        aux_terms: each configured auxiliary loss by name, unweighted and detached, for logging.
+        tokens_shape: the leading shape of the input, so ids can be reshaped to e.g. [B, H/p, W/p, k].
+    """
+
+    ids_TK: torch.Tensor
+    weights_TK: torch.Tensor
+    probs_TE: torch.Tensor
+    load_E: torch.Tensor
+    dropped: int
+    aux_loss: torch.Tensor
+    aux_terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    tokens_shape: tuple[int, ...] = ()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Auxiliary losses: name -> the kernels' function, applied to a router's output over E routable experts
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _hard_load(routed: RouterOutput, num_experts: int) -> torch.Tensor:
+    return losses.expert_counts(routed.ids_TK, num_experts).to(routed.probs_TE.dtype)
+
+
+def _importance_load(routed: RouterOutput, num_experts: int) -> torch.Tensor:
+    """Shazeer's CV² loss: the sparse gates' importance, and the smooth load of noisy top-k (else the hard
+    counts)."""
+    load_E = routed.load_E if routed.load_E is not None else _hard_load(routed, num_experts)
+    used_TK = routed.ids_TK >= 0
+    gates_TE = torch.zeros_like(routed.probs_TE).scatter_add(1, routed.ids_TK.clamp(min=0), routed.weights_TK * used_TK)
+    return losses.importance_load_loss(gates_TE, load_E)
+
+
+def _head_balance(routed: RouterOutput, num_experts: int) -> torch.Tensor:
+    """MoH's head balance ``E^2 mean_i(P_i f_i)`` with f_i the fraction of tokens that chose head i; that is
+    k times DiT-MoE's expert balance (whose f_i counts slots: k per token)."""
+    return routed.ids_TK.shape[1] * losses.expert_balance_loss(routed.probs_TE, routed.ids_TK, num_experts)
+
+
+AUX_LOSSES: dict[str, Callable[[RouterOutput, int], torch.Tensor]] = {
+    "load_balance": lambda r, e: losses.switch_load_balance_loss(r.probs_TE, r.ids_TK, e),
+    "global_load_balance": lambda r, e: losses.switch_load_balance_loss(r.probs_TE, r.ids_TK, e, global_batch=True),
+    "z_loss": lambda r, e: losses.router_z_loss(r.logits_TE),
+    "expert_balance": lambda r, e: losses.expert_balance_loss(r.probs_TE, r.ids_TK, e),
+    "cv2": _importance_load,
+    "entropy": lambda r, e: losses.routing_entropy(r.probs_TE),
+    "head_balance": _head_balance,
+}
+
+
+def check_aux_loss_coefs(aux_loss_coefs: dict[str, float] | None) -> dict[str, float]:
+    coefs = dict(aux_loss_coefs or {})
+    unknown = sorted(set(coefs) - set(AUX_LOSSES))
+    if unknown:
+        raise ValueError(f"unknown aux losses {unknown}; accepted: {', '.join(AUX_LOSSES)}")
+    for name, coef in coefs.items():
+        if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not math.isfinite(coef):
+            raise ValueError(f"aux loss coefficient {name!r} must be a finite number, got {coef!r}")
+    return coefs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The base
+# ----------------------------------------------------------------------------------------------------------
+
+
+class RoutedBlock(nn.Module):
+    """Base of every layer that routes tokens to experts.
+
+    Args:
+        num_experts: the computed experts E (ids ``0 .. E-1``); 0 for a layer that is configured to route
+            nothing (e.g. MoH attention with only shared heads), which the walkers then skip.
+        top_k: slots per token (for dynamic routers: the most, or the average).
+        num_special: routable experts beyond the computed ones (MoE's null, copy and constant experts: ids
+            ``E .. E + num_special - 1``), which the record and load count too.
+        aux_loss_coefs: auxiliary losses by name (keys of :data:`AUX_LOSSES`) -> coefficient.
+        backend: the expert-compute backend ("auto", "reference", "torch" or "triton").
+        expert_names: optional display names, one per computed expert (e.g. the modality it reads).
+
+    A subclass computes its experts, then calls :meth:`record_routing` with its router's output.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        top_k: int,
+        *,
+        num_special: int = 0,
+        aux_loss_coefs: dict[str, float] | None = None,
+        backend: str = "auto",
+        expert_names: Sequence[str] | None = None,
+    ):
+        super().__init__()
+        for name, value, least in (("num_experts", num_experts, 0), ("top_k", top_k, 0), ("num_special", num_special, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+        if expert_names is not None and len(expert_names) != num_experts:
+            raise ValueError(f"expert_names must name each of the {num_experts} experts, got {len(expert_names)}")
+        self.num_experts, self.top_k, self.num_special = num_experts, top_k, num_special
+        self.aux_loss_coefs = check_aux_loss_coefs(aux_loss_coefs)
+        self.backend = backend
+        self.expert_names = tuple(expert_names) if expert_names is not None else None
+        self.routing: RoutingRecord | None = None
+
+    @property
+    def num_routable(self) -> int:
+        """Every id a router may choose: the computed experts and the special ones."""
+        return self.num_experts + self.num_special
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in BACKENDS:
+            raise ValueError(f"unknown backend {value!r}; accepted: {', '.join(BACKENDS)}")
+        self._backend = value
+
+    # ------------------------------------------------------------------------------------------ record
+
+    def aux_terms(self, routed: RouterOutput) -> dict[str, torch.Tensor]:
+        """Each configured auxiliary loss of ``routed`` by name, unweighted, with its graph."""
+        return {name: AUX_LOSSES[name](routed, self.num_routable) for name in self.aux_loss_coefs}
+
+    def record_routing(
+        self,
+        routed: RouterOutput,
+        tokens_shape: Sequence[int],
+        *,
+        load_E: torch.Tensor | None = None,
+        dropped: int = 0,
+    ) -> RoutingRecord:
+        """Make and keep ``self.routing`` from the router's output for tokens of leading shape
+        ``tokens_shape``. ``load_E`` (default: the chosen slots per routable expert) and ``dropped`` come from
+        blocks that drop slots by capacity."""
+        if load_E is None:
+            load_E = losses.expert_counts(routed.ids_TK, self.num_routable).float()
+        terms = self.aux_terms(routed)
+        aux_loss = sum((self.aux_loss_coefs[n] * v for n, v in terms.items()), routed.probs_TE.new_zeros(()))
+        self.routing = RoutingRecord(
+            ids_TK=routed.ids_TK.detach(),
+            weights_TK=routed.weights_TK.detach(),
+            probs_TE=routed.probs_TE.detach(),
+            load_E=load_E,
+            dropped=dropped,
+            aux_loss=aux_loss,
+            aux_terms={n: v.detach() for n, v in terms.items()},
+            tokens_shape=tuple(tokens_shape),
+        )
+        return self.routing
+
+    # ------------------------------------------------------------------------------------------ pictures
+
+    def expert_map(self, grid: Sequence[int] | None = None) -> torch.Tensor:
+        """The top-1 expert of every token of the last forward, int64, in the input's layout: shaped like the
+        input's leading dims (``tokens_shape``), or ``[-1, *grid]`` when the family says how its tokens tile
+        (e.g. ``(H/p, W/p)`` patches, ``(frames, H/p, W/p)``)."""
+        if self.routing is None:
+            raise RuntimeError("no routing recorded yet: run a forward first")
+        top1 = self.routing.ids_TK[:, 0]
+        if grid is None:
+            return top1.reshape(self.routing.tokens_shape)
+        cells = math.prod(grid)
+        if top1.numel() % cells:
+            raise RuntimeError(f"{top1.numel()} tokens were routed, not a whole number of {tuple(grid)} grids")
+        return top1.reshape(-1, *grid)
+
+    def expert_labels(self) -> list[str]:
+        """One label per routable expert: ``e0 .. e{E-1}`` (with the expert's name when it has one), then the
+        special experts'."""
+        names = self.expert_names or ("",) * self.num_experts
+        return [f"e{e} {n}" if n else f"e{e}" for e, n in enumerate(names)] + self.special_labels()
+
+    def special_labels(self) -> list[str]:
+        return [f"special {s}" for s in range(self.num_special)]
+
+    # ------------------------------------------------------------------------------------------ inference
+
+    def freeze(self) -> None:
+        """Prepare for inference on fixed weights (blocks with packable experts override; see MoE.freeze)."""
+
+    def unfreeze(self) -> None:
+        """Undo :meth:`freeze`: compute on the live weights again."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Walkers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def routed_blocks(model: nn.Module) -> list[tuple[str, RoutedBlock]]:
+    """Every routed block of ``model`` by module name, in forward-definition order (blocks configured to
+    route nothing left out)."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, RoutedBlock) and m.num_routable]
+
+
+def collect_routing(model: nn.Module) -> list[tuple[str, RoutingRecord]]:
+    """Every routed block's last routing record, by module name, in forward-definition order."""
+    return [(name, m.routing) for name, m in routed_blocks(model) if m.routing is not None]
+
+
+def total_aux_loss(model: nn.Module) -> torch.Tensor:
+    """The sum of all routed blocks' weighted auxiliary losses from their last forward (0 if none)."""
+    records = collect_routing(model)
+    if not records:
+        return torch.zeros(())
+    return sum(record.aux_loss for _, record in records)
+
+
+def set_backend(model: nn.Module, backend: str) -> None:
+    """Switch every routed block in ``model`` to ``backend``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; accepted: {', '.join(BACKENDS)}")
+    for _, block in routed_blocks(model):
+        block.backend = backend
+
+
+def routing_maps(model: nn.Module, grid: Sequence[int] | None = None) -> list[torch.Tensor]:
+    """Per routed block, the top-1 expert of every token of the last forward (:meth:`RoutedBlock.expert_map`
+    with the family's ``grid``); an empty list for a model without routed blocks."""
+    return [block.expert_map(grid) for _, block in routed_blocks(model)]
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Freeze every routed block for inference on fixed weights (expert weights packed once into the CPU
+    backend's blocked layout). A frozen block drops its packed copies when its weights change in place, are
+    replaced or reloaded; an edit through ``.data`` bypasses the version counter that detects this, so after
+    such an edit call :func:`unfreeze` (or ``freeze`` again). Pipelines freeze the models they own."""
+    for _, block in routed_blocks(model):
+        block.freeze()
+    return model
+
+
+def unfreeze(model: nn.Module) -> nn.Module:
+    """Undo :func:`freeze`: every routed block computes on its live weights."""
+    for _, block in routed_blocks(model):
+        block.unfreeze()
+    return model
