@@ -4,7 +4,8 @@ What is timed (one call of the layer, router excluded)
 ------------------------------------------------------
 ``moezoo``         ``build_plan(ids_TK, E)`` + ``expert_mlp(..., backend="torch")``: plan building is part of
                    the layer's cost, so it is inside the timed region. Its ``fwd`` runs on prepacked expert
-                   weights (packed by the first call, a warm-up, and kept: ``bench/packed_weights.py``).
+                   weights (``pack_expert_weights``, once when the layer is built, as an inference model
+                   would hold them: ``bench/packed_weights.py``).
 ``hf_eager``       ``transformers`` ``MixtralExperts`` with ``config._experts_implementation = "eager"``: the
                    class's own forward (one_hot mask, a Python loop over the experts hit, ``index_add_``).
 ``hf_grouped_mm``  the same module with ``"grouped_mm"``: ``@use_experts_implementation`` swaps the forward for
@@ -90,7 +91,7 @@ import time
 import torch
 import torch.nn as nn
 
-from moezoo.kernels.experts import expert_mlp
+from moezoo.kernels import expert_mlp, pack_expert_weights
 from moezoo.kernels.plan import build_plan
 from moezoo.zoo.layers import GatedMLP
 
@@ -172,6 +173,7 @@ class Layer:
             self.w_in_ENK = nn.Parameter(problem["w_in_ENK"])
             self.w_out_EDF = nn.Parameter(problem["w_out_EDF"])
             self.params = [self.w_in_ENK, self.w_out_EDF]
+            self.packed = pack_expert_weights(self.w_in_ENK, self.w_out_EDF)  # used by no-grad calls only
         elif impl in ("hf_eager", "hf_grouped_mm"):
             self.experts = hf_experts(shape, impl.removeprefix("hf_"), problem["w_in_ENK"], problem["w_out_EDF"])
             self.w_in_ENK, self.w_out_EDF = self.experts.gate_up_proj, self.experts.down_proj
@@ -192,7 +194,8 @@ class Layer:
             # as moezoo's MoE layer does: the shared expert goes into expert_mlp (GatedMLP.as_shared_expert)
             plan = build_plan(ids_TK, self.shape.E)
             shared = None if self.shared is None else self.shared.as_shared_expert()
-            return expert_mlp(x_TD, weights_TK, plan, self.w_in_ENK, self.w_out_EDF, backend="torch", shared=shared)
+            return expert_mlp(x_TD, weights_TK, plan, self.w_in_ENK, self.w_out_EDF, backend="torch", shared=shared,
+                              packed=self.packed)
         y_TD = self.experts(x_TD, ids_TK, weights_TK)
         return y_TD if self.shared is None else y_TD + self.shared(x_TD)
 

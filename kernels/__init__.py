@@ -10,10 +10,12 @@ The pieces, in the order a MoE layer uses them:
 - grouped expert compute (:mod:`.experts`): ``expert_mlp`` with ``backend="reference"|"torch"|"triton"|"auto"``
   and an optional always-on ``SharedExpert``, ``grouped_linear`` and ``combine`` for other expert kinds; the
   backends live in :mod:`.cpu_backend` (torch) and :mod:`.triton_moe`, the activations in :mod:`.activations`;
+  ``pack_expert_weights`` packs experts' weights once for the torch backend's inference (``expert_mlp(packed=)``);
 - auxiliary losses (:mod:`.losses`) and ternary expert weights (:mod:`.ternary`).
 """
 
 from .activations import ACTIVATIONS, activation_fn
+from .cpu_backend import PackedExpertWeights, pack_expert_weights
 from .experts import (
     BACKENDS,
     SharedExpert,
@@ -39,6 +41,7 @@ __all__ = [
     "ACTIVATIONS",
     "BACKENDS",
     "DispatchPlan",
+    "PackedExpertWeights",
     "RouterOutput",
     "SharedExpert",
     "activation_fn",
@@ -53,6 +56,7 @@ __all__ = [
     "grouped_linear",
     "importance_load_loss",
     "noisy_topk_route",
+    "pack_expert_weights",
     "pack_ternary",
     "resolve_backend",
     "router_z_loss",

@@ -19,15 +19,17 @@ import torch
 from .activations import activation_fn, activation_grad
 from .plan import DispatchPlan, expert_slices
 
-__all__ = ["torch_expert_mlp"]
+__all__ = ["PackedExpertWeights", "pack_expert_weights", "torch_expert_mlp"]
 
 
 def torch_expert_mlp(x_TD, weights_TK, plan: DispatchPlan, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, activation: str,
-                     gated: bool, shared_tensors: tuple, shared_activation: str | None) -> torch.Tensor:
+                     gated: bool, shared_tensors: tuple, shared_activation: str | None,
+                     packed: PackedExpertWeights | None = None) -> torch.Tensor:
     """``y[t] = sum_{kept j} weights_TK[t, j] * expert_{ids[t, j]}(x[t])``, plus the shared expert's
     ``scale[t] * shared(x[t])`` when ``shared_tensors`` = (w_in_NK, w_out_DF, scale_T or None) is not
     (None, None, None). Differentiable with respect to every tensor argument; without autograd it runs the
-    forward-only paths (padded batched GEMMs for few rows, oneDNN's fused activations, prepacked weights)."""
+    forward-only paths (padded batched GEMMs for few rows, oneDNN's fused activations), on the routed experts'
+    ``packed`` copies while the handle matches ``w_in_ENK`` and ``w_out_EDF``."""
     tensors = (x_TD, weights_TK, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, *shared_tensors)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _TorchExpertMLP.apply(*tensors, plan, activation, gated, shared_activation)
@@ -37,8 +39,8 @@ def torch_expert_mlp(x_TD, weights_TK, plan: DispatchPlan, w_in_ENK, w_out_EDF, 
         if len(tables) > 1:  # the shared expert: one expert of T rows, as the walk below runs it
             out_TD += _torch_expert_forward(x_TD, tables[1:], _forward_groups(tables[1:], x_TD), keep_h=False)[0]
         return out_TD
-    for table in tables:
-        table.use_packed_weights(x_TD)
+    if packed is not None and _use_onednn(x_TD) and packed.matches(w_in_ENK, w_out_EDF):
+        tables[0].packed = packed
     return _torch_expert_forward(x_TD, tables, _forward_groups(tables, x_TD), keep_h=False)[0]
 
 
@@ -85,7 +87,7 @@ def _fused_activated(x_CD, w_in_parts: tuple, b_in_N, activation: str, gated: bo
     """``act(x @ W_gate^T + b) * (x @ W_up^T + b)`` (or ``act(x @ W^T + b)``) with the activation and the
     product done in oneDNN's GEMM epilogues, as torch.compile does for CPU SwiGLUs: no separate pass over the
     hidden activations. Inference only (the pre-activations are not kept). ``w_in_parts``: (W_gate, W_up) for
-    gated experts, (W,) otherwise, each plain [F, D] or prepacked (``_PackedExperts``)."""
+    gated experts, (W,) otherwise, each plain [F, D] or prepacked (``PackedExpertWeights``)."""
     linear = torch.ops.mkldnn._linear_pointwise
     attr, algorithm = _ONEDNN_ACTIVATIONS[activation]
     if not gated:
@@ -98,85 +100,115 @@ def _fused_activated(x_CD, w_in_parts: tuple, b_in_N, activation: str, gated: bo
 
 # ----------------------------------------------------------------------------- prepacked weights (inference)
 # oneDNN computes with weights in its own blocked layout and, given a plain [N, K] weight, reorders it inside
-# every GEMM. For inference the weights stay the same from call to call, so they are reordered once and kept
-# (what torch.compile's "freezing" does for CPU linears): the no-grad forward runs 1.04-1.12x faster on
-# bench/moe_layer.py's shapes (``python bench/packed_weights.py``). The training path does not pack: its
-# weights change every step and its backward needs them transposed.
+# every GEMM. For inference the weights stay the same from call to call, so they can be reordered once and
+# kept (what torch.compile's "freezing" and IPEX's ``optimize`` do for CPU linears): the no-grad forward runs
+# 1.04-1.12x faster on bench/moe_layer.py's shapes (``python bench/packed_weights.py``). Packing is explicit: the
+# owner of the weights packs them (``pack_expert_weights``) and passes the handle (``expert_mlp(packed=...)``),
+# and so knows when to pack again. The training path never packs: its weights change every step and its
+# backward needs them transposed.
 
-PACK_WEIGHTS = True  # False: every GEMM takes the plain weights
-_SAMPLES_PER_EXPERT = 16
 # oneDNN picks the blocked layout for a row count; one fixed count, so that results never depend on which call
-# happened to pack a weight (other row counts run on it at the same speed as on their own layout, or faster)
+# packed the weights (other row counts run on it at the same speed as on their own layout, or faster)
 _PACKED_FOR_ROWS = 512
 
 
-class _PackedExperts:
-    """Prepacked copies of one [E, N, K] weight tensor, made per (expert, row range) on first use.
+@dataclasses.dataclass(frozen=True)
+class _PackedFrom:
+    """What a weight tensor was when it was packed: the object itself (weakly: the handle keeps no weight
+    alive), its storage, version counter, shape, strides and dtype."""
 
-    Valid while the tensor is the same object with the same storage, version counter and a sample of
-    ``_SAMPLES_PER_EXPERT`` values per expert: in-place changes (optimizer steps, ``load_state_dict``,
-    ``copy_`` under no_grad) bump the counter; changes made through ``.data`` do not, and are caught by the
-    sample. Only a ``.data`` edit that leaves every sampled value as it was can go unseen:
-    ``clear_packed_weights()`` drops every copy."""
+    ref: weakref.ref
+    data_ptr: int
+    version: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
 
-    def __init__(self, w_ENK: torch.Tensor):
-        self.data_ptr, self.version = w_ENK.data_ptr(), w_ENK._version
-        num_experts, rows, cols = w_ENK.shape
-        flat = torch.linspace(0, rows * cols - 1, min(rows * cols, _SAMPLES_PER_EXPERT)).long()
-        # (expert, row, column) of every sampled value: indexing reads just these, whatever the strides
-        self.positions = (torch.arange(num_experts).repeat_interleave(len(flat)), (flat // cols).repeat(num_experts),
-                          (flat % cols).repeat(num_experts))
-        self.sample = self._sample_of(w_ENK)
-        self.parts, self.lock = {}, threading.Lock()
+    @classmethod
+    def of(cls, w: torch.Tensor) -> "_PackedFrom":
+        return cls(weakref.ref(w), w.data_ptr(), w._version, tuple(w.shape), w.stride(), w.dtype)
 
-    def _sample_of(self, w_ENK: torch.Tensor) -> torch.Tensor:
-        return w_ENK[self.positions]
-
-    def still_describes(self, w_ENK: torch.Tensor) -> bool:
-        return (w_ENK.data_ptr() == self.data_ptr and w_ENK._version == self.version
-                and torch.equal(self._sample_of(w_ENK), self.sample))
-
-    def part(self, w_ENK: torch.Tensor, expert: int, rows: slice) -> torch.Tensor:
-        """The packed ``w_ENK[expert, rows]`` (rows: gate or up half), packed now if it is the first use."""
-        key = (expert, rows.start, rows.stop)
-        with self.lock:  # Gradio serves requests from several threads
-            if key not in self.parts:
-                plain = w_ENK[expert, rows].contiguous()
-                self.parts[key] = torch.ops.mkldnn._reorder_linear_weight(plain, _PACKED_FOR_ROWS)
-            return self.parts[key]
+    def describes(self, w: torch.Tensor) -> bool:
+        return (self.ref() is w and w.data_ptr() == self.data_ptr and w._version == self.version
+                and tuple(w.shape) == self.shape and w.stride() == self.stride and w.dtype == self.dtype)
 
 
-_packed: dict[int, tuple] = {}  # id(weight tensor) -> (weakref to it, _PackedExperts)
-_packed_lock = threading.Lock()
+class PackedExpertWeights:
+    """oneDNN-packed copies of one set of routed experts' weights, for the torch backend's no-grad forward.
+
+    Made by ``pack_expert_weights(w_in_ENK, w_out_EDF)``; passed as ``expert_mlp(..., packed=handle)``, which
+    uses it only on the torch backend, without autograd, and only while ``matches(w_in_ENK, w_out_EDF)``:
+    the call's weights are the very tensor objects that were packed, on the same storage, with the same
+    version counter (and shape, strides, dtype). Otherwise the call computes on the live weights, and the
+    owner should drop the stale handle (or pack again).
+
+    The version counter moves with every in-place change autograd knows of: optimizer steps,
+    ``load_state_dict``, ``w.copy_(...)`` or ``w.add_(...)`` under ``torch.no_grad()``, changes through a view of
+    the same storage. Changes through ``.data`` (``w.data[...] += 1``, ``w.data.copy_(...)``) bypass the version
+    counter: the handle cannot see them and keeps computing with the values it packed. That is the contract:
+    whoever edits weights through ``.data`` packs them again (a layer: ``unfreeze()``, edit, ``freeze()``).
+
+    Immutable once made, so one handle may serve calls from several threads. Every expert is packed once for
+    ``_PACKED_FOR_ROWS`` rows, so a call's result does not depend on which handle it got, and repeated calls
+    agree bitwise.
+    """
+
+    def __init__(self, w_in_ENK: torch.Tensor, w_out_EDF: torch.Tensor):
+        self._w_in_from, self._w_out_from = _PackedFrom.of(w_in_ENK), _PackedFrom.of(w_out_EDF)
+        n_in, hidden = w_in_ENK.shape[1], w_out_EDF.shape[2]
+        # gated experts' W_in packs as its gate and up halves: the fused forward runs them as two GEMMs
+        in_rows = (slice(0, hidden), slice(hidden, n_in)) if n_in == 2 * hidden else (slice(0, n_in),)
+        with torch.no_grad():
+            self._w_in_parts_E = [tuple(_packed_linear_weight(w_in_ENK[e, rows]) for rows in in_rows)
+                                  for e in range(w_in_ENK.shape[0])]
+            self._w_out_E = [_packed_linear_weight(w_out_EDF[e]) for e in range(w_out_EDF.shape[0])]
+
+    def matches(self, w_in_ENK: torch.Tensor, w_out_EDF: torch.Tensor) -> bool:
+        """Whether these are the weights the handle was packed from, unchanged as far as torch can tell (see
+        the class docstring for what it cannot tell: ``.data`` edits)."""
+        return self._w_in_from.describes(w_in_ENK) and self._w_out_from.describes(w_out_EDF)
+
+    def w_in_parts(self, expert: int) -> tuple[torch.Tensor, ...]:
+        """Expert ``expert``'s packed W_in: (W_gate, W_up) for gated experts, (W,) otherwise."""
+        return self._w_in_parts_E[expert]
+
+    def w_out(self, expert: int) -> torch.Tensor:
+        return self._w_out_E[expert]
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the packed copies."""
+        parts = [p for parts in self._w_in_parts_E for p in parts] + self._w_out_E
+        return sum(p.numel() * p.element_size() for p in parts)
 
 
-def clear_packed_weights() -> None:
-    """Drops every prepacked weight copy (they are otherwise freed with their weights, or remade when the
-    weights change)."""
-    with _packed_lock:
-        _packed.clear()
+def _packed_linear_weight(w_NK: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(w_NK.detach().contiguous(), _PACKED_FOR_ROWS)
 
 
-def _packed_experts(w_ENK: torch.Tensor) -> _PackedExperts | None:
-    """The packed copies of ``w_ENK`` to use in this call, or None: use the plain weights.
+def pack_expert_weights(w_in_ENK: torch.Tensor, w_out_EDF: torch.Tensor) -> PackedExpertWeights | None:
+    """Packs routed experts' weights (laid out as ``expert_mlp`` takes them: ``w_in_ENK`` [E, N_in, D] with
+    N_in = 2F gated or F, ``w_out_EDF`` [E, D, F]) into oneDNN's layout, once, for no-grad calls of
+    ``expert_mlp(..., backend="torch", packed=handle)``. See ``PackedExpertWeights`` for when the handle is
+    used, and why edits through ``.data`` need a new one.
 
-    Only ``nn.Parameter``s are packed: they persist from call to call. Weights made fresh on every call (the
-    shared expert's concatenated gate and up, dequantized ternary experts) would be packed on every call, and
-    packing costs more than it saves on one call (DiT-MoE digits, 128 tokens: 180 us to pack a weight its GEMM
-    then uses for 40 us). A given weight is thus always packed or never, and repeated calls agree bitwise."""
-    if not (PACK_WEIGHTS and _use_onednn(w_ENK) and isinstance(w_ENK, torch.nn.Parameter)) or w_ENK.numel() == 0:
+    Returns None where packing does not apply: no oneDNN linear in this torch (or ``ONEDNN_GEMMS`` off), weights
+    that are not fp32 CPU tensors (oneDNN runs the torch backend's fp32 products only), or no weights at all.
+    """
+    if w_in_ENK.dim() != 3 or w_out_EDF.dim() != 3:
+        raise ValueError(f"pack_expert_weights takes w_in [E, N_in, D] and w_out [E, D, F], got shapes "
+                         f"{tuple(w_in_ENK.shape)} and {tuple(w_out_EDF.shape)}")
+    (num_experts, n_in, dim), hidden = w_in_ENK.shape, w_out_EDF.shape[2]
+    if tuple(w_out_EDF.shape[:2]) != (num_experts, dim) or n_in not in (hidden, 2 * hidden):
+        raise ValueError(f"w_out must be [E, D, F] = [{num_experts}, {dim}, F] with N_in = {n_in} = 2F (gated) or F, "
+                         f"got {tuple(w_out_EDF.shape)}")
+    if not (_use_onednn(w_in_ENK) and _use_onednn(w_out_EDF)) or w_in_ENK.numel() == 0 or w_out_EDF.numel() == 0:
         return None
-    if w_ENK.is_inference():  # made under torch.inference_mode: no version counter to watch
-        return None
-    key = id(w_ENK)
-    with _packed_lock:
-        ref, packed = _packed.get(key, (None, None))
-        if ref is None or ref() is not w_ENK or not packed.still_describes(w_ENK):
-            # the entry leaves with its tensor (weakref callback), so ids reused later never match stale entries
-            ref = weakref.ref(w_ENK, lambda _, key=key: _packed.pop(key, None))
-            packed = _PackedExperts(w_ENK)
-            _packed[key] = (ref, packed)
-    return packed
+    if w_in_ENK.is_inference() or w_out_EDF.is_inference():
+        raise ValueError("pack_expert_weights needs weights with a version counter, to tell when they change; "
+                         "these were made under torch.inference_mode (which drops it): make the weights "
+                         "outside inference mode")
+    return PackedExpertWeights(w_in_ENK, w_out_EDF)
 
 
 class _Buffers:
@@ -306,31 +338,25 @@ class _ExpertTable:
     counts: list[int]
     activation: str
     gated: bool
-    packed_in: _PackedExperts | None = None  # prepacked weights, inference only (``use_packed_weights``)
-    packed_out: _PackedExperts | None = None
+    packed: PackedExpertWeights | None = None  # prepacked weights: no-grad oneDNN calls only
 
     @property
     def hidden(self) -> int:
         return self.w_out_EDF.shape[2]
 
-    def use_packed_weights(self, x_TD: torch.Tensor) -> None:
-        """Takes the weights' prepacked copies for this (no-grad, oneDNN) call, where there are some."""
-        if _use_onednn(x_TD):
-            self.packed_in, self.packed_out = _packed_experts(self.w_in_ENK), _packed_experts(self.w_out_EDF)
-
     def w_in_parts(self, e: int) -> tuple:
         """Expert ``e``'s W_in as (W_gate, W_up) for gated experts, (W,) otherwise; prepacked if it can be."""
+        if self.packed is not None:
+            return self.packed.w_in_parts(e)
         n_in = self.w_in_ENK.shape[1]
         parts = (slice(0, self.hidden), slice(self.hidden, n_in)) if self.gated else (slice(0, n_in),)
-        if self.packed_in is None:
-            return tuple(self.w_in_ENK[e, rows] for rows in parts)
-        return tuple(self.packed_in.part(self.w_in_ENK, e, rows) for rows in parts)
+        return tuple(self.w_in_ENK[e, rows] for rows in parts)
 
     def w_out(self, e: int, a_CF: torch.Tensor) -> torch.Tensor:
         """Expert ``e``'s W_out for the product with ``a_CF``: prepacked if it can be and oneDNN will run it."""
-        if self.packed_out is None or not _onednn_pays(a_CF, self.w_out_EDF.shape[1]):
+        if self.packed is None or not _onednn_pays(a_CF, self.w_out_EDF.shape[1]):
             return self.w_out_EDF[e]
-        return self.packed_out.part(self.w_out_EDF, e, slice(0, self.w_out_EDF.shape[1]))
+        return self.packed.w_out(e)
 
     @property
     def flops_per_row(self) -> float:

@@ -13,9 +13,11 @@ import math
 
 import pytest
 import torch
+from tolerance import fp_tolerance
 
 import moezoo.kernels.cpu_backend as cpu_backend
 from moezoo.kernels.activations import ACTIVATIONS
+from moezoo.kernels.cpu_backend import PackedExpertWeights, pack_expert_weights
 from moezoo.kernels.experts import (
     BACKENDS,
     SharedExpert,
@@ -824,116 +826,181 @@ def test_torch_backend_without_grad_matches_loop(monkeypatch, activation, gated,
 needs_onednn = pytest.mark.skipif(not cpu_backend._onednn_linear_available(), reason="this torch has no oneDNN linear")
 
 
-def packed_parts(w):
-    """How many prepacked (expert, rows) copies exist for weight tensor ``w``."""
-    entry = cpu_backend._packed.get(id(w))
-    return 0 if entry is None or entry[0]() is not w else len(entry[1].parts)
-
-
-def no_grad_call(case, w_in, w_out, activation="silu", gated=True):
+def no_grad_call(case, w_in, w_out, activation="silu", gated=True, packed=None, backend="torch"):
     plan = build_plan(case["ids"], w_in.shape[0])
     with torch.no_grad():
         return expert_mlp(case["x"], case["weights"], plan, w_in, w_out, b_in_EN=case["b_in"], b_out_ED=case["b_out"],
-                          activation=activation, gated=gated, backend="torch")
+                          activation=activation, gated=gated, backend=backend, packed=packed)
 
 
 def loop_of(case, w_in, w_out, activation="silu", gated=True):
     return loop_moe(case["x"], case["weights"], case["ids"], w_in, w_out, case["b_in"], case["b_out"], activation, gated)
 
 
+def expert_forward_tol(w_in, w_out, scale=1.0):
+    """An expert MLP's forward: a reduction over D, then one over F."""
+    return fp_tolerance(w_in.dtype, max(w_in.shape[2], w_out.shape[2]), layers=2, scale=scale)
+
+
+def parameters_of(case):
+    return torch.nn.Parameter(case["w_in"].clone()), torch.nn.Parameter(case["w_out"].clone())
+
+
+def test_data_edit_is_seen_by_the_next_call_without_a_handle():
+    """Issue 20's probe: a 256-wide, 8-expert, top-2 MoE in eval; ``w_in.data[:, 1:50, 1:50] += 0.5`` (which does
+    not move the version counter) is seen by the next no-grad call, which equals the reference backend on the
+    edited weights."""
+    case = make_case(64, 2, 8, D=256, F=256, seed=80)
+    w_in, w_out = parameters_of(case)
+    before = no_grad_call(case, w_in, w_out)
+    w_in.data[:, 1:50, 1:50] += 0.5
+    after = no_grad_call(case, w_in, w_out)
+    reference = no_grad_call(case, w_in, w_out, backend="reference")
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, reference, **expert_forward_tol(w_in, w_out, scale=float(reference.abs().max())))
+
+
 @needs_onednn
 @pytest.mark.parametrize("activation,gated,bias", [("silu", True, False), ("gelu", False, True), ("gelu_tanh", True, True)])
-def test_prepacked_weights_match_loop_and_every_call_agrees_bitwise(activation, gated, bias):
+def test_packed_handle_gives_the_unpacked_result_and_every_call_agrees_bitwise(activation, gated, bias):
     case = make_case(29, 2, 4, gated=gated, bias=bias, seed=60)
-    w_in, w_out = torch.nn.Parameter(case["w_in"].clone()), torch.nn.Parameter(case["w_out"].clone())
-    ref = loop_of(case, w_in.detach(), w_out.detach(), activation, gated)
-    first = no_grad_call(case, w_in, w_out, activation, gated)
-    torch.testing.assert_close(first, ref, **TOL)
-    used = int((torch.bincount(case["ids"].reshape(-1), minlength=4) > 0).sum())
-    assert packed_parts(w_in) == used * (2 if gated else 1)  # gate and up halves packed apiece
-    assert packed_parts(w_out) == used
-    assert torch.equal(no_grad_call(case, w_in, w_out, activation, gated), first)
-    # other routing (other row counts, one token alone) on the same packed weights; the result does not depend
-    # on which call packed them: the same as on weights packed by that call itself
+    w_in, w_out = parameters_of(case)
+    handle = pack_expert_weights(w_in, w_out)
+    assert isinstance(handle, PackedExpertWeights) and handle.matches(w_in, w_out)
+    first = no_grad_call(case, w_in, w_out, activation, gated, packed=handle)
+    tol = expert_forward_tol(w_in, w_out)
+    torch.testing.assert_close(first, no_grad_call(case, w_in, w_out, activation, gated), **tol)
+    torch.testing.assert_close(first, loop_of(case, w_in.detach(), w_out.detach(), activation, gated), **tol)
+    assert torch.equal(no_grad_call(case, w_in, w_out, activation, gated, packed=handle), first)
+    # other routing (other row counts, one token alone) on the same handle; the result does not depend on which
+    # handle it got: the same as on a handle packed from equal weights for this call
     for other_case in (make_case(29, 2, 4, seed=61), make_case(1, 2, 4, seed=62)):
         other = {**case, "x": other_case["x"], "ids": other_case["ids"], "weights": other_case["weights"]}
-        y = no_grad_call(other, w_in, w_out, activation, gated)
-        torch.testing.assert_close(y, loop_of(other, w_in.detach(), w_out.detach(), activation, gated), **TOL)
-        fresh = [torch.nn.Parameter(w.detach().clone()) for w in (w_in, w_out)]
-        assert torch.equal(y, no_grad_call(other, *fresh, activation, gated))
+        y = no_grad_call(other, w_in, w_out, activation, gated, packed=handle)
+        torch.testing.assert_close(y, loop_of(other, w_in.detach(), w_out.detach(), activation, gated), **tol)
+        fresh = parameters_of({"w_in": w_in.detach(), "w_out": w_out.detach()})
+        assert torch.equal(y, no_grad_call(other, *fresh, activation, gated, packed=pack_expert_weights(*fresh)))
 
 
 @needs_onednn
-@pytest.mark.parametrize("how", ["in place", "through .data", "load_state_dict", "new tensor"])
-def test_prepacked_weights_follow_weight_changes(how):
+def test_packed_handle_of_strided_weights_matches_loop():
+    case = make_case(23, 2, 3, seed=66)
+    w_in = torch.nn.Parameter(case["w_in"].transpose(1, 2).contiguous().transpose(1, 2))  # column-major experts
+    w_out = torch.nn.Parameter(case["w_out"].transpose(1, 2).contiguous().transpose(1, 2))
+    handle = pack_expert_weights(w_in, w_out)
+    torch.testing.assert_close(no_grad_call(case, w_in, w_out, packed=handle), loop_of(case, case["w_in"], case["w_out"]),
+                               **expert_forward_tol(w_in, w_out))
+
+
+@needs_onednn
+@pytest.mark.parametrize("weight", ["w_in", "w_out"])
+@pytest.mark.parametrize("how", ["add_", "copy_", "load_state_dict", "new tensor", "in place through a view"])
+def test_handle_stops_matching_when_the_weights_change_and_the_output_follows_them(weight, how):
     case = make_case(17, 2, 3, seed=62)
     layer = torch.nn.Module()
-    layer.w_in, layer.w_out = torch.nn.Parameter(case["w_in"].clone()), torch.nn.Parameter(case["w_out"].clone())
-    no_grad_call(case, layer.w_in, layer.w_out)
-    assert packed_parts(layer.w_in) > 0
-    new_in = torch.randn(case["w_in"].shape, generator=torch.Generator().manual_seed(63))
-    if how == "in place":
+    layer.w_in, layer.w_out = parameters_of(case)
+    handle = pack_expert_weights(layer.w_in, layer.w_out)
+    delta = 0.5 * torch.randn(case[weight].shape, generator=torch.Generator().manual_seed(63))
+    changed = getattr(layer, weight)
+    if how == "add_":
         with torch.no_grad():
-            layer.w_in.copy_(new_in)
-    elif how == "through .data":  # bypasses the version counter: the value sample catches it
-        layer.w_in.data.copy_(new_in)
+            changed.add_(delta)
+    elif how == "copy_":
+        with torch.no_grad():
+            changed.copy_(case[weight] + delta)
     elif how == "load_state_dict":
-        layer.load_state_dict({"w_in": new_in, "w_out": layer.w_out.detach().clone()})
-    else:
-        layer.w_in = torch.nn.Parameter(new_in.clone())
-    torch.testing.assert_close(no_grad_call(case, layer.w_in, layer.w_out), loop_of(case, new_in, case["w_out"]), **TOL)
+        layer.load_state_dict({**{n: p.detach().clone() for n, p in layer.named_parameters()}, weight: case[weight] + delta})
+    elif how == "new tensor":
+        setattr(layer, weight, torch.nn.Parameter(case[weight] + delta))
+    else:  # one expert, through a view that shares the version counter
+        with torch.no_grad():
+            changed[1].add_(delta[1])
+            delta[[0, 2]] = 0
+    assert not handle.matches(layer.w_in, layer.w_out)
+    live = {**case, weight: case[weight] + delta}
+    torch.testing.assert_close(no_grad_call(case, layer.w_in, layer.w_out, packed=handle),
+                               loop_of(case, live["w_in"], live["w_out"]), **expert_forward_tol(layer.w_in, layer.w_out))
 
 
 @needs_onednn
-def test_prepacked_weights_of_a_strided_view_follow_edits_of_one_expert():
-    case = make_case(23, 2, 3, seed=66)
-    storage = case["w_in"].transpose(1, 2).contiguous()  # [E, D, N]: w_in below is a transposed view of it
-    w_in = torch.nn.Parameter(storage.transpose(1, 2))
-    no_grad_call(case, w_in, case["w_out"])
-    assert packed_parts(w_in) > 0
-    storage.data[1] *= 3  # one expert, through .data: the version counter does not move
-    expected_w_in = case["w_in"].clone()
-    expected_w_in[1] *= 3
-    torch.testing.assert_close(no_grad_call(case, w_in, case["w_out"]), loop_of(case, expected_w_in, case["w_out"]), **TOL)
+def test_data_edits_bypass_the_handle_until_packed_again():
+    """The documented contract, and proof that the handle is what the call computes with: an edit through
+    ``.data`` leaves the version counter alone, so the handle still matches and the output stays what it packed;
+    packing again (or no handle) follows the edit."""
+    case = make_case(23, 2, 3, seed=67)
+    w_in, w_out = parameters_of(case)
+    handle = pack_expert_weights(w_in, w_out)
+    packed_output = no_grad_call(case, w_in, w_out, packed=handle)
+    w_in.data[:, 1:4, 1:4] += 0.5
+    assert handle.matches(w_in, w_out)
+    assert torch.equal(no_grad_call(case, w_in, w_out, packed=handle), packed_output)
+    edited = loop_of(case, w_in.detach(), w_out.detach())
+    assert not torch.allclose(edited, packed_output)
+    tol = expert_forward_tol(w_in, w_out)
+    torch.testing.assert_close(no_grad_call(case, w_in, w_out, packed=pack_expert_weights(w_in, w_out)), edited, **tol)
+    torch.testing.assert_close(no_grad_call(case, w_in, w_out), edited, **tol)
 
 
 @needs_onednn
-def test_prepacked_weights_leave_with_their_weights_and_can_be_switched_off(monkeypatch):
+def test_handle_is_not_used_with_autograd_or_other_backends():
+    """A handle made stale through ``.data`` (it still matches) shows which weights a call computes with: with
+    autograd, and on the reference backend, the live ones."""
+    case = make_case(13, 2, 3, seed=65)
+    w_in, w_out = parameters_of(case)
+    handle = pack_expert_weights(w_in, w_out)
+    w_in.data *= 2
+    live = loop_of(case, w_in.detach(), w_out.detach())
+    plan = build_plan(case["ids"], 3)
+    y = expert_mlp(case["x"], case["weights"], plan, w_in, w_out, backend="torch", packed=handle)
+    y.sum().backward()
+    assert w_in.grad is not None and w_out.grad is not None
+    tol = expert_forward_tol(w_in, w_out)
+    torch.testing.assert_close(y.detach(), live, **tol)
+    torch.testing.assert_close(no_grad_call(case, w_in, w_out, packed=handle, backend="reference"), live, **tol)
+
+
+@needs_onednn
+def test_handle_keeps_no_weight_alive():
     import gc
+    import weakref
 
     case = make_case(11, 2, 3, seed=64)
+    w_in, w_out = parameters_of(case)
+    handle = pack_expert_weights(w_in, w_out)
+    assert handle.nbytes >= (w_in.numel() + w_out.numel()) * 4  # every expert packed, gate and up halves apiece
+    w_in_ref = weakref.ref(w_in)
+    del w_in
     gc.collect()
-    cpu_backend.clear_packed_weights()  # earlier tests' entries could otherwise leave mid-test
-    for _ in range(3):  # plain tensors (weights made fresh per call: dequantized, concatenated...) never pack
-        no_grad_call(case, case["w_in"].clone(), case["w_out"].clone())
-    assert not cpu_backend._packed
-    w_in, w_out = torch.nn.Parameter(case["w_in"].clone()), torch.nn.Parameter(case["w_out"].clone())
-    no_grad_call(case, w_in, w_out)
-    assert len(cpu_backend._packed) == 2
-    del w_in, w_out
-    gc.collect()
-    assert not cpu_backend._packed  # the packed copies went with their weights
-    monkeypatch.setattr(cpu_backend, "PACK_WEIGHTS", False)
-    w_in = torch.nn.Parameter(case["w_in"].clone())
-    torch.testing.assert_close(no_grad_call(case, w_in, case["w_out"]), loop_of(case, case["w_in"], case["w_out"]), **TOL)
-    assert packed_parts(w_in) == 0
-    monkeypatch.setattr(cpu_backend, "PACK_WEIGHTS", True)
-    no_grad_call(case, w_in, case["w_out"])
-    assert cpu_backend._packed
-    cpu_backend.clear_packed_weights()
-    assert not cpu_backend._packed
+    assert w_in_ref() is None
+    assert not handle.matches(torch.nn.Parameter(case["w_in"].clone()), w_out)
+
+
+def test_pack_expert_weights_declines_where_packing_does_not_apply(monkeypatch):
+    case = make_case(5, 2, 3, seed=68)
+    assert pack_expert_weights(case["w_in"].double(), case["w_out"].double()) is None  # oneDNN runs fp32 only
+    assert pack_expert_weights(case["w_in"][:0], case["w_out"][:0]) is None  # no experts
+    monkeypatch.setattr(cpu_backend, "ONEDNN_GEMMS", False)
+    assert pack_expert_weights(case["w_in"], case["w_out"]) is None
+
+
+def test_pack_expert_weights_and_packed_bad_input():
+    case = make_case(5, 2, 3, seed=69)
+    with pytest.raises(ValueError, match=r"w_in \[E, N_in, D\] and w_out \[E, D, F\]"):
+        pack_expert_weights(case["w_in"][0], case["w_out"][0])
+    with pytest.raises(ValueError, match=r"w_out must be \[E, D, F\] = \[3, 8, F\] with N_in = 12"):
+        pack_expert_weights(case["w_in"], case["w_out"][..., :5])
+    plan = build_plan(case["ids"], 3)
+    with pytest.raises(TypeError, match="packed must be a PackedExpertWeights"):
+        expert_mlp(case["x"], case["weights"], plan, case["w_in"], case["w_out"], packed=(case["w_in"], case["w_out"]))
 
 
 @needs_onednn
-def test_prepacked_weights_are_not_used_when_training():
-    case = make_case(13, 2, 3, seed=65)
-    w_in = torch.nn.Parameter(case["w_in"].clone())
-    plan = build_plan(case["ids"], 3)
-    for _ in range(3):
-        y = expert_mlp(case["x"], case["weights"], plan, w_in, case["w_out"], backend="torch")
-        y.sum().backward()
-    assert packed_parts(w_in) == 0
-    torch.testing.assert_close(y.detach(), loop_of(case, case["w_in"], case["w_out"]), **TOL)
+def test_pack_expert_weights_refuses_inference_tensors():
+    case = make_case(5, 2, 3, seed=70)
+    with torch.inference_mode():
+        w_in, w_out = case["w_in"].clone(), case["w_out"].clone()
+    with pytest.raises(ValueError, match="torch.inference_mode"):
+        pack_expert_weights(w_in, w_out)
 
 
 @needs_onednn
@@ -942,13 +1009,22 @@ def test_small_products_go_to_torch_mm_and_large_ones_to_onednn(monkeypatch):
     assert not cpu_backend._onednn_pays(torch.zeros(32, 128), 128)  # 0.5M multiply-adds
     assert cpu_backend._onednn_pays(torch.zeros(128, 128, dtype=torch.float32), 128)  # exactly 2M
     assert not cpu_backend._onednn_pays(torch.zeros(4096, 1024, dtype=torch.float64), 1024)  # oneDNN runs fp32 only
-    # rows per expert ~6 (x 128 x 256: tiny, torch.mm, nothing packed) and ~470 (15M: oneDNN, packed)
+    fused_calls = []
+
+    def counting_fused_activated(*args):
+        fused_calls.append(1)
+        return real_fused_activated(*args)
+
+    real_fused_activated = cpu_backend._fused_activated
+    monkeypatch.setattr(cpu_backend, "_fused_activated", counting_fused_activated)
+    # rows per expert ~6 (x 128 x 256: tiny, torch.mm) and ~470 (15M: oneDNN's fused GEMM, on the packed weights)
     for T, on_onednn in ((9, False), (700, True)):
+        fused_calls.clear()
         case = make_case(T, 2, 3, D=128, F=128, seed=67)
-        w_in, w_out = torch.nn.Parameter(case["w_in"].clone()), torch.nn.Parameter(case["w_out"].clone())
-        y = no_grad_call(case, w_in, w_out)
-        torch.testing.assert_close(y, loop_of(case, case["w_in"], case["w_out"]), rtol=1e-4, atol=1e-4)
-        assert (packed_parts(w_in) > 0) == on_onednn
+        w_in, w_out = parameters_of(case)
+        y = no_grad_call(case, w_in, w_out, packed=pack_expert_weights(w_in, w_out))
+        torch.testing.assert_close(y, loop_of(case, case["w_in"], case["w_out"]), **expert_forward_tol(w_in, w_out))
+        assert bool(fused_calls) == on_onednn
 
 
 # ------------------------------------------------------------------ few rows: padded batched GEMMs (no grad)
