@@ -106,6 +106,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moezoo.kernels.experts import BACKENDS
+from moezoo.zoo.config import check_choice, check_config_types, check_positive
 from moezoo.zoo.diffusion import check_objective, training_pair
 from moezoo.zoo.layers.blocks import (
     Attention,
@@ -205,6 +207,12 @@ class DiTMoEConfig:
     backend: str = "auto"
 
     def __post_init__(self):
+        check_config_types(self)
+        check_positive(self, ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads",
+                              "num_experts", "top_k", "text_dim"))
+        check_positive(self, ("num_shared_experts", "num_classes", "moh_shared_heads", "moh_top_k_heads"), least=0)
+        if not self.mlp_ratio > 0 or self.expert_hidden < 1:
+            raise ValueError(f"DiTMoEConfig.mlp_ratio must make experts at least 1 wide, got {self.mlp_ratio}")
         if self.input_size % self.patch_size:
             raise ValueError(f"input_size ({self.input_size}) must be a multiple of patch_size ({self.patch_size})")
         if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
@@ -218,12 +226,12 @@ class DiTMoEConfig:
             raise ValueError(f"need num_classes >= 0 and class_dropout_prob in [0, 1], got "
                              f"{self.num_classes}, {self.class_dropout_prob}")
         check_objective(self.objective)
+        check_choice(self, "backend", BACKENDS)
         if not self.time_shift > 0:
             raise ValueError(f"time_shift must be > 0, got {self.time_shift}")
         if self.text_encoder is not None and not self.text_dim:
             raise ValueError(f"text_encoder={self.text_encoder!r} needs text_dim (its output width)")
-        if self.attention not in ATTENTIONS:
-            raise ValueError(f"unknown attention {self.attention!r}; accepted: {', '.join(ATTENTIONS)}")
+        check_choice(self, "attention", ATTENTIONS)
         if self.attention == "moh":
             if self.moh_shared_heads is None:
                 self.moh_shared_heads = self.num_heads // 2
@@ -637,11 +645,8 @@ class DiTMoEVideoConfig(DiTMoEConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.num_frames < 1:
-            raise ValueError(f"num_frames must be >= 1, got {self.num_frames}")
-        if self.spacetime not in SPACETIME:
-            raise ValueError(f"unknown spacetime {self.spacetime!r}; accepted: {', '.join(SPACETIME)}")
-        self.learned_words = tuple(self.learned_words)
+        check_positive(self, ("num_frames",))
+        check_choice(self, "spacetime", SPACETIME)
         if self.learned_words and self.text_encoder is None:
             raise ValueError("learned_words needs a text encoder of the model's own (config.text_encoder)")
 

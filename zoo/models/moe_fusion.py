@@ -55,6 +55,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moezoo.zoo.config import check_config_types, check_positive
 from moezoo.zoo.layers.moe import Router
 from moezoo.zoo.layers.routed import RoutedBlock, routed_blocks, routing_maps, total_aux_loss
 from moezoo.zoo.registry import PretrainedCfg, register_model
@@ -101,20 +102,18 @@ class MoEFusionConfig:
     global_aux_coef: float = 0.02
 
     def __post_init__(self):
-        self.decoder_widths = tuple(self.decoder_widths)  # JSON configs give lists
-        for name in ("width", "local_hidden", "num_global_experts", "global_gate_grid", "attention_stride"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_config_types(self)  # JSON configs give lists: decoder_widths becomes a tuple
+        check_positive(self, ("width", "local_hidden", "num_global_experts", "global_gate_grid", "attention_stride",
+                              "top_k", "local_cell"))
         if self.num_local_experts < 2 or self.num_local_experts % 2:
             raise ValueError(
                 f"num_local_experts must be even and >= 2 (half per modality), got {self.num_local_experts}"
             )
-        if not self.decoder_widths or min(self.decoder_widths) < 1:
+        if not self.decoder_widths or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1
+                                              for w in self.decoder_widths):
             raise ValueError(f"decoder_widths must be positive channel counts, got {self.decoder_widths}")
         if not 1 <= self.top_k <= min(self.num_local_experts, self.num_global_experts):
             raise ValueError(f"top_k must be between 1 and the number of experts, got {self.top_k}")
-        if self.local_cell is not None and self.local_cell < 1:
-            raise ValueError(f"local_cell must be >= 1 pixels or None (one gate per image), got {self.local_cell}")
 
     @property
     def encoder_channels(self) -> int:

@@ -55,7 +55,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moezoo.kernels.experts import BACKENDS
 from moezoo.kernels.routing import RouterOutput
+from moezoo.zoo.config import check_choice, check_config_types, check_positive
 from moezoo.zoo.layers.blocks import Attention, Mlp
 from moezoo.zoo.layers.moe import MoE, Router
 from moezoo.zoo.layers.routed import RoutedBlock, routing_maps, total_aux_loss
@@ -111,10 +113,15 @@ class MoFMEConfig:
     backend: str = "auto"
 
     def __post_init__(self):
-        if self.ffn not in FFN_KINDS:
-            raise ValueError(f"unknown ffn {self.ffn!r}; accepted: {', '.join(FFN_KINDS)}")
-        if self.film not in FILM_KINDS:
-            raise ValueError(f"unknown film {self.film!r}; accepted: {', '.join(FILM_KINDS)}")
+        check_config_types(self)
+        check_positive(self, ("in_channels", "conv_channels", "patch_size", "dim", "depth", "num_heads",
+                              "num_experts", "top_k", "router_samples"))
+        check_positive(self, ("num_res_blocks",), least=0)
+        check_choice(self, "ffn", FFN_KINDS)
+        check_choice(self, "film", FILM_KINDS)
+        check_choice(self, "backend", BACKENDS)
+        if not self.mlp_ratio > 0 or self.hidden_dim < 1:
+            raise ValueError(f"MoFMEConfig.mlp_ratio must make the FFNs at least 1 wide, got {self.mlp_ratio}")
         if self.dim % self.num_heads:
             raise ValueError(f"dim {self.dim} must be divisible by num_heads {self.num_heads}")
         if not 1 <= self.top_k <= self.num_experts:
@@ -124,8 +131,6 @@ class MoFMEConfig:
                              f"{self.router_samples}, {self.router_dropout}")
         if self.uncertainty_weight < 0:
             raise ValueError(f"uncertainty_weight must be >= 0, got {self.uncertainty_weight}")
-        if min(self.conv_channels, self.patch_size, self.dim, self.depth) < 1:
-            raise ValueError("conv_channels, patch_size, dim and depth must be >= 1")
 
     @property
     def hidden_dim(self) -> int:
