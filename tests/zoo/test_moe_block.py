@@ -16,7 +16,8 @@ import torch.nn as nn
 
 import moezoo.kernels.experts as experts_module
 import moezoo.zoo.layers.moe as moe_module
-from moezoo.zoo.layers import GatedMLP, MoE, collect_routing, set_backend, total_aux_loss
+from moezoo.zoo.layers import GatedMLP, MoE, collect_routing, freeze, set_backend, total_aux_loss, unfreeze
+from tolerance import fp_tolerance
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 KIND = {"swiglu": ("silu", True), "geglu": ("gelu", True), "mlp": ("gelu", False), "ternary": ("silu", True)}
@@ -800,3 +801,65 @@ def test_gated_mlp_as_shared_expert_layout_and_bias_error():
     assert ungated.as_shared_expert().w_in_NK is ungated.up_proj.weight
     with pytest.raises(ValueError, match="a shared expert is bias-free; this GatedMLP has biases"):
         GatedMLP(8, 5, bias=True).as_shared_expert()
+
+
+# ------------------------------------------------------------------------------------------------ freezing
+
+
+def _close_to(got: torch.Tensor, expected: torch.Tensor, hidden: int) -> None:
+    """Two orders of summing an expert MLP (D- then F-long reductions) on outputs of ``expected``'s size."""
+    torch.testing.assert_close(got, expected, **fp_tolerance(torch.float32, hidden, layers=2,
+                                                             scale=float(expected.abs().max())))
+
+
+def _reference_output(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    backend = moe.backend
+    moe.backend = "reference"
+    try:
+        return moe(x)
+    finally:
+        moe.backend = backend
+
+
+@torch.no_grad()
+def test_unfrozen_layer_sees_a_data_edit():
+    """Issue 20's probe: a 256-wide, 8-expert MoE in eval mode, weights edited through ``.data``; the next
+    no-grad forward must follow the edit."""
+    moe = make_moe(256, 512, 8, 2).eval()
+    x = inputs(128, 256)
+    before = moe(x)
+    moe.w_in.data[:, 1:50, 1:50] += 0.5
+    after = moe(x)
+    assert (after - before).abs().max() > 0.1
+    _close_to(after, _reference_output(moe, x), 512)
+
+
+@torch.no_grad()
+def test_frozen_layer_computes_the_same_and_drops_stale_copies():
+    moe = make_moe(256, 512, 8, 2).eval()
+    x = inputs(128, 256)
+    plain = moe(x)
+    freeze(moe)
+    if not moe.frozen:
+        pytest.skip("no oneDNN packing in this torch build")
+    _close_to(moe(x), plain, 512)
+    moe.w_out.mul_(2.0)  # an in-place change: the version counter moves
+    doubled = moe(x)
+    assert not moe.frozen
+    _close_to(doubled, _reference_output(moe, x), 512)
+    freeze(moe)
+    moe.load_state_dict({k: v.clone() for k, v in moe.state_dict().items()})
+    moe(x)
+    assert not moe.frozen
+    freeze(moe)
+    moe.w_in.data[:, :, :8] = 0.0  # .data bypasses the version counter: the documented contract is unfreeze
+    unfreeze(moe)
+    _close_to(moe(x), _reference_output(moe, x), 512)
+
+
+def test_freeze_walks_every_routed_block_and_ternary_experts_stay_unpacked():
+    model = nn.Sequential(make_moe(16, 8, 4, 2), make_moe(16, 8, 4, 2, expert="ternary"))
+    freeze(model)
+    assert model[1].frozen is False
+    unfreeze(model)
+    assert not model[0].frozen

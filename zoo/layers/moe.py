@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moezoo.kernels import losses
-from moezoo.kernels.experts import SharedExpert, activation_fn, expert_mlp
+from moezoo.kernels import SharedExpert, activation_fn, expert_mlp, pack_expert_weights
 from moezoo.kernels.plan import build_plan, capacity_for
 from moezoo.kernels.routing import (
     RouterOutput,
@@ -213,6 +213,7 @@ class MoE(RoutedBlock):
         if num_constant_experts:
             self.constant_vectors = nn.Parameter(torch.zeros(num_constant_experts, dim))
             self.constant_mix = nn.Linear(dim, 2 * num_constant_experts, bias=False)
+        self._packed = None  # set by freeze(): prepacked expert weights for no-grad CPU calls
         self.reset_expert_parameters()
 
     @classmethod
@@ -263,10 +264,37 @@ class MoE(RoutedBlock):
         y_TD = expert_mlp(
             x_TD, weights_TK, plan, *self._expert_weights(), b_in_EN=self.b_in, b_out_ED=self.b_out,
             activation=self.activation, gated=self.gated, backend=self.backend, shared=self._shared_expert(x_TD),
+            packed=self._live_packed(),
         )
         y_TD = y_TD + self._special_experts(x_TD, ids_TK, weights_TK)
         self._record(routed, plan, lead_shape)
         return y_TD.reshape(x.shape)
+
+    # ------------------------------------------------------------------------------------------ inference
+
+    def freeze(self) -> None:
+        """Pack the routed experts' weights once into the CPU backend's blocked layout for no-grad calls (as
+        torch.compile's freezing or IPEX's ``optimize``). The packed copy is used only while ``w_in`` / ``w_out``
+        are the same tensors with the same storage and version counter: an in-place update, a new Parameter or
+        ``load_state_dict`` drops it, and the layer computes on its live weights. Edits through ``.data``
+        bypass the version counter: after one, call :meth:`unfreeze` (or ``freeze`` again). Ternary experts
+        (weights quantised per call) are not packed."""
+        self._packed = None
+        if self.expert_kind != "ternary":
+            self._packed = pack_expert_weights(self.w_in, self.w_out)
+
+    def unfreeze(self) -> None:
+        self._packed = None
+
+    @property
+    def frozen(self) -> bool:
+        return self._packed is not None
+
+    def _live_packed(self):
+        """The packed copy while it still matches the live weights; a stale one is dropped for good."""
+        if self._packed is not None and not self._packed.matches(self.w_in, self.w_out):
+            self._packed = None
+        return self._packed
 
     def _shared_expert(self, x_TD: torch.Tensor) -> SharedExpert | None:
         """The shared experts as one always-on expert for ``expert_mlp`` (which runs it in the same parallel
