@@ -8,6 +8,9 @@ device, and a tqdm progress bar that ``set_progress_bar_config(disable=True)`` t
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import numpy as np
 import torch
 from PIL import Image
@@ -62,6 +65,32 @@ def check_generators(generator, batch_size: int) -> None:
             f"got a list of {len(generator)} generators for {batch_size} outputs; pass one generator per "
             "output, or a single generator"
         )
+
+
+def checked_guidance_scale(guidance_scale) -> float:
+    """A classifier-free guidance scale: a finite real number >= 0 (bool, strings, None, NaN and inf refused)."""
+    if (isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real)
+            or not math.isfinite(guidance_scale) or guidance_scale < 0):
+        raise ValueError(f"guidance_scale must be a finite number >= 0 (1 = no guidance, 0 = unconditional), "
+                         f"got {guidance_scale!r}")
+    return float(guidance_scale)
+
+
+def checked_max_batch_size(max_batch_size) -> int:
+    """Samples per model call: a positive integer (bool refused)."""
+    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, numbers.Integral) or max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be a positive integer (samples per model call), got {max_batch_size!r}")
+    return int(max_batch_size)
+
+
+def chunk_slices(batch_size: int, max_batch_size: int) -> list[slice]:
+    """``[0, batch_size)`` cut into consecutive slices of at most ``max_batch_size``."""
+    return [slice(start, min(start + max_batch_size, batch_size)) for start in range(0, batch_size, max_batch_size)]
+
+
+def generator_part(generator, part: slice):
+    """The generators of the samples in ``part``: a slice of a per-sample list, a single generator as it is."""
+    return generator[part] if isinstance(generator, list) else generator
 
 
 def randn(shape: tuple[int, ...], generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

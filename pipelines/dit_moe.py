@@ -19,7 +19,17 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-from .base import Pipeline, check_generators, check_output_type, randn, to_output
+from .base import (
+    Pipeline,
+    check_generators,
+    check_output_type,
+    checked_guidance_scale,
+    checked_max_batch_size,
+    chunk_slices,
+    generator_part,
+    randn,
+    to_output,
+)
 
 VAE_SCALE = 0.18215
 SCHEDULERS = ("flow_match_euler", "ddim", "ddpm")
@@ -61,9 +71,18 @@ def scheduler_for(transformer, name: str | None = None):
 
 
 class DiTMoEPipeline(Pipeline):
-    """Generation with a :class:`moezoo.zoo.models.dit_moe.DiTMoE` (the ``transformer``)."""
+    """Generation with a :class:`moezoo.zoo.models.dit_moe.DiTMoE` (the ``transformer``).
+
+    A request for more than ``max_batch_size`` images is generated in chunks of that many (noise, text
+    encoding, denoising and decoding alike), so memory stays bounded however many labels or prompts are
+    asked for. Set it per pipeline (``pipe.max_batch_size = 8``) or per call.
+    """
 
     _modules = ("transformer", "vae")
+    # Images per model call (twice as many rows with guidance). 32 bundled-model images are 2048 tokens: large
+    # enough that the per-call overhead of a CPU forward is amortised, small enough that a 256 px latent model
+    # (256 tokens per image) stays within a few hundred MB of activations.
+    max_batch_size: int = 32
 
     def __init__(self, transformer, scheduler=None, vae=None, label_names: list[str] | None = None):
         super().__init__()
@@ -114,7 +133,9 @@ class DiTMoEPipeline(Pipeline):
                 raise ValueError(f"unknown class {label!r}; accepted: {', '.join(self.label_names)} (or their ids)")
         return ids
 
-    def _check_call(self, class_labels, prompt, num_inference_steps, guidance_scale, generator, output_type):
+    def _check_call(self, class_labels, prompt, num_inference_steps, guidance_scale, output_type,
+                    max_batch_size) -> tuple[float, int]:
+        """Check the arguments every generation call shares; returns (guidance scale, chunk size)."""
         config = self.transformer.config
         if (class_labels is None) == (prompt is None):
             raise ValueError("pass exactly one of class_labels (class-conditional models) or prompt (text models)")
@@ -131,9 +152,10 @@ class DiTMoEPipeline(Pipeline):
                 raise ValueError("prompt must be a string or a list of strings")
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0 (1 = no guidance), got {guidance_scale}")
         check_output_type(output_type)
+        guidance_scale = checked_guidance_scale(guidance_scale)
+        max_batch_size = self.max_batch_size if max_batch_size is None else max_batch_size
+        return guidance_scale, checked_max_batch_size(max_batch_size)
 
     def denoise(self, sample, y, text_emb, num_inference_steps: int, guidance_scale: float, generator):
         """Run the scheduler from the noise ``sample`` to a clean sample, with classifier-free guidance when
@@ -151,8 +173,28 @@ class DiTMoEPipeline(Pipeline):
             else:
                 prediction = model(sample, t_B, y, text_emb)
             prediction = prediction.narrow(model.channel_dim, 0, model.in_channels)  # drop learned-variance channels
-            sample = self.scheduler.step(prediction, t, sample, generator=_first(generator)).prev_sample
+            # Ancestral samplers draw their noise per sample from a generator list (diffusers' randn_tensor), so
+            # a sample does not depend on the others in its batch or chunk.
+            sample = self.scheduler.step(prediction, t, sample, generator=generator).prev_sample
         return sample
+
+    def generate(self, noise, y, prompts: list[str] | None, num_inference_steps: int, guidance_scale: float,
+                 generator, max_batch_size: int, return_routing: bool):
+        """Denoise and decode ``noise`` [B, ...] in chunks of at most ``max_batch_size`` samples (class ids ``y``
+        or ``prompts`` alike). Returns (decoded samples in [-1, 1], per MoE layer the int routing maps [B, ...]
+        of the conditional branch's last forward, or None)."""
+        model = self.transformer
+        decoded, maps = [], []
+        for part in chunk_slices(len(noise), max_batch_size):
+            text_emb = model.encode_text(prompts[part]).to(self.device, self.dtype) if prompts is not None else None
+            sample = self.denoise(noise[part], None if y is None else y[part], text_emb, num_inference_steps,
+                                  guidance_scale, generator_part(generator, part))
+            if return_routing:
+                # With guidance the last forward ran [conditional; unconditional]: keep the conditional half.
+                maps.append([m[: len(sample)].cpu() for m in model.routing_maps()])
+            decoded.append(self._decode(sample))
+        routing_maps = [torch.cat(layer).numpy() for layer in zip(*maps)] if return_routing else None
+        return torch.cat(decoded), routing_maps
 
     @torch.no_grad()
     def __call__(
@@ -165,6 +207,7 @@ class DiTMoEPipeline(Pipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         return_routing: bool = False,
+        max_batch_size: int | None = None,
     ):
         """Generate one image per class label or prompt.
 
@@ -173,31 +216,31 @@ class DiTMoEPipeline(Pipeline):
             prompt: a prompt or a list of prompts (text-conditioned models).
             num_inference_steps: denoising steps.
             guidance_scale: classifier-free guidance scale; 1 disables guidance (one forward per step).
-            generator: a torch.Generator, or one per image, for reproducible noise.
+            generator: a torch.Generator, or one per image, for reproducible noise. With one generator per
+                image the result does not depend on ``max_batch_size`` (nor on the other images asked for);
+                with a single one, only ancestral DDPM sampling changes with the chunking (its per-step noise).
             output_type: "pil", "np" or "pt".
             return_dict: return a :class:`DiTMoEPipelineOutput` (else a tuple).
             return_routing: also return per-layer routing maps (which expert each patch went to).
+            max_batch_size: images per model call (default: the pipeline's ``max_batch_size``, 32); larger
+                requests run in chunks.
         """
-        self._check_call(class_labels, prompt, num_inference_steps, guidance_scale, generator, output_type)
-        model, config, device = self.transformer, self.transformer.config, self.device
+        guidance_scale, max_batch_size = self._check_call(class_labels, prompt, num_inference_steps, guidance_scale,
+                                                          output_type, max_batch_size)
+        config, device = self.transformer.config, self.device
         if class_labels is not None:
-            y = torch.tensor(self.get_label_ids(class_labels), device=device)
-            batch, text_emb = len(y), None
+            y, prompts = torch.tensor(self.get_label_ids(class_labels), device=device), None
+            batch = len(y)
         else:
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            y, batch = None, len(prompts)
-            text_emb = model.encode_text(prompts).to(device, self.dtype)
+            y, prompts = None, [prompt] if isinstance(prompt, str) else list(prompt)
+            batch = len(prompts)
         check_generators(generator, batch)
 
         shape = (batch, config.in_channels, config.input_size, config.input_size)
-        sample = randn(shape, generator, device, self.dtype)
-        sample = self.denoise(sample, y, text_emb, num_inference_steps, guidance_scale, generator)
-
-        routing_maps = None
-        if return_routing:
-            # With guidance the last forward ran [conditional; unconditional]: keep the conditional half.
-            routing_maps = [m[:batch].cpu().numpy() for m in model.routing_maps()]
-        images = self._decode(sample)
+        # All the noise at once: what a single generator draws does not depend on the chunking.
+        noise = randn(shape, generator, device, self.dtype)
+        images, routing_maps = self.generate(noise, y, prompts, num_inference_steps, guidance_scale, generator,
+                                             max_batch_size, return_routing)
         images = to_output(images, output_type)
         if not return_dict:
             return (images, routing_maps) if return_routing else (images,)
@@ -207,8 +250,3 @@ class DiTMoEPipeline(Pipeline):
         if self.vae is None:
             return sample
         return self.vae.decode(sample / VAE_SCALE).sample
-
-
-def _first(generator):
-    """Schedulers take one generator (ancestral DDPM's noise); the first of a list keeps a seed reproducible."""
-    return generator[0] if isinstance(generator, list) else generator

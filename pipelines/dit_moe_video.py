@@ -8,8 +8,9 @@ expert drew each (frame, patch).
 
 The same call as :class:`moezoo.pipelines.DiTMoEPipeline` (``prompt`` / ``class_labels``,
 ``num_inference_steps``, ``guidance_scale``, ``generator``, ``output_type``, ``return_dict``,
-``return_routing``) plus ``num_frames``, ``height`` and ``width``; the same samplers (flow-match Euler for
-rectified flow, DDIM/DDPM for epsilon models). Every argument is checked before any compute.
+``return_routing``, ``max_batch_size``) plus ``num_frames``, ``height`` and ``width``; the same samplers
+(flow-match Euler for rectified flow, DDIM/DDPM for epsilon models). Every argument is checked before any
+compute; more than ``max_batch_size`` clips are generated in chunks of that many.
 """
 
 from __future__ import annotations
@@ -35,8 +36,13 @@ class DiTMoEVideoPipelineOutput:
 
 
 class DiTMoEVideoPipeline(DiTMoEPipeline):
-    """Generation with a :class:`moezoo.zoo.models.dit_moe_video.DiTMoEVideo` (the ``transformer``).
-    ``from_pretrained``, ``to``, ``set_progress_bar_config`` and ``get_label_ids`` are the image pipeline's."""
+    """Generation with a :class:`moezoo.zoo.models.dit_moe.DiTMoEVideo` (the ``transformer``).
+    ``from_pretrained``, ``to``, ``set_progress_bar_config`` and ``get_label_ids`` are the image pipeline's, and
+    so is the chunking, counted in clips."""
+
+    # Clips per model call (twice as many rows with guidance): 4 clips of the bundled model's 8 frames are the
+    # image pipeline's 32 images' worth of tokens.
+    max_batch_size: int = 4
 
     def _check_video_call(self, num_frames, height, width, generator, batch: int) -> tuple[int, int, int]:
         config = self.transformer.config
@@ -74,6 +80,7 @@ class DiTMoEVideoPipeline(DiTMoEPipeline):
         output_type: str = "np",
         return_dict: bool = True,
         return_routing: bool = False,
+        max_batch_size: int | None = None,
     ):
         """Generate one clip per prompt (or class label).
 
@@ -88,9 +95,12 @@ class DiTMoEVideoPipeline(DiTMoEPipeline):
             output_type: "np" (default, as diffusers' video pipelines), "pt" or "pil".
             return_dict: return a :class:`DiTMoEVideoPipelineOutput` (else a tuple).
             return_routing: also return per-layer routing maps [B, F, H/p, W/p].
+            max_batch_size: clips per model call (default: the pipeline's ``max_batch_size``, 4); larger
+                requests run in chunks. With one generator per clip the clips do not depend on it.
         """
-        self._check_call(class_labels, prompt, num_inference_steps, guidance_scale, generator, output_type)
-        model, config, device = self.transformer, self.transformer.config, self.device
+        guidance_scale, max_batch_size = self._check_call(class_labels, prompt, num_inference_steps, guidance_scale,
+                                                          output_type, max_batch_size)
+        config, device = self.transformer.config, self.device
         if class_labels is not None:
             ids = self.get_label_ids(class_labels)
             batch, prompts = len(ids), None
@@ -100,20 +110,18 @@ class DiTMoEVideoPipeline(DiTMoEPipeline):
         num_frames, height, width = self._check_video_call(num_frames, height, width, generator, batch)
 
         y = torch.tensor(ids, device=device) if ids is not None else None
-        text_emb = model.encode_text(prompts).to(device, self.dtype) if prompts is not None else None
         shape = (batch, num_frames, config.in_channels, height, width)
-        sample = randn(shape, generator, device, self.dtype)
-        sample = self.denoise(sample, y, text_emb, num_inference_steps, guidance_scale, generator)
-
-        routing_maps = None
-        if return_routing:
-            # With guidance the last forward ran [conditional; unconditional]: keep the conditional half.
-            routing_maps = [m[:batch].cpu().numpy() for m in model.routing_maps()]
-        frames = self._decode(sample.flatten(0, 1)).unflatten(0, (batch, num_frames))
+        noise = randn(shape, generator, device, self.dtype)
+        frames, routing_maps = self.generate(noise, y, prompts, num_inference_steps, guidance_scale, generator,
+                                             max_batch_size, return_routing)
         frames = frames_to_output(frames, output_type)
         if not return_dict:
             return (frames, routing_maps) if return_routing else (frames,)
         return DiTMoEVideoPipelineOutput(frames=frames, routing_maps=routing_maps)
+
+    def _decode(self, sample: torch.Tensor) -> torch.Tensor:
+        """Clips [B, F, C, H, W]: a VAE decodes frames, so the clip axis is folded into the batch and back."""
+        return super()._decode(sample.flatten(0, 1)).unflatten(0, sample.shape[:2])
 
 
 def frames_to_output(clips_BFCHW: torch.Tensor, output_type: str):

@@ -9,7 +9,8 @@ yuv420p stores colour at half resolution, so frames with an odd side get one rep
 Tiny clips (32x32) are best exported with ``scale=`` (nearest-neighbour upscaling): browsers otherwise blur
 them when they enlarge them, and the chroma subsampling smears 1-pixel colour edges.
 Both writers write a temporary file beside the target and move it into place, so a file at ``path`` is
-always complete.
+always complete. Each writes one format and refuses a path whose extension names another (``.mp4`` for
+``export_to_video``, ``.gif`` for ``export_to_gif``; any case), so a file's name never lies about its content.
 """
 
 from __future__ import annotations
@@ -73,19 +74,34 @@ def _checked_fps(fps) -> Fraction:
     return Fraction(fps).limit_denominator(1001)
 
 
+VIDEO_SUFFIXES = (".mp4",)
+GIF_SUFFIXES = (".gif",)
+
+
+def _checked_target(path, suffixes: tuple[str, ...], writes: str, other: str) -> Path:
+    """``path`` as a Path if its extension is one of ``suffixes`` (any case), else a ValueError that says what
+    the writer writes (``writes``), which extensions it accepts and which writer to use instead (``other``)."""
+    target = Path(path)
+    if target.suffix.lower() not in suffixes:
+        raise ValueError(f"{writes}: the path must end in {' or '.join(suffixes)}, got {str(target)!r}; {other}")
+    return target
+
+
 def export_to_video(frames, path: str | os.PathLike, fps: float = 8, scale: int = 1, crf: int = 18) -> str:
     """Write one clip as an H.264 mp4 that browsers play; returns the path.
 
     Args:
         frames: one clip, see :func:`frames_to_uint8` (numpy [F, H, W, C] in [0, 1] / uint8, torch
             [F, C, H, W], or a list of PIL images).
-        path: the output file (its folder is created).
+        path: the output file, ending in ``.mp4`` (its folder is created).
         fps: frames per second.
         scale: integer nearest-neighbour upscaling before encoding (e.g. 8 for 32x32 clips).
         crf: libx264 constant rate factor (0 lossless .. 51 worst; 18 looks lossless).
     """
     import av
 
+    target = _checked_target(path, VIDEO_SUFFIXES, "export_to_video writes H.264 MP4 files",
+                             "for a GIF use export_to_gif")
     rate = _checked_fps(fps)
     if not isinstance(crf, int) or not 0 <= crf <= 51:
         raise ValueError(f"crf must be an integer in [0, 51], got {crf!r}")
@@ -94,7 +110,6 @@ def export_to_video(frames, path: str | os.PathLike, fps: float = 8, scale: int 
     pad_h, pad_w = array.shape[1] % 2, array.shape[2] % 2
     if pad_h or pad_w:
         array = np.pad(array, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-    target = Path(path)
     with atomic_path(target) as tmp:
         with av.open(str(tmp), mode="w", format="mp4", options={"movflags": "+faststart"}) as container:
             stream = container.add_stream("libx264", rate=rate)
@@ -114,14 +129,14 @@ def export_to_gif(frames, path: str | os.PathLike, fps: float = 8, scale: int = 
 
     Args:
         frames: one clip, as for :func:`export_to_video`.
-        path: the output file (its folder is created).
+        path: the output file, ending in ``.gif`` (its folder is created).
         fps: frames per second (GIF stores per-frame durations in 10 ms steps).
         scale: integer nearest-neighbour upscaling.
         loop: how many times to loop (0: forever).
     """
+    target = _checked_target(path, GIF_SUFFIXES, "export_to_gif writes GIF files", "for an MP4 use export_to_video")
     rate = _checked_fps(fps)
     images = [Image.fromarray(frame) for frame in _upscale(frames_to_uint8(frames), scale)]
-    target = Path(path)
     with atomic_path(target) as tmp:
         images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], loop=loop,
                        duration=round(1000 / float(rate)), disposal=1, optimize=False)

@@ -1,13 +1,16 @@
 """DiTMoEPipeline: argument checks before compute, sampling against a hand-written sampler, seeds, outputs,
 routing maps, and loading from an exported folder."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from moezoo.pipelines import DiTMoEPipeline
+from moezoo.pipelines import DiTMoEPipeline, make_scheduler
 from moezoo.zoo import create_model, save_pretrained
+from tolerance import fp_tolerance
 
 TINY = dict(depth=1, hidden_size=32, num_heads=2, num_experts=4)
 
@@ -38,22 +41,25 @@ def shapes_pipe():
     return pipe
 
 
-class CountingForward:
-    """Counts forwards of a model so a test can check that a bad call did no compute."""
-
-    def __init__(self, model):
-        self.calls = 0
-        self.handle = model.register_forward_pre_hook(self.hook)
-
-    def hook(self, module, args):
-        self.calls += 1
+@contextlib.contextmanager
+def recorded_forwards(model):
+    """The batch size of every forward of ``model`` while the block runs, so a test can check that a bad call did
+    no compute or how a request was chunked. The instance's ``forward`` is wrapped (not a hook): guidance runs
+    ``self.forward`` directly, which hooks do not see."""
+    sizes = []
+    forward = model.forward
+    model.forward = lambda x, *args, **kwargs: sizes.append(x.shape[0]) or forward(x, *args, **kwargs)
+    try:
+        yield sizes
+    finally:
+        del model.forward
 
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(class_labels=[12]), "out of range"),
     (dict(class_labels=["seven"]), "unknown class 'seven'; accepted: digit 0"),
     (dict(class_labels=[1], num_inference_steps=0), "positive integer"),
-    (dict(class_labels=[1], guidance_scale=-1.0), "guidance_scale must be >= 0"),
+    (dict(class_labels=[1], guidance_scale=-1.0), "guidance_scale must be a finite number >= 0"),
     (dict(class_labels=[1, 2], generator=[torch.Generator()]), "1 generators for 2 outputs"),
     (dict(class_labels=[1], output_type="jpeg"), "accepted: pil, np, pt"),
     (dict(), "exactly one of class_labels"),
@@ -61,13 +67,99 @@ class CountingForward:
     (dict(prompt="a red circle"), "not text-conditioned"),
 ])
 def test_bad_arguments_fail_before_any_compute(digits_pipe, kwargs, message):
-    counter = CountingForward(digits_pipe.transformer)
-    try:
-        with pytest.raises(ValueError, match=message):
-            digits_pipe(**kwargs)
-    finally:
-        counter.handle.remove()
-    assert counter.calls == 0
+    with recorded_forwards(digits_pipe.transformer) as forwards, pytest.raises(ValueError, match=message):
+        digits_pipe(**kwargs)
+    assert forwards == []
+
+
+BAD_GUIDANCE = [float("nan"), float("inf"), -float("inf"), -0.5, "3", None, True, [2.0], torch.tensor(2.0)]
+
+
+@pytest.mark.parametrize("guidance_scale", BAD_GUIDANCE, ids=repr)
+def test_guidance_scale_must_be_a_finite_number_at_least_zero(digits_pipe, shapes_pipe, guidance_scale):
+    for pipe, request in ((digits_pipe, dict(class_labels=[1])), (shapes_pipe, dict(prompt="a red circle"))):
+        with recorded_forwards(pipe.transformer) as forwards, pytest.raises(
+                ValueError, match=r"guidance_scale must be a finite number >= 0 \(1 = no guidance"):
+            pipe(**request, guidance_scale=guidance_scale, num_inference_steps=1)
+        assert forwards == []
+
+
+def test_guidance_scale_of_any_real_number_type_is_accepted(digits_pipe):
+    def run(guidance_scale):
+        return digits_pipe(class_labels=[2], num_inference_steps=2, guidance_scale=guidance_scale, output_type="pt",
+                           generator=torch.Generator().manual_seed(3)).images
+
+    reference = run(2.0)
+    for same in (2, np.float32(2.0), np.int64(2)):
+        torch.testing.assert_close(run(same), reference, rtol=0, atol=0)
+    assert run(0).isfinite().all()  # 0: the unconditional prediction alone
+
+
+@pytest.mark.parametrize("max_batch_size", [0, -2, 2.5, True, "4"], ids=repr)
+def test_max_batch_size_must_be_a_positive_integer(digits_pipe, max_batch_size):
+    with recorded_forwards(digits_pipe.transformer) as forwards, pytest.raises(
+            ValueError, match="max_batch_size must be a positive integer"):
+        digits_pipe(class_labels=[1, 2], max_batch_size=max_batch_size)
+    assert forwards == []
+
+
+def chunked_and_whole(pipe, request: dict, count: int, chunk: int, steps: int = 2, **options):
+    """The same request run in chunks of ``chunk`` and in one batch, one seeded generator per image; also the
+    batch sizes the chunked run's forwards saw."""
+    def run(max_batch_size):
+        generators = [torch.Generator().manual_seed(100 + i) for i in range(count)]
+        return pipe(**request, num_inference_steps=steps, generator=generators, output_type="pt",
+                    return_routing=True, max_batch_size=max_batch_size, **options)
+
+    with recorded_forwards(pipe.transformer) as sizes:
+        chunked = run(chunk)
+    return chunked, run(count), sizes
+
+
+def assert_same_images_and_routing(chunked, whole, depth: int, steps: int):
+    # Each image's arithmetic is the same in both runs; only GEMM blocking over the batch differs, so the
+    # difference is rounding through every step's forward (width-32 reductions, MLP hidden 128).
+    torch.testing.assert_close(chunked.images, whole.images, **fp_tolerance(torch.float32, 128, layers=depth * steps))
+    assert len(chunked.routing_maps) == len(whole.routing_maps) == depth
+    for chunked_map, whole_map in zip(chunked.routing_maps, whole.routing_maps):
+        assert chunked_map.shape == whole_map.shape
+        np.testing.assert_array_equal(chunked_map, whole_map)
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 2.5])
+def test_a_large_request_runs_in_chunks_with_the_same_result(digits_pipe, guidance_scale):
+    labels = [3, 1, 4, 1, 5]
+    chunked, whole, sizes = chunked_and_whole(digits_pipe, dict(class_labels=labels), 5, 2,
+                                              guidance_scale=guidance_scale)
+    rows = 2 if guidance_scale != 1.0 else 1  # guidance runs [conditional; unconditional] in one forward
+    assert sizes == [2 * rows, 2 * rows, 2 * rows, 2 * rows, rows, rows]  # chunks of 2, 2, 1; two steps each
+    assert chunked.images.shape == (5, 1, 16, 16)
+    assert_same_images_and_routing(chunked, whole, depth=1, steps=2)
+
+
+def test_text_requests_are_chunked_too(shapes_pipe):
+    prompts = ["a large red circle on the left", "a small blue square at the top", "a green triangle"]
+    chunked, whole, sizes = chunked_and_whole(shapes_pipe, dict(prompt=prompts), 3, 2, guidance_scale=3.0)
+    assert sizes == [4, 4, 2, 2]
+    assert_same_images_and_routing(chunked, whole, depth=1, steps=2)
+
+
+def test_ancestral_ddpm_noise_comes_from_each_images_generator():
+    # Ancestral sampling draws fresh noise every step: from each image's own generator, so chunking (and what
+    # else is in the batch) does not change an image.
+    model = randomise(create_model("dit_moe_digits", objective="ddpm", **TINY), seed=4)
+    pipe = DiTMoEPipeline(model, scheduler=make_scheduler("ddpm", "ddpm"))
+    pipe.set_progress_bar_config(disable=True)
+    chunked, whole, _ = chunked_and_whole(pipe, dict(class_labels=[0, 7, 7]), 3, 1, steps=3, guidance_scale=2.0)
+    assert_same_images_and_routing(chunked, whole, depth=1, steps=3)
+
+
+def test_the_default_chunk_size_is_the_pipelines_attribute(digits_pipe, monkeypatch):
+    assert DiTMoEPipeline.max_batch_size == 32
+    monkeypatch.setattr(digits_pipe, "max_batch_size", 3)
+    with recorded_forwards(digits_pipe.transformer) as sizes:
+        digits_pipe(class_labels=list(range(7)), num_inference_steps=1, guidance_scale=1.0)
+    assert sizes == [3, 3, 1]
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -77,13 +169,9 @@ def test_bad_arguments_fail_before_any_compute(digits_pipe, kwargs, message):
     (dict(prompt=["a", "b", "c"], generator=[torch.Generator()] * 2), "2 generators for 3 outputs"),
 ])
 def test_bad_text_arguments_fail_before_any_compute(shapes_pipe, kwargs, message):
-    counter = CountingForward(shapes_pipe.transformer)
-    try:
-        with pytest.raises(ValueError, match=message):
-            shapes_pipe(**kwargs)
-    finally:
-        counter.handle.remove()
-    assert counter.calls == 0
+    with recorded_forwards(shapes_pipe.transformer) as forwards, pytest.raises(ValueError, match=message):
+        shapes_pipe(**kwargs)
+    assert forwards == []
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ from PIL import Image
 from moezoo.pipelines.dit_moe_video import DiTMoEVideoPipeline, DiTMoEVideoPipelineOutput
 from moezoo.pipelines.video_export import export_to_gif, export_to_video
 from moezoo.zoo import create_model, save_pretrained
+from tolerance import fp_tolerance
 
 PROMPTS = ["a red square moving left", "a blue circle moving up"]
 
@@ -98,6 +99,10 @@ def test_output_types_routing_and_per_clip_generators(pipe, model):
     (dict(generator=[torch.Generator()] * 3), "3 generators for 2 outputs"),
     (dict(num_inference_steps=0), "num_inference_steps"),
     (dict(output_type="gif"), "unknown output_type"),
+    (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number >= 0"),
+    (dict(guidance_scale="3"), "guidance_scale must be a finite number >= 0"),
+    (dict(guidance_scale=None), "guidance_scale must be a finite number >= 0"),
+    (dict(max_batch_size=0), "max_batch_size must be a positive integer"),
 ])
 def test_bad_arguments_fail_before_any_compute(pipe, monkeypatch, bad, message):
     def no_compute(*args, **kwargs):
@@ -107,6 +112,33 @@ def test_bad_arguments_fail_before_any_compute(pipe, monkeypatch, bad, message):
     monkeypatch.setattr(pipe.transformer, "encode_text", no_compute)
     with pytest.raises(ValueError, match=message):
         pipe(prompt=PROMPTS, **bad)
+
+
+def test_many_clips_run_in_chunks_with_the_same_result(pipe, model):
+    prompts = [*PROMPTS, "a green triangle moving down"]
+    sizes = []
+    forward = model.forward  # wrapped on the instance: guidance calls self.forward, which hooks do not see
+    model.forward = lambda x, *args, **kwargs: sizes.append(x.shape[0]) or forward(x, *args, **kwargs)
+
+    def run(max_batch_size):
+        return pipe(prompt=prompts, num_inference_steps=2, guidance_scale=2.0, output_type="pt",
+                    generator=[torch.Generator().manual_seed(20 + i) for i in range(3)], return_routing=True,
+                    max_batch_size=max_batch_size)
+
+    try:
+        chunked = run(2)
+    finally:
+        del model.forward
+    whole = run(3)
+    assert sizes == [4, 4, 2, 2]  # chunks of 2 and 1 clips, [conditional; unconditional], two steps each
+    assert DiTMoEVideoPipeline.max_batch_size == 4
+    # Rounding from GEMM blocking over the batch, through 2 steps of a 2-layer model (MLP hidden 128).
+    tolerance = fp_tolerance(torch.float32, 128, layers=2 * model.config.depth)
+    torch.testing.assert_close(chunked.frames, whole.frames, **tolerance)
+    assert chunked.frames.shape == (3, 4, 3, 8, 8)
+    for chunked_map, whole_map in zip(chunked.routing_maps, whole.routing_maps, strict=True):
+        assert chunked_map.shape == (3, 4, 4, 4)
+        np.testing.assert_array_equal(chunked_map, whole_map)
 
 
 def test_from_pretrained_loads_a_saved_video_model(tmp_path, model):
@@ -161,6 +193,28 @@ def test_export_rejects_batches_and_bad_settings_without_writing(tmp_path):
     with pytest.raises(ValueError, match="scale must be a positive integer"):
         export_to_gif(gradient_clip(), tmp_path / "x.gif", scale=0)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("writer, name, message", [
+    (export_to_video, "clip.gif",
+     r"export_to_video writes H.264 MP4 files: the path must end in .mp4, got '.*clip.gif'"),
+    (export_to_video, "clip.avi", r"must end in .mp4, got '.*clip.avi'; for a GIF use export_to_gif"),
+    (export_to_video, "clip", r"must end in .mp4, got '.*clip'"),
+    (export_to_gif, "clip.mp4", r"export_to_gif writes GIF files: the path must end in .gif, got '.*clip.mp4'; for an "
+                                r"MP4 use export_to_video"),
+    (export_to_gif, "clip.png", "must end in .gif"),
+])
+def test_export_refuses_an_extension_of_another_format_without_writing(tmp_path, writer, name, message):
+    with pytest.raises(ValueError, match=message):
+        writer(gradient_clip(), tmp_path / name)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_extensions_are_case_insensitive(tmp_path):
+    (codec, _, _), frames = decode(export_to_video(gradient_clip(), tmp_path / "CLIP.MP4"))
+    assert codec == "h264" and frames.shape == (5, 16, 16, 3)
+    with Image.open(export_to_gif(gradient_clip(), tmp_path / "clip.GIF")) as gif:
+        assert gif.format == "GIF" and gif.n_frames == 5
 
 
 def test_export_to_gif(tmp_path):
