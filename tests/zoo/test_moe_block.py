@@ -19,7 +19,8 @@ import moezoo.zoo.layers.moe as moe_module
 from moezoo.zoo.layers import GatedMLP, MoE, collect_routing, freeze, set_backend, total_aux_loss, unfreeze
 from tolerance import fp_tolerance
 
-TOL = dict(rtol=1e-5, atol=1e-5)
+# a block computed two ways (kernel backends vs the per-token loop): router + two expert products of <= 64
+TOL = fp_tolerance(torch.float32, 64, layers=3)
 KIND = {"swiglu": ("silu", True), "geglu": ("gelu", True), "mlp": ("gelu", False), "ternary": ("silu", True)}
 
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from moezoo.zoo import create_model
+from tolerance import fp_tolerance
 from moezoo.zoo.layers import collect_routing, total_aux_loss
 from moezoo.zoo.models.moe_fusion import (
     ConvExpertMoE,
@@ -53,7 +54,8 @@ def test_conv_expert_moe_matches_a_per_cell_loop():
         for w, e in zip(weights, top.indices.tolist()):
             full = moe.experts[e](inputs[moe.expert_sources[e]][b : b + 1])[0]
             expected[b, :, rows, cols] += w * full[:, rows, cols]
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    # two 3x3 convs (reductions of 9 x channels) per expert, computed per image vs batched
+    torch.testing.assert_close(out, expected, **fp_tolerance(torch.float32, 9 * 8, layers=2))
     assert moe.routing.tokens_shape == (3, 3, 2)
 
 
