@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.moezoo-installed
 # The tested torch set; pip on this machine kind takes these wheels from the local disk.
 TORCH  := torch==2.14.1 torchvision==0.29.1 torchaudio==2.11.0
 
-.PHONY: demo test venv bench clean-venv browser
+.PHONY: demo test test-avx2 venv bench clean-venv browser
 
 venv: $(STAMP)
 
@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml Makefile
 
 test: $(STAMP) browser
 	$(PY) -m pytest -q tests
+
+# The numerics tests on the AVX2 kernels (Zen 3 machines have no AVX-512): oneDNN and ATen capped at AVX2.
+test-avx2: $(STAMP)
+	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 $(PY) -m pytest -q tests/kernels tests/zoo tests/pipelines
 
 demo: $(STAMP)
 	$(PY) -m moezoo.app
