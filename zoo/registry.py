@@ -1,27 +1,45 @@
 """The model registry: named entrypoints, their pretrained cfgs, and ``create_model``.
 
-A model family registers tiny entrypoints at the bottom of its file::
+A model family registers tiny entrypoints at the bottom of its file (zoo/models/dit_moe.py holds real ones).
+The entrypoint only constructs; the registry builds, checks the size and loads weights:
 
-    @register_model(pretrained_cfgs={
-        "digits": PretrainedCfg(file="dit_moe_digits.safetensors", sha256="...", model_args=dict(num_classes=10)),
-    }, checkpoint_filter=checkpoint_filter)
-    def dit_moe_s(pretrained: bool = False, **kwargs) -> DiTMoE:
-        return DiTMoE(**dict(depth=6, dim=384, **kwargs))
+    >>> import torch.nn as nn
+    >>> from moezoo.zoo import PretrainedCfg, create_model, register_model
+    >>> @register_model(pretrained_cfgs={
+    ...     "wide": PretrainedCfg(file="tiny_mlp_wide.safetensors", model_args={"dim": 16}),
+    ... })
+    ... def tiny_mlp(pretrained: bool = False, dim: int = 8) -> nn.Module:
+    ...     return nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, 3))
+    >>> create_model("tiny_mlp")[0].in_features        # architecture only, random init
+    8
+    >>> create_model("tiny_mlp.wide")[0].in_features   # the architecture of the tag (its model_args)
+    16
 
-and users build models by name::
+Users build registered models by name:
 
-    create_model("dit_moe_s")                            # architecture only, random init
-    create_model("dit_moe_s", pretrained=True)           # default (first) tag's weights
-    create_model("dit_moe_s.digits", pretrained=True)    # a named tag
-    create_model("hf-hub:org/repo@v1", pretrained=True)  # config.json + model.safetensors of a Hub repo
-    create_model("local-dir:/path/export", pretrained=True)  # the same two files in a folder (save_pretrained)
-    create_model("dit_moe_s", checkpoint_path="train.pt", checkpoint_key="ema")  # any local checkpoint
+    >>> model = create_model("dit_moe_digits")                            # architecture only, random init
+    >>> model = create_model("dit_moe_digits", pretrained=True)           # default (first) tag: bundled weights
+    >>> model = create_model("dit_moe_digits.default", pretrained=True)   # a tag by name
+    >>> model.pretrained_cfg.metadata["label_names"][:3]
+    ['0', '1', '2']
+
+and models of their own (placeholders in angle brackets)::
+
+    create_model("local-dir:<folder>", pretrained=True)  # config.json + model.safetensors, as save_pretrained writes
+    create_model("hf-hub:<org>/<repo>@<revision>", pretrained=True)  # the same two files in a Hub repo
+    create_model("dit_moe_digits", checkpoint_path="<train.pt>", checkpoint_key="ema")  # a local checkpoint
 
 Which constructor arguments are used: a name that selects a checkpoint (``arch.tag``, ``hf-hub:``,
 ``local-dir:``) or ``pretrained=True`` builds that checkpoint's architecture, i.e. the entrypoint gets the
 cfg's ``model_args`` with the caller's overrides on top; a bare ``arch`` with ``pretrained=False`` gets the
 overrides only. Overrides equal to None are dropped (CLI defaults do not override the model's defaults).
 The returned model carries the cfg it was built from as ``model.pretrained_cfg`` (None for a bare arch).
+
+Before anything is allocated or downloaded, ``create_model`` checks that a ``checkpoint_path`` exists and
+builds the model once on the meta device (no memory for tensors) to count its parameters: a model above
+``max_parameters`` (default :data:`MAX_PARAMETERS`, 4e9) is refused with its size in the message, and so is
+one that registers more than :data:`MAX_MODEL_PARTS` modules and parameter tensors. A config.json whose
+values do not build its architecture is a :class:`ConfigError` naming the source and, when it can, the field.
 
 Every load (pretrained weights or ``checkpoint_path``) strips wrapper key prefixes (``module.``,
 ``_orig_mod.``, Lightning's ``model.``), passes the state dict through the family's ``checkpoint_filter``
@@ -38,7 +56,9 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,8 +75,21 @@ LOCAL_DIR_PREFIX = "local-dir:"
 _MODEL_PACKAGE = "moezoo.zoo.models"  # imported on first lookup: importing it registers every family
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")  # DDP, torch.compile, a LightningModule's self.model
 _SHOWN_KEYS = 5  # how many keys of each kind a mismatch error lists
+MAX_PARAMETERS = 4_000_000_000  # create_model's default max_parameters: 16 GB of float32 weights
+# Modules + parameter tensors a model may register. The largest in the zoo (dit_moe_g_2_16e2a) registers
+# 1,470; building 20,000 on the meta device takes about a second, which bounds the size check itself.
+MAX_MODEL_PARTS = 20_000
 
 CheckpointFilter = Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]
+
+
+class ModelTooLargeError(ValueError):
+    """A model's parameters pass ``max_parameters``, or it registers more than MAX_MODEL_PARTS modules and
+    parameter tensors; found before its weights are allocated."""
+
+
+class ConfigError(ValueError):
+    """The config.json of a ``local-dir:`` or ``hf-hub:`` source does not build its architecture."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +97,8 @@ class PretrainedCfg:
     """Where one pretrained checkpoint's weights are, what they were trained with, and what to know about them.
 
     Attributes:
-        file: a file bundled in the package, relative to ``moezoo/zoo/weights/``.
+        file: a bundled file, relative to the repository's ``zoo/weights/`` (installed as
+            ``moezoo/zoo/weights/``, :data:`moezoo.zoo.hub.WEIGHTS_DIR`).
         url: http(s) URL of a safetensors file.
         sha256: the pinned hash of ``url`` (also checked for ``file`` when given).
         hf_hub_id: ``"org/repo"`` on the Hugging Face Hub.
@@ -226,6 +260,207 @@ def get_pretrained_cfg(name_with_tag: str) -> PretrainedCfg:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Size check: count what a model registers while it is built, on the meta device first
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _TooManyParts(Exception):
+    """Raised inside a build when it registers more than MAX_MODEL_PARTS modules and parameter tensors."""
+
+
+@dataclass
+class _Tally:
+    """What a model registered so far while being built in one thread."""
+
+    parameters: int = 0
+    nbytes: int = 0
+    parts: int = 0  # modules + parameter tensors
+    dtypes: set = field(default_factory=set)
+
+    def size(self) -> str:
+        dtypes = "/".join(sorted(str(d).removeprefix("torch.") for d in self.dtypes)) or "float32"
+        return f"{self.parameters:,} parameters ({self.nbytes / 1e9:,.1f} GB as {dtypes})"
+
+
+_estimating = threading.local()  # set while a thread builds a model on the meta device
+
+
+@contextmanager
+def _tally_registrations(abort_above: int | None = None) -> Iterator[_Tally]:
+    """Count the parameters and modules that this thread's code registers inside the block (global torch
+    hooks that ignore other threads, removed afterwards). A shared parameter counts once. Raises
+    _TooManyParts past MAX_MODEL_PARTS and, with ``abort_above``, ModelTooLargeError once the parameters
+    pass it (for builds that allocate: the tensor that passes the limit is the last one allocated)."""
+    owner, tally, seen = threading.get_ident(), _Tally(), {}
+
+    def count_part() -> None:
+        tally.parts += 1
+        if tally.parts > MAX_MODEL_PARTS:
+            raise _TooManyParts
+
+    def on_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is None or threading.get_ident() != owner or id(param) in seen:
+            return
+        seen[id(param)] = param  # held, so that its id is not reused by another tensor
+        tally.parameters += param.numel()
+        tally.nbytes += param.numel() * param.element_size()
+        tally.dtypes.add(param.dtype)
+        count_part()
+        if abort_above is not None and tally.parameters > abort_above:
+            raise ModelTooLargeError(f"more than max_parameters={abort_above:,}: building stopped at {tally.size()}")
+
+    def on_module(module: nn.Module, name: str, submodule: nn.Module | None) -> None:
+        if submodule is not None and threading.get_ident() == owner:
+            count_part()
+
+    hooks = [torch.nn.modules.module.register_module_parameter_registration_hook(on_parameter),
+             torch.nn.modules.module.register_module_module_registration_hook(on_module)]
+    try:
+        yield tally
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+@contextmanager
+def _meta_build() -> Iterator[None]:
+    """Build on the meta device: shapes without memory, and the caller's random state left as it was."""
+    outer, _estimating.active = getattr(_estimating, "active", False), True
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            yield
+    finally:
+        _estimating.active = outer
+
+
+def _args_text(model_args: dict) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in model_args.items()) or "none"
+
+
+def _fits_on_meta(build: Callable[[], nn.Module], what: str, model_args: dict, max_parameters: int) -> bool:
+    """Build the model on the meta device and raise ModelTooLargeError if its parameters pass
+    ``max_parameters``. False when the model cannot be built on the meta device (its constructor computes
+    with tensor values): the caller then counts while building for real."""
+    with _tally_registrations() as tally:
+        try:
+            with _meta_build():
+                model = build()
+        except _TooManyParts:
+            raise ModelTooLargeError(
+                f"{what} (model_args: {_args_text(model_args)}) registers more than MAX_MODEL_PARTS="
+                f"{MAX_MODEL_PARTS:,} modules and parameter tensors; the size check stopped building it on the "
+                f"meta device there, at {tally.size()}. A depth or count is probably far too large; "
+                "max_parameters=None builds it without any size check."
+            ) from None
+        except (TypeError, ValueError):
+            raise
+        except Exception as err:  # noqa: BLE001 - what a constructor raises on meta tensors is not ours to list
+            if tally.parameters > max_parameters:
+                raise ModelTooLargeError(
+                    f"{what} (model_args: {_args_text(model_args)}) has more than max_parameters="
+                    f"{max_parameters:,} parameters: building it on the meta device counted {tally.size()} "
+                    f"before it failed ({type(err).__name__}: {err})"
+                ) from err
+            _logger.debug("%s cannot be built on the meta device (%r): its size is counted while it is built",
+                          what, err)
+            return False
+    # The final count is what the model holds: the tally also counted parameters replaced during __init__.
+    parameters = list(model.parameters())
+    tally = _Tally(sum(p.numel() for p in parameters), sum(p.numel() * p.element_size() for p in parameters),
+                   dtypes={p.dtype for p in parameters})
+    if tally.parameters > max_parameters:
+        raise ModelTooLargeError(
+            f"{what} (model_args: {_args_text(model_args)}) has {tally.size()}, more than max_parameters="
+            f"{max_parameters:,}. Counted by building it on the meta device, before any weight was allocated. "
+            "Pass a larger max_parameters= to build it (None skips the check)."
+        )
+    return True
+
+
+def _size_is_checked(build: Callable[[], nn.Module], what: str, model_args: dict,
+                     max_parameters: int | None) -> bool:
+    """Check the model's size before it is built (see create_model's ``max_parameters``). False when the
+    size could not be known in advance: :func:`_build_counting` then counts while building."""
+    if max_parameters is None or getattr(_estimating, "active", False):  # an outer check counts this build
+        return True
+    return _fits_on_meta(build, what, model_args, max_parameters)
+
+
+def _build_counting(build: Callable[[], nn.Module], what: str, model_args: dict, max_parameters: int) -> nn.Module:
+    """Build for real, stopping as soon as the parameters pass ``max_parameters``."""
+    try:
+        with _tally_registrations(abort_above=max_parameters):
+            return build()
+    except _TooManyParts:
+        raise ModelTooLargeError(f"{what} (model_args: {_args_text(model_args)}) registers more than "
+                                 f"{MAX_MODEL_PARTS:,} modules and parameter tensors") from None
+    except ModelTooLargeError as err:
+        raise ModelTooLargeError(f"{what} (model_args: {_args_text(model_args)}): {err}") from None
+
+
+def _checked_max_parameters(value: float | None) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(f"max_parameters must be a positive number (e.g. 8e9) or None, got {value!r}")
+    return int(value)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Errors in a config.json
+# ----------------------------------------------------------------------------------------------------------
+
+_BUILD_ERRORS = (TypeError, ValueError, RuntimeError, OverflowError)  # what bad constructor arguments raise
+
+
+def _fails_alone(entrypoint: Callable[..., nn.Module], key: str, value: Any) -> bool:
+    """Whether the entrypoint fails on the meta device with ``key=value`` as its only argument."""
+    try:
+        with _tally_registrations(), _meta_build():
+            entrypoint(**{key: value})
+    except ModelTooLargeError:
+        return False
+    except (_TooManyParts, *_BUILD_ERRORS):
+        return True
+    return False
+
+
+def _fields_at_fault(err: Exception, entrypoint: Callable[..., nn.Module], config_args: dict) -> list[str]:
+    """The config fields the error names; else those that fail on their own (when the defaults build on
+    the meta device, so that a failure is the field's)."""
+    named = [k for k in config_args if re.search(rf"\b{re.escape(k)}\b", str(err))]
+    if named or not config_args:
+        return named
+    try:
+        with _tally_registrations(), _meta_build():
+            entrypoint()
+    except Exception:  # noqa: BLE001 - when the defaults fail too, a failure says nothing about a field
+        return []
+    return [k for k, v in config_args.items() if _fails_alone(entrypoint, k, v)]
+
+
+@contextmanager
+def _config_errors(source: _Source, entrypoint: Callable[..., nn.Module]) -> Iterator[None]:
+    """Inside the block, a constructor error of a model built from a config.json becomes a ConfigError that
+    names the source and the fields at fault."""
+    if source.config_file is None:
+        yield
+        return
+    try:
+        yield
+    except ModelTooLargeError:
+        raise
+    except _BUILD_ERRORS as err:
+        config_args = source.cfg.model_args
+        fields = _fields_at_fault(err, entrypoint, config_args)
+        at_fault = (f"The field{'s' if len(fields) > 1 else ''} at fault: "
+                    + ", ".join(f"{k}={config_args[k]!r} ({type(config_args[k]).__name__})" for k in fields)
+                    if fields else f"Its model_args: {_args_text(config_args)}")
+        raise ConfigError(f"{source.description}: the model_args of {source.config_file} do not build "
+                          f"{source.arch}: {type(err).__name__}: {err}. {at_fault}.") from err
+
+
+# ----------------------------------------------------------------------------------------------------------
 # create_model
 # ----------------------------------------------------------------------------------------------------------
 
@@ -238,6 +473,7 @@ class _Source:
     description: str  # for messages
     cfg: PretrainedCfg | None = None
     weights: Callable[[], Path] | None = None
+    config_file: Path | None = None  # the config.json of a local-dir: or hf-hub: source
 
 
 def _read_config(path: Path, where: str) -> tuple[str, dict, dict]:
@@ -248,8 +484,8 @@ def _read_config(path: Path, where: str) -> tuple[str, dict, dict]:
         if not (isinstance(arch, str) and isinstance(model_args, dict) and isinstance(pretrained_cfg, dict)):
             raise TypeError("architecture must be a string, model_args and pretrained_cfg objects")
     except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"invalid {hub.CONFIG_NAME} of {where} ({path}): {err!r}. Expected "
-                         '{"architecture": <registered name>, "model_args": {...}, "pretrained_cfg": {...}}') from None
+        raise ConfigError(f"invalid {hub.CONFIG_NAME} of {where} ({path}): {err!r}. Expected "
+                          '{"architecture": <registered name>, "model_args": {...}, "pretrained_cfg": {...}}') from None
     return arch, model_args, pretrained_cfg
 
 
@@ -280,7 +516,7 @@ def _config_source(model_name: str, cache_dir, local_files_only: bool, progress:
     arch, model_args, pretrained_cfg = _read_config(config_path, model_name)
     _check_registered(arch)
     cfg = PretrainedCfg(**location, model_args=model_args, metadata=pretrained_cfg.get("metadata", {}))
-    return _Source(arch, model_name, cfg, weights)
+    return _Source(arch, model_name, cfg, weights, config_path)
 
 
 def _resolve(model_name: str, pretrained: bool, cache_dir, local_files_only: bool, progress: bool) -> _Source:
@@ -354,6 +590,7 @@ def create_model(
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
     progress: bool = True,
+    max_parameters: float | None = MAX_PARAMETERS,
     **overrides,
 ) -> nn.Module:
     """Build a registered model, optionally with weights.
@@ -364,20 +601,40 @@ def create_model(
             ``model.safetensors`` of an ``hf-hub:``/``local-dir:`` source.
         checkpoint_path: a local checkpoint loaded after construction (and after pretrained weights):
             ``.safetensors`` or a foreign ``.pt``/``.pth``/``.bin``/``.ckpt`` (see :func:`hub.load_checkpoint`).
+            Checked to exist before anything is built.
         checkpoint_key: the entry of a pickled training checkpoint that holds the weights (e.g. ``"ema"``);
             default: ``"model"``/``"state_dict"``/``"module"``, else ``"ema"``.
         cache_dir: download cache folder (default: the Hugging Face cache).
         local_files_only: no network; cached files only (as ``HF_HUB_OFFLINE=1``).
         progress: show download progress bars.
+        max_parameters: refuse (ModelTooLargeError, before any weight is allocated or downloaded) a model
+            with more parameters than this; the count comes from building the model on the meta device
+            first. Default 4e9 (16 GB in float32); the paper's largest DiT-MoEs need more (e.g.
+            ``max_parameters=2e10`` for dit_moe_g_2_16e2a's 16.5B). None skips the check.
         **overrides: constructor arguments; None values are dropped; they win over the cfg's ``model_args``.
+
+    Raises:
+        ModelTooLargeError: more than ``max_parameters`` parameters, or more than :data:`MAX_MODEL_PARTS`
+            modules and parameter tensors.
+        ConfigError: the config.json of a ``local-dir:``/``hf-hub:`` source does not build its architecture.
+        FileNotFoundError: ``checkpoint_path`` does not exist (see also :mod:`moezoo.zoo.hub`'s errors).
     """
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    max_parameters = _checked_max_parameters(max_parameters)
+    if checkpoint_path is not None:
+        checkpoint_path = hub.checked_checkpoint_path(checkpoint_path)
     _ensure_families_registered()
     source = _resolve(model_name, pretrained, cache_dir, local_files_only, progress)
     model_args = {**(source.cfg.model_args if source.cfg else {}), **overrides}
-    model = _entrypoints[source.arch](pretrained=False, **model_args)
-    if pretrained:
-        _load_weights(model, hub.load_safetensors(source.weights()), source.arch, source.description, overrides)
+    entrypoint = functools.partial(_entrypoints[source.arch], pretrained=False)
+    build = functools.partial(entrypoint, **model_args)
+    with _config_errors(source, entrypoint):
+        size_checked = _size_is_checked(build, source.description, model_args, max_parameters)
+    weights_path = source.weights() if pretrained else None  # a missing or refused file fails before the build
+    with _config_errors(source, entrypoint):
+        model = build() if size_checked else _build_counting(build, source.description, model_args, max_parameters)
+    if weights_path is not None:
+        _load_weights(model, hub.load_safetensors(weights_path), source.arch, source.description, overrides)
     if checkpoint_path is not None:
         state_dict = hub.load_checkpoint(checkpoint_path, checkpoint_key)
         _load_weights(model, state_dict, source.arch, str(checkpoint_path), overrides)

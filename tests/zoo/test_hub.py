@@ -4,11 +4,10 @@ mode uses the cache only. Also the pretrained-cfg source order and the checkpoin
 from __future__ import annotations
 
 import hashlib
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from huggingface_hub import constants as hf_constants
 from safetensors.torch import save_file
@@ -16,48 +15,20 @@ from safetensors.torch import save_file
 from moezoo.zoo import hub
 from moezoo.zoo.registry import PretrainedCfg
 
-GOOD = b"moezoo weights " * 1000
-GOOD_SHA = hashlib.sha256(GOOD).hexdigest()
+GOOD = safetensors.torch.save({"w": torch.arange(3000, dtype=torch.float32)})  # a real file: unpinned
+GOOD_SHA = hashlib.sha256(GOOD).hexdigest()  # downloads must parse as safetensors
 OTHER_SHA = hashlib.sha256(b"something else").hexdigest()
 
 
-class _Handler(BaseHTTPRequestHandler):
-    """Routes: /good.safetensors (the file), /truncated.safetensors (announces more bytes than it sends, then
-    closes), anything else 404. Counts requests per path."""
-
-    def do_GET(self):
-        self.server.requests.append(self.path)
-        if self.path in ("/good.safetensors", "/wrong.safetensors"):
-            self._send(200, GOOD, len(GOOD))
-        elif self.path == "/truncated.safetensors":
-            self._send(200, GOOD[:100], len(GOOD))
-        else:
-            self._send(404, b"not found", len(b"not found"))
-
-    def _send(self, status: int, body: bytes, length: int):
-        self.send_response(status)
-        self.send_header("Content-Length", str(length))
-        self.end_headers()
-        self.wfile.write(body)
-        self.close_connection = True
-
-    def log_message(self, *args):  # keep pytest output clean
-        pass
-
-
 @pytest.fixture
-def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.requests = []
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
-    thread.start()
-    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    try:
-        yield httpd
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join()
+def server(weights_server):
+    """/good.safetensors and /wrong.safetensors serve GOOD, /truncated.safetensors announces GOOD's length but
+    sends 100 bytes and closes; anything else is a 404 (see conftest.py)."""
+    Reply = weights_server.Reply
+    weights_server.serve("/good.safetensors", Reply(GOOD))
+    weights_server.serve("/wrong.safetensors", Reply(GOOD))
+    weights_server.serve("/truncated.safetensors", Reply(GOOD[:100], length=len(GOOD)))
+    return weights_server
 
 
 @pytest.fixture(autouse=True)
@@ -88,7 +59,7 @@ def test_download_verifies_caches_and_hits_without_a_request(server, cache):
     assert (repo / "blobs" / GOOD_SHA).read_bytes() == GOOD
     assert not [p for p in _files(cache) if p.name.endswith(".incomplete")]
     assert hub.download_url(url, sha256=GOOD_SHA, cache_dir=cache, progress=False) == path
-    assert server.requests == ["/good.safetensors"]
+    assert server.paths_requested() == ["/good.safetensors"]
 
 
 def test_unpinned_download_is_cached_under_its_hash(server, cache):
@@ -96,7 +67,7 @@ def test_unpinned_download_is_cached_under_its_hash(server, cache):
     path = hub.download_url(url, cache_dir=cache, progress=False)
     assert (hub.url_cache_dir(url, cache) / "refs" / "main").read_text() == GOOD_SHA
     assert hub.download_url(url, cache_dir=cache, progress=False) == path
-    assert len(server.requests) == 1
+    assert len(server.paths_requested()) == 1
 
 
 def test_default_cache_follows_hf_hub_cache(server, tmp_path):
@@ -168,7 +139,7 @@ def test_corrupted_cache_entry_is_downloaded_again(server, cache):
     hub.download_url(url, sha256=GOOD_SHA, cache_dir=cache, progress=False)
     (hub.url_cache_dir(url, cache) / "blobs" / GOOD_SHA).write_bytes(b"bit rot")
     path = hub.download_url(url, sha256=GOOD_SHA, cache_dir=cache, progress=False)
-    assert path.read_bytes() == GOOD and len(server.requests) == 2
+    assert path.read_bytes() == GOOD and len(server.paths_requested()) == 2
 
 
 def test_progress_bars_can_be_turned_off(monkeypatch):
@@ -191,14 +162,6 @@ def bundled(tmp_path, monkeypatch) -> Path:
     return weights
 
 
-@pytest.fixture
-def no_hub(monkeypatch):
-    def unreachable(*args, **kwargs):
-        raise OSError("no network in this test")
-
-    monkeypatch.setattr(hub.huggingface_hub, "hf_hub_download", unreachable)
-
-
 def test_bundled_file_comes_first(server, bundled, cache):
     (bundled / "w.safetensors").write_bytes(GOOD)
     cfg = PretrainedCfg(file="w.safetensors", url=f"{server.url}/good.safetensors", sha256=GOOD_SHA)
@@ -211,7 +174,7 @@ def test_missing_bundled_file_falls_back_to_the_url(server, bundled, cache):
     assert hub.resolve_pretrained(cfg, "m.t", cache_dir=cache, progress=False).read_bytes() == GOOD
 
 
-def test_every_failed_source_is_named(server, bundled, cache, no_hub):
+def test_every_failed_source_is_named(server, bundled, cache, hang_up_hub):
     (bundled / "w.safetensors").write_bytes(b"tampered")
     cfg = PretrainedCfg(
         file="w.safetensors", url=f"{server.url}/missing.safetensors", sha256=GOOD_SHA, hf_hub_id="org/repo"
@@ -222,7 +185,8 @@ def test_every_failed_source_is_named(server, bundled, cache, no_hub):
     assert "m.t" in message
     assert "bundled file" in message and "sha256 mismatch" in message and GOOD_SHA in message
     assert f"{server.url}/missing.safetensors" in message and "404" in message
-    assert "org/repo" in message and "no network in this test" in message
+    assert "org/repo" in message and "could not reach the Hugging Face Hub" in message
+    assert len(hang_up_hub.requests_for("/org/repo/")) == 1  # one HEAD, no retries
 
 
 def test_hub_source_is_tagged_as_moezoo(bundled, cache, monkeypatch, tmp_path):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-import huggingface_hub
 import pytest
 import torch
 import torch.nn as nn
@@ -267,23 +266,19 @@ def test_local_dir_errors(dummies, tmp_path):
         create_model(f"local-dir:{tmp_path}")
 
 
-def test_hf_hub_reads_config_and_weights_through_hf_hub_download(dummies, tmp_path, monkeypatch):
+def test_hf_hub_reads_config_and_weights_through_hf_hub_download(dummies, tmp_path, fake_hub):
     repo = tmp_path / "repo"
     trained = create_model("test_dummy_plain", num_classes=4)
     hub.save_pretrained(trained, repo, "test_dummy_plain", {"num_classes": 4}, metadata={"license": "mit"})
-    calls = []
-
-    def fake_download(repo_id, filename, **kwargs):
-        calls.append((repo_id, filename, kwargs))
-        return str(repo / filename)
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    for name in ("config.json", "model.safetensors"):
+        fake_hub.serve_hub_file("org/tiny", "v2", name, (repo / name).read_bytes())
     model = create_model("hf-hub:org/tiny@v2", pretrained=True, cache_dir=tmp_path / "cache", progress=False)
     assert_same_weights(model, trained.state_dict())
-    assert [(r, f) for r, f, _ in calls] == [("org/tiny", "config.json"), ("org/tiny", "model.safetensors")]
-    for _, _, kwargs in calls:
-        assert kwargs["library_name"] == "moezoo" and kwargs["library_version"] == moezoo.__version__
-        assert kwargs["revision"] == "v2" and kwargs["cache_dir"] == tmp_path / "cache"
+    assert fake_hub.paths_requested("GET", "/org/") == ["/org/tiny/resolve/v2/config.json",
+                                                        "/org/tiny/resolve/v2/model.safetensors"]
+    agents = [agent for _, path, agent in fake_hub.requests if path.startswith("/org/")]
+    assert agents and all(f"moezoo/{moezoo.__version__}" in agent for agent in agents)
+    assert (tmp_path / "cache" / "models--org--tiny").is_dir()
     cfg = model.pretrained_cfg
     assert (cfg.hf_hub_id, cfg.revision, cfg.metadata, cfg.model_args) == ("org/tiny", "v2", {"license": "mit"},
                                                                            {"num_classes": 4})
