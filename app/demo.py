@@ -537,8 +537,8 @@ def image_input(**options) -> gr.Image:
 
 def weather_examples(folder: Path) -> list[str]:
     """Held-out photos with synthetic rain streaks, snow and haze, saved as PNGs."""
-    from moezoo.training.photos import load_photo
-    from moezoo.training.weather import add_weather
+    from moezoo.training.datasets.photos import load_photo
+    from moezoo.training.datasets.weather import add_weather
 
     paths = []
     for i, (photo, weather) in enumerate([("coffee", "rain_streaks"), ("chelsea", "snow"), ("camera", "haze")]):
@@ -551,7 +551,7 @@ def weather_examples(folder: Path) -> list[str]:
 
 def fusion_examples(folder: Path) -> list[tuple[str, str]]:
     """Synthetic infrared/visible pairs from held-out photos, one in low light and one in fog."""
-    from moezoo.training.fusion_data import synthesize_pair
+    from moezoo.training.datasets.fusion_pairs import synthesize_pair
 
     pairs = []
     for i, (photo, degradation) in enumerate([("chelsea", "low_light"), ("coffee", "fog")]):

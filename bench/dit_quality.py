@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from moezoo.pipelines import DiTMoEPipeline
-from moezoo.training.data import COLOURS, POSITIONS, SHAPES, DigitsDataModule, ShapesDataset, parse_caption
+from moezoo.training.datamodules.images import DigitsDataModule
+from moezoo.training.datasets.images import COLOURS, POSITIONS, SHAPES, ShapesDataset, parse_caption
 
 
 class Judge(nn.Module):

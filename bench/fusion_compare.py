@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moezoo.pipelines.fusion import FusionPipeline
-from moezoo.training.fusion_data import PairedFolderDataset, SyntheticFusionDataset, find_pairs
+from moezoo.training.datasets.fusion_pairs import PairedFolderDataset, SyntheticFusionDataset, find_pairs
 from moezoo.training.fusion_metrics import METRIC_NAMES, fusion_metrics
 
 BASELINES = {

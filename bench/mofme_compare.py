@@ -41,7 +41,7 @@ import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from moezoo.pipelines.deweather import DeweatherPipeline
-from moezoo.training.weather import WEATHER_TYPES, weather_test_set
+from moezoo.training.datasets.weather import WEATHER_TYPES, weather_test_set
 from moezoo.zoo import create_model
 
 MODELS = ("mofme_weather", "mofme_conventional_weather", "mofme_dense_weather")

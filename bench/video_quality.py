@@ -40,8 +40,8 @@ import torch
 from tqdm.auto import tqdm
 
 from dit_quality import train_judge  # bench/ is the script's directory: its sibling benchmark
-from moezoo.training.data import COLOUR_RGB, COLOURS, SHAPES
-from moezoo.training.video_data import DIRECTIONS, MovingShapesDataset, parse_video_caption
+from moezoo.training.datasets.images import COLOUR_RGB, COLOURS, SHAPES
+from moezoo.training.datasets.video import DIRECTIONS, MovingShapesDataset, parse_video_caption
 
 OBJECT_THRESHOLD = 0.4
 COLOUR_THRESHOLD = 0.7

@@ -20,7 +20,8 @@ import torch
 from lightning.pytorch.cli import LightningCLI
 
 # Imported so that LightningCLI's --model / --data also accept these classes by their short names.
-from . import data, diffusion, fusion, fusion_data, restoration, video_data, weather  # noqa: F401
+from . import diffusion, fusion, restoration  # noqa: F401
+from .datamodules import fusion_pairs, images, video, weather  # noqa: F401
 
 
 def main(args=None) -> None:

@@ -14,12 +14,14 @@ of variation of its load (``expert_load/<layer>/max_share``, ``.../cv``).
 from __future__ import annotations
 
 import copy
+import math
 
 import lightning.pytorch as pl
 import torch
 
 from moezoo.zoo import create_model, save_pretrained
-from moezoo.zoo.layers import collect_routing
+
+from .common import log_training_losses, parameter_groups, update_ema, warmup_cosine_scheduler
 
 
 class DiffusionModule(pl.LightningModule):
@@ -122,9 +124,8 @@ class DiffusionModule(pl.LightningModule):
     def configure_optimizers(self):
         groups = parameter_groups(self.model, self.hparams.learning_rate, self.hparams.lr_multipliers or {})
         optimizer = torch.optim.AdamW(groups, weight_decay=self.hparams.weight_decay)
-        warmup = max(1, self.hparams.warmup_steps)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        schedule = warmup_cosine_scheduler(optimizer, max(1, self.hparams.warmup_steps), total=math.inf)
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
 
     def export(self, directory, metadata: dict | None = None, dtype: torch.dtype | None = None):
         """Write the EMA weights in the zoo format (model.safetensors + config.json), loadable with
@@ -136,35 +137,6 @@ class DiffusionModule(pl.LightningModule):
         return save_pretrained(self.sampling_model, directory, self.model_name, args, meta, dtype=dtype)
 
 
-def parameter_groups(model: torch.nn.Module, learning_rate: float, multipliers: dict[str, float]) -> list[dict]:
-    """The trained parameters of ``model`` as optimizer groups: those whose name starts with a prefix of
-    ``multipliers`` at ``factor * learning_rate`` (the first matching prefix), the rest at ``learning_rate``."""
-    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    unmatched = [prefix for prefix in multipliers if not any(name.startswith(prefix) for name, _ in trained)]
-    if unmatched:
-        raise ValueError(f"lr_multipliers prefix(es) {unmatched} match no trained parameter; trained parameters "
-                         f"start with: {sorted({name.split('.')[0] for name, _ in trained})}")
-    groups = {prefix: [] for prefix in multipliers}
-    rest = []
-    for name, p in trained:
-        prefix = next((prefix for prefix in multipliers if name.startswith(prefix)), None)
-        (groups[prefix] if prefix is not None else rest).append(p)
-    return [{"params": rest, "lr": learning_rate}] + [
-        {"params": params, "lr": learning_rate * multipliers[prefix]} for prefix, params in groups.items()]
-
-
-def log_training_losses(module: pl.LightningModule, loss: torch.Tensor, aux_loss: torch.Tensor,
-                        batch_size: int) -> torch.Tensor:
-    """Log a training step's task loss and MoE aux loss (and, every ``log_expert_load_every`` steps, the
-    per-layer expert load of ``module.model``); returns the loss to optimise, their sum."""
-    module.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-    module.log("train/aux_loss", aux_loss, batch_size=batch_size)
-    every = module.hparams.log_expert_load_every
-    if every and module.global_step % every == 0:
-        module.log_dict(expert_load_stats(module.model), batch_size=batch_size)
-    return loss + aux_loss
-
-
 def clean_input(batch) -> torch.Tensor:
     """The clean data of a batch: ``"video"`` [B, F, C, H, W] (video DataModules) or ``"image"`` [B, C, H, W]."""
     if "video" in batch:
@@ -172,26 +144,3 @@ def clean_input(batch) -> torch.Tensor:
     if "image" in batch:
         return batch["image"]
     raise KeyError(f"a diffusion batch needs an 'image' or a 'video' tensor; got keys {sorted(batch)}")
-
-
-@torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, parameters only (buffers are copied)."""
-    for ema_p, p in zip(ema.parameters(), model.parameters()):
-        ema_p.lerp_(p.detach(), 1.0 - decay)
-    for ema_b, b in zip(ema.buffers(), model.buffers()):
-        ema_b.copy_(b)
-
-
-def expert_load_stats(model: torch.nn.Module) -> dict[str, float]:
-    """Per MoE layer, from its last forward: the busiest expert's share of the routed slots, and the
-    coefficient of variation of the load (0 = perfectly balanced)."""
-    stats = {}
-    for name, record in collect_routing(model):
-        load = record.load_E.float()
-        total = float(load.sum())
-        if total == 0:
-            continue
-        stats[f"expert_load/{name}/max_share"] = float(load.max()) / total
-        stats[f"expert_load/{name}/cv"] = float(load.std(unbiased=False) / load.mean()) if len(load) > 1 else 0.0
-    return stats

@@ -13,8 +13,6 @@ With ``export_dir`` set, the weights are exported there in the zoo format when f
 
 from __future__ import annotations
 
-import math
-
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
@@ -22,7 +20,7 @@ import torch.nn.functional as F
 from moezoo.zoo import create_model, save_pretrained
 from moezoo.zoo.models.moe_fusion import fusion_loss
 
-from .diffusion import expert_load_stats
+from .common import export_when_fit_ends, log_expert_load, warmup_cosine_scheduler
 
 
 def attention_loss(attention: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -44,7 +42,8 @@ class FusionModule(pl.LightningModule):
         attention_weight: weight of the attention loss on batches with a warm-object mask (0: unsupervised).
         gradient_clip: clip the gradient norm to this (official 35); 0 disables.
         log_expert_load_every: log per-layer expert load every this many steps (0: never).
-        export_dir: if set, export the trained weights there (config.json + model.safetensors) at fit end.
+        export_dir: if set, export the trained weights there (config.json + model.safetensors) at fit end (a
+            relative path is inside the run's folder, ``<default_root_dir>/<run name>/`` with the shipped configs).
     """
 
     def __init__(
@@ -89,10 +88,7 @@ class FusionModule(pl.LightningModule):
         batch_size = batch["ir"].shape[0]
         self.log("train/loss", terms["loss"], prog_bar=True, batch_size=batch_size)
         self.log_dict({f"train/{k}": v for k, v in terms.items() if k != "loss"}, batch_size=batch_size)
-        every = self.hparams.log_expert_load_every
-        if every and self.global_step % every == 0 and self.logger is not None:
-            # Straight to the logger: self.log would repeat this step's value on the steps in between.
-            self.logger.log_metrics(expert_load_stats(self.model), step=self.global_step)
+        log_expert_load(self)
         return terms["loss"]
 
     def validation_step(self, batch, batch_idx):
@@ -105,16 +101,8 @@ class FusionModule(pl.LightningModule):
         hp = self.hparams
         optimizer = torch.optim.Adam(self.model.parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 10_000
-        warmup = max(1, hp.warmup_steps)
-
-        def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        schedule = warmup_cosine_scheduler(optimizer, max(1, hp.warmup_steps), total, floor=0.05)
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         clip = gradient_clip_val or self.hparams.gradient_clip
@@ -122,9 +110,7 @@ class FusionModule(pl.LightningModule):
             self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
 
     def on_fit_end(self):
-        if self.hparams.export_dir:
-            path = self.export(self.hparams.export_dir)
-            print(f"exported {self.model_name} to {path}")
+        export_when_fit_ends(self)
 
     def export(self, directory, metadata: dict | None = None, dtype: torch.dtype | None = None):
         """Write the weights in the zoo format (model.safetensors + config.json), loadable with

@@ -1,8 +1,9 @@
 """RestorationModule: trains any zoo image-restoration model (MoFME and its baselines) with Lightning.
 
-One training step: take a batch from ``training/weather.py`` (``input`` degraded, ``target`` clean, both in
-[0, 1]), restore, and minimise the pixel loss plus the model's MoE auxiliary losses. Optionally keep an
-exponential moving average of the weights; the EMA (if any) is what is validated and exported.
+One training step: take a batch of :mod:`moezoo.training.datamodules.weather` (``input`` degraded,
+``target`` clean, both in [0, 1]), restore, and minimise the pixel loss plus the model's MoE auxiliary losses.
+Optionally keep an exponential moving average of the weights; the EMA (if any) is what is validated and
+exported.
 
 Logged: ``train/loss`` (pixel), ``train/aux_loss``, per MoE layer the busiest expert's share and the load's
 coefficient of variation (``expert_load/...``, as DiffusionModule), and on validation PSNR and SSIM
@@ -21,7 +22,6 @@ needs ImageNet weights and does not help PSNR, which is what we compare).
 from __future__ import annotations
 
 import copy
-import functools
 import math
 from collections.abc import Sequence
 
@@ -33,8 +33,8 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from moezoo.zoo import create_model, save_pretrained
 
-from .diffusion import log_training_losses, update_ema
-from .weather import WEATHER_TYPES
+from .common import export_when_fit_ends, log_training_losses, update_ema, warmup_cosine_scheduler
+from .datasets.weather import WEATHER_TYPES
 
 LOSSES = {"l1": F.l1_loss, "mse": F.mse_loss, "smooth_l1": F.smooth_l1_loss}
 SCHEDULES = ("constant", "cosine")
@@ -54,7 +54,8 @@ class RestorationModule(pl.LightningModule):
         ema_decay: EMA decay per step (0: no EMA, the raw weights are validated and exported).
         log_expert_load_every: log expert load every this many steps (0: never).
         weather_types: names of the ``weather`` indices in batches, for per-type validation metrics.
-        export_dir: if set, export the (EMA) weights there at the end of fit.
+        export_dir: if set, export the (EMA) weights there at the end of fit (a relative path is inside the run's
+            folder, ``<default_root_dir>/<run name>/`` with the shipped configs).
         export_dtype: "float32" or "float16" for the exported floating tensors.
         export_metadata: extra metadata stored in the export's config.json.
     """
@@ -145,14 +146,11 @@ class RestorationModule(pl.LightningModule):
         if cosine and not math.isfinite(total):
             raise ValueError("lr_schedule='cosine' decays to 0 at the last step, so it needs a finite run: set "
                              "trainer.max_steps (or max_epochs), or use lr_schedule='constant'")
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, functools.partial(warmup_cosine, warmup=self.hparams.warmup_steps, total=total))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        schedule = warmup_cosine_scheduler(optimizer, self.hparams.warmup_steps, total)
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
 
     def on_fit_end(self):
-        if self.hparams.export_dir and self.trainer.is_global_zero:
-            path = self.export(self.hparams.export_dir)
-            print(f"exported {self.model_name} to {path}")
+        export_when_fit_ends(self)
 
     def export(self, directory, metadata: dict | None = None, dtype: torch.dtype | None = None):
         """Write the (EMA) weights in the zoo format, loadable with
@@ -162,14 +160,3 @@ class RestorationModule(pl.LightningModule):
         if dtype is None and self.hparams.export_dtype == "float16":
             dtype = torch.float16
         return save_pretrained(self.restoration_model, directory, self.model_name, self.model_args, meta, dtype)
-
-
-def warmup_cosine(step: int, warmup: int, total: float) -> float:
-    """Learning-rate factor: linear warm-up over ``warmup`` steps, then a half cosine from 1 down to 0 at step
-    ``total`` (``total = inf``: constant 1 after the warm-up)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if math.isinf(total):
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1.0, total - warmup))
-    return 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -145,8 +145,8 @@ def test_dense_model_has_no_routing_maps():
 
 
 def test_bundled_mofme_weather_removes_weather_offline(monkeypatch):
-    from moezoo.training.weather import WEATHER_TYPES, add_weather
-    from moezoo.training.photos import load_photo
+    from moezoo.training.datasets.weather import WEATHER_TYPES, add_weather
+    from moezoo.training.datasets.photos import load_photo
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     pipe = DeweatherPipeline.from_pretrained("mofme_weather")

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from moezoo.pipelines.fusion import FusionPipeline, FusionPipelineOutput
-from moezoo.training.fusion_data import SyntheticFusionDataset
+from moezoo.training.datasets.fusion_pairs import SyntheticFusionDataset
 from moezoo.zoo import create_model
 from moezoo.zoo.models import moe_fusion
 from moezoo.zoo.models.moe_fusion import fusion_loss

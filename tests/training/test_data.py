@@ -11,15 +11,13 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from moezoo.training.data import (
+from moezoo.training.datamodules.images import DigitsDataModule, ImageFolderDataModule, ShapesDataModule
+from moezoo.training.datasets.images import (
     COLOURS,
     IMAGE_EXTENSIONS,
     POSITIONS,
     SHAPES,
     SIZES,
-    DigitsDataModule,
-    ImageFolderDataModule,
-    ShapesDataModule,
     ShapesDataset,
     caption_for,
     collate_image_batch,

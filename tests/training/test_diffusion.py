@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from moezoo.training.callbacks import SampleGrid
 from moezoo.training.cli import build_cli, export_main, main
-from moezoo.training.diffusion import DiffusionModule, expert_load_stats, update_ema
+from moezoo.training.common import expert_load_stats, update_ema
+from moezoo.training.diffusion import DiffusionModule
 from moezoo.zoo import create_model
 
 CONFIGS = Path(__file__).resolve().parents[2] / "training" / "configs"

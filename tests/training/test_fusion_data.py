@@ -9,9 +9,8 @@ import torch
 from PIL import Image
 from scipy.ndimage import binary_dilation, gaussian_filter
 
-from moezoo.training.fusion_data import (
-    PairedFolderDataModule,
-    SyntheticFusionDataModule,
+from moezoo.training.datamodules.fusion_pairs import PairedFolderDataModule, SyntheticFusionDataModule
+from moezoo.training.datasets.fusion_pairs import (
     SyntheticFusionDataset,
     find_pairs,
     fog,
@@ -20,8 +19,8 @@ from moezoo.training.fusion_data import (
     synthesize_pair,
 )
 from moezoo.training.cli import main
+from moezoo.training.datasets.photos import TEST_PHOTOS
 from moezoo.training.fusion import FusionModule
-from moezoo.training.photos import TEST_PHOTOS
 from moezoo.zoo import create_model
 
 

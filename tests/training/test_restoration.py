@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from moezoo.training.cli import build_cli, main
-from moezoo.training.restoration import RestorationModule, warmup_cosine
+from moezoo.training.common import warmup_cosine
+from moezoo.training.restoration import RestorationModule
 from moezoo.zoo import create_model
 
 CONFIGS = Path(__file__).resolve().parents[2] / "training" / "configs"

@@ -1,5 +1,6 @@
-"""Video data (moezoo.training.video_data): what the moving-shapes clips show, measured from their pixels; the
-caption grammar; the DataModules' batches; reading real video files; DiffusionModule on video batches."""
+"""Video data (moezoo.training.datasets.video and .datamodules.video): what the moving-shapes clips show,
+measured from their pixels; the caption grammar; the DataModules' batches; reading real video files;
+DiffusionModule on video batches."""
 
 from __future__ import annotations
 
@@ -11,17 +12,16 @@ import torch
 from PIL import Image
 
 from moezoo.pipelines.video_export import export_to_gif, export_to_video
-from moezoo.training.data import COLOUR_RGB, COLOURS, SHAPES
-from moezoo.training.diffusion import DiffusionModule, clean_input
-from moezoo.training.video_data import (
+from moezoo.training.datamodules.video import MovingShapesDataModule, VideoFolderDataModule
+from moezoo.training.datasets.images import COLOUR_RGB, COLOURS, SHAPES
+from moezoo.training.datasets.video import (
     MOTIONS,
-    MovingShapesDataModule,
     MovingShapesDataset,
-    VideoFolderDataModule,
     parse_video_caption,
     read_video_frames,
     video_caption_for,
 )
+from moezoo.training.diffusion import DiffusionModule, clean_input
 
 
 def first_clip_with(dataset: MovingShapesDataset, **wanted) -> int:

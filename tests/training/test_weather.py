@@ -5,11 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
-from moezoo.training.photos import TEST_PHOTOS, TRAIN_PHOTOS, load_photo
-from moezoo.training.weather import (
+from moezoo.training.datamodules.weather import PairedFolderDataModule, SyntheticWeatherDataModule
+from moezoo.training.datasets.photos import TEST_PHOTOS, TRAIN_PHOTOS, load_photo
+from moezoo.training.datasets.weather import (
     WEATHER_TYPES,
-    PairedFolderDataModule,
-    SyntheticWeatherDataModule,
     SyntheticWeatherDataset,
     add_haze,
     add_rain_streaks,

@@ -1,21 +1,24 @@
-"""Weather data for deweathering (MoFME): synthetic rain streaks, raindrops, snow and haze on the photographs
-bundled with scikit-image, and paired folders of real benchmarks.
+"""Weather data for deweathering (MoFME), as plain numpy/torch code (no Lightning): synthetic rain streaks,
+raindrops, snow and haze on the photographs bundled with scikit-image, and paired folders of real benchmarks.
+The DataModules that wrap them are in :mod:`moezoo.training.datamodules.weather`.
 
-Every batch, from both DataModules here, is a dict (:class:`RestorationBatch`)::
+Every item is a dict (:class:`RestorationSample`); :func:`collate_restoration_batch` stacks items into the
+batch format of every restoration loader::
 
     {"input": float32 [B, 3, H, W] in [0, 1] (degraded), "target": float32 [B, 3, H, W] in [0, 1] (clean),
      "weather": int64 [B] (index into the module's ``weather_types``; -1: unknown)}
 
-Images are in [0, 1] here (not [-1, 1] as in ``training/data.py``): PSNR and SSIM are defined on that range.
+Images are in [0, 1] here (not [-1, 1] as in :mod:`moezoo.training.datasets.images`): PSNR and SSIM are
+defined on that range.
 
 - :func:`add_weather` (and one function per kind) degrades an RGB float image with a seeded numpy Generator.
   All sizes (streak length, drop radius, flake size, haze correlation length) are in pixels, not fractions
   of the image, so 64x64 training crops and whole test photos see weather at the same scale.
-- :class:`SyntheticWeatherDataset` / :class:`SyntheticWeatherDataModule`: crops of ``moezoo.training.photos``
-  with one weather kind each; train and validation come from different photographs (split by photo, never by
-  crop). Item ``i`` of seed ``s`` is always the same pair, and the weather kinds take turns (``i mod K``).
-- :func:`weather_test_set`: whole held-out photographs with each weather, for the benchmark.
-- :class:`PairedFolderDataModule`: ``root/input/*`` + ``root/gt/*`` matched by file name — the layout of
+- :class:`SyntheticWeatherDataset`: crops of :mod:`moezoo.training.datasets.photos` with one weather kind
+  each; train and validation use different photographs (split by photo, never by crop). Item ``i`` of seed
+  ``s`` is always the same pair, and the weather kinds take turns (``i mod K``).
+- :func:`weather_test_set`: whole held-out photographs with each weather, for the benchmark and the app.
+- :class:`PairedFolderDataset`: ``root/input/*`` + ``root/gt/*`` matched by file name — the layout of
   Allweather, Outdoor-Rain and Snow100K (folder names are arguments).
 """
 
@@ -28,12 +31,11 @@ from typing import TypedDict
 
 import numpy as np
 import torch
-from lightning.pytorch import LightningDataModule
 from PIL import Image
 from scipy import ndimage
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from .data import IMAGE_EXTENSIONS
+from .images import IMAGE_EXTENSIONS
 from .photos import photos
 
 __all__ = [
@@ -46,11 +48,10 @@ __all__ = [
     "add_snow",
     "add_haze",
     "add_weather",
+    "check_weather_types",
     "weather_test_set",
     "SyntheticWeatherDataset",
-    "SyntheticWeatherDataModule",
     "PairedFolderDataset",
-    "PairedFolderDataModule",
 ]
 
 WEATHER_TYPES = ("rain_streaks", "raindrops", "snow", "haze")
@@ -216,7 +217,8 @@ def add_weather(image: np.ndarray, weather: str, rng: np.random.Generator) -> np
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
-def _check_weather_types(weather_types: Sequence[str]) -> tuple[str, ...]:
+def check_weather_types(weather_types: Sequence[str]) -> tuple[str, ...]:
+    """``weather_types`` as a tuple, if it is a non-empty subset of :data:`WEATHER_TYPES`; else a ValueError."""
     weather_types = tuple(weather_types)
     unknown = [w for w in weather_types if w not in _SYNTHESISERS]
     if not weather_types or unknown:
@@ -248,7 +250,7 @@ class SyntheticWeatherDataset(Dataset):
     ``augment`` a random flip / 90-degree rotation, and adds weather ``weather_types[i % K]``.
 
     Args:
-        split: "train", "test" or "all" (see ``moezoo.training.photos``).
+        split: "train", "test" or "all" (see :mod:`moezoo.training.datasets.photos`).
         crop_size: side of the square crops in pixels (at most the smallest photo side, 300).
         length: number of items.
         weather_types: which kinds, in turn.
@@ -266,7 +268,7 @@ class SyntheticWeatherDataset(Dataset):
         if length < 1:
             raise ValueError(f"length must be >= 1, got {length}")
         self.split, self.crop_size, self.length = split, crop_size, length
-        self.weather_types = _check_weather_types(weather_types)
+        self.weather_types = check_weather_types(weather_types)
         self.seed, self.augment = seed, augment
 
     def __len__(self) -> int:
@@ -288,58 +290,6 @@ class SyntheticWeatherDataset(Dataset):
         degraded = add_weather(clean, self.weather_types[kind], rng)
         return {"input": _to_tensor(degraded), "target": _to_tensor(clean), "weather": kind}
 
-
-class _RestorationDataModule(LightningDataModule):
-    """Loaders shared by the modules below; subclasses build ``train_set`` and ``val_set`` in ``setup``."""
-
-    def __init__(self, batch_size: int, num_workers: int, seed: int):
-        super().__init__()
-        if batch_size < 1 or num_workers < 0:
-            raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
-        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
-        self.train_set: Dataset | None = None
-        self.val_set: Dataset | None = None
-
-    def _loader(self, dataset: Dataset | None, shuffle: bool, batch_size: int) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError(f"{type(self).__name__}.setup() must run before asking for a dataloader")
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
-                          persistent_workers=self.num_workers > 0, collate_fn=collate_restoration_batch)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, True, self.batch_size)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, False, self.batch_size)
-
-
-class SyntheticWeatherDataModule(_RestorationDataModule):
-    """Multi-weather training on scikit-image photos: training crops from the "train" photos, validation
-    crops from the held-out "test" photos (split by photograph).
-
-    Args:
-        crop_size: side of the square training and validation crops.
-        batch_size: pairs per batch.
-        num_workers: DataLoader worker processes.
-        train_length: training items (each is a new random crop; make it at least steps x batch size).
-        val_length: validation items (fixed crops of the held-out photos, no augmentation).
-        weather_types: the kinds to train on, in turn.
-        seed: seeds the training items (validation uses seed + 1).
-    """
-
-    def __init__(self, crop_size: int = 64, batch_size: int = 16, num_workers: int = 0, train_length: int = 100_000,
-                 val_length: int = 128, weather_types: Sequence[str] = WEATHER_TYPES, seed: int = 0):
-        super().__init__(batch_size, num_workers, seed)
-        self.save_hyperparameters()
-        self.crop_size, self.train_length, self.val_length = crop_size, train_length, val_length
-        self.weather_types = _check_weather_types(weather_types)
-
-    def setup(self, stage: str | None = None) -> None:
-        self.train_set = SyntheticWeatherDataset("train", self.crop_size, self.train_length, self.weather_types,
-                                                 seed=self.seed, augment=True)
-        self.val_set = SyntheticWeatherDataset("test", self.crop_size, self.val_length, self.weather_types,
-                                               seed=self.seed + 1, augment=False)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -410,56 +360,3 @@ class PairedFolderDataset(Dataset):
             y, x, flip = (H - s) // 2, (W - s) // 2, False
         degraded, clean = degraded[y : y + s, x : x + s], clean[y : y + s, x : x + s]
         return (degraded[:, ::-1], clean[:, ::-1]) if flip else (degraded, clean)
-
-
-class PairedFolderDataModule(_RestorationDataModule):
-    """A real deweathering benchmark on disk: ``train_root/{input,gt}`` and optionally ``val_root/{input,gt}``
-    (without ``val_root``, ``val_fraction`` of the training pairs are held out, chosen by ``seed``).
-
-    Training pairs are random ``crop_size`` crops with flips (numpy's global RNG, which Lightning seeds per
-    worker); validation pairs are centre crops of ``val_crop_size`` (None: whole images, batch size 1).
-
-    Args:
-        train_root: folder with the training pairs.
-        val_root: folder with the validation pairs (e.g. Allweather's test set).
-        input_dir, target_dir: sub-folder names of degraded and clean images.
-        crop_size: training crop side.
-        val_crop_size: validation centre-crop side (a multiple of the model's patch size), or None.
-        batch_size: pairs per training batch.
-        num_workers: DataLoader worker processes.
-        val_fraction: share held out when there is no ``val_root``.
-        seed: the hold-out split and the shuffling.
-    """
-
-    def __init__(self, train_root: str, val_root: str | None = None, input_dir: str = "input",
-                 target_dir: str = "gt", crop_size: int = 64, val_crop_size: int | None = 256, batch_size: int = 16,
-                 num_workers: int = 0, val_fraction: float = 0.05, seed: int = 0):
-        super().__init__(batch_size, num_workers, seed)
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        self.save_hyperparameters()
-        self.train_root, self.val_root = train_root, val_root
-        self.input_dir, self.target_dir = input_dir, target_dir
-        self.crop_size, self.val_crop_size, self.val_fraction = crop_size, val_crop_size, val_fraction
-
-    def setup(self, stage: str | None = None) -> None:
-        folders = dict(input_dir=self.input_dir, target_dir=self.target_dir)
-        train = PairedFolderDataset(self.train_root, **folders, crop_size=self.crop_size, random_crop=True)
-        if self.val_root is not None:
-            self.train_set = train
-            self.val_set = PairedFolderDataset(self.val_root, **folders, crop_size=self.val_crop_size,
-                                               random_crop=False)
-            return
-        order = np.random.default_rng(self.seed).permutation(len(train.names))
-        n_val = max(1, round(len(order) * self.val_fraction)) if self.val_fraction > 0 else 0
-        if len(order) - n_val < 1:
-            raise ValueError(f"{len(order)} pairs are too few to hold out val_fraction={self.val_fraction}")
-        val_names = [train.names[i] for i in sorted(order[:n_val])]
-        train_names = [train.names[i] for i in sorted(order[n_val:])]
-        self.train_set = PairedFolderDataset(self.train_root, **folders, crop_size=self.crop_size,
-                                             random_crop=True, names=train_names)
-        self.val_set = PairedFolderDataset(self.train_root, **folders, crop_size=self.val_crop_size,
-                                           random_crop=False, names=val_names) if val_names else None
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, False, self.batch_size if self.val_crop_size else 1)

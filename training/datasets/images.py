@@ -1,23 +1,20 @@
-"""Image data for diffusion training: three LightningDataModules that yield the same batch.
+"""Image data for diffusion training, as plain torch datasets (no Lightning): digits, generated shapes and
+your own image folders. The DataModules that wrap them are in :mod:`moezoo.training.datamodules.images`.
 
-Every batch, from every module here, is a dict (:class:`ImageBatch`) made by :func:`collate_image_batch`::
+Every item is a dict (:class:`ImageSample`), and :func:`collate_image_batch` stacks items into the one batch
+format every image loader yields::
 
     {"image": float32 [B, C, H, W] in [-1, 1], "label": int64 [B] (-1: no label), "caption": list[str] ("": none)}
 
-Modules:
-
-- :class:`DigitsDataModule`: scikit-learn's bundled 8x8 handwritten digits (1797 images, no download),
+- :class:`DigitsDataset`: scikit-learn's bundled 8x8 handwritten digits (1797 images, no download),
   upsampled; label = the digit, caption = ``"the digit 7"``. The smallest real dataset there is.
-- :class:`ShapesDataModule` over :class:`ShapesDataset`: generated pictures of one coloured shape on black,
-  described by four attributes (:data:`SHAPES`, :data:`COLOURS`, :data:`SIZES`, :data:`POSITIONS`). Sample
+- :class:`ShapesDataset`: generated pictures of one coloured shape on black, described by four attributes
+  (:data:`SHAPES`, :data:`COLOURS`, :data:`SIZES`, :data:`POSITIONS`), drawn by :func:`render_shape`. Sample
   ``i`` of seed ``s`` is always the same picture. :func:`caption_for` and :func:`parse_caption` turn attributes
   into text and back, so pipelines and the quality benchmark can check what a model drew.
-- :class:`ImageFolderDataModule`: your own pictures, ``root/<class>/*.png`` (labels from the sorted class
-  names) or a flat ``root/*.png`` (label -1); ``photo.txt`` next to ``photo.png`` is its caption.
-
-Each module splits off a small held-out validation set, deterministically by ``seed``; ``predict_dataloader``
-yields that split in order (its labels and captions are the conditions to generate from). The ``__init__``
-arguments are type-hinted and documented, so ``LightningCLI`` exposes them as ``--data.<name>``.
+- :class:`ImageFolderDataset` over :func:`scan_image_folder`: your own pictures, ``root/<class>/*.png``
+  (labels from the sorted class names) or a flat ``root/*.png`` (label -1); ``photo.txt`` next to
+  ``photo.png`` is its caption.
 """
 
 from __future__ import annotations
@@ -33,16 +30,15 @@ from typing import TypedDict
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningDataModule
 from PIL import Image, ImageDraw
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 __all__ = [
     "ImageSample",
     "ImageBatch",
     "collate_image_batch",
+    "sklearn_digits",
     "DigitsDataset",
-    "DigitsDataModule",
     "SHAPES",
     "COLOURS",
     "COLOUR_RGB",
@@ -52,11 +48,13 @@ __all__ = [
     "caption_for",
     "parse_caption",
     "label_for",
+    "shape_label_names",
+    "render_shape",
     "ShapesDataset",
-    "ShapesDataModule",
     "IMAGE_EXTENSIONS",
+    "scan_image_folder",
+    "fit_square",
     "ImageFolderDataset",
-    "ImageFolderDataModule",
 ]
 
 
@@ -98,78 +96,13 @@ def _pil_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous() / 127.5 - 1.0
 
 
-def _check_loader_args(batch_size: int, num_workers: int, val_fraction: float | None = None) -> None:
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    if val_fraction is not None and not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-
-
-def _split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """A seeded random (train, val) split of ``range(n)``; val gets ``round(n * val_fraction)`` items, at
-    least one when ``val_fraction > 0``, and train keeps at least one. Both lists are sorted."""
-    n_val = 0 if val_fraction == 0 else max(1, round(n * val_fraction))
-    if n - n_val < 1:
-        raise ValueError(f"{n} samples are too few to hold out val_fraction={val_fraction} and still train")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    return sorted(order[n_val:]), sorted(order[:n_val])
-
-
-class _ImageDataModule(LightningDataModule):
-    """The loaders shared by the modules below; subclasses build ``train_set`` and ``val_set`` in ``setup``.
-
-    Training batches are shuffled with a generator seeded by ``seed`` (reproducible whatever the global seed);
-    validation and prediction batches come in a fixed order.
-    """
-
-    train_set: Dataset | None
-    val_set: Dataset | None
-
-    #: how samples become a batch (the video modules stack clips instead of images).
-    collate_fn = staticmethod(collate_image_batch)
-
-    def __init__(self, batch_size: int, num_workers: int, seed: int) -> None:
-        super().__init__()
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.seed = seed
-        self.train_set = None
-        self.val_set = None
-        self._shuffle_generator = torch.Generator().manual_seed(seed)
-
-    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError(f"{type(self).__name__}.setup() must run before asking for a dataloader")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=self._shuffle_generator if shuffle else None,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=type(self).collate_fn,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        """The validation split in order: its labels and captions are the conditions to sample from."""
-        return self._loader(self.val_set, shuffle=False)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Digits: scikit-learn's bundled 8x8 handwritten digits
 # ----------------------------------------------------------------------------------------------------------
 
 
 @functools.lru_cache(maxsize=1)
-def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+def sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's digits: (images float64 [1797, 8, 8] of 0..16 ink values, targets int [1797])."""
     from sklearn.datasets import load_digits
 
@@ -194,7 +127,7 @@ class DigitsDataset(Dataset):
     def __init__(self, image_size: int = 16, indices: Sequence[int] | None = None, augment: bool = False) -> None:
         if image_size < 1:
             raise ValueError(f"image_size must be >= 1, got {image_size}")
-        images, targets = _load_digits()
+        images, targets = sklearn_digits()
         self.indices = list(range(len(targets))) if indices is None else [int(i) for i in indices]
         ink_N1HW = torch.from_numpy(images[self.indices]).float().unsqueeze(1) / 16.0
         resized = F.interpolate(ink_N1HW, size=(image_size, image_size), mode="bilinear", antialias=True)
@@ -221,55 +154,6 @@ class DigitsDataset(Dataset):
         return padded[:, dy : dy + h, dx : dx + w].clone()
 
 
-class DigitsDataModule(_ImageDataModule):
-    """scikit-learn's 1797 handwritten digits (bundled, no download) as 1-channel images for diffusion.
-
-    Batches: image float32 [B, 1, image_size, image_size] in [-1, 1], label = the digit (0..9), caption =
-    ``"the digit <d>"``. ``train_set.indices`` / ``val_set.indices`` are the sklearn indices of each split.
-
-    Args:
-        image_size: side of the square images in pixels (the 8x8 originals are resized, antialiased bilinear).
-        batch_size: images per batch.
-        num_workers: DataLoader worker processes (0 loads in the main process).
-        val_fraction: share of the 1797 images held out for validation, chosen at random by ``seed``.
-        seed: seeds the train/val split and the order of training batches.
-        augment: randomly shift training images by up to one source pixel (off by default).
-    """
-
-    def __init__(
-        self,
-        image_size: int = 16,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        val_fraction: float = 0.1,
-        seed: int = 0,
-        augment: bool = False,
-    ) -> None:
-        _check_loader_args(batch_size, num_workers, val_fraction)
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
-        self.save_hyperparameters()
-        self.image_size = image_size
-        self.val_fraction = val_fraction
-        self.augment = augment
-
-    @property
-    def label_names(self) -> list[str]:
-        """Class names by label: ``["0", ..., "9"]``."""
-        return [str(d) for d in range(10)]
-
-    @property
-    def num_classes(self) -> int:
-        return 10
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        n = len(_load_digits()[1])
-        train_ids, val_ids = _split_indices(n, self.val_fraction, self.seed)
-        self.train_set = DigitsDataset(self.image_size, train_ids, augment=self.augment)
-        self.val_set = DigitsDataset(self.image_size, val_ids, augment=False)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Shapes: generated pictures of one coloured shape, with captions that say exactly what is drawn
 # ----------------------------------------------------------------------------------------------------------
@@ -290,9 +174,9 @@ COLOUR_RGB: dict[str, tuple[int, int, int]] = {
 BACKGROUND_RGB: tuple[int, int, int] = (0, 0, 0)
 
 # Geometry, as fractions of the image side. A shape's centre is its position's anchor plus a jitter of up to
-# _JITTER each way; its "radius" r is drawn from its size's range. Circle: radius r; square: half-side
-# 0.89 r (the circle's area); triangle: equilateral, circumradius 1.25 r, centroid on the centre. With these
-# numbers every shape stays inside the image, and every large shape has more area than every small one.
+# _JITTER each way; its "radius" r is drawn from its size's range (how r becomes a circle, square or triangle:
+# render_shape). With these numbers every shape stays inside the image, and every large shape has more area
+# than every small one.
 _ANCHORS: dict[str, tuple[float, float]] = {
     "left": (0.26, 0.5),
     "right": (0.74, 0.5),
@@ -370,8 +254,34 @@ def label_for(attrs: Mapping[str, str]) -> int:
     return SHAPES.index(attrs["shape"]) * len(COLOURS) + COLOURS.index(attrs["colour"])
 
 
-def _shape_label_names() -> list[str]:
+def shape_label_names() -> list[str]:
     return [f"{colour} {shape}" for shape in SHAPES for colour in COLOURS]
+
+
+def render_shape(shape: str, rgb: tuple[int, int, int], cx: float, cy: float, radius: float,
+                 image_size: int) -> Image.Image:
+    """One shape of colour ``rgb`` on the black background as an RGB PIL image of side ``image_size``; centre
+    and radius as fractions of the side. Antialiased: drawn at 4x and box-filtered down, so each pixel holds
+    the colour in proportion to how much of it the shape covers.
+
+    Circle: radius ``radius``; square: half-side 0.89 ``radius`` (the circle's area); triangle: equilateral,
+    pointing up, circumradius 1.25 ``radius``, centroid on the centre."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; accepted: {', '.join(SHAPES)}")
+    side = image_size * _SUPERSAMPLE
+    canvas = Image.new("RGB", (side, side), BACKGROUND_RGB)
+    draw = ImageDraw.Draw(canvas)
+    x, y, r = cx * side, cy * side, radius * side
+    if shape == "circle":
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=rgb)
+    elif shape == "square":
+        h = 0.89 * r
+        draw.rectangle((x - h, y - h, x + h, y + h), fill=rgb)
+    else:
+        R = 1.25 * r
+        corners = [(x + R * math.cos(a), y - R * math.sin(a)) for a in (math.pi / 2, 7 * math.pi / 6, -math.pi / 6)]
+        draw.polygon(corners, fill=rgb)
+    return canvas.resize((image_size, image_size), Image.BOX)
 
 
 class ShapesDataset(Dataset):
@@ -408,7 +318,7 @@ class ShapesDataset(Dataset):
     @property
     def label_names(self) -> list[str]:
         """Class names by label: ``"red circle", "green circle", ..., "yellow triangle"``."""
-        return _shape_label_names()
+        return shape_label_names()
 
     def _layout(self, i: int) -> tuple[dict[str, str], float, float, float]:
         """(attributes, centre x, centre y, radius) of item ``i``; lengths as fractions of the side."""
@@ -433,76 +343,11 @@ class ShapesDataset(Dataset):
     def render(self, i: int) -> Image.Image:
         """Item ``i`` as an RGB PIL image."""
         attrs, cx, cy, radius = self._layout(i)
-        side = self.image_size * _SUPERSAMPLE
-        canvas = Image.new("RGB", (side, side), BACKGROUND_RGB)
-        draw = ImageDraw.Draw(canvas)
-        x, y, r, fill = cx * side, cy * side, radius * side, COLOUR_RGB[attrs["colour"]]
-        if attrs["shape"] == "circle":
-            draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
-        elif attrs["shape"] == "square":
-            h = 0.89 * r
-            draw.rectangle((x - h, y - h, x + h, y + h), fill=fill)
-        else:  # triangle, pointing up
-            R = 1.25 * r
-            corners = [(x + R * math.cos(a), y - R * math.sin(a)) for a in (math.pi / 2, 7 * math.pi / 6, -math.pi / 6)]
-            draw.polygon(corners, fill=fill)
-        return canvas.resize((self.image_size, self.image_size), Image.BOX)
+        return render_shape(attrs["shape"], COLOUR_RGB[attrs["colour"]], cx, cy, radius, self.image_size)
 
     def __getitem__(self, i: int) -> ImageSample:
         attrs = self.attributes(i)
         return {"image": _pil_to_tensor(self.render(i)), "label": label_for(attrs), "caption": caption_for(attrs)}
-
-
-class ShapesDataModule(_ImageDataModule):
-    """Generated coloured shapes with exact captions: a text- or class-conditional diffusion toy task.
-
-    Batches: image float32 [B, 3, image_size, image_size] in [-1, 1] (black background = -1); label = the
-    (shape, colour) class, ``SHAPES.index(shape) * len(COLOURS) + COLOURS.index(colour)`` (12 classes,
-    :attr:`label_names`); caption like ``"a large red circle on the left"`` (:func:`parse_caption` reads it
-    back). Training uses items ``0 .. num_train - 1`` of ``seed``'s pictures and validation the next
-    ``num_val``, so the two never share a picture.
-
-    Args:
-        num_train: number of training pictures (rendered on the fly, nothing is stored).
-        num_val: number of validation pictures.
-        image_size: side of the square pictures in pixels.
-        batch_size: images per batch.
-        num_workers: DataLoader worker processes (0 renders in the main process).
-        seed: which pictures, and the order of training batches.
-    """
-
-    def __init__(
-        self,
-        num_train: int = 20000,
-        num_val: int = 512,
-        image_size: int = 32,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        seed: int = 0,
-    ) -> None:
-        _check_loader_args(batch_size, num_workers)
-        if num_train < 1 or num_val < 0:
-            raise ValueError(f"need num_train >= 1 and num_val >= 0, got {num_train} and {num_val}")
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
-        self.save_hyperparameters()
-        self.num_train = num_train
-        self.num_val = num_val
-        self.image_size = image_size
-
-    @property
-    def label_names(self) -> list[str]:
-        """Class names by label: ``"red circle", "green circle", ..., "yellow triangle"``."""
-        return _shape_label_names()
-
-    @property
-    def num_classes(self) -> int:
-        return len(SHAPES) * len(COLOURS)
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        self.train_set = ShapesDataset(self.num_train, self.image_size, self.seed)
-        self.val_set = ShapesDataset(self.num_val, self.image_size, self.seed, first_index=self.num_train)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -522,7 +367,7 @@ def _images_under(folder: Path, recursive: bool) -> list[Path]:
     return sorted(p for p in visible if _is_image(p))
 
 
-def _scan_image_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
+def scan_image_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
     """(image paths, labels, class names) of ``root``: class subfolders if any holds images (searched
     recursively), else the images directly in ``root`` with label -1."""
     if not root.is_dir():
@@ -569,13 +414,18 @@ def _load_image(path: Path, image_size: int, mode: str) -> Image.Image:
         flat = Image.new("RGB", image.size, (0, 0, 0))
         flat.paste(image, mask=image.getchannel("A"))
         image = flat
-    image = image.convert(mode)
+    return fit_square(image.convert(mode), image_size)
+
+
+def fit_square(image: Image.Image, size: int) -> Image.Image:
+    """Resize the shorter side to ``size`` (bicubic, antialiased) and centre-crop square: how image folders and
+    video folders bring their pictures to the model's size."""
     w, h = image.size
-    scale = image_size / min(w, h)
-    new_w, new_h = max(image_size, round(w * scale)), max(image_size, round(h * scale))
+    scale = size / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
     image = image.resize((new_w, new_h), Image.BICUBIC)
-    left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
-    return image.crop((left, top, left + image_size, top + image_size))
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return image.crop((left, top, left + size, top + size))
 
 
 class ImageFolderDataset(Dataset):
@@ -622,82 +472,3 @@ class ImageFolderDataset(Dataset):
             image = image.flip(-1)
         return {"image": image, "label": self.labels[j], "caption": self.caption(j)}
 
-
-class ImageFolderDataModule(_ImageDataModule):
-    """Your own images: ``root/<class>/*.png`` or a flat ``root/*.png``, with optional caption files.
-
-    Layout:
-
-    - class subfolders: every subfolder of ``root`` holding images (searched recursively) is a class; labels
-      number the sorted folder names (:attr:`label_names`). Subfolders without images are skipped with a
-      warning; images loose in ``root`` are ignored with a warning.
-    - flat: if no subfolder holds images, the images directly in ``root`` are used, with label -1.
-    - captions: ``cat.txt`` beside ``cat.png`` is that image's caption (stripped text); otherwise ``""``.
-
-    Accepted extensions are :data:`IMAGE_EXTENSIONS`, in any case; names starting with "." are ignored.
-    Each image is converted to ``channels`` (transparency flattened onto black), its shorter side resized to
-    ``image_size`` (bicubic, antialiased) and centre-cropped square: batches hold float32
-    [B, channels, image_size, image_size] in [-1, 1].
-
-    Args:
-        root: the image folder.
-        image_size: side of the square images in pixels.
-        channels: 1 for greyscale or 3 for RGB.
-        batch_size: images per batch.
-        num_workers: DataLoader worker processes (0 loads in the main process).
-        val_fraction: share of the images held out for validation, chosen at random by ``seed``
-            (at least one image when > 0; 0 for no validation set).
-        seed: seeds the train/val split and the order of training batches.
-        random_flip: flip training images left-right at random (off by default).
-    """
-
-    def __init__(
-        self,
-        root: str | Path,
-        image_size: int = 32,
-        channels: int = 3,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        val_fraction: float = 0.05,
-        seed: int = 0,
-        random_flip: bool = False,
-    ) -> None:
-        _check_loader_args(batch_size, num_workers, val_fraction)
-        if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 (greyscale) or 3 (RGB), got {channels}")
-        if image_size < 1:
-            raise ValueError(f"image_size must be >= 1, got {image_size}")
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
-        self.save_hyperparameters()
-        self.root = Path(root)
-        self.image_size = image_size
-        self.channels = channels
-        self.val_fraction = val_fraction
-        self.random_flip = random_flip
-        self._label_names: list[str] | None = None
-
-    @property
-    def label_names(self) -> list[str]:
-        """Class names by label (the sorted class folders); empty for a flat folder. Scans ``root`` if
-        ``setup`` has not run yet."""
-        if self._label_names is None:
-            self._label_names = _scan_image_folder(self.root)[2]
-        return self._label_names
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.label_names)
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        files, labels, self._label_names = _scan_image_folder(self.root)
-        train_ids, val_ids = _split_indices(len(files), self.val_fraction, self.seed)
-
-        def subset(ids: list[int], flip: bool) -> ImageFolderDataset:
-            return ImageFolderDataset(
-                [files[i] for i in ids], [labels[i] for i in ids], self.image_size, self.channels, flip
-            )
-
-        self.train_set = subset(train_ids, self.random_flip)
-        self.val_set = subset(val_ids, False)

@@ -1,48 +1,34 @@
-"""Video data for diffusion training: generated moving shapes, and folders of your own clips.
+"""Video data for diffusion training, as plain torch datasets (no Lightning): generated moving shapes, and
+folders of your own clips. The DataModules that wrap them are in :mod:`moezoo.training.datamodules.video`.
 
-Every batch, from every module here, is a dict (:class:`VideoBatch`) made by :func:`collate_video_batch`::
+Every item is a dict (:class:`VideoSample`), and :func:`collate_video_batch` stacks items into the one batch
+format every video loader yields::
 
     {"video": float32 [B, F, C, H, W] in [-1, 1], "caption": list[str] ("": none)}
 
-Modules:
-
-- :class:`MovingShapesDataModule` over :class:`MovingShapesDataset`: clips of one coloured shape on black that
-  moves left / right / up / down, grows, shrinks, or turns into another colour, with a caption that says so
-  (``"a red square moving left"``, ``"a blue circle growing"``, ``"a green triangle turning yellow"``). The
-  shapes, colours and drawing are the image shapes data's (:mod:`moezoo.training.data`: :data:`SHAPES`,
-  :data:`COLOURS`, antialiased rendering). Clip ``i`` of seed ``s`` is always the same clip;
-  :func:`video_caption_for` and :func:`parse_video_caption` turn attributes into text and back, so pipelines
-  and the quality benchmark can check what a model drew.
-- :class:`VideoFolderDataModule`: your own clips, ``root/**/*.mp4`` (or .gif, .webm, .avi, .mov, .mkv), read
-  with PyAV; ``clip.txt`` next to ``clip.mp4`` is its caption.
-
-As the image modules, each splits off a held-out validation set deterministically by ``seed`` and
-``predict_dataloader`` yields it in order.
+- :class:`MovingShapesDataset`: clips of one coloured shape on black that moves left / right / up / down,
+  grows, shrinks, or turns into another colour, with a caption that says so (``"a red square moving left"``,
+  ``"a blue circle growing"``, ``"a green triangle turning yellow"``). The shapes, colours and drawing are the
+  image shapes data's (:mod:`moezoo.training.datasets.images`: :data:`SHAPES`, :data:`COLOURS`,
+  :func:`render_shape`). Clip ``i`` of seed ``s`` is always the same clip; :func:`video_caption_for` and
+  :func:`parse_video_caption` turn attributes into text and back, so pipelines and the quality benchmark can
+  check what a model drew.
+- :class:`VideoFolderDataset` over :func:`scan_video_folder`: your own clips, ``root/**/*.mp4`` (or .gif,
+  .webm, .avi, .mov, .mkv), read with PyAV; ``clip.txt`` next to ``clip.mp4`` is its caption.
 """
 
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TypedDict
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
-from .data import (
-    BACKGROUND_RGB,
-    COLOUR_RGB,
-    COLOURS,
-    SHAPES,
-    ShapesDataset,
-    _check_loader_args,
-    _ImageDataModule,
-    _split_indices,
-)
+from .images import BACKGROUND_RGB, COLOUR_RGB, COLOURS, SHAPES, fit_square, render_shape
 
 __all__ = [
     "VideoSample",
@@ -52,12 +38,12 @@ __all__ = [
     "DIRECTIONS",
     "video_caption_for",
     "parse_video_caption",
+    "shape_coverage",
     "MovingShapesDataset",
-    "MovingShapesDataModule",
     "VIDEO_EXTENSIONS",
     "read_video_frames",
+    "scan_video_folder",
     "VideoFolderDataset",
-    "VideoFolderDataModule",
 ]
 
 
@@ -80,11 +66,6 @@ def collate_video_batch(samples: Sequence[VideoSample]) -> VideoBatch:
     """Stack :class:`VideoSample` dicts into one :class:`VideoBatch` (the collate of every loader here)."""
     return {"video": torch.stack([s["video"] for s in samples]), "caption": [s["caption"] for s in samples]}
 
-
-class _VideoDataModule(_ImageDataModule):
-    """The image modules' loaders (seeded shuffling, fixed-order val/predict) with the video collate."""
-
-    collate_fn = staticmethod(collate_video_batch)
 
 
 def _frames_to_tensor(frames_FHWC: np.ndarray) -> torch.Tensor:
@@ -200,22 +181,10 @@ def parse_video_caption(text: str) -> dict[str, str]:
     return attrs
 
 
-class _PlacedShape(ShapesDataset):
-    """The image shapes data's renderer (antialiased: drawn at 4x, box-filtered) for one shape at a given
-    centre and radius instead of a randomly drawn one."""
-
-    def __init__(self, image_size: int, shape: str, cx: float, cy: float, radius: float):
-        super().__init__(num_samples=1, image_size=image_size)
-        self._placed = ({"shape": shape, "colour": "red", "size": "small", "position": "center"}, cx, cy, radius)
-
-    def _layout(self, i: int):
-        return self._placed
-
-
 def shape_coverage(shape: str, cx: float, cy: float, radius: float, image_size: int) -> np.ndarray:
     """How much of each pixel a shape covers, float32 [H, W] in [0, 1] (centre and radius as fractions of the
     side). Drawn in pure red on black, so the red channel is the coverage."""
-    red = np.asarray(_PlacedShape(image_size, shape, cx, cy, radius).render(0), dtype=np.float32)[..., 0]
+    red = np.asarray(render_shape(shape, COLOUR_RGB["red"], cx, cy, radius, image_size), dtype=np.float32)[..., 0]
     return red / 255.0
 
 
@@ -345,72 +314,12 @@ def _checked_subset(name: str, values: Sequence[str], vocabulary: Sequence[str])
     return tuple(v for v in vocabulary if v in values)  # canonical order: the same seed, the same clips
 
 
-class MovingShapesDataModule(_VideoDataModule):
-    """Generated moving-shapes clips with exact captions: a text-to-video diffusion toy task.
-
-    Batches: video float32 [B, num_frames, 3, image_size, image_size] in [-1, 1] (black background = -1) and
-    captions like ``"a red square moving left"`` (:func:`parse_video_caption` reads them back). Training uses
-    clips ``0 .. num_train - 1`` of ``seed``'s clips and validation the next ``num_val``, so the two never share
-    a clip.
-
-    Args:
-        num_train: number of training clips (rendered on the fly, nothing is stored).
-        num_val: number of validation clips.
-        image_size: side of the square frames in pixels.
-        num_frames: frames per clip.
-        motions: which of "left", "right", "up", "down", "grow", "shrink", "recolour" occur.
-        shapes: which of "circle", "square", "triangle" occur.
-        colours: which of "red", "green", "blue", "yellow" occur.
-        batch_size: clips per batch.
-        num_workers: DataLoader worker processes (0 renders in the main process).
-        seed: which clips, and the order of training batches.
-    """
-
-    def __init__(
-        self,
-        num_train: int = 20000,
-        num_val: int = 256,
-        image_size: int = 32,
-        num_frames: int = 8,
-        motions: list[str] | None = None,
-        shapes: list[str] | None = None,
-        colours: list[str] | None = None,
-        batch_size: int = 16,
-        num_workers: int = 0,
-        seed: int = 0,
-    ) -> None:
-        _check_loader_args(batch_size, num_workers)
-        if num_train < 1 or num_val < 0:
-            raise ValueError(f"need num_train >= 1 and num_val >= 0, got {num_train} and {num_val}")
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
-        self.save_hyperparameters()
-        self.num_train, self.num_val = num_train, num_val
-        self.dataset_args = dict(image_size=image_size, num_frames=num_frames, motions=motions or MOTIONS,
-                                 shapes=shapes or SHAPES, colours=colours or COLOURS, seed=seed)
-        MovingShapesDataset(0, **self.dataset_args)  # check the arguments now, not at setup
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        self.train_set = MovingShapesDataset(self.num_train, **self.dataset_args)
-        self.val_set = MovingShapesDataset(self.num_val, **self.dataset_args, first_index=self.num_train)
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Video folders: your own clips
 # ----------------------------------------------------------------------------------------------------------
 
 VIDEO_EXTENSIONS: tuple[str, ...] = (".mp4", ".gif", ".webm", ".avi", ".mov", ".mkv")
-
-
-def _fit_square(image: Image.Image, size: int) -> Image.Image:
-    """Resize the shorter side to ``size`` (bicubic) and centre-crop square, as the image folder data does."""
-    w, h = image.size
-    scale = size / min(w, h)
-    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    image = image.resize((new_w, new_h), Image.BICUBIC)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return image.crop((left, top, left + size, top + size))
 
 
 def read_video_frames(path: str | Path, num_frames: int, image_size: int, frame_stride: int = 1) -> np.ndarray:
@@ -425,7 +334,7 @@ def read_video_frames(path: str | Path, num_frames: int, image_size: int, frame_
         with av.open(str(path)) as container:
             for index, frame in enumerate(container.decode(video=0)):
                 if index % frame_stride == 0:
-                    frames.append(np.asarray(_fit_square(frame.to_image().convert("RGB"), image_size)))
+                    frames.append(np.asarray(fit_square(frame.to_image().convert("RGB"), image_size)))
                 if index + 1 >= wanted:
                     break
     except (av.error.FFmpegError, StopIteration, IndexError) as err:
@@ -436,7 +345,7 @@ def read_video_frames(path: str | Path, num_frames: int, image_size: int, frame_
     return np.stack(frames)
 
 
-def _scan_video_folder(root: Path) -> list[Path]:
+def scan_video_folder(root: Path) -> list[Path]:
     if not root.is_dir():
         raise FileNotFoundError(f"video folder {str(root)!r} does not exist or is not a directory")
     files = sorted(
@@ -474,62 +383,3 @@ class VideoFolderDataset(Dataset):
     def __getitem__(self, j: int) -> VideoSample:
         frames = read_video_frames(self.files[j], self.num_frames, self.image_size, self.frame_stride)
         return {"video": _frames_to_tensor(frames), "caption": self.caption(j)}
-
-
-class VideoFolderDataModule(_VideoDataModule):
-    """Your own clips: every video under ``root`` (recursively; names starting with "." are ignored), with
-    optional caption files.
-
-    Accepted extensions are :data:`VIDEO_EXTENSIONS` in any case (decoded by PyAV/FFmpeg). Each clip gives its
-    first ``num_frames`` frames (every ``frame_stride``-th; short clips repeat their last frame), each resized
-    on its shorter side to ``image_size`` and centre-cropped: batches hold float32
-    [B, num_frames, 3, image_size, image_size] in [-1, 1]. ``clip.txt`` beside ``clip.mp4`` is its caption.
-
-    Args:
-        root: the video folder.
-        image_size: side of the square frames in pixels.
-        num_frames: frames per clip.
-        frame_stride: keep every this-many-th frame (2 halves the frame rate).
-        batch_size: clips per batch.
-        num_workers: DataLoader worker processes (0 decodes in the main process).
-        val_fraction: share of the clips held out for validation, chosen at random by ``seed`` (at least one
-            clip when > 0; 0 for no validation set).
-        seed: seeds the train/val split and the order of training batches.
-    """
-
-    def __init__(
-        self,
-        root: str | Path,
-        image_size: int = 32,
-        num_frames: int = 8,
-        frame_stride: int = 1,
-        batch_size: int = 16,
-        num_workers: int = 0,
-        val_fraction: float = 0.05,
-        seed: int = 0,
-    ) -> None:
-        _check_loader_args(batch_size, num_workers, val_fraction)
-        if image_size < 1 or num_frames < 1 or frame_stride < 1:
-            raise ValueError(f"image_size, num_frames and frame_stride must be >= 1, got {image_size}, "
-                             f"{num_frames}, {frame_stride}")
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
-        self.save_hyperparameters()
-        self.root = Path(root)
-        self.image_size, self.num_frames, self.frame_stride = image_size, num_frames, frame_stride
-        self.val_fraction = val_fraction
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        files = _scan_video_folder(self.root)
-        if len(files) == 1 and self.val_fraction > 0:
-            warnings.warn(f"{self.root} holds one video: it is used for training and there is no validation set",
-                          stacklevel=2)
-            train_ids, val_ids = [0], []
-        else:
-            train_ids, val_ids = _split_indices(len(files), self.val_fraction, self.seed)
-
-        def subset(ids: list[int]) -> VideoFolderDataset:
-            return VideoFolderDataset([files[i] for i in ids], self.image_size, self.num_frames, self.frame_stride)
-
-        self.train_set, self.val_set = subset(train_ids), subset(val_ids)

@@ -1,13 +1,14 @@
-"""Infrared/visible image pairs for fusion training: synthetic pairs from the bundled photographs, and
-registered pairs from folders laid out as M3FD / LLVIP / TNO (``ir/`` + ``vis/``).
+"""Infrared/visible image pairs for fusion training, as plain numpy/torch code (no Lightning): synthetic pairs
+from the bundled photographs, and registered pairs from folders laid out as M3FD / LLVIP / TNO (``ir/`` +
+``vis/``). The DataModules that wrap them are in :mod:`moezoo.training.datamodules.fusion_pairs`.
 
-Every batch, from both DataModules, is a dict::
+Every batch of these datasets (default collate) is a dict::
 
     {"ir": float32 [B, 1, H, W] in [0, 1], "vis": float32 [B, 1, H, W] in [0, 1] (luminance),
      "mask": float32 [B, 1, H, W] in {0, 1} (warm objects; synthetic data only), "name": list[str]}
 
 Synthetic pairs (:func:`synthesize_pair`) start from a crop of one of scikit-image's photographs
-(:mod:`moezoo.training.photos`, split by photo, so test pairs are scenes never trained on):
+(:mod:`moezoo.training.datasets.photos`, split by photo, so test pairs are scenes never trained on):
 
 - warm objects: one to three segments of the photo (Felzenszwalb's graph segmentation of the whole photo) of a
   plausible object size, and sometimes an elliptical object the visible image does not show at all (a person
@@ -30,27 +31,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from lightning.pytorch import LightningDataModule
 from PIL import Image
 from scipy.ndimage import gaussian_filter
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from .data import IMAGE_EXTENSIONS, _check_loader_args, _split_indices
+from .images import IMAGE_EXTENSIONS
 from .photos import SPLITS, load_photo
 
 __all__ = [
     "DEGRADATIONS",
     "luminance",
+    "photo_segments",
     "warm_object_mask",
     "render_infrared",
     "low_light",
     "fog",
     "synthesize_pair",
     "SyntheticFusionDataset",
-    "SyntheticFusionDataModule",
     "find_pairs",
     "PairedFolderDataset",
-    "PairedFolderDataModule",
     "load_grey",
 ]
 
@@ -237,73 +236,6 @@ class SyntheticFusionDataset(Dataset):
         return _to_sample(pair, f"{pair['photo']}/{pair['degradation']}/{i}")
 
 
-class _FusionDataModule(LightningDataModule):
-    """Loaders over ``train_set`` / ``val_set`` (built by ``setup``); training batches shuffled by ``seed``."""
-
-    def __init__(self, batch_size: int, num_workers: int, seed: int) -> None:
-        super().__init__()
-        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
-        self.train_set: Dataset | None = None
-        self.val_set: Dataset | None = None
-        self._shuffle_generator = torch.Generator().manual_seed(seed)
-
-    def _loader(self, dataset: Dataset | None, shuffle: bool, batch_size: int | None = None) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError(f"{type(self).__name__}.setup() must run before asking for a dataloader")
-        return DataLoader(
-            dataset, batch_size=batch_size or self.batch_size, shuffle=shuffle,
-            generator=self._shuffle_generator if shuffle else None,
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
-
-
-class SyntheticFusionDataModule(_FusionDataModule):
-    """Synthetic infrared/visible pairs: training pairs from the train photos, validation pairs from the
-    held-out test photos (different scenes).
-
-    Args:
-        image_size: side of the square crops in pixels.
-        num_train_samples: pairs per training epoch (each a different crop and rendering).
-        num_val_samples: validation pairs (fixed).
-        degradations: visible-image conditions to draw from ("low_light", "fog").
-        batch_size: pairs per batch.
-        num_workers: DataLoader worker processes.
-        seed: seeds the pairs and the order of training batches.
-    """
-
-    def __init__(
-        self,
-        image_size: int = 64,
-        num_train_samples: int = 20000,
-        num_val_samples: int = 64,
-        degradations: Sequence[str] = DEGRADATIONS,
-        batch_size: int = 8,
-        num_workers: int = 0,
-        seed: int = 0,
-    ) -> None:
-        _check_loader_args(batch_size, num_workers)
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
-        self.save_hyperparameters()
-        self.image_size, self.degradations = image_size, tuple(degradations)
-        self.num_train_samples, self.num_val_samples = num_train_samples, num_val_samples
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        self.train_set = SyntheticFusionDataset(
-            "train", self.num_train_samples, self.image_size, self.seed, self.degradations
-        )
-        # A different seed stream for validation, on photos training never sees.
-        self.val_set = SyntheticFusionDataset("test", self.num_val_samples, self.image_size, self.seed + 10_000,
-                                              self.degradations)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Registered pairs in folders: root/ir/*.png + root/vis/*.png
 # ----------------------------------------------------------------------------------------------------------
@@ -391,52 +323,3 @@ class PairedFolderDataset(Dataset):
         if self.random_crop and torch.rand(()) < 0.5:
             infrared, visible = infrared[:, ::-1], visible[:, ::-1]
         return np.ascontiguousarray(infrared), np.ascontiguousarray(visible)
-
-
-class PairedFolderDataModule(_FusionDataModule):
-    """Real registered pairs: ``root/ir/NAME.ext`` + ``root/vis/NAME.ext`` (M3FD, LLVIP and TNO ship in this
-    layout, under their own folder names: set ``ir_dir`` / ``vis_dir``). Visible images are used as luminance.
-    Training takes random ``crop`` x ``crop`` windows (same place in both) with flips; validation the centre
-    window. Batches have no ``"mask"``: the intensity loss then targets ``max(V, I)`` everywhere.
-
-    Args:
-        root: the folder holding the two image folders.
-        ir_dir, vis_dir: the names of the infrared and visible folders.
-        crop: side of the training / validation windows in pixels.
-        batch_size: pairs per batch.
-        num_workers: DataLoader worker processes.
-        val_fraction: share of the pairs held out for validation (seeded; 0 for none).
-        seed: seeds the split and the order of training batches.
-    """
-
-    def __init__(
-        self,
-        root: str | Path,
-        ir_dir: str = "ir",
-        vis_dir: str = "vis",
-        crop: int = 64,
-        batch_size: int = 8,
-        num_workers: int = 0,
-        val_fraction: float = 0.1,
-        seed: int = 0,
-    ) -> None:
-        _check_loader_args(batch_size, num_workers, val_fraction)
-        if crop < 8:
-            raise ValueError(f"crop must be >= 8 pixels, got {crop}")
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
-        self.save_hyperparameters()
-        self.root, self.ir_dir, self.vis_dir, self.crop = Path(root), ir_dir, vis_dir, crop
-        self.val_fraction = val_fraction
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        pairs = find_pairs(self.root, self.ir_dir, self.vis_dir)
-        train_ids, val_ids = _split_indices(len(pairs), self.val_fraction, self.seed)
-        self.train_set = PairedFolderDataset([pairs[i] for i in train_ids], self.crop, random_crop=True)
-        self.val_set = None
-        if val_ids:
-            self.val_set = PairedFolderDataset([pairs[i] for i in val_ids], self.crop, random_crop=False)
-
-    def val_dataloader(self):
-        return self._loader(self.val_set, shuffle=False) if self.val_set is not None else []

@@ -1,0 +1,9 @@
+"""LightningDataModules over the datasets of :mod:`moezoo.training.datasets`: seeded train/validation splits,
+shuffled training loaders, and the batch format each task's LightningModule reads.
+
+- :mod:`.images`: ``DigitsDataModule``, ``ShapesDataModule``, ``ImageFolderDataModule`` (DiffusionModule).
+- :mod:`.video`: ``MovingShapesDataModule``, ``VideoFolderDataModule`` (DiffusionModule on video models).
+- :mod:`.weather`: ``SyntheticWeatherDataModule``, ``PairedFolderDataModule`` (RestorationModule).
+- :mod:`.fusion_pairs`: ``SyntheticFusionDataModule``, ``PairedFolderDataModule`` (FusionModule).
+- :mod:`.base`: the loaders they share.
+"""

@@ -1,0 +1,116 @@
+"""Deweathering DataModules (MoFME), over the datasets of :mod:`moezoo.training.datasets.weather`: synthetic
+weather on the bundled photographs, and paired folders of real benchmarks. Both yield the same batch
+(``collate_restoration_batch``)::
+
+    {"input": float32 [B, 3, H, W] in [0, 1] (degraded), "target": float32 [B, 3, H, W] in [0, 1] (clean),
+     "weather": int64 [B] (index into the module's ``weather_types``; -1: unknown)}
+
+- :class:`SyntheticWeatherDataModule`: crops of the "train" photos with one weather kind each, validated on
+  crops of the held-out "test" photos.
+- :class:`PairedFolderDataModule`: ``root/input/*`` + ``root/gt/*`` matched by file name — the layout of
+  Allweather, Outdoor-Rain and Snow100K (folder names are arguments).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from torch.utils.data import DataLoader
+
+from ..datasets.weather import (
+    WEATHER_TYPES,
+    PairedFolderDataset,
+    SyntheticWeatherDataset,
+    check_weather_types,
+    collate_restoration_batch,
+)
+from .base import SplitDataModule, check_val_fraction
+
+__all__ = ["SyntheticWeatherDataModule", "PairedFolderDataModule"]
+
+
+class _RestorationDataModule(SplitDataModule):
+    collate_fn = staticmethod(collate_restoration_batch)
+
+
+class SyntheticWeatherDataModule(_RestorationDataModule):
+    """Multi-weather training on scikit-image photos: training crops from the "train" photos, validation
+    crops from the held-out "test" photos (split by photograph).
+
+    Args:
+        crop_size: side of the square training and validation crops.
+        batch_size: pairs per batch.
+        num_workers: DataLoader worker processes.
+        train_length: training items (each is a new random crop; make it at least steps x batch size).
+        val_length: validation items (fixed crops of the held-out photos, no augmentation).
+        weather_types: the kinds to train on, in turn.
+        seed: seeds the training items (validation uses seed + 1).
+    """
+
+    def __init__(self, crop_size: int = 64, batch_size: int = 16, num_workers: int = 0, train_length: int = 100_000,
+                 val_length: int = 128, weather_types: Sequence[str] = WEATHER_TYPES, seed: int = 0):
+        super().__init__(batch_size, num_workers, seed)
+        self.save_hyperparameters()
+        self.crop_size, self.train_length, self.val_length = crop_size, train_length, val_length
+        self.weather_types = check_weather_types(weather_types)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.train_set = SyntheticWeatherDataset("train", self.crop_size, self.train_length, self.weather_types,
+                                                 seed=self.seed, augment=True)
+        self.val_set = SyntheticWeatherDataset("test", self.crop_size, self.val_length, self.weather_types,
+                                               seed=self.seed + 1, augment=False)
+
+
+class PairedFolderDataModule(_RestorationDataModule):
+    """A real deweathering benchmark on disk: ``train_root/{input,gt}`` and optionally ``val_root/{input,gt}``
+    (without ``val_root``, ``val_fraction`` of the training pairs are held out, chosen by ``seed``).
+
+    Training pairs are random ``crop_size`` crops with flips (numpy's global RNG, which Lightning seeds per
+    worker); validation pairs are centre crops of ``val_crop_size`` (None: whole images, batch size 1).
+
+    Args:
+        train_root: folder with the training pairs.
+        val_root: folder with the validation pairs (e.g. Allweather's test set).
+        input_dir, target_dir: sub-folder names of degraded and clean images.
+        crop_size: training crop side.
+        val_crop_size: validation centre-crop side (a multiple of the model's patch size), or None.
+        batch_size: pairs per training batch.
+        num_workers: DataLoader worker processes.
+        val_fraction: share held out when there is no ``val_root``.
+        seed: the hold-out split and the shuffling.
+    """
+
+    def __init__(self, train_root: str, val_root: str | None = None, input_dir: str = "input",
+                 target_dir: str = "gt", crop_size: int = 64, val_crop_size: int | None = 256, batch_size: int = 16,
+                 num_workers: int = 0, val_fraction: float = 0.05, seed: int = 0):
+        super().__init__(batch_size, num_workers, seed)
+        check_val_fraction(val_fraction)
+        self.save_hyperparameters()
+        self.train_root, self.val_root = train_root, val_root
+        self.input_dir, self.target_dir = input_dir, target_dir
+        self.crop_size, self.val_crop_size, self.val_fraction = crop_size, val_crop_size, val_fraction
+
+    def setup(self, stage: str | None = None) -> None:
+        folders = dict(input_dir=self.input_dir, target_dir=self.target_dir)
+        train = PairedFolderDataset(self.train_root, **folders, crop_size=self.crop_size, random_crop=True)
+        if self.val_root is not None:
+            self.train_set = train
+            self.val_set = PairedFolderDataset(self.val_root, **folders, crop_size=self.val_crop_size,
+                                               random_crop=False)
+            return
+        order = np.random.default_rng(self.seed).permutation(len(train.names))
+        n_val = max(1, round(len(order) * self.val_fraction)) if self.val_fraction > 0 else 0
+        if len(order) - n_val < 1:
+            raise ValueError(f"{len(order)} pairs are too few to hold out val_fraction={self.val_fraction}")
+        val_names = [train.names[i] for i in sorted(order[:n_val])]
+        train_names = [train.names[i] for i in sorted(order[n_val:])]
+        self.train_set = PairedFolderDataset(self.train_root, **folders, crop_size=self.crop_size,
+                                             random_crop=True, names=train_names)
+        self.val_set = PairedFolderDataset(self.train_root, **folders, crop_size=self.val_crop_size,
+                                           random_crop=False, names=val_names) if val_names else None
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_set is None or self.val_crop_size:
+            return super().val_dataloader()
+        return self._loader(self.val_set, shuffle=False, batch_size=1)  # whole images: their sizes may differ

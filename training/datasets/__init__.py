@@ -1,0 +1,11 @@
+"""Datasets and synthetic renderers as plain torch/numpy code: no Lightning, so training, bench and the app
+share them.
+
+- :mod:`.images`: digits, generated shapes (and their captions), image folders.
+- :mod:`.video`: generated moving shapes, video folders.
+- :mod:`.photos`: the photographs bundled with scikit-image, split by photograph into train and test.
+- :mod:`.weather`: synthetic weather on the photos, paired deweathering folders.
+- :mod:`.fusion_pairs`: synthetic infrared/visible pairs from the photos, paired fusion folders.
+
+The LightningDataModules that wrap them are in :mod:`moezoo.training.datamodules`.
+"""
