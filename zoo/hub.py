@@ -372,8 +372,10 @@ def _receive(url: str, filename: str, response: http.client.HTTPResponse, out: B
                disable=not progress_enabled(progress))
     try:
         with bar:
-            while chunk := response.read(_CHUNK_BYTES):
+            # read1: whatever arrived, up to a chunk, so the file grows (and the bar moves) as bytes come in
+            while chunk := response.read1(_CHUNK_BYTES):
                 out.write(chunk)
+                out.flush()  # on disk at once: a killed download leaves a non-empty, unlocked orphan
                 digest.update(chunk)
                 received += len(chunk)
                 bar.update(len(chunk))
@@ -382,7 +384,6 @@ def _receive(url: str, filename: str, response: http.client.HTTPResponse, out: B
         raise DownloadError(f"download of {url} was interrupted after {size} bytes: {err!r}") from err
     if expected_size is not None and received != expected_size:
         raise DownloadError(f"truncated download of {url}: got {received} of {expected_size} bytes")
-    out.flush()
     return digest.hexdigest()
 
 
@@ -582,16 +583,6 @@ def checked_checkpoint_path(path: str | os.PathLike) -> Path:
     return path
 
 
-def _refusal_reason(err: Exception) -> str:
-    """The specific part of torch.load's refusal (its boilerplate suggests weights_only=False, which we never
-    do): the lines after the first, else the first sentence."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    if not lines:
-        return "the file is empty or cut short"
-    specific = [line for line in lines[1:] if not line.startswith(("Check the documentation", "Please file an issue"))]
-    return (" ".join(specific) or lines[0].split(". ")[0]).rstrip(".")
-
-
 def load_checkpoint(path: str | os.PathLike, checkpoint_key: str | None = None) -> dict[str, torch.Tensor]:
     """A state dict from a local file: ours (``.safetensors``) or a foreign pickle (``.pt``, ``.pth``,
     ``.bin``, ``.ckpt``), read with ``torch.load(weights_only=True, map_location="cpu")``: tensors, containers
@@ -614,10 +605,10 @@ def load_checkpoint(path: str | os.PathLike, checkpoint_key: str | None = None) 
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as err:  # RuntimeError: TorchScript, broken zip
         raise ValueError(
-            f"torch.load(weights_only=True) refused {path}: {_refusal_reason(err)}. It loads tensors and plain "
-            "containers only, never other Python objects (they could run code). If the file is yours and "
-            "complete, re-save only its state dict (torch.save(model.state_dict(), ...)) or export it with "
-            "moezoo.zoo.hub.save_pretrained."
+            f"{path} was refused: torch.load(weights_only=True) loads tensors and plain containers only, never "
+            "other Python objects (they could run code), and moezoo loads no pickle any other way. If the file "
+            "is yours and complete, re-save only its state dict (torch.save(model.state_dict(), ...)) or export "
+            f"it with moezoo.zoo.hub.save_pretrained. torch.load said: {err or 'the file is empty or cut short'}"
         ) from None
     if checkpoint_key is not None:
         if not isinstance(checkpoint, Mapping) or checkpoint_key not in checkpoint:

@@ -282,3 +282,198 @@ def test_hf_hub_reads_config_and_weights_through_hf_hub_download(dummies, tmp_pa
     cfg = model.pretrained_cfg
     assert (cfg.hf_hub_id, cfg.revision, cfg.metadata, cfg.model_args) == ("org/tiny", "v2", {"license": "mit"},
                                                                            {"num_classes": 4})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checked before anything is built: checkpoint_path, size (max_parameters), config.json values
+# ----------------------------------------------------------------------------------------------------------
+
+
+def tiny_net_parameters(dim: int, num_classes: int) -> int:
+    """TinyNet's parameter count by hand: proj (dim x dim + dim), head (num_classes x dim + num_classes)."""
+    return dim * dim + dim + num_classes * dim + num_classes
+
+
+@pytest.fixture
+def spy(dummies):
+    """test_dummy_spy: a TinyNet entrypoint that records the default device of each call ("meta" for the size
+    check), and builds a torch.nn.Sequential of ``depth`` Linear(1, 1) when given a depth."""
+    calls = []
+
+    @register_model
+    def test_dummy_spy(pretrained: bool = False, depth: int | None = None, **kwargs) -> nn.Module:
+        calls.append(torch.empty(()).device.type)
+        if depth is not None:
+            return nn.Sequential(*(nn.Linear(1, 1) for _ in range(depth)))
+        return TinyNet(**kwargs)
+
+    yield calls
+    registry.unregister_model("test_dummy_spy")
+
+
+@pytest.mark.parametrize("name", ["missing.pt", "missing.safetensors", "weights.h5"])
+def test_checkpoint_path_is_checked_before_the_model_is_built(spy, tmp_path, name):
+    with pytest.raises((FileNotFoundError, ValueError), match=name):
+        create_model("test_dummy_spy", checkpoint_path=tmp_path / name)
+    assert spy == []
+
+
+def test_a_model_above_max_parameters_is_refused_before_allocation(spy):
+    dim = 100_000  # 40 GB of float32 weights
+    with pytest.raises(registry.ModelTooLargeError) as info:
+        create_model("test_dummy_spy", dim=dim)
+    expected = tiny_net_parameters(dim, 3)
+    message = str(info.value)
+    assert f"{expected:,} parameters ({expected * 4 / 1e9:,.1f} GB as float32)" in message
+    assert "max_parameters=4,000,000,000" in message and "dim=100000" in message
+    assert spy == ["meta"]  # counted on the meta device, never built for real
+
+
+def test_max_parameters_is_the_largest_count_accepted(spy):
+    exact = tiny_net_parameters(4, 3)
+    with pytest.raises(registry.ModelTooLargeError, match=f"{exact} parameters"):
+        create_model("test_dummy_spy", max_parameters=exact - 1)
+    assert sum(p.numel() for p in create_model("test_dummy_spy", max_parameters=exact).parameters()) == exact
+    spy.clear()
+    create_model("test_dummy_spy", max_parameters=None)
+    assert spy == ["cpu"]  # no size check at all
+
+
+@pytest.mark.parametrize("value", [0, -1, float("inf"), "4e9", True])
+def test_max_parameters_must_be_a_positive_number(dummies, value):
+    with pytest.raises(ValueError, match="max_parameters must be a positive number"):
+        create_model("test_dummy_plain", max_parameters=value)
+
+
+def test_a_million_blocks_are_refused_by_the_part_count(spy):
+    with pytest.raises(registry.ModelTooLargeError, match="more than MAX_MODEL_PARTS=20,000") as info:
+        create_model("test_dummy_spy", depth=1_000_000)
+    assert "depth=1000000" in str(info.value)
+    assert spy == ["meta"]
+
+
+def test_the_size_check_leaves_the_random_state_alone(dummies):
+    torch.manual_seed(0)
+    model, after = create_model("test_dummy_plain"), torch.rand(3)
+    torch.manual_seed(0)
+    reference, reference_after = TinyNet(), torch.rand(3)
+    assert_same_weights(model, reference.state_dict())
+    assert torch.equal(after, reference_after)
+
+
+@pytest.fixture
+def not_meta_buildable():
+    """test_dummy_item: its constructor reads a tensor's value (impossible on the meta device)."""
+
+    @register_model
+    def test_dummy_item(pretrained: bool = False, dim: int = 4, linear_first: bool = True) -> nn.Module:
+        first = [nn.Linear(dim, dim)] if linear_first else []
+        width = int(torch.tensor(dim).item())
+        return nn.Sequential(*first, nn.Linear(width, width))
+
+    yield
+    registry.unregister_model("test_dummy_item")
+
+
+def test_a_model_that_cannot_be_built_on_meta_is_counted_while_it_is_built(not_meta_buildable):
+    assert isinstance(create_model("test_dummy_item", dim=4), nn.Sequential)
+    with pytest.raises(registry.ModelTooLargeError, match="building stopped at 110 parameters"):
+        create_model("test_dummy_item", dim=10, linear_first=False, max_parameters=100)  # a 10x10 Linear: 110
+    # Parameters counted on meta before the constructor failed there already pass the limit:
+    with pytest.raises(registry.ModelTooLargeError, match="counted 110 parameters .* before it failed"):
+        create_model("test_dummy_item", dim=10, max_parameters=100)
+
+
+@pytest.mark.parametrize("model_args", [
+    {"hidden_size": 1_000_000_000}, {"num_experts": 100_000_000}, {"num_classes": 10_000_000_000},
+    {"depth": 1_000_000},
+], ids=lambda args: next(iter(args)))
+def test_the_issue_probes_in_a_config_json_are_refused_naming_the_source(tmp_path, model_args):
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": "test_dit_moe", "model_args": model_args}))
+    with pytest.raises(registry.ModelTooLargeError) as info:
+        create_model(f"local-dir:{tmp_path}")
+    message = str(info.value)
+    assert f"local-dir:{tmp_path}" in message and "GB as float32" in message
+    assert f"{next(iter(model_args))}={next(iter(model_args.values()))}" in message
+
+
+@pytest.mark.parametrize(("model_args", "at_fault"), [
+    ({"dim": "wide", "num_classes": 3}, "dim='wide' (str)"),
+    ({"dim": 6.5, "num_classes": 3}, "dim=6.5 (float)"),
+    ({"dim": 4, "num_classes": 1e3}, "num_classes=1000.0 (float)"),
+    ({"dim": 4, "width": 3}, "width=3 (int)"),
+])
+def test_config_json_values_that_do_not_build_name_the_source_and_the_field(dummies, tmp_path, model_args, at_fault):
+    """TinyNet does not validate its arguments: torch's own error names no field, the registry finds it."""
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": "test_dummy_plain", "model_args": model_args}))
+    with pytest.raises(registry.ConfigError) as info:
+        create_model(f"local-dir:{tmp_path}")
+    message = str(info.value)
+    assert f"local-dir:{tmp_path}" in message and str(tmp_path / "config.json") in message
+    assert f"at fault: {at_fault}." in message
+
+
+def test_missing_weights_of_a_local_dir_fail_before_the_real_build(spy, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": "test_dummy_spy", "model_args": {}}))
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        create_model(f"local-dir:{tmp_path}", pretrained=True)
+    assert spy == ["meta"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hostile pickles: refused, and the code in them never runs
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _TouchesAFile:
+    """Unpickling it would call os.system (what a hostile checkpoint does)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".bin", ".ckpt"])
+@pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
+@pytest.mark.parametrize("loader", ["create_model", "load_checkpoint"])
+def test_a_hostile_pickle_is_refused_and_its_code_does_not_run(dummies, tmp_path, suffix, writer, loader):
+    import pickle
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / f"hostile{suffix}"
+    if writer == "torch.save":  # a zip archive, as torch.save writes, with real weights next to the object
+        torch.save({"state_dict": seeded_state_dict(0), "hyper_parameters": _TouchesAFile(marker)}, path)
+    else:  # a bare pickle (no tensors: plain pickle would pickle them through another global)
+        path.write_bytes(pickle.dumps({"hyper_parameters": _TouchesAFile(marker)}, protocol=2))
+    with pytest.raises(ValueError, match=r"hostile\.\w+ was refused: torch.load\(weights_only=True\)(.|\n)*\.system"):
+        if loader == "create_model":
+            create_model("test_dummy_plain", checkpoint_path=path)
+        else:
+            hub.load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_a_torchscript_archive_is_refused(dummies, tmp_path):
+    scripted = torch.jit.trace(TinyNet(), torch.zeros(1, 4))
+    scripted.save(str(tmp_path / "scripted.pt"))
+    with pytest.raises(ValueError, match="TorchScript"):
+        create_model("test_dummy_plain", checkpoint_path=tmp_path / "scripted.pt")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The module docstring's examples run
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_the_registry_docstring_examples_run():
+    import doctest
+
+    try:
+        results = doctest.testmod(registry, verbose=False, report=False, optionflags=doctest.ELLIPSIS)
+    finally:
+        if is_model("tiny_mlp"):
+            registry.unregister_model("tiny_mlp")
+    assert results.attempted >= 8 and results.failed == 0
