@@ -1,12 +1,98 @@
-"""Callbacks: a sample grid (and the expert-routing map behind it) saved while a diffusion model trains."""
+"""Callbacks: training progress as plain lines, and a sample grid saved while a diffusion model trains."""
 
 from __future__ import annotations
 
+import datetime
+import math
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks.progress import ProgressBar
 from torchvision.utils import make_grid, save_image
+
+
+class ProgressLog(ProgressBar):
+    """Training progress as one plain line every ``every_n_steps`` optimizer steps and one after each
+    validation, on stdout (rank zero), e.g.::
+
+        step 250/3000  epoch 9  train/loss 0.4121  4.12 it/s  elapsed 0:01:01  left 0:11:08
+        step 260/3000  epoch 9  val/loss 0.3987  (validation)
+
+    Lines instead of a redrawn bar, so the same progress shows in a terminal and in a log file, a pipe or CI:
+    Lightning's bars show nothing until the end when stdout is not a terminal, and count epochs as "1/-2" in
+    runs bounded by ``max_steps``. This is the Trainer's progress bar: it replaces the default one, so it cannot
+    be combined with ``enable_progress_bar=False`` (drop it from the callbacks instead).
+
+    Args:
+        every_n_steps: steps between two lines; None: the Trainer's ``log_every_n_steps``.
+    """
+
+    def __init__(self, every_n_steps: int | None = None):
+        super().__init__()
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1 or None, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self._enabled = True
+        self._start_time = self._start_step = None
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
+        self._start_time, self._start_step = time.monotonic(), trainer.global_step
+        total = self._total(trainer)
+        end = f" to step {int(total)}" if math.isfinite(total) else ""
+        self._line(trainer, f"training from step {trainer.global_step}{end}")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        every = self.every_n_steps or trainer.log_every_n_steps
+        if trainer.global_step % every == 0:
+            self._line(trainer, self._progress(trainer, "train/"))
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._line(trainer, self._progress(trainer, "val/", rate=False) + "  (validation)")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
+        self._line(trainer, f"training done at step {trainer.global_step}, elapsed {self._clock(self._elapsed())}")
+
+    def _line(self, trainer: pl.Trainer, text: str) -> None:
+        if self._enabled and trainer.is_global_zero:
+            print(text, flush=True)
+
+    def _progress(self, trainer: pl.Trainer, metric_prefix: str, rate: bool = True) -> str:
+        step, total = trainer.global_step, self._total(trainer)
+        parts = [f"step {step}{self._of_total(trainer)}", f"epoch {trainer.current_epoch}"]
+        parts += [f"{name} {float(value):.4g}" for name, value in sorted(trainer.progress_bar_metrics.items())
+                  if name.startswith(metric_prefix)]
+        done, elapsed = step - self._start_step, self._elapsed()
+        if rate and done > 0 and elapsed > 0:
+            parts.append(f"{done / elapsed:.2f} it/s")
+            parts.append(f"elapsed {self._clock(elapsed)}")
+            if math.isfinite(total):
+                parts.append(f"left {self._clock((total - step) * elapsed / done)}")
+        return "  ".join(parts)
+
+    @staticmethod
+    def _total(trainer: pl.Trainer) -> float:
+        """The step the run ends at (inf when it is bounded by time only)."""
+        return trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
+
+    def _of_total(self, trainer: pl.Trainer) -> str:
+        total = self._total(trainer)
+        return f"/{int(total)}" if math.isfinite(total) else ""
+
+    def _elapsed(self) -> float:
+        return time.monotonic() - self._start_time if self._start_time is not None else 0.0
+
+    @staticmethod
+    def _clock(seconds: float) -> str:
+        return str(datetime.timedelta(seconds=round(seconds)))
 
 
 class SampleGrid(pl.Callback):

@@ -18,6 +18,7 @@ from moezoo.training.datasets.fusion_pairs import (
     low_light,
     synthesize_pair,
 )
+from moezoo.training.checkpoints import load_checkpoint
 from moezoo.training.cli import main
 from moezoo.training.datasets.photos import TEST_PHOTOS
 from moezoo.training.fusion import FusionModule
@@ -177,21 +178,20 @@ def test_shipped_config_fits_two_steps_and_exports(tmp_path):
     main([
         "fit", "--config", str(CONFIG), "--model.init_args.model", "test_moe_fusion",
         "--model.init_args.export_dir", str(export),
-        "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
-        "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+        "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1",
         "--trainer.enable_model_summary", "false",
         "--data.init_args.image_size", "16", "--data.init_args.num_train_samples", "8",
         "--data.init_args.num_val_samples", "2", "--data.init_args.batch_size", "4",
     ])
-    last = next(tmp_path.rglob("last.ckpt"))
-    trained = torch.load(last, weights_only=False, map_location="cpu")
+    last = tmp_path / "moe_fusion_irvis" / "checkpoints" / "last.ckpt"
+    trained = load_checkpoint(last)
     assert trained["global_step"] == 2
     loaded = create_model(f"local-dir:{export}", pretrained=True)
     assert loaded.pretrained_cfg.metadata["trained_steps"] == 2
     for name, value in loaded.state_dict().items():
         torch.testing.assert_close(value, trained["state_dict"][f"model.{name}"], msg=name)
     # exporting from the checkpoint later (as moezoo-export does) gives the same weights and step count
-    FusionModule.load_from_checkpoint(last, map_location="cpu").export(tmp_path / "again", dtype=torch.float16)
+    FusionModule.load_from_checkpoint(last, map_location="cpu", weights_only=True).export(tmp_path / "again", dtype=torch.float16)
     again = create_model(f"local-dir:{tmp_path / 'again'}", pretrained=True)
     assert again.pretrained_cfg.metadata["trained_steps"] == 2
     for name, value in again.state_dict().items():
