@@ -492,6 +492,7 @@ def hf_hub_file(
 
 
 def _check_hub_answers(repo_id: str, filename: str, revision: str | None, where: str, cache: Path) -> None:
+    """One HEAD request for the file, without retries: a DownloadError if the Hub does not answer."""
     url = huggingface_hub.hf_hub_url(repo_id, filename, revision=revision)
     try:
         huggingface_hub.get_hf_file_metadata(url, timeout=hf_constants.HF_HUB_ETAG_TIMEOUT,

@@ -418,8 +418,6 @@ def _fails_alone(entrypoint: Callable[..., nn.Module], key: str, value: Any) -> 
     try:
         with _tally_registrations(), _meta_build():
             entrypoint(**{key: value})
-    except ModelTooLargeError:
-        return False
     except (_TooManyParts, *_BUILD_ERRORS):
         return True
     return False
@@ -609,8 +607,9 @@ def create_model(
         progress: show download progress bars.
         max_parameters: refuse (ModelTooLargeError, before any weight is allocated or downloaded) a model
             with more parameters than this; the count comes from building the model on the meta device
-            first. Default 4e9 (16 GB in float32); the paper's largest DiT-MoEs need more (e.g.
-            ``max_parameters=2e10`` for dit_moe_g_2_16e2a's 16.5B). None skips the check.
+            first (milliseconds for the bundled models). Default :data:`MAX_PARAMETERS`, 4e9 (16 GB in
+            float32): the paper's XL and G DiT-MoEs (4.2B to 16.5B parameters) need a larger value, e.g.
+            ``max_parameters=2e10``. None skips the check.
         **overrides: constructor arguments; None values are dropped; they win over the cfg's ``model_args``.
 
     Raises:
