@@ -41,7 +41,7 @@ class DiTMoEVideoPipeline(DiTMoEPipeline):
     so is the chunking, counted in clips."""
 
     # Clips per model call (twice as many rows with guidance): 4 clips of the bundled model's 8 frames are the
-    # image pipeline's 32 images' worth of tokens.
+    # image pipeline's 32 images' worth of tokens, about 130 MB at once (CPU, fp32).
     max_batch_size: int = 4
 
     def _check_video_call(self, num_frames, height, width, generator, batch: int) -> tuple[int, int, int]:

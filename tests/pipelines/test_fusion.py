@@ -13,6 +13,7 @@ from moezoo.training.datasets.fusion_pairs import SyntheticFusionDataset
 from moezoo.zoo import create_model
 from moezoo.zoo.models import moe_fusion
 from moezoo.zoo.models.moe_fusion import fusion_loss
+from tolerance import fp_tolerance
 
 WEIGHTS = Path(moe_fusion.__file__).parents[1] / "weights" / "moe_fusion_irvis.safetensors"
 
@@ -90,6 +91,44 @@ def test_batches_output_types_and_routing(pipe):
     assert all(m.dtype == np.int64 and m.min() >= 0 and m.max() < 4 for m in out.routing_maps)
     images, maps = pipe(ir0, vis0, return_dict=False, return_routing=True)
     assert len(images) == 1 and len(maps) == 3
+
+
+def test_many_pairs_are_fused_in_chunks_with_the_same_result(pipe, monkeypatch):
+    pairs = [_pair(seed=seed) for seed in range(5)]
+    infrared, visible = [ir for ir, _ in pairs], [vis for _, vis in pairs]
+    sizes = []
+    forward = pipe.model.forward
+    monkeypatch.setattr(pipe.model, "forward", lambda ir, vis, *args, **kwargs: sizes.append(len(ir)) or forward(
+        ir, vis, *args, **kwargs))
+    chunked = pipe(infrared, visible, output_type="pt", return_routing=True, max_batch_size=2)
+    monkeypatch.undo()
+    whole = pipe(infrared, visible, output_type="pt", return_routing=True, max_batch_size=5)
+    assert sizes == [2, 2, 1]
+    # Only GEMM/convolution blocking over the batch differs: rounding of a few 3x3 convolutions over <= 16
+    # channels (reductions of 144), through the encoders, experts and decoder.
+    torch.testing.assert_close(chunked.images, whole.images, **fp_tolerance(torch.float32, 144, layers=8))
+    assert chunked.images.shape == (5, 3, 20, 28)
+    assert chunked.routing_layers == whole.routing_layers
+    for chunked_map, whole_map in zip(chunked.routing_maps, whole.routing_maps, strict=True):
+        assert chunked_map.shape[0] == 5
+        np.testing.assert_array_equal(chunked_map, whole_map)
+
+
+@pytest.mark.parametrize("max_batch_size", [0, 1.5, False, "2"], ids=repr)
+def test_max_batch_size_must_be_a_positive_integer(pipe, max_batch_size):
+    with pytest.raises(ValueError, match="max_batch_size must be a positive integer"):
+        pipe(*_pair(), max_batch_size=max_batch_size)
+
+
+def test_the_default_chunk_size_is_the_pipelines_attribute(pipe, monkeypatch):
+    assert FusionPipeline.max_batch_size == 4
+    monkeypatch.setattr(pipe, "max_batch_size", 2)
+    sizes = []
+    forward = pipe.model.forward
+    monkeypatch.setattr(pipe.model, "forward", lambda ir, vis: sizes.append(len(ir)) or forward(ir, vis))
+    infrared, visible = _pair()
+    pipe([infrared] * 3, [visible] * 3)
+    assert sizes == [2, 1]
 
 
 @pytest.mark.parametrize(
