@@ -38,7 +38,8 @@ The returned model carries the cfg it was built from as ``model.pretrained_cfg``
 Before anything is allocated or downloaded, ``create_model`` checks that a ``checkpoint_path`` exists and
 builds the model once on the meta device (no memory for tensors) to count its parameters: a model above
 ``max_parameters`` (default :data:`MAX_PARAMETERS`, 4e9) is refused with its size in the message, and so is
-one that registers more than :data:`MAX_MODEL_PARTS` modules and parameter tensors. A config.json whose
+one that registers more than :data:`MAX_MODEL_PARTS` modules and parameter tensors. (Called under
+``torch.device("meta")``, create_model allocates nothing and skips the check.) A config.json whose
 values do not build its architecture is a :class:`ConfigError` naming the source and, when it can, the field.
 
 Every load (pretrained weights or ``checkpoint_path``) strips wrapper key prefixes (``module.``,
@@ -282,9 +283,6 @@ class _Tally:
         return f"{self.parameters:,} parameters ({self.nbytes / 1e9:,.1f} GB as {dtypes})"
 
 
-_estimating = threading.local()  # set while a thread builds a model on the meta device
-
-
 @contextmanager
 def _tally_registrations(abort_above: int | None = None) -> Iterator[_Tally]:
     """Count the parameters and modules that this thread's code registers inside the block (global torch
@@ -325,12 +323,8 @@ def _tally_registrations(abort_above: int | None = None) -> Iterator[_Tally]:
 @contextmanager
 def _meta_build() -> Iterator[None]:
     """Build on the meta device: shapes without memory, and the caller's random state left as it was."""
-    outer, _estimating.active = getattr(_estimating, "active", False), True
-    try:
-        with torch.random.fork_rng(devices=[]), torch.device("meta"):
-            yield
-    finally:
-        _estimating.active = outer
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        yield
 
 
 def _args_text(model_args: dict) -> str:
@@ -381,7 +375,9 @@ def _size_is_checked(build: Callable[[], nn.Module], what: str, model_args: dict
                      max_parameters: int | None) -> bool:
     """Check the model's size before it is built (see create_model's ``max_parameters``). False when the
     size could not be known in advance: :func:`_build_counting` then counts while building."""
-    if max_parameters is None or getattr(_estimating, "active", False):  # an outer check counts this build
+    # Under a meta default device (the caller's, or an outer size check that counts this build too)
+    # nothing is allocated.
+    if max_parameters is None or torch.get_default_device().type == "meta":
         return True
     return _fits_on_meta(build, what, model_args, max_parameters)
 
@@ -609,7 +605,8 @@ def create_model(
             with more parameters than this; the count comes from building the model on the meta device
             first (milliseconds for the bundled models). Default :data:`MAX_PARAMETERS`, 4e9 (16 GB in
             float32): the paper's XL and G DiT-MoEs (4.2B to 16.5B parameters) need a larger value, e.g.
-            ``max_parameters=2e10``. None skips the check.
+            ``max_parameters=2e10``. None skips the check, and so does a call under ``torch.device("meta")``
+            (nothing is allocated there).
         **overrides: constructor arguments; None values are dropped; they win over the cfg's ``model_args``.
 
     Raises:

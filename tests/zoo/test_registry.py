@@ -339,6 +339,13 @@ def test_max_parameters_is_the_largest_count_accepted(spy):
     assert spy == ["cpu"]  # no size check at all
 
 
+def test_under_a_meta_default_device_nothing_is_allocated_and_nothing_is_refused(spy):
+    with torch.device("meta"):
+        model = create_model("test_dummy_spy", dim=100_000)
+    assert sum(p.numel() for p in model.parameters()) == tiny_net_parameters(100_000, 3)
+    assert spy == ["meta"]  # built once, by the caller's wish, on meta
+
+
 @pytest.mark.parametrize("value", [0, -1, float("inf"), "4e9", True])
 def test_max_parameters_must_be_a_positive_number(dummies, value):
     with pytest.raises(ValueError, match="max_parameters must be a positive number"):
@@ -456,6 +463,7 @@ def test_a_hostile_pickle_is_refused_and_its_code_does_not_run(dummies, tmp_path
     assert not marker.exists()
 
 
+@pytest.mark.filterwarnings("ignore:.*(TorchScript|deprecated)")
 def test_a_torchscript_archive_is_refused(dummies, tmp_path):
     scripted = torch.jit.trace(TinyNet(), torch.zeros(1, 4))
     scripted.save(str(tmp_path / "scripted.pt"))
