@@ -594,7 +594,8 @@ def create_model(
         pretrained: load the weights of the selected cfg (the default tag for a bare ``arch``), or the
             ``model.safetensors`` of an ``hf-hub:``/``local-dir:`` source.
         checkpoint_path: a local checkpoint loaded after construction (and after pretrained weights):
-            ``.safetensors`` or a foreign ``.pt``/``.pth``/``.bin``/``.ckpt`` (see :func:`hub.load_checkpoint`).
+            ``.safetensors`` or a foreign ``.pt``/``.pth``/``.bin``/``.ckpt`` (see
+            :func:`moezoo.zoo.hub.load_checkpoint`).
             Checked to exist before anything is built.
         checkpoint_key: the entry of a pickled training checkpoint that holds the weights (e.g. ``"ema"``);
             default: ``"model"``/``"state_dict"``/``"module"``, else ``"ema"``.

@@ -4,7 +4,7 @@
 any body, status and headers, a Content-Length that matches, lies or is left out, and a body that stalls
 part-way until the test (or the fixture's teardown) releases it. ``fake_hub`` is the same server standing in
 for the Hugging Face Hub (huggingface_hub's endpoint points at it), so ``hf_hub_download`` runs for real;
-``hang_up_hub`` is a Hub host that accepts connections and closes them without a word.
+``hang_up_hub`` is a Hub host that reads each request and hangs up without an answer.
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ class LocalServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.replies: dict[str, list[Reply]] = {}
         self.requests: list[tuple[str, str, str]] = []  # (method, path, User-Agent), in arrival order
-        self.stalled = threading.Event()  # set when a reply starts stalling
         self.release = threading.Event()  # set to let stalled replies go on
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
 
@@ -106,7 +105,6 @@ class _Handler(BaseHTTPRequestHandler):
             pass
 
     def _stall(self):
-        self.server.stalled.set()
         self.server.release.wait(STALL_LIMIT_S)
 
     def log_message(self, *args):  # keep pytest output clean
@@ -130,12 +128,16 @@ def weights_server():
     yield from _running(LocalServer())
 
 
+def _point_huggingface_hub_at(monkeypatch, url: str) -> None:
+    monkeypatch.setattr(hf_constants, "ENDPOINT", url)
+    monkeypatch.setattr(hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
+
+
 @pytest.fixture
 def fake_hub(monkeypatch):
     """A LocalServer that huggingface_hub takes for the Hub: register ``/<org>/<repo>/resolve/<rev>/<file>``."""
     server = LocalServer()
-    monkeypatch.setattr(hf_constants, "ENDPOINT", server.url)
-    monkeypatch.setattr(hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
+    _point_huggingface_hub_at(monkeypatch, server.url)
     yield from _running(server)
 
 
@@ -177,8 +179,7 @@ class HangUpServer:
 @pytest.fixture
 def hang_up_hub(monkeypatch):
     server = HangUpServer()
-    monkeypatch.setattr(hf_constants, "ENDPOINT", server.url)
-    monkeypatch.setattr(hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
+    _point_huggingface_hub_at(monkeypatch, server.url)
     try:
         yield server
     finally:
