@@ -1,1 +1,13 @@
-"""moezoo.training"""
+"""moezoo.training: Lightning training for the zoo's models, split by role.
+
+- :mod:`.datasets`: datasets and synthetic renderers as plain torch/numpy code, no Lightning (also used by
+  bench/ and the app).
+- :mod:`.datamodules`: the LightningDataModules over them.
+- :mod:`.diffusion`, :mod:`.restoration`, :mod:`.fusion`: the LightningModules, one per task.
+- :mod:`.common`: what every LightningModule uses (EMA, loss and expert-load logging, parameter groups, the
+  warm-up/cosine schedule, the export at fit end).
+- :mod:`.runs`: one resumable folder per run (RunLogger, RunCheckpoint); :mod:`.callbacks`: ProgressLog,
+  SampleGrid; :mod:`.checkpoints`: weights-only checkpoint reading.
+- :mod:`.cli`: ``moezoo-train`` and ``moezoo-export``; ``configs/``: the shipped YAML configs.
+- :mod:`.fusion_metrics`: the fusion literature's image-quality metrics (numpy).
+"""

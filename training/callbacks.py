@@ -35,7 +35,7 @@ class ProgressLog(ProgressBar):
             raise ValueError(f"every_n_steps must be >= 1 or None, got {every_n_steps}")
         self.every_n_steps = every_n_steps
         self._enabled = True
-        self._start_time = self._start_step = None
+        self._start_time = self._start_step = self._printed_step = None
 
     def disable(self) -> None:
         self._enabled = False
@@ -51,7 +51,9 @@ class ProgressLog(ProgressBar):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         every = self.every_n_steps or trainer.log_every_n_steps
-        if trainer.global_step % every == 0:
+        # Once per optimizer step (with gradient accumulation several batches end on the same step).
+        if trainer.global_step % every == 0 and trainer.global_step != self._printed_step:
+            self._printed_step = trainer.global_step
             self._line(trainer, self._progress(trainer, "train/"))
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module) -> None:
@@ -80,8 +82,9 @@ class ProgressLog(ProgressBar):
 
     @staticmethod
     def _total(trainer: pl.Trainer) -> float:
-        """The step the run ends at (inf when it is bounded by time only)."""
-        return trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
+        """The step the run ends at, by max_steps or max_epochs (inf when neither bounds it)."""
+        total = trainer.estimated_stepping_batches
+        return total if total > 0 else math.inf
 
     def _of_total(self, trainer: pl.Trainer) -> str:
         total = self._total(trainer)

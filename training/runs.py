@@ -34,7 +34,7 @@ class _ContinuedMetricsWriter(ExperimentWriter):
 
     The first rows this process writes start at the step training resumed from; rows of the earlier attempt at
     that step or later were trained again, so they are dropped then (a checkpoint is older than the rows
-    flushed after it)."""
+    flushed after it), and so is a last row cut short by a kill."""
 
     def _check_log_dir_exists(self) -> None:  # Lightning's writer deletes an existing metrics.csv here
         self.earlier_rows: list[dict] | None = None
@@ -47,13 +47,21 @@ class _ContinuedMetricsWriter(ExperimentWriter):
     def save(self) -> None:
         if self.earlier_rows is not None and self.metrics:
             first_step = min(row["step"] for row in self.metrics)
-            kept = [row for row in self.earlier_rows if float(row["step"]) < first_step]
+            kept = [row for row in self.earlier_rows if _step(row) < first_step]
             with self._fs.open(self.metrics_file_path, "w", newline="") as file:
                 writer = csv.DictWriter(file, fieldnames=self.metrics_keys)
                 writer.writeheader()
                 writer.writerows(kept)
             self.earlier_rows = None
         super().save()
+
+
+def _step(row: dict) -> float:
+    """A metrics.csv row's step; a row cut short by a kill during its write has none and counts as the newest."""
+    try:
+        return float(row["step"])
+    except (KeyError, TypeError, ValueError):
+        return float("inf")
 
 
 class RunLogger(CSVLogger):

@@ -191,7 +191,8 @@ def test_shipped_config_fits_two_steps_and_exports(tmp_path):
     for name, value in loaded.state_dict().items():
         torch.testing.assert_close(value, trained["state_dict"][f"model.{name}"], msg=name)
     # exporting from the checkpoint later (as moezoo-export does) gives the same weights and step count
-    FusionModule.load_from_checkpoint(last, map_location="cpu", weights_only=True).export(tmp_path / "again", dtype=torch.float16)
+    module = FusionModule.load_from_checkpoint(last, map_location="cpu", weights_only=True)
+    module.export(tmp_path / "again", dtype=torch.float16)
     again = create_model(f"local-dir:{tmp_path / 'again'}", pretrained=True)
     assert again.pretrained_cfg.metadata["trained_steps"] == 2
     for name, value in again.state_dict().items():

@@ -52,8 +52,10 @@ def private_imports(source: str) -> list[str]:
 
 
 def test_the_private_import_check_finds_private_imports():
-    source = "from .data import _split_indices, collate\nimport torch._dynamo\nfrom a._b import c\nfrom __future__ import x"
-    assert private_imports(source) == ["from .data import _split_indices", "import torch._dynamo", "from a._b import ..."]
+    source = "\n".join(["from .data import _split_indices, collate", "import torch._dynamo", "from a._b import c",
+                        "from __future__ import annotations", "from .x import __version__"])
+    assert private_imports(source) == ["from .data import _split_indices", "import torch._dynamo",
+                                       "from a._b import ..."]
 
 
 def test_no_file_imports_private_names():
