@@ -368,6 +368,28 @@ def test_the_size_check_leaves_the_random_state_alone(dummies):
     assert torch.equal(after, reference_after)
 
 
+def test_modules_built_by_other_threads_meanwhile_are_not_counted(dummies):
+    """The registration hooks are global; they count the thread that runs create_model only."""
+    import threading
+
+    elsewhere = []
+
+    @register_model
+    def test_dummy_busy_neighbour(pretrained: bool = False) -> TinyNet:
+        neighbour = threading.Thread(target=lambda: elsewhere.append(nn.Linear(100, 100)))  # 10,100 parameters
+        neighbour.start()
+        neighbour.join()
+        dim = int(torch.tensor(4).item())  # not on meta: counted while built for real, hooks on
+        return TinyNet(dim)
+
+    try:
+        model = create_model("test_dummy_busy_neighbour", max_parameters=tiny_net_parameters(4, 3))
+    finally:
+        registry.unregister_model("test_dummy_busy_neighbour")
+    assert isinstance(model, TinyNet)
+    assert [layer.weight.device.type for layer in elsewhere] == ["cpu", "cpu"]  # the meta device is per thread
+
+
 @pytest.fixture
 def not_meta_buildable():
     """test_dummy_item: its constructor reads a tensor's value (impossible on the meta device)."""
