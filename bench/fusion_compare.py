@@ -3,7 +3,7 @@
     .venv/bin/python bench/fusion_compare.py                         # synthetic pairs from the test photos
     .venv/bin/python bench/fusion_compare.py --folder data/TNO       # real pairs: data/TNO/ir + data/TNO/vis
 
-The synthetic pairs come from the photos training never sees (``moezoo.training.photos.TEST_PHOTOS``), with a
+The synthetic pairs come from the photos training never sees (``moezoo.training.datasets.photos.TEST_PHOTOS``), with a
 seed of their own. Prints markdown tables: the mean of each metric over the pairs, overall and per
 visible-image condition, then the model's size and its mean time per pair. One CPU thread.
 

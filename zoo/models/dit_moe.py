@@ -1018,7 +1018,7 @@ _SHAPES_VIDEO = DiTMoEVideoConfig(input_size=32, patch_size=4, in_channels=3, hi
 
 _SHAPES_VIDEO_METADATA = {
     "task": "text-to-video",
-    "data": "moezoo.training.video_data.MovingShapesDataModule (training/configs/dit_moe_shapes_video.yaml)",
+    "data": "moezoo.training.datamodules.video.MovingShapesDataModule (training/configs/dit_moe_shapes_video.yaml)",
     "frames": 8,
     "image_size": 32,
     "fps": 8,

@@ -434,7 +434,7 @@ def moe_fusion(pretrained: bool = False, **kwargs) -> MoEFusion:
         sha256="e1f1c310928804d13414d81f6e43e7bbcca3ef44939d341eec4c79ceb9ae11ca",
         metadata={
             "task": "infrared-visible fusion (one channel: infrared + visible luminance)",
-            "data": "synthetic registered pairs from scikit-image photographs (training/fusion_data.py)",
+            "data": "synthetic registered pairs from scikit-image photographs (training/datasets/fusion_pairs.py)",
             "config": "training/configs/moe_fusion_irvis.yaml",
             # stopped by --trainer.max_time 00:00:24:00 (one shared CPU core) before the config's 2700 steps
             "trained_steps": 2369,
