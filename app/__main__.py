@@ -2,6 +2,9 @@
 
     python -m moezoo.app [--port 7860] [--host 127.0.0.1]
 
+Stop it with Ctrl-C or SIGTERM: either way its temporary folder (``$TMPDIR/moezoo-demo-*``: videos, example
+files, example cache) is removed.
+
 The MoE quickstart that ``make demo`` ran before the app landed is ``python -m moezoo.app.quickstart``.
 """
 

@@ -26,6 +26,8 @@ import logging
 import math
 import os
 import shutil
+import signal
+import struct
 import tempfile
 import threading
 import time
@@ -64,6 +66,7 @@ MAX_PIXELS = 40_000_000
 DISPLAY_SIDE = 256  # tiny generated pictures (16 or 32 px) are enlarged to at least this, nearest neighbour
 MEMO_SIZE = 8  # results kept per tab, so choosing another layer redraws instead of recomputing
 ACCEPTED_IMAGES = "PNG, JPEG, WebP, BMP, GIF or TIFF"
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")  # the same, as PIL names them
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -138,6 +141,16 @@ def checked_guidance(guidance) -> float:
     return float(guidance)
 
 
+def _text_to_number(value):
+    """A number written as text ("3", " 2.0 ") as a float; anything else unchanged, for the checks to refuse."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def checked_prompt(prompt, example: str) -> str:
     if not isinstance(prompt, str) or not prompt.strip():
         raise gr.Error(f"The prompt is empty: describe what to draw, e.g. \u201c{example}\u201d.")
@@ -153,6 +166,40 @@ def _flatten_alpha(image: Image.Image) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return image
+
+
+def _megapixels(pixels: int) -> str:
+    return f"{pixels / 1e6:.3g} megapixels"
+
+
+def too_many_pixels(what: str, name: str, size: tuple[int, int] | None) -> gr.Error:
+    """The refusal of an image above MAX_PIXELS, naming its size (when known) and the limit."""
+    limit = f"this demo accepts up to {_megapixels(MAX_PIXELS)}"
+    if size is None:
+        return gr.Error(f"{what} ({name}) has too many pixels; {limit}.")
+    width, height = size
+    return gr.Error(f"{what} ({name}) is {width}x{height} = {_megapixels(width * height)}; {limit}.")
+
+
+def header_size(path) -> tuple[int, int] | None:
+    """(width, height) of an image file of an accepted format, from its header alone, or None if none of them
+    recognises it. For files that PIL's ``Image.open`` refuses as decompression bombs: its refusal names neither
+    the size nor this demo's limit. A format's PIL plugin reads the header without decoding or checking the size;
+    which plugin is found, as ``Image.open`` does, from the file's first bytes."""
+    Image.init()  # registers the WebP and TIFF plugins too
+    with open(path, "rb") as file:
+        prefix = file.read(16)
+        for format_name in ACCEPTED_FORMATS:
+            factory, accept = Image.OPEN[format_name]
+            if accept is not None and not accept(prefix):
+                continue
+            file.seek(0)
+            try:
+                return factory(file, str(path)).size
+            except (SyntaxError, IndexError, TypeError, ValueError, OSError, struct.error,
+                    Image.DecompressionBombError):  # what plugins raise for a header they cannot read
+                return None
+    return None
 
 
 def open_upload(upload, what: str) -> Image.Image:
@@ -171,19 +218,16 @@ def open_upload(upload, what: str) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL only warns below 2x its limit
             image = Image.open(upload)
-            width, height = image.size
-            if width * height > MAX_PIXELS:
-                raise gr.Error(f"{what} ({name}) is {width}x{height} = {width * height / 1e6:.0f} megapixels; "
-                               f"this demo accepts up to {MAX_PIXELS / 1e6:.0f} megapixels.")
+            if image.width * image.height > MAX_PIXELS:
+                raise too_many_pixels(what, name, image.size)
             image = ImageOps.exif_transpose(image)
             image.load()
     except gr.Error:
         raise
     except UnidentifiedImageError as err:
         raise gr.Error(f"{what} ({name}) is not an image this demo can read; accepted: {ACCEPTED_IMAGES}.") from err
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise gr.Error(f"{what} ({name}) has too many pixels; this demo accepts up to "
-                       f"{MAX_PIXELS / 1e6:.0f} megapixels.") from err
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:  # PIL's own, higher limit
+        raise too_many_pixels(what, name, header_size(upload)) from err
     except (OSError, ValueError, SyntaxError) as err:  # truncated or damaged data: PIL raises all three
         raise gr.Error(f"{what} ({name}) is damaged and could not be decoded ({err}); try saving it again as PNG "
                        "or JPEG.") from err
@@ -264,8 +308,14 @@ class TabApp:
 
     def layer_dropdown(self) -> gr.Dropdown:
         choices = [(f"{i}: {layer.name} ({layer.num_experts} experts)", i) for i, layer in enumerate(self.layers)]
-        return gr.Dropdown(choices=choices, value=self.default_layer if choices else None, label="MoE layer shown",
-                           interactive=bool(choices))
+        dropdown = gr.Dropdown(choices=choices, value=self.default_layer if choices else None,
+                               label="MoE layer shown", interactive=bool(choices))
+        # gradio's API schema types every Dropdown as a string, so gradio_client sends the layer as "3", which
+        # gradio would refuse as not one of the int choices before the listener runs. Checking it first turns
+        # "3" into 3 and gives anything else this app's message. (Wrapped on the instance: see image_input.)
+        choose = dropdown.preprocess
+        dropdown.preprocess = lambda payload: choose(self._checked_layer(payload))
+        return dropdown
 
     # ------------------------------------------------------------------ running
     def prepare(self, *values) -> tuple[tuple, list[str]]:
@@ -306,13 +356,16 @@ class TabApp:
         return result.output, picture, chart, text
 
     def _checked_layer(self, layer) -> int | None:
+        """The MoE layer to show: a whole number in range, also written as text ("3": what the API schema
+        advertises); None means the default layer."""
         if not self.layers:
             return None
         if layer is None:
             return self.default_layer
-        if not _is_whole_in(layer, 0, len(self.layers) - 1):
+        number = _text_to_number(layer)
+        if not _is_whole_in(number, 0, len(self.layers) - 1):
             raise gr.Error(f"MoE layer must be a whole number from 0 to {len(self.layers) - 1}, got {layer!r}.")
-        return int(layer)
+        return int(number)
 
     def expert_names(self, layer: Layer) -> list[str] | None:
         return self.tab.expert_names(layer) if self.tab.expert_names else None
@@ -523,6 +576,9 @@ def image_input(**options) -> gr.Image:
             raise
         except Exception as err:
             name = getattr(payload, "orig_name", None) or "the upload"
+            if isinstance(err, Image.DecompressionBombError):  # gradio's Image.open: over PIL's limit, far above ours
+                path = getattr(payload, "path", None)  # None for an image sent inline as a data: URL
+                raise too_many_pixels(component.label, name, header_size(path) if path else None) from err
             raise gr.Error(f"{component.label}: {name} is not an image this demo can read ({type(err).__name__}); "
                            f"accepted: {ACCEPTED_IMAGES}.") from err
 
@@ -649,12 +705,36 @@ _SESSION_FOLDER: str | None = None
 
 
 def _session_folder() -> str:
-    """A temporary folder for this process's videos, example files and example cache, removed at exit."""
+    """A temporary folder for this process's videos, example files and example cache, removed when the process
+    ends: at a normal exit, after Ctrl-C / SIGINT (its KeyboardInterrupt ends the app normally) and on SIGTERM."""
     global _SESSION_FOLDER
     if _SESSION_FOLDER is None:
         _SESSION_FOLDER = tempfile.mkdtemp(prefix="moezoo-demo-")
-        atexit.register(shutil.rmtree, _SESSION_FOLDER, True)
+        atexit.register(_remove_session_folder)
+        _remove_session_folder_on_sigterm()
     return _SESSION_FOLDER
+
+
+def _remove_session_folder() -> None:
+    if _SESSION_FOLDER is not None:
+        shutil.rmtree(_SESSION_FOLDER, ignore_errors=True)
+
+
+def _remove_session_folder_on_sigterm() -> None:
+    """SIGTERM's default action ends the process without running atexit. Where SIGTERM still has that default,
+    remove the folder first, then end the process as SIGTERM would have (a parent sees "killed by SIGTERM").
+    A program with its own SIGTERM handler keeps it (and atexit cleans up if it exits); handlers can only be set
+    from the main thread, so a demo built in another thread relies on atexit alone."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if not in_main_thread or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        return
+
+    def remove_and_terminate(signum, frame):
+        _remove_session_folder()
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, remove_and_terminate)
 
 
 def load_bundled(tab: Tab):

@@ -1,7 +1,15 @@
-"""A short end-to-end MoE example: train a small MoE classifier on scikit-learn's digits and show how its
-experts specialise. ``make demo`` runs this until the Gradio app lands.
+"""Train a small MoE classifier on scikit-learn's digits and show which experts each digit goes to.
 
-    python -m moezoo.app.quickstart [--steps 300] [--backend torch]
+An end-to-end MoE example without the UI (the Gradio demo is ``python -m moezoo.app``, what ``make demo`` runs):
+
+    python -m moezoo.app.quickstart [--steps 300] [--backend auto|reference|torch|triton]
+
+Each 8x8 digit is one token: a linear embedding, one MoE block (8 SwiGLU experts, top-2, plus one shared expert;
+load-balance and z-loss auxiliary losses) and a linear head over the 10 classes. AdamW trains it on a random 80%
+of the 1797 digits (batches of 128, the loss printed every 100 steps and at the last). Then it prints the accuracy
+on the other 20% and a table: per digit, the share of its test images whose first-choice expert is each of the 8
+(rows sum to 1), and on the last row the load, each expert's share of all top-2 choices. The default 300 steps
+take about 25 s in all on 2 CPU cores and reach about 97% accuracy.
 """
 
 from __future__ import annotations

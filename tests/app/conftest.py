@@ -2,6 +2,8 @@
 parameters large, so every tab runs in well under a second and no trained weights are needed."""
 
 import socket
+import struct
+import zlib
 
 import pytest
 import torch
@@ -55,3 +57,28 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _png_header_only(path, width: int, height: int):
+    """A PNG that says it is ``width`` x ``height`` (8-bit RGB) and costs about 80 bytes: signature, IHDR, an
+    empty IDAT and IEND, written from the PNG spec. Opening it reads only the header, so it tests size limits
+    without the memory of a real picture of that size; decoding it would fail (no pixel data)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # bit depth 8, colour type 2 (RGB)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b""))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.fixture
+def png_header_only(tmp_path):
+    """``(name, width, height) -> path``: a header-only PNG of that size in the test's folder."""
+    return lambda name, width, height: _png_header_only(tmp_path / name, width, height)
+
+
+@pytest.fixture
+def huge_png(png_header_only):
+    """A 20000x20000 PNG (400 megapixels: over PIL's own decompression-bomb limit, 2 x 89.5 megapixels)."""
+    return png_header_only("huge.png", 20000, 20000)

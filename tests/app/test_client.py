@@ -63,3 +63,24 @@ def test_bad_input_is_a_readable_error_and_the_app_keeps_serving(served, tmp_pat
     pair, picture, chart, notes = client.predict(handle_file(str(photo)), 0, api_name="/deweather")
     assert [Image.open(p["path"] if isinstance(p, dict) else p).size for p in pair] == [(24, 16), (24, 16)]
     assert "Layer 0" in notes
+
+
+def test_layer_as_the_string_the_schema_advertises(served):
+    _, client = served
+    layer = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/digits"]["parameters"][-1]
+    assert layer["type"]["type"] == "string"
+    by_text = client.predict("4", 3, STEPS, GUIDANCE, "1", api_name="/digits")
+    by_number = client.predict("4", 3, STEPS, GUIDANCE, 1, api_name="/digits")
+    assert "**Layer 1**" in by_text[3]
+    assert np.array_equal(np.asarray(Image.open(by_text[1])), np.asarray(Image.open(by_number[1])))
+    for bad in ("2", "top"):
+        with pytest.raises(AppError, match=f"MoE layer must be a whole number from 0 to 1, got '{bad}'"):
+            client.predict("4", 3, STEPS, GUIDANCE, bad, api_name="/digits")
+
+
+def test_an_enormous_upload_gets_the_pixel_limit(served, huge_png):
+    _, client = served
+    with pytest.raises(AppError, match=r"\(huge.png\) is 20000x20000 = 400 megapixels; this demo accepts up to 40 "
+                                       r"megapixels\.") as caught:
+        client.predict(handle_file(str(huge_png)), 0, api_name="/deweather")
+    assert "DecompressionBomb" not in str(caught.value)

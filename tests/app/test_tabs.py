@@ -160,11 +160,34 @@ def test_text_to_video_writes_a_playable_mp4(apps, tiny_pipelines):
     ("digits", ("7", 0, STEPS, float("nan"), 0), "Guidance must be a number"),
     ("digits", ("7", 0, STEPS, GUIDANCE, 2), "MoE layer must be a whole number from 0 to 1"),
     ("digits", ("7", 0, STEPS, GUIDANCE, "top"), "MoE layer must be a whole number from 0 to 1"),
+    ("digits", ("7", 0, STEPS, GUIDANCE, "2"), "MoE layer must be a whole number from 0 to 1, got '2'"),
+    ("digits", ("7", 0, STEPS, GUIDANCE, "0.5"), "MoE layer must be a whole number from 0 to 1, got '0.5'"),
+    ("digits", ("7", 0, STEPS, GUIDANCE, "nan"), "MoE layer must be a whole number from 0 to 1, got 'nan'"),
+    ("digits", ("7", 0, STEPS, GUIDANCE, ""), "MoE layer must be a whole number from 0 to 1, got ''"),
     ("digits", ("7", "zero", STEPS, GUIDANCE, 0), "Seed must be a whole number"),
 ])
 def test_bad_generation_inputs_raise_readable_errors(apps, tab, args, message):
     with pytest.raises(gr.Error, match=message.replace("(", r"\(")):
         apps[tab].run(*args)
+
+
+def test_layer_given_as_text_is_the_same_layer(apps):
+    # gradio's API schema types the layer dropdown as a string: gradio_client sends "1".
+    app = apps["digits"]
+    (_, by_number, _, notes), _ = quietly(app.run, "7", 5, STEPS, GUIDANCE, 1)
+    for text in ("1", " 1 ", "1.0"):
+        (_, by_text, _, text_notes), _ = quietly(app.run, "7", 5, STEPS, GUIDANCE, text)
+        assert np.array_equal(np.asarray(by_text), np.asarray(by_number))
+        assert text_notes.split(" Computed in")[0] == notes.split(" Computed in")[0]
+
+
+def test_layer_dropdown_takes_text_before_gradio_compares_it_with_its_choices(demo):
+    dropdown = next(block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "digits-layer")
+    assert [value for _, value in dropdown.choices] == [0, 1]
+    assert dropdown.api_info()["type"] == "string"  # what the API schema advertises
+    assert dropdown.preprocess("1") == 1 and dropdown.preprocess(0) == 0
+    with pytest.raises(gr.Error, match="MoE layer must be a whole number from 0 to 1, got 'top'"):
+        dropdown.preprocess("top")
 
 
 # ------------------------------------------------------------------------------------------------ uploads
@@ -200,8 +223,46 @@ def test_huge_image_is_scaled_down_and_the_user_is_told(tiny_loader, photo):
 
 def test_too_many_pixels_is_refused_before_decoding(apps, photo, monkeypatch):
     monkeypatch.setattr(demo_module, "MAX_PIXELS", 500)
-    with pytest.raises(gr.Error, match=r"40x24 = 0 megapixels; this demo accepts up to 0 megapixels"):
+    with pytest.raises(gr.Error, match=r"\(photo.png\) is 40x24 = 0.00096 megapixels; this demo accepts up to "
+                                       r"0.0005 megapixels\."):
         apps["deweather"].run(str(photo), 0)
+
+
+@pytest.mark.parametrize("width, height, megapixels", [
+    (20000, 20000, "400"),  # over PIL's own limit (2 x 89.5 MP): PIL refuses to open it at all
+    (12000, 10000, "120"),  # over PIL's warning limit (89.5 MP)
+    (8000, 6000, "48"),  # over ours only
+])
+def test_an_enormous_image_gets_the_demos_limit_and_its_size(apps, png_header_only, width, height, megapixels):
+    path = png_header_only("big.png", width, height)
+    message = (rf"The photo \(big.png\) is {width}x{height} = {megapixels} megapixels; this demo accepts up to "
+               rf"{demo_module.MAX_PIXELS / 1e6:g} megapixels\.")
+    with pytest.raises(gr.Error, match=message):
+        apps["deweather"].run(str(path), 0)
+
+
+def test_upload_component_gives_the_pixel_limit_for_a_decompression_bomb(huge_png):
+    from gradio.data_classes import ImageData
+
+    component = demo_module.image_input(label="Photo", render=False)
+    with pytest.raises(gr.Error, match=r"Photo \(huge.png\) is 20000x20000 = 400 megapixels; this demo accepts up "
+                                       r"to 40 megapixels\.") as caught:
+        component.preprocess(ImageData(path=str(huge_png), orig_name="huge.png"))
+    assert "DecompressionBomb" not in str(caught.value)
+
+
+@pytest.mark.parametrize("format_name, suffix", [("PNG", "png"), ("JPEG", "jpg"), ("WEBP", "webp"), ("BMP", "bmp"),
+                                                 ("GIF", "gif"), ("TIFF", "tif")])
+def test_header_size_reads_every_accepted_format(tmp_path, format_name, suffix):
+    path = tmp_path / f"image.{suffix}"
+    Image.new("RGB", (37, 23), (200, 10, 10)).save(path, format=format_name)
+    assert demo_module.header_size(path) == (37, 23)
+
+
+def test_header_size_of_a_file_no_accepted_format_reads_is_none(tmp_path):
+    text = tmp_path / "notes.png"
+    text.write_text("this is not a picture")
+    assert demo_module.header_size(text) is None
 
 
 def test_not_an_image_and_a_corrupt_image_raise_readable_errors(apps, photo, tmp_path):
