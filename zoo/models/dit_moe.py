@@ -717,7 +717,8 @@ class DiTMoEVideo(DiTMoE):
     def _single_token_ids(self, words: tuple[str, ...]) -> torch.Tensor:
         ids = []
         for word in words:
-            tokens = self.text_encoder.tokenize(word)[0]
+            with torch.device("cpu"):  # token ids are data, also when the model is built on the meta device
+                tokens = self.text_encoder.tokenize(word)[0]
             tokens = tokens[tokens != 0][1:-1]  # drop padding, then the start and end tokens
             if len(tokens) != 1:
                 raise ValueError(f"learned word {word!r} is {len(tokens)} tokens of the text encoder's vocabulary; "
