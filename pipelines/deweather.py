@@ -6,10 +6,11 @@
     out.images[0].save("clear.png")
     out.routing_maps[0][0]      # layer 0, image 0: int [ceil(H/p), ceil(W/p)], the top-1 expert of each patch
 
-Any image size works: the image is cut into ``tile_size`` tiles that overlap by ``tile_overlap`` pixels, each
-tile is restored on its own (so memory does not grow with the photo), and the tiles are blended back with
-weights that ramp linearly across the overlaps (no seams). The image is padded on the bottom/right edge up
-to a whole number of tiles, and tiles start on multiples of ``tile_size - tile_overlap`` (a multiple of the
+Any image size and any number of images work: images are restored one after another, ``tile_batch_size``
+tiles per model call (16 by default), so the model's activations grow with neither the photo nor the number
+of photos. Each image is cut into ``tile_size`` tiles that overlap by ``tile_overlap`` pixels, each tile is
+restored on its own, and the tiles are blended back with weights that ramp linearly across the overlaps (no
+seams). The image is padded on the bottom/right edge up to a whole number of tiles, and tiles start on multiples of ``tile_size - tile_overlap`` (a multiple of the
 patch size), so every tile's patches lie on one global patch grid and the routing maps stitch exactly: each
 patch takes the expert chosen in the tile where it lies furthest inside. An image smaller than a tile is
 restored as one tile of its own size (rounded up to whole patches).

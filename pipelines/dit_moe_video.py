@@ -98,8 +98,8 @@ class DiTMoEVideoPipeline(DiTMoEPipeline):
             max_batch_size: clips per model call (default: the pipeline's ``max_batch_size``, 4); larger
                 requests run in chunks. With one generator per clip the clips do not depend on it.
         """
-        guidance_scale, max_batch_size = self._check_call(class_labels, prompt, num_inference_steps, guidance_scale,
-                                                          output_type, max_batch_size)
+        num_inference_steps, guidance_scale, max_batch_size = self._check_call(
+            class_labels, prompt, num_inference_steps, guidance_scale, output_type, max_batch_size)
         config, device = self.transformer.config, self.device
         if class_labels is not None:
             ids = self.get_label_ids(class_labels)

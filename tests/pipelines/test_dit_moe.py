@@ -59,6 +59,8 @@ def recorded_forwards(model):
     (dict(class_labels=[12]), "out of range"),
     (dict(class_labels=["seven"]), "unknown class 'seven'; accepted: digit 0"),
     (dict(class_labels=[1], num_inference_steps=0), "positive integer"),
+    (dict(class_labels=[1], num_inference_steps=True), "num_inference_steps must be a positive integer, got True"),
+    (dict(class_labels=[1], num_inference_steps=2.0), "num_inference_steps must be a positive integer, got 2.0"),
     (dict(class_labels=[1], guidance_scale=-1.0), "guidance_scale must be a finite number >= 0"),
     (dict(class_labels=[1, 2], generator=[torch.Generator()]), "1 generators for 2 outputs"),
     (dict(class_labels=[1], output_type="jpeg"), "accepted: pil, np, pt"),
@@ -84,7 +86,7 @@ def test_guidance_scale_must_be_a_finite_number_at_least_zero(digits_pipe, shape
         assert forwards == []
 
 
-def test_guidance_scale_of_any_real_number_type_is_accepted(digits_pipe):
+def test_numbers_of_any_real_number_type_are_accepted(digits_pipe):
     def run(guidance_scale):
         return digits_pipe(class_labels=[2], num_inference_steps=2, guidance_scale=guidance_scale, output_type="pt",
                            generator=torch.Generator().manual_seed(3)).images
@@ -92,6 +94,9 @@ def test_guidance_scale_of_any_real_number_type_is_accepted(digits_pipe):
     reference = run(2.0)
     for same in (2, np.float32(2.0), np.int64(2)):
         torch.testing.assert_close(run(same), reference, rtol=0, atol=0)
+    numpy_steps = digits_pipe(class_labels=[2], num_inference_steps=np.int64(2), guidance_scale=2.0, output_type="pt",
+                              generator=torch.Generator().manual_seed(3)).images
+    torch.testing.assert_close(numpy_steps, reference, rtol=0, atol=0)
     assert run(0).isfinite().all()  # 0: the unconditional prediction alone
 
 
