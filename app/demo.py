@@ -46,7 +46,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from moezoo.pipelines import DiTMoEPipeline, DiTMoEVideoPipeline, export_to_video
 from moezoo.pipelines.deweather import DeweatherPipeline
 from moezoo.pipelines.fusion import FusionPipeline
-from moezoo.zoo.layers import MoE
+from moezoo.zoo.layers import routed_blocks
 
 from .pictures import expert_labels, expert_shares, load_chart, routing_map_picture
 
@@ -76,25 +76,25 @@ ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")  # the same, as
 
 @dataclass(frozen=True)
 class Layer:
-    """One MoE layer of a pipeline's network: its module name, routed experts and special experts."""
+    """One routed layer of a pipeline's network: its module name, computed and special experts, and the
+    legend label of every expert (the block's own ``expert_labels()``: e.g. which modality it reads)."""
 
     name: str
     num_experts: int
     num_special: int = 0
+    labels: tuple[str, ...] = ()
 
 
 def moe_layers(pipe) -> list[Layer]:
-    """Every MoE block of the pipeline's networks, in forward-definition order — the order of the routing maps
-    the pipelines return."""
+    """Every routed block (MoE FFNs, MoH attention, FiLM and conv experts: anything on the routed-block base)
+    of the pipeline's networks, in forward-definition order — the order of the routing maps the pipelines
+    return."""
     layers = []
     for attribute in getattr(pipe, "_modules", ()):
         module = getattr(pipe, attribute, None)
-        if not isinstance(module, torch.nn.Module):
-            continue
-        for name, block in module.named_modules():
-            if isinstance(block, MoE):
-                special = block.num_null_experts + block.num_copy_experts + block.num_constant_experts
-                layers.append(Layer(name, block.num_experts, special))
+        if isinstance(module, torch.nn.Module):
+            layers += [Layer(name, block.num_experts, block.num_special, tuple(block.expert_labels()))
+                       for name, block in routed_blocks(module)]
     return layers
 
 
@@ -367,9 +367,6 @@ class TabApp:
             raise gr.Error(f"MoE layer must be a whole number from 0 to {len(self.layers) - 1}, got {layer!r}.")
         return int(number)
 
-    def expert_names(self, layer: Layer) -> list[str] | None:
-        return self.tab.expert_names(layer) if self.tab.expert_names else None
-
     def routing_panel(self, result: Result, layer: int | None, notes: Sequence[str] = ()) -> tuple:
         """(routing map picture, load chart, markdown) of one layer of a result."""
         notes = [f"*{note}*" for note in notes]
@@ -380,7 +377,7 @@ class TabApp:
                            "layers; the pipeline and the model disagree.")
         info, map_ = self.layers[layer], result.maps[layer]
         num_ids = info.num_experts + info.num_special
-        labels = expert_labels(info.num_experts, info.num_special, self.expert_names(info))
+        labels = list(info.labels) or expert_labels(info.num_experts, info.num_special)
         unit = self.tab.unit
         picture = routing_map_picture(map_, info.num_experts, result.base, labels, info.num_special,
                                       title=f"Layer {layer}: the first-choice expert of each of the {map_.size} {unit}")
@@ -621,14 +618,6 @@ def fusion_examples(folder: Path) -> list[tuple[str, str]]:
     return pairs
 
 
-def fusion_expert_names(layer: Layer) -> list[str] | None:
-    """MoE-Fusion's local experts: the first half rebuild from the visible image, the rest from infrared."""
-    if not layer.name.startswith("local_"):
-        return None
-    half = layer.num_experts // 2
-    return ["visible"] * half + ["infrared"] * (layer.num_experts - half)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The list of tabs
 # ----------------------------------------------------------------------------------------------------------
@@ -650,7 +639,6 @@ class Tab:
         fps: frames per second of exported videos.
         max_side: uploads with a longer side are scaled down to it (restoration / fusion).
         default_layer: the MoE layer shown first (None: the middle one).
-        expert_names: optional names per expert of a layer, for the legend.
         unit: what one routing decision covers, for the captions ("patches", "gate cells").
     """
 
@@ -665,7 +653,6 @@ class Tab:
     fps: int = 8
     max_side: int = 1024
     default_layer: int | None = None
-    expert_names: Callable[[Layer], list[str] | None] | None = None
     unit: str = "patches"
 
 
@@ -693,7 +680,7 @@ TABS: list[Tab] = [
     Tab("IR + visible fusion", "moe_fusion_irvis", Fuse, "fusion",
         "**MoE-Fusion** fuses a registered infrared/visible pair. In the local layers half the experts rebuild a "
         "region from the visible image and half from infrared: the map shows which modality won where.",
-        examples=fusion_examples, max_side=640, expert_names=fusion_expert_names, unit="gate cells"),
+        examples=fusion_examples, max_side=640, unit="gate cells"),
 ]
 
 

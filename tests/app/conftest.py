@@ -26,11 +26,16 @@ def randomise(module, seed=0):
     return module
 
 
+def tiny_digits_pipeline(**overrides) -> DiTMoEPipeline:
+    """A tiny random class-to-image pipeline of the digits tab's kind (``overrides``: DiT-MoE config fields)."""
+    model = randomise(create_model("dit_moe_digits", **{**TINY_DIT, **overrides}))
+    return DiTMoEPipeline(model, label_names=[str(d) for d in range(10)])
+
+
 def make_tiny_pipelines() -> dict:
     """zoo model name -> a tiny pipeline of the class the app uses for it."""
     pipes = {
-        "dit_moe_digits": DiTMoEPipeline(randomise(create_model("dit_moe_digits", **TINY_DIT)),
-                                         label_names=[str(d) for d in range(10)]),
+        "dit_moe_digits": tiny_digits_pipeline(),
         "dit_moe_shapes": DiTMoEPipeline(randomise(create_model("dit_moe_shapes", **TINY_DIT), seed=1)),
         "dit_moe_shapes_video": DiTMoEVideoPipeline(randomise(create_model("test_dit_moe_video"), seed=2)),
         "mofme_weather": DeweatherPipeline(randomise(create_model("test_mofme"), seed=3)),
@@ -39,6 +44,11 @@ def make_tiny_pipelines() -> dict:
     for pipe in pipes.values():
         pipe.set_progress_bar_config(disable=True)
     return pipes
+
+
+@pytest.fixture
+def make_digits_pipeline():
+    return tiny_digits_pipeline
 
 
 @pytest.fixture(scope="session")

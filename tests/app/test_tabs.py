@@ -305,9 +305,9 @@ def test_fusion_fuses_a_pair_and_names_modality_experts(apps, tmp_path, tiny_pip
     reference = tiny_pipelines["moe_fusion_irvis"](Image.open(ir), Image.open(vis)).images[0]
     assert np.array_equal(np.asarray(fused), np.asarray(reference))
     assert "local_foreground" in notes and "gate cells" in notes
-    assert demo_module.fusion_expert_names(demo_module.Layer("local_background", 4)) == [
-        "visible", "visible", "infrared", "infrared"]
-    assert demo_module.fusion_expert_names(demo_module.Layer("global_decoder", 4)) is None
+    layers = {layer.name: layer for layer in apps["fusion"].layers}  # legend labels come from the blocks
+    assert layers["local_background"].labels == ("e0 visible", "e1 visible", "e2 infrared", "e3 infrared")
+    assert layers["global_decoder"].labels == ("e0", "e1", "e2", "e3")
 
 
 def test_fusion_pair_of_different_sizes_is_refused(apps, tmp_path):
@@ -325,6 +325,20 @@ def test_colour_infrared_is_converted_to_grey_with_a_note(apps, tmp_path):
     Image.new("L", (16, 16), 128).save(vis)
     (fused, *_rest, notes), _ = quietly(apps["fusion"].run, str(ir), str(vis), 0)
     assert "converted to greyscale" in notes and fused.size == (16, 16)
+
+
+def test_moh_attention_layers_join_the_layer_menu_with_no_app_change(make_digits_pipeline):
+    """The app walks the routed-block base: a DiT-MoE with MoH attention shows its attention layers (heads as
+    experts) beside the MoE FFNs, drawn from the pipeline's routing maps like any other layer."""
+    pipe = make_digits_pipeline(attention="moh", num_heads=4, moh_shared_heads=1, moh_top_k_heads=2)
+    pipe.set_progress_bar_config(disable=True)
+    tab = TABS[0]
+    app = tab.kind(tab, pipe)
+    names = [layer.name for layer in app.layers]
+    assert names[:2] == ["blocks.0.attn", "blocks.0.moe"] and len(names) == 2 * len(pipe.transformer.blocks)
+    assert app.layers[0].labels == ("e0 head 1", "e1 head 2", "e2 head 3")
+    (image, picture, chart, notes), _ = quietly(app.run, "3", 0, 2, 2.0, 0)
+    assert picture is not None and "blocks.0.attn" in notes
 
 
 def test_model_without_moe_layers_says_so(tiny_loader):
