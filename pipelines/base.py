@@ -16,6 +16,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from moezoo.zoo.layers import freeze, unfreeze
+
 OUTPUT_TYPES = ("pil", "np", "pt")
 
 
@@ -44,11 +46,27 @@ class Pipeline:
         return torch.float32
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Pipeline":
-        for name in self._modules:
-            module = getattr(self, name, None)
-            if module is not None:
-                module.to(device=device, dtype=dtype)
+        for module in self._torch_modules():
+            module.to(device=device, dtype=dtype)
+        return self.freeze()  # moved weights are new tensors: pack them again
+
+    def freeze(self) -> "Pipeline":
+        """Prepare the pipeline's models for inference on fixed weights: every routed block packs its expert
+        weights once (:func:`moezoo.zoo.layers.freeze`; the pipelines call this when built and after ``to``).
+        A weight changed in place or reloaded is noticed and computed on live; after an edit through ``.data``
+        call :meth:`unfreeze` (or ``freeze`` again)."""
+        for module in self._torch_modules():
+            freeze(module)
         return self
+
+    def unfreeze(self) -> "Pipeline":
+        """Undo :meth:`freeze`: the models compute on their live weights."""
+        for module in self._torch_modules():
+            unfreeze(module)
+        return self
+
+    def _torch_modules(self) -> list[torch.nn.Module]:
+        return [m for m in (getattr(self, name, None) for name in self._modules) if isinstance(m, torch.nn.Module)]
 
     def set_progress_bar_config(self, **kwargs) -> None:
         """tqdm options for the denoising bar, e.g. ``disable=True``."""

@@ -113,6 +113,7 @@ class DeweatherPipeline(Pipeline):
             raise ValueError("DeweatherPipeline needs a MoFME-family model (with config.patch_size)")
         self.model = model.eval()
         self.default_tile_size = default_tile_size or DEFAULT_TILE_SIZE
+        self.freeze()
 
     @classmethod
     def from_pretrained(cls, name: str = "mofme_weather", *, cache_dir=None, local_files_only: bool = False,

@@ -5,10 +5,10 @@
     out = pipe(class_labels=[3, 7], num_inference_steps=30, generator=torch.Generator().manual_seed(0))
     out.images[0].save("three.png")
 
-Sampling uses diffusers' schedulers: flow-match Euler for rectified-flow models (the model predicts
-``v = noise - x0``; diffusers' sigmas are DiT-MoE's ``t``), DDIM (or DDPM) for epsilon models on DiT's linear
-schedule. Pixel-space models decode directly; latent models decode with a diffusers ``AutoencoderKL`` the
-caller supplies (latents scaled by 0.18215, as DiT).
+Sampling uses diffusers' schedulers (:func:`moezoo.zoo.diffusion.make_scheduler`): flow-match Euler for
+rectified-flow models (the model predicts ``v = noise - x0``; diffusers' sigmas are DiT-MoE's ``t``), DDIM (or
+DDPM) for epsilon models on DiT's linear schedule. Pixel-space models decode directly; latent models decode with
+a diffusers ``AutoencoderKL`` the caller supplies (latents scaled by its ``config.scaling_factor``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+from moezoo.zoo.diffusion import make_scheduler, vae_scaling_factor
 
 from .base import (
     Pipeline,
@@ -32,8 +33,6 @@ from .base import (
     to_output,
 )
 
-VAE_SCALE = 0.18215
-SCHEDULERS = ("flow_match_euler", "ddim", "ddpm")
 
 
 @dataclass
@@ -44,25 +43,6 @@ class DiTMoEPipelineOutput:
 
     images: list | np.ndarray | torch.Tensor
     routing_maps: list[np.ndarray] | None = None
-
-
-def make_scheduler(objective: str, name: str | None = None, shift: float = 1.0):
-    """The diffusers scheduler for a training objective: rectified flow -> flow-match Euler (``shift``: the
-    model's ``config.time_shift``; 1 gives DiT-MoE's uniform Euler steps); DDPM epsilon -> DDIM (default) or
-    ancestral DDPM on DiT's linear betas."""
-    if objective == "rf":
-        if name not in (None, "flow_match_euler"):
-            raise ValueError(f"a rectified-flow model samples with 'flow_match_euler', not {name!r}")
-        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
-    if objective != "ddpm":
-        raise ValueError(f"unknown objective {objective!r}; accepted: 'rf', 'ddpm'")
-    betas = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-                 clip_sample=False, prediction_type="epsilon")
-    if name in (None, "ddim"):
-        return DDIMScheduler(**betas, set_alpha_to_one=False, timestep_spacing="trailing")
-    if name == "ddpm":
-        return DDPMScheduler(**betas, variance_type="fixed_small")
-    raise ValueError(f"unknown scheduler {name!r} for an epsilon model; accepted: 'ddim', 'ddpm'")
 
 
 def scheduler_for(transformer, name: str | None = None):
@@ -96,6 +76,7 @@ class DiTMoEPipeline(Pipeline):
         self.label_names = list(label_names) if label_names else [str(i) for i in range(num_classes)]
         if num_classes and len(self.label_names) != num_classes:
             raise ValueError(f"got {len(self.label_names)} label names for a model of {num_classes} classes")
+        self.freeze()
 
     @classmethod
     def from_pretrained(
@@ -252,4 +233,4 @@ class DiTMoEPipeline(Pipeline):
     def _decode(self, sample: torch.Tensor) -> torch.Tensor:
         if self.vae is None:
             return sample
-        return self.vae.decode(sample / VAE_SCALE).sample
+        return self.vae.decode(sample / vae_scaling_factor(self.vae)).sample

@@ -149,6 +149,7 @@ class FusionPipeline(Pipeline):
     def __init__(self, model):
         super().__init__()
         self.model = model.eval()
+        self.freeze()
 
     @classmethod
     def from_pretrained(

@@ -289,3 +289,60 @@ def test_from_pretrained_reads_an_exported_folder_with_its_label_names(tmp_path)
         torch.testing.assert_close(pipe.transformer(x, t, y), model(x, t, y))
     with pytest.raises(ValueError, match="samples with .flow_match_euler., not .ddim."):
         DiTMoEPipeline.from_pretrained(f"local-dir:{tmp_path}", scheduler="ddim")
+
+
+# ----------------------------------------------------------------------------------------------- freezing, VAE
+
+
+def test_pipeline_freezes_its_models_and_refreezes_after_to():
+    from moezoo.kernels import pack_expert_weights
+
+    model = randomise(create_model("dit_moe_digits", **TINY))
+    if pack_expert_weights(model.blocks[0].moe.w_in, model.blocks[0].moe.w_out) is None:
+        pytest.skip("no oneDNN packing in this torch build")
+    pipe = DiTMoEPipeline(model)
+    assert all(block.moe.frozen for block in model.blocks)
+    pipe.to(dtype=torch.float64)  # nothing to pack in float64: computed on the live weights
+    assert not any(block.moe.frozen for block in model.blocks)
+    pipe.to(dtype=torch.float32)
+    assert all(block.moe.frozen for block in model.blocks)
+    pipe.unfreeze()
+    assert not any(block.moe.frozen for block in model.blocks)
+
+
+def test_pipeline_output_follows_a_data_edit_after_unfreeze():
+    pipe = DiTMoEPipeline(randomise(create_model("dit_moe_digits", **TINY)))
+    pipe.set_progress_bar_config(disable=True)
+    def run(p):
+        return p(class_labels=[3], num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0))
+
+    before = run(pipe).images
+    for block in pipe.transformer.blocks:
+        block.moe.w_out.data.mul_(3.0)
+    pipe.unfreeze()
+    fresh = DiTMoEPipeline(pipe.transformer)  # a new pipeline packs the edited weights
+    fresh.set_progress_bar_config(disable=True)
+    after, again = run(pipe).images, run(fresh).images
+    assert (after - before).abs().max() > 1e-3
+    torch.testing.assert_close(after, again, **fp_tolerance(torch.float32, 256, layers=4))
+
+
+class _ScaledIdentityVAE(torch.nn.Module):
+    """A stand-in AutoencoderKL: decode returns its input, and its config says how latents were scaled."""
+
+    def __init__(self, scaling_factor: float):
+        super().__init__()
+        self.config = type("Config", (), {"scaling_factor": scaling_factor})()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # so the pipeline can read a device and dtype
+
+    def decode(self, latents):
+        return type("Decoded", (), {"sample": latents})()
+
+
+def test_latents_are_unscaled_by_the_vaes_own_scaling_factor(digits_pipe):
+    pipe = DiTMoEPipeline(digits_pipe.transformer, vae=_ScaledIdentityVAE(0.25))
+    latents = torch.full((1, 1, 16, 16), 0.1)
+    torch.testing.assert_close(pipe._decode(latents), latents / 0.25)
+    pipe.vae.config = object()
+    with pytest.raises(ValueError, match="scaling_factor"):
+        pipe._decode(latents)
