@@ -31,19 +31,18 @@ class Pipeline:
 
     @property
     def device(self) -> torch.device:
-        for name in self._modules:
-            module = getattr(self, name, None)
-            if module is not None:
-                return next(module.parameters()).device
-        return torch.device("cpu")
+        """Where the first of the pipeline's models lives (CPU when it has none)."""
+        parameter = self._first_parameter()
+        return parameter.device if parameter is not None else torch.device("cpu")
 
     @property
     def dtype(self) -> torch.dtype:
-        for name in self._modules:
-            module = getattr(self, name, None)
-            if module is not None:
-                return next(module.parameters()).dtype
-        return torch.float32
+        parameter = self._first_parameter()
+        return parameter.dtype if parameter is not None else torch.float32
+
+    def _first_parameter(self) -> torch.Tensor | None:
+        modules = self._torch_modules()
+        return next(modules[0].parameters()) if modules else None
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Pipeline":
         for module in self._torch_modules():
