@@ -1,5 +1,5 @@
 """moezoo.kernels.plan / moezoo.kernels.experts (and its torch backend, moezoo.kernels.cpu_backend) against an
-independent per-token loop written here.
+independent per-token loop (tests/helpers.py).
 
 The oracle (``loop_moe``) computes ``y[t] = sum_j w[t, j] * expert_{ids[t, j]}(x[t])`` one token and one slot
 at a time from the raw weight tensors with plain torch ops and hand-written activation formulas; gradients
@@ -13,20 +13,24 @@ import math
 
 import pytest
 import torch
+from helpers import act_formula, expert_on_token, gshard_kept, loop_moe
 from tolerance import fp_tolerance
 
 import moezoo.kernels.cpu_backend as cpu_backend
-from moezoo.kernels.activations import ACTIVATIONS
-from moezoo.kernels.cpu_backend import PackedExpertWeights, pack_expert_weights
-from moezoo.kernels.experts import (
+from moezoo.kernels import (
+    ACTIVATIONS,
     BACKENDS,
+    PackedExpertWeights,
     SharedExpert,
+    build_plan,
+    capacity_for,
     combine,
     expert_mlp,
     grouped_linear,
+    pack_expert_weights,
     resolve_backend,
 )
-from moezoo.kernels.plan import build_plan, capacity_for, expert_slices
+from moezoo.kernels.plan import expert_slices
 
 BACKENDS_UNDER_TEST = ("torch", "reference")
 
@@ -39,68 +43,6 @@ def real_size_paths_for_tiny_shapes(monkeypatch):
     ``padded`` tests the batched path, and ``test_small_products_*`` the size rules themselves."""
     monkeypatch.setattr(cpu_backend, "ONEDNN_MIN_MACS", 0)
     monkeypatch.setattr(cpu_backend, "PADDED_MAX_MACS", 0)
-
-
-# ----------------------------------------------------------------------------------------------- the oracle
-
-
-def act_formula(name: str, h: torch.Tensor) -> torch.Tensor:
-    if name == "silu":
-        return h * torch.sigmoid(h)
-    if name == "gelu":
-        return 0.5 * h * (1.0 + torch.erf(h / math.sqrt(2.0)))
-    if name == "gelu_tanh":
-        return 0.5 * h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * h**3)))
-    if name == "relu":
-        return torch.where(h > 0, h, torch.zeros_like(h))
-    raise AssertionError(name)
-
-
-def loop_expert(x_D, e, w_in, w_out, b_in, b_out, activation, gated):
-    """One expert on one token, from the raw [E, N, D] / [E, D, F] tensors."""
-    h = (w_in[e] * x_D[None, :]).sum(-1)  # [N]
-    if b_in is not None:
-        h = h + b_in[e]
-    if gated:
-        f = h.shape[0] // 2
-        a = act_formula(activation, h[:f]) * h[f:]
-    else:
-        a = act_formula(activation, h)
-    y = (w_out[e] * a[None, :]).sum(-1)  # [D]
-    if b_out is not None:
-        y = y + b_out[e]
-    return y
-
-
-def loop_kept(ids, num_experts, capacity=None):
-    """Which slots are dispatched: valid id, and (GShard) within capacity, rank-major then token order."""
-    T, K = ids.shape
-    kept = [[0 <= int(ids[t, j]) < num_experts for j in range(K)] for t in range(T)]
-    if capacity is not None:
-        used = [0] * num_experts
-        for j in range(K):
-            for t in range(T):
-                if kept[t][j]:
-                    e = int(ids[t, j])
-                    if used[e] < capacity:
-                        used[e] += 1
-                    else:
-                        kept[t][j] = False
-    return kept
-
-
-def loop_moe(x, weights, ids, w_in, w_out, b_in=None, b_out=None, activation="silu", gated=True, capacity=None):
-    T, D = x.shape
-    E = w_in.shape[0]
-    kept = loop_kept(ids, E, capacity)
-    rows = []
-    for t in range(T):
-        y = torch.zeros(D, dtype=x.dtype)
-        for j in range(ids.shape[1]):
-            if kept[t][j]:
-                y = y + weights[t, j] * loop_expert(x[t], int(ids[t, j]), w_in, w_out, b_in, b_out, activation, gated)
-        rows.append(y)
-    return torch.stack(rows) if rows else torch.zeros(0, D, dtype=x.dtype)
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -422,7 +364,7 @@ def loop_with_shared(ids, p, activation, gated, shared_activation):
     routed = loop_moe(p["x"], p["weights"], ids, p["w_in"], p["w_out"], p["b_in"], p["b_out"], activation, gated)
     shared_rows = []
     for t in range(p["x"].shape[0]):
-        y = loop_expert(p["x"][t], 0, p["s_w_in"][None], p["s_w_out"][None], None, None, shared_activation or activation, gated)
+        y = expert_on_token(p["x"][t], 0, p["s_w_in"][None], p["s_w_out"][None], None, None, shared_activation or activation, gated)
         shared_rows.append(y if p["s_scale"] is None else p["s_scale"][t] * y)
     return routed + torch.stack(shared_rows)
 
@@ -685,7 +627,7 @@ def test_grouped_linear_and_combine_match_loop(bias, capacity):
         torch.testing.assert_close(y_SN[s], expected, **tol)
     out = combine(y_SN, weights, plan)
 
-    kept = loop_kept(ids, E, capacity)
+    kept = gshard_kept(ids, E, capacity)
     rows = []
     for t in range(T):
         acc = torch.zeros(N)

@@ -1,8 +1,8 @@
 """moezoo.kernels.triton_moe (the Triton expert MLP, forward and backward) on CPU under TRITON_INTERPRET=1.
 
-The oracle (``loop_moe``) is written here: one token and one slot at a time, from the raw weight tensors,
-with hand-written activation formulas and its own dropping rules (ids outside ``[0, E)`` and a GShard
-capacity counter: all first choices in token order, then all second choices, ...). Gradients of x, the
+The oracle is the per-token ``loop_moe`` of tests/helpers.py: one token and one slot at a time, from the raw
+weight tensors, with hand-written activation formulas and its own dropping rules (ids outside ``[0, E)`` and a
+GShard capacity counter: all first choices in token order, then all second choices, ...). Gradients of x, the
 router weights, the expert weights and the biases come from autograd through that loop.
 
 The interpreter is slow (numpy, one program at a time) and its bf16 ``tl.dot`` is wrong, so shapes are
@@ -16,74 +16,17 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"
 
-import math  # noqa: E402
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
+from helpers import expert_on_token, loop_moe  # noqa: E402
 from tolerance import fp_tolerance  # noqa: E402
 
 from moezoo.kernels.experts import SharedExpert, expert_mlp  # noqa: E402
 from moezoo.kernels.plan import build_plan  # noqa: E402
 from moezoo.kernels.triton_moe import triton_expert_mlp  # noqa: E402
-
-
-# ----------------------------------------------------------------------------------------------- the oracle
-
-
-def act_formula(name: str, h: torch.Tensor) -> torch.Tensor:
-    if name == "silu":
-        return h / (1.0 + torch.exp(-h))
-    if name == "gelu":
-        return 0.5 * h * (1.0 + torch.erf(h / math.sqrt(2.0)))
-    if name == "gelu_tanh":
-        return 0.5 * h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * h**3)))
-    if name == "relu":
-        return torch.where(h > 0, h, torch.zeros_like(h))
-    raise AssertionError(name)
-
-
-def loop_kept(ids_TK: torch.Tensor, num_experts: int, capacity: int | None) -> list[list[bool]]:
-    """Which slots an expert computes: valid ids, and within capacity in rank-major, token order."""
-    num_tokens, top_k = ids_TK.shape
-    kept = [[0 <= int(ids_TK[t, j]) < num_experts for j in range(top_k)] for t in range(num_tokens)]
-    if capacity is not None:
-        taken = [0] * num_experts
-        for j in range(top_k):
-            for t in range(num_tokens):
-                if kept[t][j]:
-                    e = int(ids_TK[t, j])
-                    kept[t][j] = taken[e] < capacity
-                    taken[e] += 1
-    return kept
-
-
-def loop_moe(x, weights, ids, w_in, w_out, b_in, b_out, activation, gated, capacity=None):
-    """``y[t] = sum_j w[t, j] * expert_{ids[t, j]}(x[t])``, one (token, slot) at a time."""
-    kept = loop_kept(ids, w_in.shape[0], capacity)
-    rows = []
-    for t in range(x.shape[0]):
-        y = torch.zeros(x.shape[1], dtype=x.dtype)
-        for j in range(ids.shape[1]):
-            if not kept[t][j]:
-                continue
-            e = int(ids[t, j])
-            h = (w_in[e] * x[t][None, :]).sum(-1)
-            if b_in is not None:
-                h = h + b_in[e]
-            if gated:
-                f = h.shape[0] // 2
-                a = act_formula(activation, h[:f]) * h[f:]
-            else:
-                a = act_formula(activation, h)
-            o = (w_out[e] * a[None, :]).sum(-1)
-            if b_out is not None:
-                o = o + b_out[e]
-            y = y + weights[t, j] * o
-        rows.append(y)
-    return torch.stack(rows) if rows else x.new_zeros(0, x.shape[1])
 
 
 # -------------------------------------------------------------------------------------------------- helpers
@@ -343,11 +286,8 @@ def test_shared_expert_with_triton_matches_loop():
     plan = build_plan(ids, E, block_size=16)
     y = expert_mlp(i["x"], i["weights"], plan, i["w_in"], i["w_out"], backend="triton",
                    shared=SharedExpert(w_in_s, w_out_s, scale))
-    shared_rows = []
-    for t in range(T):
-        h = (w_in_s * i["x"][t][None, :]).sum(-1)
-        a = act_formula("silu", h[:F_shared]) * h[F_shared:]
-        shared_rows.append(scale[t] * (w_out_s * a[None, :]).sum(-1))
+    shared_rows = [scale[t] * expert_on_token(i["x"][t], 0, w_in_s[None], w_out_s[None], None, None, "silu", True)
+                   for t in range(T)]
     ref = run_loop(i, ids, "silu", True) + torch.stack(shared_rows)
     torch.testing.assert_close(y, ref, **output_tol(i))
     upstream = torch.randn(T, D, generator=gen)

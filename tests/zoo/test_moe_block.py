@@ -1,4 +1,4 @@
-"""The MoE block (moezoo.zoo.layers.moe) against independent references written here.
+"""The MoE block (moezoo.zoo.layers.moe) against independent references written here and in tests/helpers.py.
 
 Routing is checked against the router formulas computed by hand from ``moe.router.weight`` (per token,
 plain Python/torch ops), and the block's output against a per-token loop over ``moe.routing``'s ids and
@@ -17,6 +17,7 @@ import torch.nn as nn
 import moezoo.kernels.experts as experts_module
 import moezoo.zoo.layers.moe as moe_module
 from moezoo.zoo.layers import GatedMLP, MoE, collect_routing, freeze, set_backend, total_aux_loss, unfreeze
+from helpers import act_formula, expert_on_token, gshard_kept
 from tolerance import fp_tolerance
 
 # a block computed two ways (kernel backends vs the per-token loop): router + two expert products of <= 64
@@ -25,14 +26,6 @@ KIND = {"swiglu": ("silu", True), "geglu": ("gelu", True), "mlp": ("gelu", False
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-
-
-def act_formula(name, h):
-    if name == "silu":
-        return h * torch.sigmoid(h)
-    if name == "gelu":
-        return 0.5 * h * (1.0 + torch.erf(h / math.sqrt(2.0)))
-    raise AssertionError(name)
 
 
 def make_moe(*args, seed=0, scale=0.5, **kwargs):
@@ -57,20 +50,6 @@ def ternary_effective(w):
     scale = w.detach().abs().mean(dim=(1, 2))
     q = torch.clamp(torch.round(w.detach() / scale[:, None, None]), -1, 1)
     return q, scale
-
-
-def gshard_kept(ids, num_experts, capacity):
-    T, K = ids.shape
-    kept = [[0 <= int(ids[t, j]) < num_experts for j in range(K)] for t in range(T)]
-    if capacity is not None:
-        used = [0] * num_experts
-        for j in range(K):
-            for t in range(T):
-                if kept[t][j]:
-                    e = int(ids[t, j])
-                    kept[t][j] = used[e] < capacity
-                    used[e] += kept[t][j]
-    return kept
 
 
 def shared_by_hand(moe, x_D):
@@ -100,20 +79,8 @@ def block_loop(moe, x_TD, ids, weights, *, capacity=None, w_in=None, w_out=None)
             if e < 0:
                 continue
             if e < E:
-                if not kept[t][j]:
-                    continue
-                h = (w_in[e] * x).sum(-1)
-                if moe.b_in is not None:
-                    h = h + moe.b_in[e]
-                if gated:
-                    f = h.shape[0] // 2
-                    a = act_formula(activation, h[:f]) * h[f:]
-                else:
-                    a = act_formula(activation, h)
-                out = (w_out[e] * a).sum(-1)
-                if moe.b_out is not None:
-                    out = out + moe.b_out[e]
-                y = y + w * out
+                if kept[t][j]:
+                    y = y + w * expert_on_token(x, e, w_in, w_out, moe.b_in, moe.b_out, activation, gated)
             elif e < E + n_null:
                 pass  # null expert: nothing
             elif e < E + n_null + n_copy:

@@ -1,0 +1,91 @@
+"""Test helpers shared by several test modules (imported by bare name: tests/conftest.py puts tests/ on sys.path).
+
+The per-token MoE oracle (``loop_moe`` and its pieces) is independent of the code under test: it computes
+``y[t] = sum_j w[t, j] * expert_{ids[t, j]}(x[t])`` one token and one slot at a time from the raw weight tensors
+with plain torch ops and activation formulas written out here, and applies capacity with its own GShard counter
+(all first choices in token order, then all second choices, ...). Gradients come from autograd through the loop.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+
+def act_formula(name: str, h: torch.Tensor) -> torch.Tensor:
+    """The expert activations, from their definitions."""
+    if name == "silu":
+        return h * torch.sigmoid(h)
+    if name == "gelu":
+        return 0.5 * h * (1.0 + torch.erf(h / math.sqrt(2.0)))
+    if name == "gelu_tanh":
+        return 0.5 * h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * h**3)))
+    if name == "relu":
+        return torch.where(h > 0, h, torch.zeros_like(h))
+    raise AssertionError(name)
+
+
+def gshard_kept(ids: torch.Tensor, num_experts: int, capacity: int | None = None) -> list[list[bool]]:
+    """Which (token, slot) pairs an expert computes: ids in ``[0, num_experts)`` and, with a capacity, within it
+    in GShard's order (rank-major, then token order)."""
+    num_tokens, top_k = ids.shape
+    kept = [[0 <= int(ids[t, j]) < num_experts for j in range(top_k)] for t in range(num_tokens)]
+    if capacity is not None:
+        taken = [0] * num_experts
+        for j in range(top_k):
+            for t in range(num_tokens):
+                if kept[t][j]:
+                    e = int(ids[t, j])
+                    kept[t][j] = taken[e] < capacity
+                    taken[e] += kept[t][j]
+    return kept
+
+
+def expert_on_token(x_D, e, w_in, w_out, b_in, b_out, activation, gated):
+    """Expert ``e``'s MLP on one token, from the raw [E, N, D] / [E, D, F] weights (and [E, N] / [E, D] biases
+    or None); gated experts split N into the activated half and the multiplier half."""
+    h = (w_in[e] * x_D[None, :]).sum(-1)  # [N]
+    if b_in is not None:
+        h = h + b_in[e]
+    if gated:
+        f = h.shape[0] // 2
+        a = act_formula(activation, h[:f]) * h[f:]
+    else:
+        a = act_formula(activation, h)
+    y = (w_out[e] * a[None, :]).sum(-1)  # [D]
+    if b_out is not None:
+        y = y + b_out[e]
+    return y
+
+
+def loop_moe(x, weights, ids, w_in, w_out, b_in=None, b_out=None, activation="silu", gated=True, capacity=None):
+    """``y[t] = sum_j w[t, j] * expert_{ids[t, j]}(x[t])`` over the kept slots, one (token, slot) at a time."""
+    num_tokens, dim = x.shape
+    kept = gshard_kept(ids, w_in.shape[0], capacity)
+    rows = []
+    for t in range(num_tokens):
+        y = torch.zeros(dim, dtype=x.dtype)
+        for j in range(ids.shape[1]):
+            if kept[t][j]:
+                expert = expert_on_token(x[t], int(ids[t, j]), w_in, w_out, b_in, b_out, activation, gated)
+                y = y + weights[t, j] * expert
+        rows.append(y)
+    return torch.stack(rows) if rows else x.new_zeros(0, dim)
+
+
+def randomise(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every parameter random with O(1) activations: matrices ~ N(0, 1/fan_in), vectors ~ N(0, 0.1^2). DiT's
+    adaLN-zero init would otherwise make every prediction 0 (and every generated image constant)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            std = p[0].numel() ** -0.5 if p.dim() > 1 else 0.1
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return module
+
+
+def files_under(root: Path) -> set[Path]:
+    """Every file below ``root`` (folders left out)."""
+    return {p for p in root.rglob("*") if not p.is_dir()}
