@@ -69,8 +69,8 @@ class DiTMoEVideoPipeline(DiTMoEPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        prompt: list[str] | str | None = None,
         class_labels: list[int | str] | int | str | None = None,
+        prompt: list[str] | str | None = None,
         num_frames: int | None = None,
         height: int | None = None,
         width: int | None = None,
@@ -85,8 +85,8 @@ class DiTMoEVideoPipeline(DiTMoEPipeline):
         """Generate one clip per prompt (or class label).
 
         Args:
-            prompt: a prompt or a list of prompts (text-conditioned models).
             class_labels: class ids or names (class-conditional models).
+            prompt: a prompt or a list of prompts (text-conditioned models).
             num_frames: frames per clip (default: the model's ``config.num_frames``).
             height, width: frame size; must be divisible by the patch size and equal the model's input size.
             num_inference_steps: denoising steps.

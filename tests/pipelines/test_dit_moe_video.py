@@ -226,3 +226,15 @@ def test_export_to_gif(tmp_path):
         for f in range(4):
             gif.seek(f)
             assert tuple(gif.convert("RGB").getpixel((3, 3))) == (60 * f,) * 3
+
+
+def test_image_and_video_pipelines_take_their_shared_arguments_in_one_order():
+    import inspect
+
+    from moezoo.pipelines import DiTMoEPipeline
+
+    image = list(inspect.signature(DiTMoEPipeline.__call__).parameters)
+    video = list(inspect.signature(DiTMoEVideoPipeline.__call__).parameters)
+    shared = [name for name in image if name in video]
+    assert [name for name in video if name in shared] == shared
+    assert shared[:3] == ["self", "class_labels", "prompt"]
