@@ -6,7 +6,7 @@ import struct
 import zlib
 
 import pytest
-import torch
+from helpers import randomise
 
 from moezoo.pipelines import DiTMoEPipeline, DiTMoEVideoPipeline
 from moezoo.pipelines.deweather import DeweatherPipeline
@@ -14,16 +14,6 @@ from moezoo.pipelines.fusion import FusionPipeline
 from moezoo.zoo import create_model
 
 TINY_DIT = dict(depth=2, hidden_size=32, num_heads=2, num_experts=4)
-
-
-def randomise(module, seed=0):
-    """Random weights everywhere: DiT's adaLN-zero init would make every prediction (and image) constant."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            std = p[0].numel() ** -0.5 if p.dim() > 1 else 0.1
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
-    return module
 
 
 def tiny_digits_pipeline(**overrides) -> DiTMoEPipeline:

@@ -13,16 +13,6 @@ from moezoo.encoders.text import TINY_TEXT_MODEL, TextEncoder
 PROMPTS = ["a red circle", "a small blue square on the left", ""]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads; on a shared 2-core machine their spin-waiting made
-    this module take ~5x longer."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def encoder():
     torch.manual_seed(0)

@@ -10,19 +10,10 @@ from PIL import Image
 
 from moezoo.pipelines import DiTMoEPipeline, make_scheduler
 from moezoo.zoo import create_model, save_pretrained
+from helpers import randomise
 from tolerance import fp_tolerance
 
 TINY = dict(depth=1, hidden_size=32, num_heads=2, num_experts=4)
-
-
-def randomise(module, seed=0):
-    """Random weights everywhere (the adaLN-zero init would make every prediction 0)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            std = p[0].numel() ** -0.5 if p.dim() > 1 else 0.1
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
-    return module
 
 
 @pytest.fixture(scope="module")

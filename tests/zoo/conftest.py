@@ -14,11 +14,29 @@ import socket
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 from huggingface_hub import constants as hf_constants
 
 STALL_LIMIT_S = 20.0  # a stalled reply never outlives a test by more than this, even if nobody releases it
+
+
+@pytest.fixture
+def online(monkeypatch, tmp_path):
+    """Online, and a default cache in tmp_path whatever the caller's environment says (the download tests use it
+    for every test: ``pytestmark = pytest.mark.usefixtures("online")``)."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "default-cache"))
+
+
+@pytest.fixture
+def cache(tmp_path) -> Path:
+    """An empty cache folder for ``cache_dir=``."""
+    path = tmp_path / "cache"
+    path.mkdir()
+    return path
 
 
 @dataclass

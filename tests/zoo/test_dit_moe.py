@@ -22,21 +22,12 @@ from moezoo.zoo.layers.moh import MoHAttention
 from moezoo.zoo import diffusion
 from moezoo.zoo.models.dit_moe import DiTMoE, DiTMoEConfig, checkpoint_filter_fn
 from moezoo.zoo.registry import create_model
+from helpers import randomise
 from tolerance import fp_tolerance
 
 # whole test_dit_moe networks: 2 blocks of attention + FFN, the longest reduction the 256 timestep features
 TOL = fp_tolerance(torch.float32, 256, layers=4)
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden=32, depth=2, heads=2, experts=4, top_k=2, classes=10)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads; on a shared 2-core machine their spin-waiting made
-    this module take ~5x longer."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------- official reference
@@ -160,16 +151,6 @@ class OfficialDiT(nn.Module):
         g, p = H // self.p, self.p
         # out[b, i*g + j, (a*p + b2)*C + ch] is pixel (i*p + a, j*p + b2) of channel ch
         return out.reshape(B, g, g, p, p, self.c_out).permute(0, 5, 1, 3, 2, 4).reshape(B, self.c_out, H, W)
-
-
-def randomise(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Every parameter random, O(1) activations: matrices ~ N(0, 1/fan_in), vectors ~ N(0, 0.1^2)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            std = p[0].numel() ** -0.5 if p.dim() > 1 else 0.1
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
-    return module
 
 
 def official_model(flash=False, seed=0):

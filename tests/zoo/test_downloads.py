@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from helpers import files_under
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import HfHubHTTPError
 
@@ -26,24 +27,7 @@ GOOD_SHA = hashlib.sha256(GOOD).hexdigest()
 HALF = GOOD[: len(GOOD) // 2]
 WAIT_S = 30.0  # upper bound of every wait below; each normally takes milliseconds (the subprocess: ~3 s)
 
-
-@pytest.fixture(autouse=True)
-def online(monkeypatch, tmp_path):
-    """Online, and a default cache in tmp_path whatever the caller's environment says."""
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "default-cache"))
-
-
-@pytest.fixture
-def cache(tmp_path) -> Path:
-    path = tmp_path / "cache"
-    path.mkdir()
-    return path
-
-
-def _files(root: Path) -> set[Path]:
-    return {p for p in root.rglob("*") if not p.is_dir()}
+pytestmark = pytest.mark.usefixtures("online")  # tests/zoo/conftest.py: online, default cache in tmp_path
 
 
 def _temporary_files(root: Path) -> list[Path]:
@@ -75,7 +59,7 @@ def test_truncated_body_is_not_cached_and_the_next_call_downloads_again(weights_
     with pytest.raises(expected) as info:
         hub.download_url(url, sha256=sha, cache_dir=cache, progress=False)
     assert url in str(info.value)
-    assert _files(cache) == set()
+    assert files_under(cache) == set()
     assert hub.download_url(url, sha256=sha, cache_dir=cache, progress=False).read_bytes() == GOOD
 
 
@@ -86,7 +70,7 @@ def test_unpinned_file_must_be_complete_safetensors(weights_server, cache, body)
     with pytest.raises(hub.DownloadError, match="complete safetensors file") as info:
         hub.download_url(url, cache_dir=cache, progress=False)
     assert "pin the sha256" in str(info.value)
-    assert _files(cache) == set()
+    assert files_under(cache) == set()
 
 
 def test_a_pinned_file_need_not_be_safetensors(weights_server, cache):
@@ -119,7 +103,7 @@ def test_a_stalled_server_is_an_error_after_the_timeout(weights_server, cache, m
     with pytest.raises(hub.DownloadError, match="interrupted after 100 of|timed out") as info:
         hub.download_url(url, sha256=GOOD_SHA, cache_dir=cache, progress=False)
     assert url in str(info.value)
-    assert _files(cache) == set()
+    assert files_under(cache) == set()
 
 
 @pytest.mark.parametrize("status", [404, 500])
@@ -129,7 +113,7 @@ def test_http_errors_name_the_url_and_are_not_retried(weights_server, cache, sta
         hub.download_url(url, cache_dir=cache, progress=False)
     assert url in str(info.value)
     assert weights_server.paths_requested() == ["/w.safetensors"]
-    assert _files(cache) == set()
+    assert files_under(cache) == set()
 
 
 def test_only_http_urls_are_downloaded(cache, tmp_path):

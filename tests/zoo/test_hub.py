@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from huggingface_hub import constants as hf_constants
+from helpers import files_under
 from safetensors.torch import save_file
 
 from moezoo.zoo import hub
@@ -18,6 +18,8 @@ from moezoo.zoo.registry import PretrainedCfg
 GOOD = safetensors.torch.save({"w": torch.arange(3000, dtype=torch.float32)})  # a real file: unpinned
 GOOD_SHA = hashlib.sha256(GOOD).hexdigest()  # downloads must parse as safetensors
 OTHER_SHA = hashlib.sha256(b"something else").hexdigest()
+
+pytestmark = pytest.mark.usefixtures("online")  # tests/zoo/conftest.py: online, default cache in tmp_path
 
 
 @pytest.fixture
@@ -31,25 +33,6 @@ def server(weights_server):
     return weights_server
 
 
-@pytest.fixture(autouse=True)
-def online(monkeypatch, tmp_path):
-    """Online, no progress bars, and a default cache in tmp_path whatever the caller's environment says."""
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "default-cache"))
-
-
-@pytest.fixture
-def cache(tmp_path) -> Path:
-    path = tmp_path / "cache"
-    path.mkdir()
-    return path
-
-
-def _files(root: Path) -> set[Path]:
-    return {p for p in root.rglob("*") if not p.is_dir()}
-
-
 def test_download_verifies_caches_and_hits_without_a_request(server, cache):
     url = f"{server.url}/good.safetensors"
     path = hub.download_url(url, sha256=GOOD_SHA, cache_dir=cache, progress=False)
@@ -57,7 +40,7 @@ def test_download_verifies_caches_and_hits_without_a_request(server, cache):
     repo = hub.url_cache_dir(url, cache)
     assert repo.name.startswith("models--moezoo--url-") and path == repo / "snapshots" / GOOD_SHA / "good.safetensors"
     assert (repo / "blobs" / GOOD_SHA).read_bytes() == GOOD
-    assert not [p for p in _files(cache) if p.name.endswith(".incomplete")]
+    assert not [p for p in files_under(cache) if p.name.endswith(".incomplete")]
     assert hub.download_url(url, sha256=GOOD_SHA, cache_dir=cache, progress=False) == path
     assert server.paths_requested() == ["/good.safetensors"]
 
@@ -76,29 +59,23 @@ def test_default_cache_follows_hf_hub_cache(server, tmp_path):
 
 
 def test_wrong_hash_names_both_hashes_and_leaves_the_cache_clean(server, cache):
-    before = _files(cache)
+    before = files_under(cache)
     url = f"{server.url}/wrong.safetensors"
     with pytest.raises(hub.ChecksumError) as info:
         hub.download_url(url, sha256=OTHER_SHA, cache_dir=cache, progress=False)
     message = str(info.value)
     assert OTHER_SHA in message and GOOD_SHA in message and url in message
-    assert _files(cache) == before
+    assert files_under(cache) == before
 
 
-def test_truncated_body_is_an_error_and_leaves_the_cache_clean(server, cache):
-    url = f"{server.url}/truncated.safetensors"
-    with pytest.raises(hub.DownloadError, match="truncated|interrupted") as info:
+@pytest.mark.parametrize("path, message", [("/truncated.safetensors", "truncated|interrupted"),
+                                           ("/missing.safetensors", "404")], ids=["truncated-body", "http-404"])
+def test_failed_download_names_the_url_and_leaves_the_cache_clean(server, cache, path, message):
+    url = server.url + path
+    with pytest.raises(hub.DownloadError, match=message) as info:
         hub.download_url(url, sha256=GOOD_SHA, cache_dir=cache, progress=False)
     assert url in str(info.value)
-    assert _files(cache) == set()
-
-
-def test_http_404_names_the_url(server, cache):
-    url = f"{server.url}/missing.safetensors"
-    with pytest.raises(hub.DownloadError, match="404") as info:
-        hub.download_url(url, sha256=GOOD_SHA, cache_dir=cache, progress=False)
-    assert url in str(info.value)
-    assert _files(cache) == set()
+    assert files_under(cache) == set()
 
 
 def test_interrupted_download_leaves_the_cache_clean(server, cache, monkeypatch):
@@ -109,7 +86,7 @@ def test_interrupted_download_leaves_the_cache_clean(server, cache, monkeypatch)
     monkeypatch.setattr(hub, "tqdm", Interrupting)
     with pytest.raises(KeyboardInterrupt):
         hub.download_url(f"{server.url}/good.safetensors", sha256=GOOD_SHA, cache_dir=cache, progress=False)
-    assert _files(cache) == set()
+    assert files_under(cache) == set()
 
 
 def test_offline_returns_the_cached_file_after_the_server_is_gone(server, cache, monkeypatch):

@@ -22,16 +22,6 @@ from tolerance import fp_tolerance
 TOL = fp_tolerance(torch.float32, 16, layers=3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads; on a shared 2-core machine their spin-waiting made
-    this module take ~5x longer."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make(dim=16, heads=4, shared=1, top_k=2, seed=0, **kwargs):
     torch.manual_seed(seed)
     attn = MoHAttention(dim, heads, shared, top_k, **kwargs)
