@@ -39,7 +39,7 @@ Decisions (where we differ from, or choose among, the paper and the official cod
 - The dense convs have no activation, as in the official encoder; the decoder output has none either (the
   intensity loss keeps it in range; pipelines clamp to [0, 1]). The decoders' last bias starts at 0.5 (mid-grey):
   from zero, 150 CPU steps of the bundled config left the fused images black (intensity loss 0.40 vs 0.10 with
-  the 0.5 start, total loss 2.14 vs 1.42; .notes/fusion.md).
+  the 0.5 start, total loss 2.14 vs 1.42, measured when the bundled model was first trained).
 - Inputs are float [B, 1, H, W] in [0, 1], infrared first: ``model(infrared, visible)``.
 
 In this file: :class:`MoEFusionConfig`, :class:`ConvExpertMoE` (conv experts on the MoE block's contract),
