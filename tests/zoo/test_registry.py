@@ -12,15 +12,16 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 import moezoo
-from moezoo.zoo import hub, registry
-from moezoo.zoo.registry import (
+from moezoo.zoo import (
     PretrainedCfg,
     create_model,
     get_pretrained_cfg,
+    hub,
     is_model,
     list_models,
     list_pretrained,
     register_model,
+    registry,
     split_model_name_tag,
 )
 
