@@ -1,15 +1,19 @@
-"""What every DataModule here shares: the loaders over a train and a validation dataset, argument checks, and
-the seeded train/validation split."""
+"""What every DataModule here shares: the loaders over a train and a validation dataset built once, argument
+checks, and the seeded train/validation split."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["SplitDataModule", "check_loader_args", "check_val_fraction", "split_indices"]
+__all__ = ["SplitDataModule", "check_loader_args", "check_sample_counts", "check_val_fraction", "split_indices",
+           "split_items"]
+
+Item = TypeVar("Item")
 
 
 def check_loader_args(batch_size: int, num_workers: int) -> None:
@@ -17,6 +21,12 @@ def check_loader_args(batch_size: int, num_workers: int) -> None:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+
+
+def check_sample_counts(num_train: int, num_val: int) -> None:
+    """For generated data: how many training and validation samples to make."""
+    if num_train < 1 or num_val < 0:
+        raise ValueError(f"need num_train >= 1 and num_val >= 0, got {num_train} and {num_val}")
 
 
 def check_val_fraction(val_fraction: float) -> None:
@@ -34,8 +44,14 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], li
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
+def split_items(items: Sequence[Item], val_fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
+    """``items`` split into (train, val) by :func:`split_indices`; each part keeps the items' order."""
+    train_ids, val_ids = split_indices(len(items), val_fraction, seed)
+    return [items[i] for i in train_ids], [items[i] for i in val_ids]
+
+
 class SplitDataModule(LightningDataModule):
-    """Loaders over ``train_set`` and ``val_set``, which subclasses build in ``setup``.
+    """Loaders over ``train_set`` and ``val_set``, which subclasses build in :meth:`make_splits`.
 
     Training batches are shuffled with a generator seeded by ``seed`` (reproducible whatever the global seed);
     validation and prediction batches come in a fixed order. A subclass without a validation set leaves
@@ -54,6 +70,15 @@ class SplitDataModule(LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self._shuffle_generator = torch.Generator().manual_seed(seed)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Builds the splits once: Lightning calls ``setup`` again for each stage (fit, validate, predict)."""
+        if self.train_set is None:
+            self.train_set, self.val_set = self.make_splits()
+
+    def make_splits(self) -> tuple[Dataset, Dataset | None]:
+        """The (train, validation) datasets; validation None when there is none."""
+        raise NotImplementedError(f"{type(self).__name__} must define make_splits()")
 
     def _loader(self, dataset: Dataset, shuffle: bool, batch_size: int | None = None) -> DataLoader:
         if self.train_set is None:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..datasets.fusion_pairs import DEGRADATIONS, PairedFolderDataset, SyntheticFusionDataset, find_pairs
-from .base import SplitDataModule, check_val_fraction, split_indices
+from .base import SplitDataModule, check_val_fraction, split_items
 
 __all__ = ["SyntheticFusionDataModule", "PairedFolderDataModule"]
 
@@ -46,16 +46,12 @@ class SyntheticFusionDataModule(SplitDataModule):
         self.image_size, self.degradations = image_size, tuple(degradations)
         self.num_train_samples, self.num_val_samples = num_train_samples, num_val_samples
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        self.train_set = SyntheticFusionDataset(
-            "train", self.num_train_samples, self.image_size, self.seed, self.degradations
-        )
+    def make_splits(self) -> tuple[SyntheticFusionDataset, SyntheticFusionDataset]:
+        train = SyntheticFusionDataset("train", self.num_train_samples, self.image_size, self.seed, self.degradations)
         # A different seed stream for validation, on photos training never sees.
-        self.val_set = SyntheticFusionDataset("test", self.num_val_samples, self.image_size, self.seed + 10_000,
-                                              self.degradations)
-
+        val = SyntheticFusionDataset("test", self.num_val_samples, self.image_size, self.seed + 10_000,
+                                     self.degradations)
+        return train, val
 
 
 class PairedFolderDataModule(SplitDataModule):
@@ -93,12 +89,8 @@ class PairedFolderDataModule(SplitDataModule):
         self.root, self.ir_dir, self.vis_dir, self.crop = Path(root), ir_dir, vis_dir, crop
         self.val_fraction = val_fraction
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        pairs = find_pairs(self.root, self.ir_dir, self.vis_dir)
-        train_ids, val_ids = split_indices(len(pairs), self.val_fraction, self.seed)
-        self.train_set = PairedFolderDataset([pairs[i] for i in train_ids], self.crop, random_crop=True)
-        self.val_set = None
-        if val_ids:
-            self.val_set = PairedFolderDataset([pairs[i] for i in val_ids], self.crop, random_crop=False)
+    def make_splits(self) -> tuple[PairedFolderDataset, PairedFolderDataset | None]:
+        train_pairs, val_pairs = split_items(find_pairs(self.root, self.ir_dir, self.vis_dir), self.val_fraction,
+                                             self.seed)
+        val = PairedFolderDataset(val_pairs, self.crop, random_crop=False) if val_pairs else None
+        return PairedFolderDataset(train_pairs, self.crop, random_crop=True), val

@@ -27,7 +27,7 @@ from ..datasets.images import (
     shape_label_names,
     sklearn_digits,
 )
-from .base import SplitDataModule, check_val_fraction, split_indices
+from .base import SplitDataModule, check_sample_counts, check_val_fraction, split_indices
 
 __all__ = ["DigitsDataModule", "ShapesDataModule", "ImageFolderDataModule"]
 
@@ -76,14 +76,10 @@ class DigitsDataModule(_ImageDataModule):
     def num_classes(self) -> int:
         return 10
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        n = len(sklearn_digits()[1])
-        train_ids, val_ids = split_indices(n, self.val_fraction, self.seed)
-        self.train_set = DigitsDataset(self.image_size, train_ids, augment=self.augment)
-        self.val_set = DigitsDataset(self.image_size, val_ids, augment=False)
-
+    def make_splits(self) -> tuple[DigitsDataset, DigitsDataset]:
+        train_ids, val_ids = split_indices(len(sklearn_digits()[1]), self.val_fraction, self.seed)
+        return (DigitsDataset(self.image_size, train_ids, augment=self.augment),
+                DigitsDataset(self.image_size, val_ids, augment=False))
 
 
 class ShapesDataModule(_ImageDataModule):
@@ -113,8 +109,7 @@ class ShapesDataModule(_ImageDataModule):
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
-        if num_train < 1 or num_val < 0:
-            raise ValueError(f"need num_train >= 1 and num_val >= 0, got {num_train} and {num_val}")
+        check_sample_counts(num_train, num_val)
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
         self.save_hyperparameters()
         self.num_train = num_train
@@ -130,12 +125,9 @@ class ShapesDataModule(_ImageDataModule):
     def num_classes(self) -> int:
         return len(SHAPES) * len(COLOURS)
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        self.train_set = ShapesDataset(self.num_train, self.image_size, self.seed)
-        self.val_set = ShapesDataset(self.num_val, self.image_size, self.seed, first_index=self.num_train)
-
+    def make_splits(self) -> tuple[ShapesDataset, ShapesDataset]:
+        return (ShapesDataset(self.num_train, self.image_size, self.seed),
+                ShapesDataset(self.num_val, self.image_size, self.seed, first_index=self.num_train))
 
 
 class ImageFolderDataModule(_ImageDataModule):
@@ -203,9 +195,7 @@ class ImageFolderDataModule(_ImageDataModule):
     def num_classes(self) -> int:
         return len(self.label_names)
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
+    def make_splits(self) -> tuple[ImageFolderDataset, ImageFolderDataset]:
         files, labels, self._label_names = scan_image_folder(self.root)
         train_ids, val_ids = split_indices(len(files), self.val_fraction, self.seed)
 
@@ -214,5 +204,4 @@ class ImageFolderDataModule(_ImageDataModule):
                 [files[i] for i in ids], [labels[i] for i in ids], self.image_size, self.channels, flip
             )
 
-        self.train_set = subset(train_ids, self.random_flip)
-        self.val_set = subset(val_ids, False)
+        return subset(train_ids, self.random_flip), subset(val_ids, False)

@@ -20,7 +20,7 @@ from ..datasets.video import (
     collate_video_batch,
     scan_video_folder,
 )
-from .base import SplitDataModule, check_val_fraction, split_indices
+from .base import SplitDataModule, check_sample_counts, check_val_fraction, split_items
 
 __all__ = ["MovingShapesDataModule", "VideoFolderDataModule"]
 
@@ -63,8 +63,7 @@ class MovingShapesDataModule(_VideoDataModule):
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
-        if num_train < 1 or num_val < 0:
-            raise ValueError(f"need num_train >= 1 and num_val >= 0, got {num_train} and {num_val}")
+        check_sample_counts(num_train, num_val)
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
         self.save_hyperparameters()
         self.num_train, self.num_val = num_train, num_val
@@ -72,12 +71,9 @@ class MovingShapesDataModule(_VideoDataModule):
                                  shapes=shapes or SHAPES, colours=colours or COLOURS, seed=seed)
         MovingShapesDataset(0, **self.dataset_args)  # check the arguments now, not at setup
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        self.train_set = MovingShapesDataset(self.num_train, **self.dataset_args)
-        self.val_set = MovingShapesDataset(self.num_val, **self.dataset_args, first_index=self.num_train)
-
+    def make_splits(self) -> tuple[MovingShapesDataset, MovingShapesDataset]:
+        return (MovingShapesDataset(self.num_train, **self.dataset_args),
+                MovingShapesDataset(self.num_val, **self.dataset_args, first_index=self.num_train))
 
 
 class VideoFolderDataModule(_VideoDataModule):
@@ -122,18 +118,16 @@ class VideoFolderDataModule(_VideoDataModule):
         self.image_size, self.num_frames, self.frame_stride = image_size, num_frames, frame_stride
         self.val_fraction = val_fraction
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
+    def make_splits(self) -> tuple[VideoFolderDataset, VideoFolderDataset]:
         files = scan_video_folder(self.root)
         if len(files) == 1 and self.val_fraction > 0:
             warnings.warn(f"{self.root} holds one video: it is used for training and there is no validation set",
-                          stacklevel=2)
-            train_ids, val_ids = [0], []
+                          stacklevel=3)
+            train_files, val_files = files, []
         else:
-            train_ids, val_ids = split_indices(len(files), self.val_fraction, self.seed)
+            train_files, val_files = split_items(files, self.val_fraction, self.seed)
 
-        def subset(ids: list[int]) -> VideoFolderDataset:
-            return VideoFolderDataset([files[i] for i in ids], self.image_size, self.num_frames, self.frame_stride)
+        def subset(part: list[Path]) -> VideoFolderDataset:
+            return VideoFolderDataset(part, self.image_size, self.num_frames, self.frame_stride)
 
-        self.train_set, self.val_set = subset(train_ids), subset(val_ids)
+        return subset(train_files), subset(val_files)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 from torch.utils.data import DataLoader
 
 from ..datasets.weather import (
@@ -25,7 +24,7 @@ from ..datasets.weather import (
     check_weather_types,
     collate_restoration_batch,
 )
-from .base import SplitDataModule, check_val_fraction
+from .base import SplitDataModule, check_val_fraction, split_items
 
 __all__ = ["SyntheticWeatherDataModule", "PairedFolderDataModule"]
 
@@ -55,11 +54,11 @@ class SyntheticWeatherDataModule(_RestorationDataModule):
         self.crop_size, self.train_length, self.val_length = crop_size, train_length, val_length
         self.weather_types = check_weather_types(weather_types)
 
-    def setup(self, stage: str | None = None) -> None:
-        self.train_set = SyntheticWeatherDataset("train", self.crop_size, self.train_length, self.weather_types,
-                                                 seed=self.seed, augment=True)
-        self.val_set = SyntheticWeatherDataset("test", self.crop_size, self.val_length, self.weather_types,
-                                               seed=self.seed + 1, augment=False)
+    def make_splits(self) -> tuple[SyntheticWeatherDataset, SyntheticWeatherDataset]:
+        return (SyntheticWeatherDataset("train", self.crop_size, self.train_length, self.weather_types,
+                                        seed=self.seed, augment=True),
+                SyntheticWeatherDataset("test", self.crop_size, self.val_length, self.weather_types,
+                                        seed=self.seed + 1, augment=False))
 
 
 class PairedFolderDataModule(_RestorationDataModule):
@@ -91,24 +90,16 @@ class PairedFolderDataModule(_RestorationDataModule):
         self.input_dir, self.target_dir = input_dir, target_dir
         self.crop_size, self.val_crop_size, self.val_fraction = crop_size, val_crop_size, val_fraction
 
-    def setup(self, stage: str | None = None) -> None:
-        folders = dict(input_dir=self.input_dir, target_dir=self.target_dir)
-        train = PairedFolderDataset(self.train_root, **folders, crop_size=self.crop_size, random_crop=True)
+    def make_splits(self) -> tuple[PairedFolderDataset, PairedFolderDataset | None]:
+        def pairs(root: str, training: bool, names: list[str] | None = None) -> PairedFolderDataset:
+            return PairedFolderDataset(root, self.input_dir, self.target_dir, random_crop=training, names=names,
+                                       crop_size=self.crop_size if training else self.val_crop_size)
+
         if self.val_root is not None:
-            self.train_set = train
-            self.val_set = PairedFolderDataset(self.val_root, **folders, crop_size=self.val_crop_size,
-                                               random_crop=False)
-            return
-        order = np.random.default_rng(self.seed).permutation(len(train.names))
-        n_val = max(1, round(len(order) * self.val_fraction)) if self.val_fraction > 0 else 0
-        if len(order) - n_val < 1:
-            raise ValueError(f"{len(order)} pairs are too few to hold out val_fraction={self.val_fraction}")
-        val_names = [train.names[i] for i in sorted(order[:n_val])]
-        train_names = [train.names[i] for i in sorted(order[n_val:])]
-        self.train_set = PairedFolderDataset(self.train_root, **folders, crop_size=self.crop_size,
-                                             random_crop=True, names=train_names)
-        self.val_set = PairedFolderDataset(self.train_root, **folders, crop_size=self.val_crop_size,
-                                           random_crop=False, names=val_names) if val_names else None
+            return pairs(self.train_root, training=True), pairs(self.val_root, training=False)
+        train_names, val_names = split_items(pairs(self.train_root, training=True).names, self.val_fraction, self.seed)
+        val = pairs(self.train_root, training=False, names=val_names) if val_names else None
+        return pairs(self.train_root, training=True, names=train_names), val
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None or self.val_crop_size:
