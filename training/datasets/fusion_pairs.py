@@ -35,7 +35,7 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 from torch.utils.data import Dataset
 
-from .images import IMAGE_EXTENSIONS
+from .images import IMAGE_EXTENSIONS, visible_files
 from .photos import SPLITS, load_photo
 
 __all__ = [
@@ -267,11 +267,8 @@ def find_pairs(root: str | Path, ir_dir: str = "ir", vis_dir: str = "vis") -> li
                 f"{str(folder)!r} is not a directory; a paired folder holds {ir_dir}/ and {vis_dir}/ with images of "
                 f"the same names (the M3FD / LLVIP / TNO layout; set ir_dir / vis_dir for other names)"
             )
-        files = sorted(
-            p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
-        )
         stems = {}
-        for p in files:
+        for p in visible_files(folder, IMAGE_EXTENSIONS, recursive=False):
             if p.stem in stems:
                 raise ValueError(f"two images named {p.stem!r} in {str(folder)!r}: {stems[p.stem].name} and {p.name}")
             stems[p.stem] = p

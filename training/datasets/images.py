@@ -52,6 +52,8 @@ __all__ = [
     "render_shape",
     "ShapesDataset",
     "IMAGE_EXTENSIONS",
+    "visible_files",
+    "sidecar_caption",
     "scan_image_folder",
     "fit_square",
     "ImageFolderDataset",
@@ -357,14 +359,18 @@ class ShapesDataset(Dataset):
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
-def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
-
-
-def _images_under(folder: Path, recursive: bool) -> list[Path]:
+def visible_files(folder: Path, extensions: Sequence[str], recursive: bool = True) -> list[Path]:
+    """The files in ``folder`` (and its subfolders if ``recursive``) whose extension, in any case, is one of
+    ``extensions``, sorted; hidden ones (a name, or a folder on the way, starting with ".") are left out."""
     paths = folder.rglob("*") if recursive else folder.iterdir()
     visible = (p for p in paths if not any(part.startswith(".") for part in p.relative_to(folder).parts))
-    return sorted(p for p in visible if _is_image(p))
+    return sorted(p for p in visible if p.is_file() and p.suffix.lower() in extensions)
+
+
+def sidecar_caption(path: Path) -> str:
+    """The caption of a data file: the stripped text of the ``.txt`` file of the same stem beside it, else ``""``."""
+    text_file = path.with_suffix(".txt")
+    return text_file.read_text(encoding="utf-8").strip() if text_file.is_file() else ""
 
 
 def scan_image_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
@@ -373,7 +379,7 @@ def scan_image_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {str(root)!r} does not exist or is not a directory")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    per_class = {d.name: _images_under(d, recursive=True) for d in class_dirs}
+    per_class = {d.name: visible_files(d, IMAGE_EXTENSIONS) for d in class_dirs}
     if any(per_class.values()):
         names = []
         for name, files in per_class.items():
@@ -384,7 +390,7 @@ def scan_image_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
                     f"class folder {str(root / name)!r} has no images ({', '.join(IMAGE_EXTENSIONS)}); skipping it",
                     stacklevel=3,
                 )
-        loose = _images_under(root, recursive=False)
+        loose = visible_files(root, IMAGE_EXTENSIONS, recursive=False)
         if loose:
             warnings.warn(
                 f"{len(loose)} image(s) directly in {str(root)!r} are ignored: with class subfolders, every "
@@ -396,7 +402,7 @@ def scan_image_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
             files += per_class[name]
             labels += [label] * len(per_class[name])
         return files, labels, names
-    files = _images_under(root, recursive=False)
+    files = visible_files(root, IMAGE_EXTENSIONS, recursive=False)
     if not files:
         raise FileNotFoundError(
             f"no images found in {str(root)!r} or its subfolders; accepted extensions are "
@@ -461,14 +467,9 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def caption(self, j: int) -> str:
-        """The caption of item ``j``: its ``.txt`` file's stripped text, ``""`` if it has none."""
-        text_file = self.files[j].with_suffix(".txt")
-        return text_file.read_text(encoding="utf-8").strip() if text_file.is_file() else ""
-
     def __getitem__(self, j: int) -> ImageSample:
         image = _pil_to_tensor(_load_image(self.files[j], self.image_size, self.mode))
         if self.random_flip and torch.rand(()) < 0.5:
             image = image.flip(-1)
-        return {"image": image, "label": self.labels[j], "caption": self.caption(j)}
+        return {"image": image, "label": self.labels[j], "caption": sidecar_caption(self.files[j])}
 

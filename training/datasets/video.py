@@ -28,7 +28,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .images import BACKGROUND_RGB, COLOUR_RGB, COLOURS, SHAPES, fit_square, render_shape
+from .images import (
+    BACKGROUND_RGB,
+    COLOUR_RGB,
+    COLOURS,
+    SHAPES,
+    fit_square,
+    render_shape,
+    sidecar_caption,
+    visible_files,
+)
 
 __all__ = [
     "VideoSample",
@@ -348,11 +357,7 @@ def read_video_frames(path: str | Path, num_frames: int, image_size: int, frame_
 def scan_video_folder(root: Path) -> list[Path]:
     if not root.is_dir():
         raise FileNotFoundError(f"video folder {str(root)!r} does not exist or is not a directory")
-    files = sorted(
-        p for p in root.rglob("*")
-        if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS
-        and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    )
+    files = visible_files(root, VIDEO_EXTENSIONS)
     if not files:
         raise FileNotFoundError(f"no videos found in {str(root)!r} or its subfolders; accepted extensions are "
                                 f"{', '.join(VIDEO_EXTENSIONS)} (any case)")
@@ -376,10 +381,6 @@ class VideoFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def caption(self, j: int) -> str:
-        text_file = self.files[j].with_suffix(".txt")
-        return text_file.read_text(encoding="utf-8").strip() if text_file.is_file() else ""
-
     def __getitem__(self, j: int) -> VideoSample:
         frames = read_video_frames(self.files[j], self.num_frames, self.image_size, self.frame_stride)
-        return {"video": _frames_to_tensor(frames), "caption": self.caption(j)}
+        return {"video": _frames_to_tensor(frames), "caption": sidecar_caption(self.files[j])}

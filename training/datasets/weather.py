@@ -35,7 +35,7 @@ from PIL import Image
 from scipy import ndimage
 from torch.utils.data import Dataset
 
-from .images import IMAGE_EXTENSIONS
+from .images import IMAGE_EXTENSIONS, visible_files
 from .photos import photos
 
 __all__ = [
@@ -300,7 +300,7 @@ class SyntheticWeatherDataset(Dataset):
 def _image_files(folder: Path) -> dict[str, Path]:
     if not folder.is_dir():
         raise FileNotFoundError(f"no folder {folder}")
-    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
+    return {p.stem: p for p in visible_files(folder, IMAGE_EXTENSIONS, recursive=False)}
 
 
 def _load_rgb(path: Path) -> np.ndarray:
