@@ -83,19 +83,22 @@ class FusionModule(pl.LightningModule):
         terms["loss"] = total + terms["aux_loss"]
         return terms
 
-    def training_step(self, batch, batch_idx):
+    def logged_losses(self, batch, stage: str) -> torch.Tensor:
+        """The batch's loss terms logged as ``<stage>/<term>`` (the total ``<stage>/loss`` in the progress bar);
+        returns the total."""
         terms = self.losses(batch)
         batch_size = batch["ir"].shape[0]
-        self.log("train/loss", terms["loss"], prog_bar=True, batch_size=batch_size)
-        self.log_dict({f"train/{k}": v for k, v in terms.items() if k != "loss"}, batch_size=batch_size)
-        log_expert_load(self)
+        self.log(f"{stage}/loss", terms["loss"], prog_bar=True, batch_size=batch_size)
+        self.log_dict({f"{stage}/{k}": v for k, v in terms.items() if k != "loss"}, batch_size=batch_size)
         return terms["loss"]
 
+    def training_step(self, batch, batch_idx):
+        loss = self.logged_losses(batch, "train")
+        log_expert_load(self)
+        return loss
+
     def validation_step(self, batch, batch_idx):
-        terms = self.losses(batch)
-        batch_size = batch["ir"].shape[0]
-        self.log("val/loss", terms["loss"], prog_bar=True, batch_size=batch_size)
-        self.log_dict({f"val/{k}": v for k, v in terms.items() if k != "loss"}, batch_size=batch_size)
+        self.logged_losses(batch, "val")
 
     def configure_optimizers(self):
         hp = self.hparams
