@@ -675,7 +675,7 @@ TABS: list[Tab] = [
         steps=20, guidance=3.0),
     Tab("Deweather: restoration", "mofme_weather", Restore, "deweather",
         "**MoFME** removes rain streaks, raindrops, snow and haze; its experts are feature-wise modulations of one "
-        "shared FFN. The photo is restored in 64 px tiles; compare before and after with the slider.",
+        "shared FFN. The photo is restored in 256 px tiles; compare before and after with the slider.",
         examples=weather_examples, max_side=1024),
     Tab("IR + visible fusion", "moe_fusion_irvis", Fuse, "fusion",
         "**MoE-Fusion** fuses a registered infrared/visible pair. In the local layers half the experts rebuild a "
