@@ -10,10 +10,12 @@ null row that never drops labels by itself) or what the experts need (``GatedMLP
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from diffusers.models.embeddings import (
     get_1d_sincos_pos_embed_from_grid,
     get_2d_sincos_pos_embed,
@@ -26,6 +28,8 @@ from moezoo.kernels.experts import SharedExpert, activation_fn
 
 __all__ = [
     "Attention",
+    "CausalSelfAttention",
+    "KVCache",
     "GatedMLP",
     "LabelEmbedder",
     "Mlp",
@@ -47,6 +51,54 @@ class Attention(_TimmAttention):
             raise ValueError(f"dim ({dim}) must be a positive multiple of num_heads ({num_heads})")
         super().__init__(dim, num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, norm_layer=partial(nn.LayerNorm, eps=1e-6))
         self.fused_attn = True
+
+
+@dataclass
+class KVCache:
+    """The keys and values a causal attention layer has seen so far, ``[B, H, S, head_dim]`` each (None before
+    the first step). Generation keeps one per layer and feeds one new position at a time."""
+
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def append(self, k_BHSd: torch.Tensor, v_BHSd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys is None:
+            self.keys, self.values = k_BHSd, v_BHSd
+        else:
+            self.keys = torch.cat([self.keys, k_BHSd], dim=2)
+            self.values = torch.cat([self.values, v_BHSd], dim=2)
+        return self.keys, self.values
+
+
+class CausalSelfAttention(nn.Module):
+    """Decoder self-attention in timm's layout (``qkv``, ``proj``): each position attends to itself and the
+    positions before it. With a :class:`KVCache`, the new positions also attend to everything the cache holds
+    (incremental decoding: the same result as one forward over the whole sequence)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = False):
+        super().__init__()
+        if num_heads < 1 or dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be a positive multiple of num_heads ({num_heads})")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=qkv_bias)
+
+    def forward(self, x_BSD: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        B, S, D = x_BSD.shape
+        q, k, v = self.qkv(x_BSD).reshape(B, S, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        past = 0 if cache is None else cache.length
+        if cache is not None:
+            k, v = cache.append(k, v)
+        if past == 0:
+            o_BHSd = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # new position i (absolute past + i) sees keys 0 .. past + i
+            visible_SK = torch.ones(S, past + S, dtype=torch.bool, device=x_BSD.device).tril(past)
+            o_BHSd = F.scaled_dot_product_attention(q, k, v, attn_mask=visible_SK)
+        return self.proj(o_BHSd.transpose(1, 2).reshape(B, S, D))
 
 
 class GatedMLP(nn.Module):
