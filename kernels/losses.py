@@ -8,6 +8,7 @@ None of these losses carries a coefficient: multiply by your alpha. They are dif
 - :func:`switch_load_balance_loss`: ``E * sum_i f_i P_i`` (Switch / GShard / Mixtral), with the optional
   global-batch counts of "Demons in the Detail" (Qwen3-MoE).
 - :func:`expert_balance_loss`: DiT-MoE's / DeepSeekMoE's expert-level loss.
+- :func:`chosen_set_balance_loss`: UniMoE-Audio's ``E * sum_i f_i P_i`` with P from each token's chosen set.
 - :func:`router_z_loss`: ST-MoE's ``mean(logsumexp(logits)^2)``.
 - :func:`cv_squared`, :func:`importance_load_loss`: Shazeer et al. 2017 (MoE-Fusion).
 - :func:`routing_entropy`: mean per-token routing entropy (Dynamic MoE's dynamic loss).
@@ -23,6 +24,7 @@ __all__ = [
     "switch_load_balance_loss",
     "router_z_loss",
     "expert_balance_loss",
+    "chosen_set_balance_loss",
     "cv_squared",
     "importance_load_loss",
     "routing_entropy",
@@ -51,8 +53,8 @@ def _check_num_experts(num_experts) -> int:
     return num_experts
 
 
-def _check_probs_ids(probs_TE: torch.Tensor, ids_TK: torch.Tensor, num_experts: int) -> None:
-    _check_float(probs_TE, "probs_TE", 2, "[T, E] router scores")
+def _check_probs_ids(probs_TE: torch.Tensor, ids_TK: torch.Tensor, num_experts: int, name: str = "probs_TE") -> None:
+    _check_float(probs_TE, name, 2, "[T, E] router scores")
     if not isinstance(ids_TK, torch.Tensor):
         raise TypeError(f"ids_TK must be an integer tensor [T, k], got {type(ids_TK).__name__}")
     if ids_TK.dtype.is_floating_point or ids_TK.dtype.is_complex or ids_TK.dtype == torch.bool:
@@ -61,11 +63,11 @@ def _check_probs_ids(probs_TE: torch.Tensor, ids_TK: torch.Tensor, num_experts: 
         raise ValueError(f"ids_TK must be 2-D [T, k], got shape {tuple(ids_TK.shape)}")
     if ids_TK.shape[0] != probs_TE.shape[0]:
         raise ValueError(
-            f"probs_TE and ids_TK must have the same number of tokens, got {probs_TE.shape[0]} and {ids_TK.shape[0]}"
+            f"{name} and ids_TK must have the same number of tokens, got {probs_TE.shape[0]} and {ids_TK.shape[0]}"
         )
     if probs_TE.shape[1] != num_experts:
         raise ValueError(
-            f"probs_TE must have num_experts={num_experts} columns, got shape {tuple(probs_TE.shape)}"
+            f"{name} must have num_experts={num_experts} columns, got shape {tuple(probs_TE.shape)}"
         )
 
 
@@ -129,6 +131,30 @@ def expert_balance_loss(probs_TE: torch.Tensor, ids_TK: torch.Tensor, num_expert
     counts_E = expert_counts(ids_TK, num_experts).to(device=probs_TE.device, dtype=dtype)
     f_E = counts_E * (num_experts / max(num_slots, 1))
     return (f_E * _mean_probs(probs_TE)).sum()
+
+
+def chosen_set_balance_loss(logits_TE: torch.Tensor, ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """UniMoE-Audio's balance loss over its top-p pool (routed and null experts), without coefficient:
+    ``E * sum_i f_i P_i`` with ``f_i`` = the fraction of tokens that chose expert i and ``P_i`` = the mean over
+    tokens of the softmax of the token's logits restricted to the experts it chose (0 elsewhere).
+
+    Unlike :func:`switch_load_balance_loss`, ``f`` counts tokens (a token choosing 3 experts adds 1 to three f's,
+    so ``sum_i f_i`` is the mean number of experts per token) and ``P`` is not the full softmax. Ids outside
+    ``[0, E)`` (unused slots) are ignored; a token that chose none gets the uniform softmax, as the official
+    masking with the dtype's lowest value gives. Differentiable through ``logits_TE``; 0 for an empty batch.
+    """
+    num_experts = _check_num_experts(num_experts)
+    _check_probs_ids(logits_TE, ids_TK, num_experts, "logits_TE")
+    dtype = _float_dtype(logits_TE)
+    ids = ids_TK.long().to(logits_TE.device)
+    # Unused slots write into a spare column that is cut off (a scatter of False could overwrite a True).
+    spare_TK = torch.where((ids >= 0) & (ids < num_experts), ids, num_experts)
+    chosen_TE = torch.zeros(logits_TE.shape[0], num_experts + 1, dtype=torch.bool, device=logits_TE.device)
+    chosen_TE = chosen_TE.scatter_(1, spare_TK, True)[:, :num_experts]
+    logits = logits_TE.to(dtype)
+    probs_TE = logits.masked_fill(~chosen_TE, torch.finfo(dtype).min).softmax(-1)
+    f_E = chosen_TE.to(dtype).sum(0) / max(logits_TE.shape[0], 1)
+    return num_experts * (f_E * _mean_probs(probs_TE)).sum()
 
 
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:

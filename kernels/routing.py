@@ -11,6 +11,8 @@ Routers:
   group-limited top-k, renormalisation, routed scaling) and an optional per-token allowed-expert mask.
 - :func:`top_p_route`: the smallest set of experts whose probability mass reaches ``p`` (Dynamic MoE,
   UniMoE-Audio), so the number of experts varies per token.
+- :func:`top_p_near_tie_route`: UniMoE-Audio's router: top-p's set, each chosen expert weighted by the softmax
+  over the experts whose logits nearly tie with its own, renormalised.
 - :func:`expert_choice_route`: every expert picks its ``capacity`` most confident tokens (Zhou et al. 2022).
 - :func:`noisy_topk_route`: Shazeer et al. 2017's noisy top-k gating with the smooth load estimate
   (MoE-Fusion).
@@ -31,6 +33,7 @@ __all__ = [
     "GROUP_SCORES",
     "topk_route",
     "top_p_route",
+    "top_p_near_tie_route",
     "expert_choice_route",
     "noisy_topk_route",
 ]
@@ -343,6 +346,60 @@ def top_p_route(
     if renormalize:
         weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
     return RouterOutput(ids_TK=ids_TK, weights_TK=weights_TK, probs_TE=probs_TE, logits_TE=logits_TE)
+
+
+def top_p_near_tie_route(
+    logits_TE: torch.Tensor,
+    p: float,
+    *,
+    tie_tolerance: float = 0.01,
+    renorm_eps: float = 1e-6,
+) -> RouterOutput:
+    """UniMoE-Audio's dynamic-capacity router, as its shipped configuration runs it (the deterministic path
+    its ``ignore_differentiable_router=true`` selects, in training and inference alike).
+
+    Which experts: :func:`top_p_route`'s set, ``k = #(sorted cumulative probabilities < p) + 1``.
+
+    Their weights: the chosen experts are taken one at a time by descending logit. Expert i's multiplier is the
+    softmax, evaluated at i, over the experts not taken before it whose logit nearly ties with i's logit
+    ``l_i`` — relative gap ``(l_i - l_j) / max(|l_i|, |l_j|) <= 2 * tie_tolerance`` (0/0 counts as a tie) —: 1
+    when no other remaining expert is that close, about 1/n among n near-equal logits. The multipliers are then
+    divided by ``their sum + renorm_eps``. So the router decides which and how many experts a token uses, and
+    mixes them equally unless logits nearly tie; gradients reach the logits only through near ties.
+
+    Args:
+        logits_TE: floating [T, E] router logits (in UniMoE-Audio: the routed experts', then the null experts').
+        p: probability mass in (0, 1].
+        tie_tolerance: UniMoE-Audio's ``router_jitter_noise`` (0.01), >= 0: half the relative logit gap that
+            still counts as a tie.
+        renorm_eps: added to the multipliers' sum before dividing (UniMoE-Audio: 1e-6), >= 0.
+
+    Returns:
+        A RouterOutput like :func:`top_p_route`'s (experts by descending probability, ``-1`` / weight 0 for unused
+        slots, ``probs_TE`` the softmax over all E) with these weights.
+    """
+    for name, value in (("tie_tolerance", tie_tolerance), ("renorm_eps", renorm_eps)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < math.inf:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    chosen = top_p_route(logits_TE, p)
+    ids_TK, used_TK = chosen.ids_TK, chosen.ids_TK >= 0
+    num_experts = logits_TE.shape[1]
+    logits_TE_ = logits_TE.to(chosen.probs_TE.dtype)
+    slot_logit_TK = logits_TE_.gather(1, ids_TK.clamp(min=0))
+
+    own_TKE = torch.nn.functional.one_hot(ids_TK.clamp(min=0), num_experts).bool()
+    taken_TKE = (own_TKE & used_TK[..., None]).long()
+    taken_before_TKE = (taken_TKE.cumsum(1) - taken_TKE) > 0
+    with torch.no_grad():
+        lead_TK1, others_T1E = slot_logit_TK[..., None], logits_TE_[:, None, :]
+        gap_TKE = (lead_TK1 - others_T1E) / torch.maximum(others_T1E.abs(), lead_TK1.abs())
+        near_TKE = ~(gap_TKE > 2 * tie_tolerance) & ~taken_before_TKE
+    # An unused slot looks only at its placeholder expert (multiplier 1, then zeroed): no -inf rows, no NaN grads.
+    near_TKE = torch.where(used_TK[..., None], near_TKE, own_TKE)
+    near_logits_TKE = logits_TE_[:, None, :].masked_fill(~near_TKE, float("-inf"))
+    multiplier_TK = torch.exp(slot_logit_TK - torch.logsumexp(near_logits_TKE, dim=-1)) * used_TK
+    weights_TK = multiplier_TK / (multiplier_TK.sum(-1, keepdim=True) + renorm_eps)
+    return RouterOutput(ids_TK=ids_TK, weights_TK=weights_TK, probs_TE=chosen.probs_TE, logits_TE=logits_TE)
 
 
 # ---------------------------------------------------------------------------------------------------------

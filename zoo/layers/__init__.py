@@ -1,5 +1,6 @@
 """moezoo.zoo.layers: the routed blocks (MoE, MoH attention, ...) on one base, and the layers models share."""
 
+from .dcmoe import DynamicCapacityMoE, anneal_aux_weight, set_aux_weight
 from .moe import EXPERT_KINDS, ROUTERS, GatedMLP, MoE, Router
 from .moh import MoHAttention
 from .routed import (
@@ -19,16 +20,19 @@ __all__ = [
     "AUX_LOSSES",
     "EXPERT_KINDS",
     "ROUTERS",
+    "DynamicCapacityMoE",
     "GatedMLP",
     "MoE",
     "MoHAttention",
     "RoutedBlock",
     "Router",
     "RoutingRecord",
+    "anneal_aux_weight",
     "collect_routing",
     "freeze",
     "routed_blocks",
     "routing_maps",
+    "set_aux_weight",
     "set_backend",
     "total_aux_loss",
     "unfreeze",

@@ -90,6 +90,7 @@ AUX_LOSSES: dict[str, Callable[[RouterOutput, int], torch.Tensor]] = {
     "global_load_balance": lambda r, e: losses.switch_load_balance_loss(r.probs_TE, r.ids_TK, e, global_batch=True),
     "z_loss": lambda r, e: losses.router_z_loss(r.logits_TE),
     "expert_balance": lambda r, e: losses.expert_balance_loss(r.probs_TE, r.ids_TK, e),
+    "chosen_balance": lambda r, e: losses.chosen_set_balance_loss(r.logits_TE, r.ids_TK, e),
     "cv2": _importance_load,
     "entropy": lambda r, e: losses.routing_entropy(r.probs_TE),
     "head_balance": _head_balance,
