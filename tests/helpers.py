@@ -75,6 +75,30 @@ def loop_moe(x, weights, ids, w_in, w_out, b_in=None, b_out=None, activation="si
     return torch.stack(rows) if rows else x.new_zeros(0, dim)
 
 
+def unimoe_audio_route_token(logits_N: torch.Tensor, p: float, tolerance: float, renorm_eps: float = 1e-6):
+    """UniMoE-Audio's routing of one token over its N dynamic logits, step by step as the official code
+    (``audio_dynamic_expert_selection``, then ``audio_sparse_expert_mixer`` with training off, as the shipped
+    ``ignore_differentiable_router=true`` runs it): ``k = #(sorted cumulative softmax < p) + 1``; k argmax picks,
+    each weighted by the softmax over the remaining logits within relative gap ``2 * tolerance`` of the pick's;
+    the weights renormalised. Returns (chosen experts in pick order, their weights), differentiable."""
+    probs = torch.softmax(logits_N, 0)
+    k = int((probs.detach().sort(descending=True).values.cumsum(0) < p).sum()) + 1
+    remaining, chosen, multipliers = list(range(logits_N.shape[0])), [], []
+    for _ in range(k):
+        best = max(remaining, key=lambda j: (float(logits_N[j].detach()), -j))  # argmax, first index on ties
+        lead = logits_N[best]
+        near = []
+        for j in remaining:
+            gap = (lead - logits_N[j]) / torch.maximum(logits_N[j].abs(), lead.abs())
+            if not bool(gap > 2 * tolerance):  # 0/0 (NaN) is not "> threshold": a tie
+                near.append(j)
+        multipliers.append(torch.softmax(torch.stack([logits_N[j] for j in near]), 0)[near.index(best)])
+        chosen.append(best)
+        remaining.remove(best)
+    weights = torch.stack(multipliers)
+    return chosen, weights / (weights.sum() + renorm_eps)
+
+
 def randomise(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Every parameter random with O(1) activations: matrices ~ N(0, 1/fan_in), vectors ~ N(0, 0.1^2). DiT's
     adaLN-zero init would otherwise make every prediction 0 (and every generated image constant)."""
