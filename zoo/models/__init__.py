@@ -3,3 +3,4 @@
 from . import dit_moe  # noqa: F401
 from . import moe_fusion  # noqa: F401
 from . import mofme  # noqa: F401
+from . import unimoe_audio  # noqa: F401
