@@ -32,6 +32,7 @@ FAMILY_VARIANTS = [
     ("test_mofme", {}),
     ("test_mofme", {"ffn": "moe"}),
     ("test_moe_fusion", {}),
+    ("test_unimoe_audio", {}),
 ]
 
 
