@@ -157,3 +157,24 @@ def test_active_parameters_count_the_experts_a_token_uses():
     total = model.num_parameters()
     per_expert = 3 * cfg.dim * cfg.expert_hidden
     assert model.num_parameters(active=True, experts_per_token=1) == total - cfg.depth * (cfg.num_experts - 1) * per_expert
+
+
+def test_stage_two_assembles_a_dcmoe_model_from_dense_protos():
+    """Outside the FFNs: the protos' average; each block's experts: the protos' FFNs in slices whose sum is
+    each proto's FFN (checked by evaluating the experts by hand)."""
+    from moezoo.zoo.models.unimoe_audio import UniMoEAudio
+
+    protos = [tiny("dense", seed=s) for s in (3, 4)]
+    merged = UniMoEAudio.from_dense_protos(protos, num_null_experts=1).eval()
+    assert merged.config.ffn == "dcmoe" and merged.config.expert_hidden == 64 // 2
+    torch.testing.assert_close(merged.blocks[1].attn.qkv.weight,
+                               (protos[0].blocks[1].attn.qkv.weight + protos[1].blocks[1].attn.qkv.weight) / 2)
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(0))
+    moe = merged.blocks[0].moe
+    for p, experts in ((protos[0], range(0, 2)), (protos[1], range(2, 4))):
+        by_slices = sum(moe.w_out[e] @ (F.silu(moe.w_in[e, :32] @ x.T) * (moe.w_in[e, 32:] @ x.T)) for e in experts)
+        torch.testing.assert_close(by_slices.T, p.blocks[0].mlp(x), **TOL)
+    with pytest.raises(ValueError, match="dense UniMoEAudio"):
+        UniMoEAudio.from_dense_protos([tiny("dcmoe")])
+    with pytest.raises(ValueError, match="equal slices"):
+        UniMoEAudio.from_dense_protos(protos, num_experts=6)

@@ -369,6 +369,46 @@ class UniMoEAudio(nn.Module):
             raise ValueError("this model owns no codec/vocoder (config.codec / config.vocoder are None)")
         return self.vocoder(self.codec.decode(codes_BQT))
 
+    # ------------------------------------------------------------------------------------------ stage 2
+
+    @classmethod
+    def from_dense_protos(cls, protos: Sequence["UniMoEAudio"], **overrides) -> "UniMoEAudio":
+        """The paper's stage 2: a DCMoE model assembled from dense proto-experts of one architecture (one per
+        domain). Every weight outside the FFNs (embeddings, attention, norms, heads) is the protos' average;
+        each block's routed experts are the protos' dense FFNs split into equal slices (the first proto's slices
+        first), so that, before training, the sum of each proto's experts is that proto's FFN; gates and shared
+        experts are new. The codec and vocoder are the first proto's. ``overrides``: DCMoE config fields
+        (``num_null_experts``, ``top_p``...); ``num_experts`` must be a multiple of the number of protos."""
+        from moezoo.zoo.upcycle import average_state_dicts, moe_from_dense
+
+        protos = list(protos)
+        if not protos or any(not isinstance(p, UniMoEAudio) or p.config.ffn != "dense" for p in protos):
+            raise ValueError("from_dense_protos takes one or more dense UniMoEAudio models (ffn='dense')")
+        if any(p.config != protos[0].config for p in protos[1:]):
+            raise ValueError("the protos must share one architecture (equal configs)")
+        base = protos[0].config
+        num_experts = overrides.pop("num_experts", base.num_experts)
+        if num_experts % len(protos) or base.dense_hidden % (num_experts // len(protos)):
+            raise ValueError(f"{num_experts} experts cannot be {len(protos)} protos' FFNs of width {base.dense_hidden} "
+                             "cut into equal slices")
+        expert_hidden = base.dense_hidden // (num_experts // len(protos))
+        model = cls(replace(base, ffn="dcmoe", num_experts=num_experts, expert_hidden=expert_hidden, **overrides))
+        outside_ffn = {k: v for k, v in average_state_dicts([p.state_dict() for p in protos]).items()
+                       if ".mlp." not in k and not k.startswith(("codec.", "vocoder."))}
+        outside_ffn.update({k: v for k, v in protos[0].state_dict().items() if k.startswith(("codec.", "vocoder."))})
+        missing = [k for k in model.load_state_dict(outside_ffn, strict=False).missing_keys if ".moe." not in k]
+        if missing:
+            raise RuntimeError(f"stage-2 assembly left weights unset: {missing[:5]}")
+        cfg = model.config
+        for i, block in enumerate(model.blocks):
+            block.moe = moe_from_dense(
+                [p.blocks[i].mlp for p in protos], num_experts, "split", block=DynamicCapacityMoE,
+                num_null_experts=cfg.num_null_experts, num_shared_experts=cfg.num_shared_experts,
+                shared_hidden_dim=cfg.shared_hidden, top_p=cfg.top_p, router_jitter=cfg.router_jitter,
+                input_jitter=cfg.input_jitter, aux_loss_coef=cfg.aux_loss_coef / cfg.depth, backend=cfg.backend,
+            )
+        return model
+
     # ------------------------------------------------------------------------------------------ sizes
 
     def num_parameters(self, active: bool = False, *, experts_per_token: float | None = None) -> int:
