@@ -79,7 +79,8 @@ def expert_weights(ffns: nn.Module | Sequence[nn.Module], num_experts: int, mode
     if mode not in MODES:
         raise ValueError(f"unknown upcycling mode {mode!r}; accepted: {', '.join(MODES)}")
     if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1 or num_experts % len(ffns):
-        raise ValueError(f"num_experts must be a positive multiple of the {len(ffns)} dense FFN(s), got {num_experts!r}")
+        raise ValueError(f"num_experts must be a positive multiple of the {len(ffns)} dense FFN(s), "
+                         f"got {num_experts!r}")
     dense = [_read_dense(ffn) for ffn in ffns]
     _check_alike(dense)
     per_ffn = num_experts // len(ffns)
@@ -117,8 +118,8 @@ def moe_from_dense(
                   activation=experts.activation, bias=experts.b_in is not None, **block_kwargs)
     elif block is DynamicCapacityMoE:
         if not experts.gated or experts.b_in is not None:
-            raise ValueError("DynamicCapacityMoE's experts are bias-free gated MLPs; this FFN is "
-                             f"{'gated' if experts.gated else 'not gated'}{' with biases' if experts.b_in is not None else ''}")
+            kind = ("gated" if experts.gated else "not gated") + (" with biases" if experts.b_in is not None else "")
+            raise ValueError(f"DynamicCapacityMoE's experts are bias-free gated MLPs; this FFN is {kind}")
         moe = DynamicCapacityMoE(dim, experts.hidden_dim, num_experts, activation=experts.activation, **block_kwargs)
     else:
         raise TypeError(f"block must be MoE or DynamicCapacityMoE, got {getattr(block, '__name__', block)!r}")
@@ -175,7 +176,8 @@ def average_state_dicts(state_dicts: Sequence[Mapping[str, torch.Tensor]]) -> di
     for i, sd in enumerate(state_dicts[1:], start=1):
         if set(sd) != set(keys):
             missing, extra = sorted(set(keys) - set(sd)), sorted(set(sd) - set(keys))
-            raise ValueError(f"state dict {i} has other keys than state dict 0: missing {missing[:5]}, extra {extra[:5]}")
+            raise ValueError(f"state dict {i} has other keys than state dict 0: missing {missing[:5]}, "
+                             f"extra {extra[:5]}")
     averaged = {}
     for key in keys:
         tensors = [sd[key] for sd in state_dicts]
@@ -206,7 +208,8 @@ def _read_dense(ffn: nn.Module) -> ExpertWeights:
         return _as_expert(layers, ffn.down_proj, ffn.activation, ffn.gated)
     if isinstance(ffn, Mlp):
         if not isinstance(ffn.fc1, nn.Linear) or not isinstance(ffn.fc2, nn.Linear):
-            raise ValueError("a timm Mlp with 1x1 convolutions (use_conv=True) cannot become experts: Linear layers only")
+            raise ValueError("a timm Mlp with 1x1 convolutions (use_conv=True) cannot become experts: "
+                             "Linear layers only")
         if not isinstance(ffn.norm, nn.Identity):
             raise ValueError(f"a timm Mlp with a hidden norm ({type(ffn.norm).__name__}) cannot become experts")
         if ffn.drop1.p or ffn.drop2.p:

@@ -193,11 +193,12 @@ def test_average_state_dicts_by_formula():
     for key, value in averaged.items():
         tensors = [m.state_dict()[key] for m in models]
         if value.dtype.is_floating_point:
-            torch.testing.assert_close(value, (tensors[0].double() + tensors[1].double() + tensors[2].double()).float() / 3,
-                                       **fp_tolerance(torch.float32, 3))
+            mean = (tensors[0].double() + tensors[1].double() + tensors[2].double()) / 3
+            torch.testing.assert_close(value, mean.float(), **fp_tolerance(torch.float32, 3))
         else:
             assert torch.equal(value, tensors[0])
-    half = average_state_dicts([{"w": torch.ones(2, dtype=torch.bfloat16)}, {"w": torch.zeros(2, dtype=torch.bfloat16)}])
+    ones, zeros = torch.ones(2, dtype=torch.bfloat16), torch.zeros(2, dtype=torch.bfloat16)
+    half = average_state_dicts([{"w": ones}, {"w": zeros}])
     assert half["w"].dtype == torch.bfloat16 and half["w"].tolist() == [0.5, 0.5]
 
 
@@ -231,6 +232,7 @@ def test_unimoe_audio_stage_two_from_two_dense_protos():
         w = expert_weights([p.blocks[i]["mlp"] for p in protos], 8, "split")
         assert isinstance(block, DynamicCapacityMoE) and torch.equal(block.w_in, w.w_in)
         for t in range(4):
-            torch.testing.assert_close(sum(experts_on_token(w, x[t], range(4))), protos[0].blocks[i]["mlp"](x[t]), **TOL)
-            torch.testing.assert_close(sum(experts_on_token(w, x[t], range(4, 8))), protos[1].blocks[i]["mlp"](x[t]), **TOL)
+            for proto, experts in zip(protos, (range(4), range(4, 8))):
+                dense = proto.blocks[i]["mlp"](x[t])
+                torch.testing.assert_close(sum(experts_on_token(w, x[t], experts)), dense, **TOL)
     assert merged(inputs(2, 3, DIM)).shape == (2, 3, DIM)

@@ -166,7 +166,8 @@ class DynamicCapacityMoE(RoutedBlock):
         if not x.dtype.is_floating_point:
             raise TypeError(f"DynamicCapacityMoE input must be a floating tensor, got {x.dtype}")
         if x.dim() < 1 or x.shape[-1] != self.dim:
-            raise ValueError(f"DynamicCapacityMoE input must have last dimension {self.dim}, got shape {tuple(x.shape)}")
+            raise ValueError(f"DynamicCapacityMoE input must have last dimension {self.dim}, "
+                             f"got shape {tuple(x.shape)}")
         x_TD = x.reshape(-1, self.dim)
         logits_TG = self._gate_logits(x_TD)
         routed = top_p_near_tie_route(logits_TG[:, : self.num_dynamic], self.top_p, tie_tolerance=self.router_jitter,
