@@ -282,12 +282,24 @@ def nearest_codes(x_ND: torch.Tensor, codebook_KD: torch.Tensor) -> torch.Tensor
     return distance_NK.argmin(-1)
 
 
+def _kmeans_plus_plus(x_ND: torch.Tensor, num_clusters: int) -> torch.Tensor:
+    """k-means++ seeding: the first centre a random row, each next one a row drawn with probability
+    proportional to its squared distance to the nearest centre so far (torch's global RNG)."""
+    centres = [x_ND[int(torch.randint(x_ND.shape[0], ()))]]
+    nearest_N = (x_ND - centres[0]).square().sum(-1)
+    for _ in range(num_clusters - 1):
+        if float(nearest_N.sum()) <= 0:  # fewer distinct rows than centres: repeat random rows
+            centres.append(x_ND[int(torch.randint(x_ND.shape[0], ()))])
+            continue
+        centres.append(x_ND[int(torch.multinomial(nearest_N, 1))])
+        nearest_N = torch.minimum(nearest_N, (x_ND - centres[-1]).square().sum(-1))
+    return torch.stack(centres)
+
+
 def _kmeans(x_ND: torch.Tensor, num_clusters: int, iterations: int) -> torch.Tensor:
-    """``num_clusters`` k-means centres of ``x_ND`` (starting from random rows, torch's global RNG; a centre
-    that loses all its points keeps its place)."""
-    n = x_ND.shape[0]
-    start = torch.randperm(n)[:num_clusters] if n >= num_clusters else torch.randint(n, (num_clusters,))
-    centres_KD = x_ND[start].clone()
+    """``num_clusters`` k-means centres of ``x_ND`` from k-means++ seeds (a centre that loses all its points
+    keeps its place)."""
+    centres_KD = _kmeans_plus_plus(x_ND, num_clusters)
     for _ in range(iterations):
         ids_N = nearest_codes(x_ND, centres_KD)
         counts_K = torch.bincount(ids_N, minlength=num_clusters).to(x_ND.dtype)
