@@ -9,9 +9,11 @@ speech + music :class:`~moezoo.training.datamodules.audio.MixedAudioDataModule`)
   normalised log-mel + ``commitment_weight`` x the commitment loss; codebooks by EMA (no gradient). With
   quantiser dropout each clip uses a random number of codebooks with probability ``quantizer_dropout``, so
   that decoding the first q codebooks is good too.
-- :class:`AudioVocoderModule`: mel -> :class:`~moezoo.encoders.audio.MelVocoder` -> waveform; loss
-  multi-resolution STFT (spectral convergence + log-magnitude) + ``mel_weight`` x log-mel L1. With
-  ``tokenizer_path`` and ``tokenized_fraction`` > 0, that share of the clips is vocoded from the tokenizer's
+- :class:`AudioVocoderModule`: mel -> :class:`~moezoo.encoders.audio.MelVocoder`'s STFT magnitude (its
+  Griffin-Lim makes the phase at inference); loss: the STFT loss of that magnitude against the clip's
+  (spectral convergence + log-magnitude, :func:`~moezoo.encoders.audio.magnitude_losses`) + ``mel_weight`` x
+  the L1 of its log-mel. With ``tokenizer_path`` and ``tokenized_fraction`` > 0, that share of the clips is
+  vocoded from the tokenizer's
   reconstruction of their mel (what the audio LM's tokens will give it), against the real audio.
 
 Both end a fit by writing ``export_path`` (a relative path is inside the run's folder) with
@@ -37,13 +39,19 @@ import torch
 import torch.nn.functional as F
 
 from moezoo.encoders.audio import (
+    HOP_LENGTH,
+    LOG_MEL_STD,
+    N_FFT,
     AudioFrontEnd,
     GriffinLimVocoder,
     MelTokenizer,
     MelVocoder,
     log_mel_l1,
+    magnitude_losses,
     multi_resolution_stft_loss,
+    normalize_log_mel,
     spectral_convergence,
+    stft_magnitude,
 )
 
 from .common import run_path, warmup_cosine_scheduler
@@ -178,16 +186,17 @@ class AudioTokenizerModule(pl.LightningModule):
 class AudioVocoderModule(pl.LightningModule):
     """Trains a :class:`~moezoo.encoders.audio.MelVocoder` to turn normalised log-mels into the waveform.
 
-    Logged: ``train/loss``, ``train/spectral_convergence``, ``train/log_magnitude``, ``train/log_mel_l1``; on
-    validation (from real mels) ``val/spectral_convergence`` (at the project's 1024/256 STFT) and
-    ``val/log_mel_l1`` (nats).
+    Logged: ``train/loss``, ``train/spectral_convergence``, ``train/log_magnitude``, ``train/log_mel_l1``
+    (nats; all of the predicted magnitude); on validation, of the vocoder's waveform (Griffin-Lim phase) from
+    real mels, ``val/spectral_convergence`` (at the project's 1024/256 STFT), ``val/log_mel_l1`` (nats) and
+    ``val/mr_stft_loss`` (the sum of the two terms of :func:`~moezoo.encoders.audio.multi_resolution_stft_loss`).
 
     Args:
         vocoder: :class:`~moezoo.encoders.audio.MelVocoderConfig` fields (default: its defaults).
         tokenizer_path: a trained tokenizer (``MelTokenizer.save_pretrained`` file), frozen; needed when
             ``tokenized_fraction > 0``.
         tokenized_fraction: share of training clips vocoded from the tokenizer's reconstruction of their mel.
-        mel_weight: weight of the log-mel L1 (normalised units) next to the MR-STFT loss.
+        mel_weight: weight of the log-mel L1 (normalised units) next to the STFT loss.
         learning_rate: AdamW peak learning rate.
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up steps.
@@ -238,14 +247,15 @@ class AudioVocoderModule(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         audio = batch["audio"]
         mel = self.front_end(audio)
-        predicted = self.vocoder(self._input_mel(mel))
-        convergence, log_magnitude = multi_resolution_stft_loss(predicted, audio)
-        mel_l1 = F.l1_loss(self.front_end(predicted), mel)
+        magnitude = self.vocoder.magnitude(self._input_mel(mel))
+        convergence, log_magnitude = magnitude_losses(magnitude, stft_magnitude(audio, N_FFT, HOP_LENGTH, N_FFT))
+        predicted_mel = normalize_log_mel(self.front_end.mel_of_magnitude(magnitude))
+        mel_l1 = F.l1_loss(predicted_mel, mel)
         loss = convergence + log_magnitude + self.hparams.mel_weight * mel_l1
         batch_size = audio.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log_dict({"train/spectral_convergence": convergence, "train/log_magnitude": log_magnitude,
-                       "train/log_mel_l1": log_mel_l1(self.front_end(predicted), mel)}, batch_size=batch_size)
+                       "train/log_mel_l1": mel_l1 * LOG_MEL_STD}, batch_size=batch_size)
         return loss
 
     def validation_step(self, batch, batch_idx):
@@ -256,6 +266,7 @@ class AudioVocoderModule(pl.LightningModule):
         self.log("val/spectral_convergence", spectral_convergence(predicted, audio), prog_bar=True,
                  batch_size=batch_size)
         self.log("val/log_mel_l1", log_mel_l1(self.front_end(predicted), mel), batch_size=batch_size)
+        self.log("val/mr_stft_loss", sum(multi_resolution_stft_loss(predicted, audio)), batch_size=batch_size)
 
     def configure_optimizers(self):
         return _optimizers(self, self.vocoder.parameters())

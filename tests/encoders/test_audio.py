@@ -310,18 +310,32 @@ def test_vocoders_turn_t_frames_into_t_minus_one_hops_of_samples():
         neural(torch.zeros(2, 3, 64, 10))
 
 
-def test_vocoder_head_is_an_inverse_stft_of_the_predicted_spectrum():
+def test_untrained_vocoder_starts_from_the_least_squares_magnitude_of_the_baseline():
+    mel = AudioFrontEnd()(torch.stack([sine(300.0), sine(2000.0)]))
     vocoder = MelVocoder(TINY_VOCODER)
+    inverse_mel = GriffinLimVocoder().inverse_mel  # torchaudio's least squares (the baseline's)
+    expected = inverse_mel(denormalize_log_mel(mel)).clamp_min(LOG_MEL_FLOOR)
+    torch.testing.assert_close(vocoder.magnitude(mel), expected, **fp_tolerance(torch.float32, N_FFT, scale=10.0))
+
+
+def test_vocoder_magnitude_is_the_least_squares_one_times_exp_of_the_head():
+    torch.manual_seed(0)
+    vocoder = MelVocoder(TINY_VOCODER)
+    torch.nn.init.normal_(vocoder.head.weight, std=0.1)
     mel = AudioFrontEnd()(sine(500.0))
-    spectrum = vocoder.spectrum(mel)
-    expected = torch.istft(spectrum, N_FFT, HOP_LENGTH, N_FFT, window=torch.hann_window(N_FFT), center=True,
-                           length=CLIP_SAMPLES)
-    torch.testing.assert_close(vocoder(mel), expected)
-    # and a waveform's own STFT through that inverse is the waveform
-    audio = sine(500.0)[None]
-    own = torch.stft(audio, N_FFT, HOP_LENGTH, window=torch.hann_window(N_FFT), return_complex=True)
-    torch.testing.assert_close(torch.istft(own, N_FFT, HOP_LENGTH, window=torch.hann_window(N_FFT),
-                                           length=CLIP_SAMPLES), audio, **fp_tolerance(torch.float32, N_FFT))
+    with torch.no_grad():
+        x = vocoder.embed_norm(vocoder.embed(mel).transpose(1, 2)).transpose(1, 2)
+        for block in vocoder.blocks:
+            x = block(x)
+        correction = vocoder.head(vocoder.final_norm(x.transpose(1, 2))).transpose(1, 2)
+        least_squares = torch.linalg.pinv(vocoder.front_end.mel_fbank.T) @ denormalize_log_mel(mel)
+        expected = least_squares.clamp_min(LOG_MEL_FLOOR) * correction.exp()
+    torch.testing.assert_close(vocoder.magnitude(mel), expected, **fp_tolerance(torch.float32, N_MELS, layers=4))
+    # the waveform is Griffin-Lim of that magnitude: its own STFT magnitude is close to it where it is loud
+    waveform = vocoder(mel, griffin_lim_iterations=16)
+    own = torch.stft(waveform, N_FFT, HOP_LENGTH, window=torch.hann_window(N_FFT), return_complex=True).abs()
+    loud = expected > 0.1 * expected.max()
+    assert float(((own - expected).abs()[loud] / expected[loud]).median()) < 0.5
 
 
 def numpy_stft_magnitude(audio: np.ndarray, n_fft: int, hop: int) -> np.ndarray:

@@ -305,6 +305,11 @@ def test_mixed_datamodule_balances_the_domains():
                                  music_val_renditions=1, seed=1)
     again.setup()
     assert [again.train_set[i]["caption"] for i in range(20)] == [s["caption"] for s in train]
+    cached = MixedAudioDataModule(per_domain=10, val_per_domain=4, words=["up", "down"], music_renditions=1,
+                                  music_val_renditions=1, seed=1, cache=True)
+    cached.setup()
+    assert all(torch.equal(cached.train_set[i]["audio"], train[i]["audio"]) for i in (0, 19))
+    assert cached.train_set[0] is cached.train_set[0]  # made once, then kept
     batch = collate_audio_batch(train[8:12])
     assert batch["domain"] == ["speech", "speech", "music", "music"] and batch["label"].dtype == torch.int64
     with pytest.raises(ValueError, match="more clips than a domain has"):

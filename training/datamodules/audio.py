@@ -32,6 +32,7 @@ from ..datasets.audio import (
     TIMBRES,
     WORDS,
     AudioFolderDataset,
+    MemoryCachedDataset,
     MusicDataset,
     SpeechDataset,
     collate_audio_batch,
@@ -167,6 +168,8 @@ class MixedAudioDataModule(_AudioDataModule):
         num_workers: DataLoader worker processes.
         val_fraction: share of the speech clips held out for validation.
         seed: pitches, splits, the balanced choice and the order of training batches.
+        cache: keep every clip in memory after it is first made (:class:`MemoryCachedDataset`: the same
+            clips, made once; 64 KB each).
     """
 
     def __init__(
@@ -180,6 +183,7 @@ class MixedAudioDataModule(_AudioDataModule):
         num_workers: int = 0,
         val_fraction: float = 0.1,
         seed: int = 0,
+        cache: bool = False,
     ) -> None:
         check_val_fraction(val_fraction)
         for name, value in (("per_domain", per_domain), ("val_per_domain", val_per_domain)):
@@ -190,13 +194,15 @@ class MixedAudioDataModule(_AudioDataModule):
         self.per_domain, self.val_per_domain = per_domain, val_per_domain
         self.words, self.val_fraction = words, val_fraction
         self.music_renditions, self.music_val_renditions = music_renditions, music_val_renditions
+        self.cache = cache
 
-    def make_splits(self) -> tuple[ConcatDataset, ConcatDataset]:
+    def make_splits(self) -> tuple[Dataset, Dataset]:
         speech_train, speech_val = _speech_splits("generator", self.words, self.val_fraction, self.seed)
         music_train, music_val = _music_splits(self.music_renditions, self.music_val_renditions, self.seed,
                                                TIMBRES, ("note", "chord"))
-        return (_balanced(speech_train, music_train, self.per_domain, self.seed),
-                _balanced(speech_val, music_val, self.val_per_domain, self.seed + 1))
+        train = _balanced(speech_train, music_train, self.per_domain, self.seed)
+        val = _balanced(speech_val, music_val, self.val_per_domain, self.seed + 1)
+        return (MemoryCachedDataset(train), MemoryCachedDataset(val)) if self.cache else (train, val)
 
 
 class AudioFolderDataModule(_AudioDataModule):

@@ -112,6 +112,7 @@ __all__ = [
     "fit_length",
     "scan_audio_folder",
     "AudioFolderDataset",
+    "MemoryCachedDataset",
 ]
 
 # ----------------------------------------------------------------------------------------------------------
@@ -728,3 +729,22 @@ class AudioFolderDataset(Dataset):
         offset = int(torch.randint(spare + 1, ())) if self.random_crop and spare > 0 else 0
         return {"audio": fit_length(audio, self.clip_samples, offset), "caption": sidecar_caption(self.files[i]),
                 "domain": self.domain, "label": -1}
+
+
+class MemoryCachedDataset(Dataset):
+    """The items of ``dataset``, each kept in memory after its first read: for the generated datasets here,
+    which give the same item for the same index, it only saves the synthesis time (a clip is 64 KB, so the
+    default mixed training set of 5184 clips holds 340 MB). With DataLoader workers each worker keeps its own
+    copy."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self._items: dict[int, AudioSample] = {}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> AudioSample:
+        if i not in self._items:
+            self._items[i] = self.dataset[i]
+        return self._items[i]
