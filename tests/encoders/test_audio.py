@@ -130,7 +130,8 @@ def test_normalisation_is_fixed_and_invertible_and_frames_match_samples():
 def quantizer(num_codebooks=3, codebook_size=8, dim=4, seed=0, **kwargs) -> ResidualVectorQuantizer:
     torch.manual_seed(seed)
     rvq = ResidualVectorQuantizer(num_codebooks, codebook_size, dim, **kwargs)
-    rvq.codebooks.copy_(torch.randn(num_codebooks, codebook_size, dim) / (1 + torch.arange(num_codebooks))[:, None, None])
+    shrinking = 1 + torch.arange(num_codebooks)[:, None, None]  # later stages hold smaller residuals
+    rvq.codebooks.copy_(torch.randn(num_codebooks, codebook_size, dim) / shrinking)
     rvq.initialized.fill_(True)
     return rvq
 

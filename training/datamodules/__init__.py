@@ -5,5 +5,7 @@ shuffled training loaders, and the batch format each task's LightningModule read
 - :mod:`.video`: ``MovingShapesDataModule``, ``VideoFolderDataModule`` (DiffusionModule on video models).
 - :mod:`.weather`: ``SyntheticWeatherDataModule``, ``PairedFolderDataModule`` (RestorationModule).
 - :mod:`.fusion_pairs`: ``SyntheticFusionDataModule``, ``PairedFolderDataModule`` (FusionModule).
+- :mod:`.audio`: ``SpeechDataModule``, ``MusicDataModule``, ``MixedAudioDataModule``, ``AudioFolderDataModule``
+  (the audio tokenizer, vocoder and LM).
 - :mod:`.base`: the loaders they share.
 """

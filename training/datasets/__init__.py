@@ -6,6 +6,7 @@ share them.
 - :mod:`.photos`: the photographs bundled with scikit-image, split by photograph into train and test.
 - :mod:`.weather`: synthetic weather on the photos, paired deweathering folders.
 - :mod:`.fusion_pairs`: synthetic infrared/visible pairs from the photos, paired fusion folders.
+- :mod:`.audio`: eSpeak NG words, synthesised notes and chords (captions read back), sound folders.
 
 The LightningDataModules that wrap them are in :mod:`moezoo.training.datamodules`.
 """

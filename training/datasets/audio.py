@@ -342,7 +342,8 @@ def speech_speakers(split: str) -> list[Speaker]:
     accent+variant combination is)."""
     if split not in SPEECH_SPLITS:
         raise ValueError(f"unknown speech split {split!r}; accepted: {', '.join(SPEECH_SPLITS)}")
-    return [Speaker(voice, variant) for i, voice in enumerate(ESPEAK_VOICES) for j, variant in enumerate(ESPEAK_VARIANTS)
+    return [Speaker(voice, variant)
+            for i, voice in enumerate(ESPEAK_VOICES) for j, variant in enumerate(ESPEAK_VARIANTS)
             if ((i + j) % 4 == 0) == (split == "judge")]
 
 
