@@ -72,8 +72,10 @@ class UniMoEAudioConfig:
         router_jitter, input_jitter: the DCMoE's jitter in training (paper 0.01).
         text_dropout_prob: probability of training on the null prompt (classifier-free guidance).
         backend: the routed experts' compute backend.
-        codec, vocoder: constructor arguments of the tokenizer (``moezoo.encoders.audio.MelTokenizer``) and the
-            vocoder (``MelVocoder``) the model owns (None: the model has none; generation then returns codes).
+        codec, vocoder: the configs (``MelTokenizerConfig`` / ``MelVocoderConfig`` fields) of the tokenizer
+            (``moezoo.encoders.audio.MelTokenizer``) and the vocoder (``MelVocoder``) the model owns; the model
+            predicts the tokenizer's first ``num_codebooks`` codebooks (None: no codec / vocoder; generation then
+            returns codes only).
     """
 
     num_codebooks: int = 4
@@ -221,11 +223,12 @@ class UniMoEAudio(nn.Module):
         if cfg.codec is not None or cfg.vocoder is not None:
             from moezoo.encoders import audio  # torchaudio: imported only by models that own a codec
 
-            self.codec = audio.MelTokenizer(**cfg.codec) if cfg.codec is not None else None
-            self.vocoder = audio.MelVocoder(**cfg.vocoder) if cfg.vocoder is not None else None
-            if self.codec is not None and (self.codec.num_codebooks, self.codec.codebook_size) != (Q, K):
+            self.codec = audio.MelTokenizer(cfg.codec) if cfg.codec is not None else None
+            self.vocoder = audio.MelVocoder(cfg.vocoder) if cfg.vocoder is not None else None
+            # the tokenizer was trained with quantiser dropout: its first Q codebooks alone decode to a coarser mel
+            if self.codec is not None and (self.codec.num_codebooks < Q or self.codec.codebook_size != K):
                 raise ValueError(f"the codec makes {self.codec.num_codebooks} codebooks of {self.codec.codebook_size} "
-                                 f"codes, the model predicts {Q} of {K}")
+                                 f"codes; the model predicts the first {Q} of {K} codes")
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -363,6 +366,12 @@ class UniMoEAudio(nn.Module):
         per_layer = [torch.stack([step[i] for step in used], dim=1) for i in range(len(used[0]))] if used else []
         return codes_BQT, per_layer
 
+    def encode_audio(self, audio_BN: torch.Tensor) -> torch.Tensor:
+        """Waveforms (16 kHz) -> the codes the model predicts ``[B, Q, T]``: the codec's first Q codebooks."""
+        if self.codec is None:
+            raise ValueError("this model owns no codec (config.codec is None)")
+        return self.codec.encode(audio_BN, num_codebooks=self.config.num_codebooks)
+
     def decode_audio(self, codes_BQT: torch.Tensor) -> torch.Tensor:
         """Codes -> waveforms ``[B, samples]`` through the model's own codec and vocoder."""
         if self.codec is None or self.vocoder is None:
@@ -455,12 +464,40 @@ def _create(base: UniMoEAudioConfig, **kwargs) -> UniMoEAudio:
     return UniMoEAudio(replace(base, **kwargs))
 
 
+# The codec and vocoder configs of the bundled model: training/configs/audio_tokenizer.yaml, audio_vocoder.yaml.
+_CODEC = dict(n_mels=80, hidden_dim=128, latent_dim=64, num_blocks=3, kernel_size=3, num_codebooks=8,
+              codebook_size=256, ema_decay=0.99, dead_code_threshold=0.5)
+_VOCODER = dict(n_mels=80, dim=128, intermediate_dim=384, num_blocks=4, kernel_size=7, griffin_lim_iterations=64,
+                max_log_magnitude=8.0)
+# The words of moezoo.training.datasets.audio's captions ("the word seven", "a square C#3 note", "a A minor
+# chord on a plucked string"): the bundled model's prompt vocabulary.
+_CAPTION_WORDS = (
+    "a", "a#3", "a#4", "a3", "a4", "b3", "b4", "c", "c#3", "c#4", "c3", "c4", "chord", "d", "d#3", "d#4", "d3", "d4",
+    "down", "e", "e3", "e4", "eight", "f", "f#3", "f#4", "f3", "f4", "five", "four", "g", "g#3", "g#4", "g3", "g4",
+    "go", "left", "major", "minor", "nine", "no", "note", "off", "on", "one", "plucked", "right", "sawtooth", "seven",
+    "sine", "six", "square", "stop", "string", "the", "three", "two", "up", "wave", "word", "yes", "zero",
+)
+# 1.02 s clips: 65 frames of 16 ms; the first 4 of the tokenizer's 8 codebooks.
+_TINY = UniMoEAudioConfig(num_codebooks=4, codebook_size=256, max_frames=65, vocabulary=_CAPTION_WORDS,
+                          max_text_tokens=8, dim=160, depth=6, num_heads=4, dense_hidden=640, num_experts=8,
+                          num_null_experts=1, num_shared_experts=2, expert_hidden=160, shared_hidden=80,
+                          codec=_CODEC, vocoder=_VOCODER)
+# CI: 3 codebooks of 16 codes, a codec and vocoder of a few hundred parameters.
 _TEST = UniMoEAudioConfig(num_codebooks=3, codebook_size=16, max_frames=12, vocabulary=("a", "note", "the", "word"),
                           max_text_tokens=4, dim=32, depth=2, num_heads=2, dense_hidden=64, num_experts=4,
-                          expert_hidden=16, shared_hidden=8)
+                          expert_hidden=16, shared_hidden=8,
+                          codec=dict(hidden_dim=8, latent_dim=4, num_blocks=1, num_codebooks=3, codebook_size=16),
+                          vocoder=dict(dim=8, intermediate_dim=16, num_blocks=1, griffin_lim_iterations=2))
 
 
 @register_model
 def test_unimoe_audio(pretrained: bool = False, **kwargs) -> UniMoEAudio:
     """A tiny UniMoE-Audio for CI: 3 codebooks of 16 codes, D=32, 2 layers, 4 routed + 1 null + 2 shared experts."""
     return _create(_TEST, **kwargs)
+
+
+@register_model
+def unimoe_audio_tiny(pretrained: bool = False, **kwargs) -> UniMoEAudio:
+    """Speech (20 eSpeak words) and music (notes MIDI 48-71 and triads in 4 timbres) from a prompt: D=160, 6 layers,
+    DCMoE of 8 routed + 1 null + 2 shared experts (top-p 0.7) per layer, 4 codebooks of the mel tokenizer."""
+    return _create(_TINY, **kwargs)
