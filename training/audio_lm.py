@@ -58,6 +58,7 @@ class AudioLMModule(pl.LightningModule):
         ema_decay: EMA of the weights (validated and exported); 0 disables it.
         log_expert_load_every: per-layer expert load and experts per token every this many steps (0: never).
         export_dir: when fitting ends, export the (EMA) model here (relative to the run folder).
+        architecture: the registered entrypoint the export names (its config fields rebuild the model).
     """
 
     def __init__(
@@ -77,6 +78,7 @@ class AudioLMModule(pl.LightningModule):
         ema_decay: float = 0.999,
         log_expert_load_every: int = 50,
         export_dir: str | None = None,
+        architecture: str = "unimoe_audio_tiny",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -130,8 +132,9 @@ class AudioLMModule(pl.LightningModule):
     # ------------------------------------------------------------------------------------------ steps
 
     def _inputs(self, model: UniMoEAudio, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(word ids, codes) of a batch; clips longer than the model's ``max_frames`` keep their first frames."""
         with torch.no_grad():
-            codes = model.encode_audio(batch["audio"])
+            codes = model.encode_audio(batch["audio"])[:, :, : model.config.max_frames]
         return model.tokenize(batch["caption"]), codes
 
     def on_train_batch_start(self, batch, batch_idx):
@@ -190,7 +193,7 @@ class AudioLMModule(pl.LightningModule):
         loads it, codec and vocoder included; ``dtype=torch.float16`` halves the file."""
         model = self.sampling_model
         args = _architecture_args(model)
-        return save_pretrained(model, directory, "unimoe_audio_tiny", args, metadata or {}, dtype=dtype)
+        return save_pretrained(model, directory, self.hparams.architecture, args, metadata or {}, dtype=dtype)
 
 
 def _architecture_args(model: UniMoEAudio) -> dict:
