@@ -125,6 +125,15 @@ class AudioLMModule(pl.LightningModule):
         for name, parameter in self.model.named_parameters():
             parameter.requires_grad_(name in trained)
 
+    def train(self, mode: bool = True) -> "AudioLMModule":
+        """The codec and vocoder are fixed parts: they stay in eval mode while the language model trains."""
+        super().train(mode)
+        for model in (self.model, self.ema):
+            if model is not None:
+                model.codec.eval()
+                model.vocoder.eval()
+        return self
+
     @property
     def sampling_model(self) -> UniMoEAudio:
         return self.ema if self.ema is not None else self.model
