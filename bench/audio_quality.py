@@ -57,6 +57,7 @@ import math
 import re
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -241,7 +242,8 @@ def reference_clips(args) -> ClipSet:
     chords = [(sounds[s].midi, t, a) for (s, t), a in described if sounds[s].kind == "chord"]
     return ClipSet(speech=[dataset[int(i)]["audio"].numpy() for i in chosen],
                    words=[WORDS.index(dataset.items[int(i)].word) for i in chosen],
-                   notes=[a for _, _, a in notes], note_midi=[m for m, _, _ in notes], note_timbres=[t for _, t, _ in notes],
+                   notes=[a for _, _, a in notes], note_midi=[m for m, _, _ in notes],
+                   note_timbres=[t for _, t, _ in notes],
                    chords=[a for _, _, a in chords], chord_midi=[m for m, _, _ in chords],
                    chord_timbres=[t for _, t, _ in chords])
 
@@ -285,27 +287,35 @@ def transformed(clips: ClipSet, path) -> ClipSet:
                    run(clips.chords), clips.chord_midi, clips.chord_timbres)
 
 
+def through(*steps):
+    """One audio -> audio path of successive steps."""
+
+    def path(audio: torch.Tensor) -> torch.Tensor:
+        for step in steps:
+            audio = step(audio)
+        return audio
+
+    return path
+
+
 def file_ceiling_paths(args, tokenizer: MelTokenizer | None, vocoder: MelVocoder | None) -> list[tuple[str, object]]:
-    """(name, audio -> audio) of the reference paths the tokenizer and vocoder files allow."""
-    front_end, griffin_lim = AudioFrontEnd(), GriffinLimVocoder(args.griffin_lim_iters)
-    paths = [("real clips", lambda audio: audio),
-             ("real -> log-mel -> Griffin-Lim", lambda audio: griffin_lim(front_end(audio)))]
-    if vocoder is not None:
-        paths.append(("real -> log-mel -> neural vocoder", lambda audio: vocoder(front_end(audio))))
+    """(name, audio -> audio) of the reference paths the tokenizer and vocoder files allow: real clips, and each
+    mel (the log-mel, the tokenizer's decoding of its first q codebooks) through each vocoder."""
+    mels = [("log-mel", AudioFrontEnd())]
     for q in args.codebooks if tokenizer is not None else ():
-        def tokens(audio, q=q):
-            return tokenizer.decode(tokenizer.encode(audio, num_codebooks=q))
-        paths.append((f"real -> tokenizer ({q} codebooks) -> Griffin-Lim", lambda audio, t=tokens: griffin_lim(t(audio))))
-        if vocoder is not None:
-            paths.append((f"real -> tokenizer ({q} codebooks) -> neural vocoder",
-                          lambda audio, t=tokens: vocoder(t(audio))))
-    return paths
+        encode = partial(tokenizer.encode, num_codebooks=q)
+        mels.append((f"tokenizer ({q} codebooks)", through(encode, tokenizer.decode)))
+    vocoders = [("Griffin-Lim", GriffinLimVocoder(args.griffin_lim_iters))]
+    if vocoder is not None:
+        vocoders.append(("neural vocoder", vocoder))
+    return [("real clips", through())] + [(f"real -> {mel_name} -> {vocoder_name}", through(to_mel, to_audio))
+                                         for mel_name, to_mel in mels for vocoder_name, to_audio in vocoders]
 
 
 def model_ceiling_path(label: str, model) -> tuple[str, object]:
     """Real clips through a model's own codec (all its codebooks) and vocoder."""
     return (f"real -> {label}'s codec ({model.codec.num_codebooks} codebooks) + vocoder",
-            lambda audio: model.decode_audio(model.codec.encode(audio)))
+            through(model.codec.encode, model.decode_audio))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -492,7 +502,8 @@ def cpu_description() -> str:
     """The CPU's model name and the vector ISA torch's kernels use here."""
     cpuinfo = Path("/proc/cpuinfo")
     found = re.search(r"model name\s*:\s*(.+)", cpuinfo.read_text()) if cpuinfo.is_file() else None
-    return f"{found.group(1).strip() if found else 'unknown CPU'}, torch kernels {torch.backends.cpu.get_cpu_capability()}"
+    name = found.group(1).strip() if found else "unknown CPU"
+    return f"{name}, torch kernels {torch.backends.cpu.get_cpu_capability()}"
 
 
 def model_sources(args) -> list[tuple[str, str]]:
@@ -564,7 +575,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_pipelines(args) -> dict:
-    from moezoo.pipelines import AudioPipeline
+    from moezoo.pipelines.audio import AudioPipeline
 
     pipes = {}
     for label, source in model_sources(args):
@@ -594,7 +605,7 @@ def main(argv=None) -> dict:
           f"(lowest word: {worst[0]} {worst[1]:.1%})\n")
 
     clips = reference_clips(args)
-    paths = file_ceiling_paths(args, tokenizer, vocoder) if args.task != "generated" else [("real clips", lambda a: a)]
+    paths = file_ceiling_paths(args, tokenizer, vocoder) if args.task != "generated" else [("real clips", through())]
     paths += [model_ceiling_path(label, pipe.model) for label, pipe in pipes.items()]
     report["ceilings"] = [{"path": name, **read_clips(judge, transformed(clips, path))}
                           for name, path in tqdm(paths, desc="ceilings", leave=False)]
