@@ -706,7 +706,8 @@ class MelVocoder(nn.Module):
     embedding, LayerNorm, blocks, a linear head) predict a correction of the least-squares magnitude in the
     log domain, ``ln|S| = ln max(pinv(fbank) mel, floor) + head(...)``; Griffin-Lim (torchaudio, momentum
     0.99, zero initial phase, so deterministic) turns it into samples. Learning the phase too (Vocos'
-    design, tried here) needed far more training than the few minutes of CPU this project gives it.
+    design, tried here) needed far more training than the few minutes of CPU this project gives it: spectral
+    convergence 0.78 after 800 steps, where this design starts at the baseline's 0.37 and goes down.
 
     Trained by :class:`moezoo.training.audio_codec.AudioVocoderModule` on the STFT loss of the magnitude it
     predicts (:func:`magnitude_losses`) and the log-mel L1 of that magnitude.
@@ -745,7 +746,10 @@ class MelVocoder(nn.Module):
         log_magnitude = least_squares_BFT.clamp_min(LOG_MEL_FLOOR).log() + correction_BFT
         return log_magnitude.clamp(max=self.config.max_log_magnitude).exp()
 
+    @torch.no_grad()
     def forward(self, mel: torch.Tensor, griffin_lim_iterations: int | None = None) -> torch.Tensor:
+        """The waveform; ``griffin_lim_iterations`` overrides the config's (fewer: faster, rougher phase).
+        Not differentiable (training uses :meth:`magnitude`)."""
         magnitude = self.magnitude(mel)
         iterations = griffin_lim_iterations or self.config.griffin_lim_iterations
         return AF.griffinlim(magnitude, self.front_end.window, N_FFT, HOP_LENGTH, N_FFT, 1.0, iterations, 0.99,

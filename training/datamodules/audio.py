@@ -70,7 +70,8 @@ class SpeechDataModule(_AudioDataModule):
     Args:
         split: ``"generator"`` (72 speakers x 150, 185 wpm) or ``"judge"`` (24 other speakers x 130, 165,
             200 wpm).
-        words: a subset of the 20 words (default all).
+        words: a subset of the 20 words (default all). In YAML quote "yes", "no", "on" and "off": unquoted,
+            YAML reads them as booleans.
         batch_size: clips per batch.
         num_workers: DataLoader worker processes (0 synthesises in the main process, about 2 ms a clip).
         val_fraction: share of the clips held out for validation.
@@ -160,7 +161,7 @@ class MixedAudioDataModule(_AudioDataModule):
         per_domain: training clips per domain (None: all of the smaller domain; a few hundred: a balanced seed
             set).
         val_per_domain: validation clips per domain (None: all of the smaller domain's).
-        words: a subset of the 20 words (default all).
+        words: a subset of the 20 words (default all; in YAML quote "yes", "no", "on", "off").
         music_renditions: training renditions of each music (sound, timbre) (18: 2592 clips, as many as the
             speech training clips).
         music_val_renditions: validation renditions of each.
