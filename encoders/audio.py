@@ -554,7 +554,7 @@ class MelTokenizerConfig:
     """
 
     n_mels: int = N_MELS
-    hidden_dim: int = 192
+    hidden_dim: int = 128
     latent_dim: int = 64
     num_blocks: int = 3
     kernel_size: int = 3
