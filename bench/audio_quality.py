@@ -4,8 +4,9 @@ only, notes by their F0, chords by their pitch classes; first on real clips and 
 
     python bench/audio_quality.py ceiling          # no language model: real clips, real -> tokenizer -> vocoders
     python bench/audio_quality.py generated --model local-dir:runs/unimoe_audio_stage3/export
-    python bench/audio_quality.py all --compare moe=unimoe_audio_tiny dense=local-dir:runs/dense/export \\
-        scratch=local-dir:runs/scratch/export --json bench/results/audio_quality.json
+    python bench/audio_quality.py all --compare moe=local-dir:runs/unimoe_audio_stage3/export \\
+        dense=local-dir:runs/unimoe_audio_dense/export scratch=local-dir:runs/unimoe_audio_scratch/export \\
+        --json bench/results/audio_quality.json
 
 Everything runs on one torch thread (another training may share the CPU).
 
@@ -15,9 +16,11 @@ A small log-mel CNN (``moezoo.training.audio_metrics.WordJudge``) trained on rea
 split only (24 speakers x 130, 165, 200 wpm x 20 words; ``speech_items("judge")``): voices and rates the
 generator never hears. Its accuracy is printed first, on every clip of the "generator" split (72 other
 speakers x 150, 185 wpm: 2880 clips), so you see how far to trust it. Training draws a time shift of up to
-+-100 ms and a gain of up to +-10 dB per clip; it is deterministic by ``--judge-seed`` and cached in
-``bench/results/audio_judge/`` under a hash of its recipe, so a re-run loads it instead of training again
-(``--retrain-judge`` forces it).
++-100 ms and a gain of up to +-10 dB per clip; on the same clips it is deterministic by ``--judge-seed``. eSpeak
+itself is not: the same word, voice, rate and pitch come out a little different from call to call (a few
+samples longer or shorter, another waveform), so the judge is cached in ``bench/results/audio_judge/`` under a
+hash of its recipe and a re-run loads it instead of training again (``--retrain-judge`` forces it; about 1.5
+minutes on one thread).
 
 Notes and chords (``moezoo.training.audio_metrics``; its docstring has the exact definitions and the
 measurements behind each constant): a note is right when the median YIN F0 over its sounding, periodic frames is
@@ -171,6 +174,7 @@ def save_judge(judge: WordJudge, path: Path, settings: dict) -> None:
     with atomic_path(Path(path)) as tmp:
         safetensors.torch.save_file({k: v.contiguous() for k, v in judge.state_dict().items()}, str(tmp),
                                     metadata={"settings": json.dumps(settings, sort_keys=True)})
+        tmp.chmod(0o644)  # the temporary file is private; the cache is not
 
 
 def load_judge(path: Path, settings: dict) -> WordJudge:
