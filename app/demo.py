@@ -5,12 +5,14 @@
     demo = build_demo()                    # a gr.Blocks; launch_demo(demo) serves it as `python -m moezoo.app`
 
 One tab per entry of :data:`TABS`. A tab names a zoo model and a :class:`TabApp` kind (class -> image, text ->
-image, text -> video, restoration, fusion); serving a new model of an existing kind is one new entry. Each tab
-shows the pipeline's output and beside it, for a chosen MoE layer, which expert every patch (or gate cell) went
-to and a bar chart of the load per expert (:mod:`moezoo.app.pictures`).
+image, text -> video, restoration, fusion, text -> audio); serving a new model of an existing kind is one new
+entry. Each tab shows the pipeline's output and beside it, for a chosen MoE layer, which expert every patch (or
+gate cell) went to and a bar chart of the load per expert (:mod:`moezoo.app.pictures`); the audio tab, whose
+frames each use as many experts as they need, shows instead how many experts every frame used, under the clip's
+spectrogram, and the mean per layer beside that of fixed speech and music prompts.
 
-Listeners have explicit API names (``/digits``, ``/shapes``, ``/shapes_video``, ``/deweather``, ``/fusion``), so
-the app can be scripted with ``gradio_client``. Every run of one model queues behind the previous one
+Listeners have explicit API names (``/digits``, ``/shapes``, ``/shapes_video``, ``/deweather``, ``/fusion``,
+``/audio``), so the app can be scripted with ``gradio_client``. Every run of one model queues behind the previous one
 (``concurrency_limit=1`` per model); bad input (an empty prompt, a file that is not an image, a corrupt or
 enormous image, a fusion pair of different sizes, out-of-range numbers) raises a ``gr.Error`` that says what
 was wrong and what is accepted, and the app keeps serving. A tab whose weights are missing shows why instead
@@ -43,21 +45,32 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from moezoo.pipelines import DiTMoEPipeline, DiTMoEVideoPipeline, export_to_video
+from moezoo.encoders.audio import F_MAX, denormalize_log_mel
+from moezoo.pipelines import AudioPipeline, DiTMoEPipeline, DiTMoEVideoPipeline, export_to_video, export_to_wav
 from moezoo.pipelines.deweather import DeweatherPipeline
 from moezoo.pipelines.fusion import FusionPipeline
+from moezoo.training.datasets.audio import caption_words, parse_audio_caption
 from moezoo.zoo.layers import routed_blocks
 
-from .pictures import expert_labels, expert_shares, load_chart, routing_map_picture
+from .pictures import (
+    DYNAMIC_RANGE_DB,
+    expert_labels,
+    expert_shares,
+    load_chart,
+    mean_experts_chart,
+    routing_map_picture,
+    spectrogram_with_experts,
+)
 
-__all__ = ["Tab", "TABS", "TabApp", "ClassToImage", "TextToImage", "TextToVideo", "Restore", "Fuse", "Layer",
-           "build_demo", "launch_demo", "load_bundled"]
+__all__ = ["Tab", "TABS", "TabApp", "ClassToImage", "TextToImage", "TextToVideo", "Restore", "Fuse", "TextToAudio",
+           "Layer", "build_demo", "launch_demo", "load_bundled"]
 
 _logger = logging.getLogger(__name__)
 
 MAX_SEED = 2**32 - 1
 MAX_STEPS = 100
 MAX_GUIDANCE = 15.0
+MAX_TEMPERATURE = 2.0
 MAX_PROMPT_CHARS = 300
 # Uploads: larger files are refused by the server (launch_demo), larger images than this many pixels are
 # refused before decoding, and images whose longer side exceeds the tab's max_side are scaled down.
@@ -141,6 +154,21 @@ def checked_guidance(guidance) -> float:
     return float(guidance)
 
 
+def checked_temperature(temperature) -> float:
+    if not _is_number(temperature) or not 0 <= temperature <= MAX_TEMPERATURE:
+        raise gr.Error(f"Temperature must be a number from 0 to {MAX_TEMPERATURE:g} (0 = always the likeliest code), "
+                       f"got {temperature!r}.")
+    return float(temperature)
+
+
+def checked_top_k(top_k, num_codes: int) -> int | None:
+    """Top-k as the pipeline takes it: a whole number of codes, or None (all codes) for 0."""
+    if not _is_whole_in(top_k, 0, num_codes):
+        raise gr.Error(f"Top-k must be a whole number from 0 to {num_codes} (0 = sample among all codes), "
+                       f"got {top_k!r}.")
+    return int(top_k) or None
+
+
 def _text_to_number(value):
     """A number written as text ("3", " 2.0 ") as a float; anything else unchanged, for the checks to refuse."""
     if isinstance(value, str):
@@ -151,9 +179,9 @@ def _text_to_number(value):
     return value
 
 
-def checked_prompt(prompt, example: str) -> str:
+def checked_prompt(prompt, example: str, ask: str = "describe what to draw") -> str:
     if not isinstance(prompt, str) or not prompt.strip():
-        raise gr.Error(f"The prompt is empty: describe what to draw, e.g. \u201c{example}\u201d.")
+        raise gr.Error(f"The prompt is empty: {ask}, e.g. \u201c{example}\u201d.")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise gr.Error(f"The prompt has {len(prompt)} characters; at most {MAX_PROMPT_CHARS} are accepted.")
     return prompt.strip()
@@ -281,6 +309,9 @@ class TabApp:
 
     pipeline_class: ClassVar[type]
     button_label: ClassVar[str] = "Generate"
+    # What the two routing pictures show (their accessible labels; the pictures carry their own titles).
+    picture_label: ClassVar[str] = "Which expert each patch went to"
+    chart_label: ClassVar[str] = "Expert load"
 
     def __init__(self, tab: "Tab", pipe):
         self.tab, self.pipe = tab, pipe
@@ -372,9 +403,7 @@ class TabApp:
         notes = [f"*{note}*" for note in notes]
         if layer is None or not result.maps:
             return None, None, "\n\n".join([*notes, f"`{self.tab.model}` has no MoE layers to show."])
-        if len(result.maps) != len(self.layers):
-            raise gr.Error(f"{self.tab.model} returned {len(result.maps)} routing maps for {len(self.layers)} MoE "
-                           "layers; the pipeline and the model disagree.")
+        self._check_maps(result)
         info, map_ = self.layers[layer], result.maps[layer]
         num_ids = info.num_experts + info.num_special
         labels = list(info.labels) or expert_labels(info.num_experts, info.num_special)
@@ -392,17 +421,27 @@ class TabApp:
                 + f". Computed in {result.seconds:.2f} s on {self.pipe.device.type.upper()}.")
         return picture, chart, "\n\n".join([*notes, text])
 
+    def _check_maps(self, result: Result) -> None:
+        if len(result.maps) != len(self.layers):
+            raise gr.Error(f"{self.tab.model} returned {len(result.maps)} routing maps for {len(self.layers)} MoE "
+                           "layers; the pipeline and the model disagree.")
+
+
+def seed_input() -> gr.Number:
+    return gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
+
+
+def guidance_input(default: float) -> gr.Slider:
+    return gr.Slider(0, MAX_GUIDANCE, value=default, step=0.5, label="Guidance",
+                     info="classifier-free guidance; 1 = none")
+
 
 class _Generation(TabApp):
     """Shared by the diffusion tabs: seed, steps and guidance controls and their checks."""
 
     def sampling_controls(self) -> list[gr.components.Component]:
-        return [
-            gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed"),
-            gr.Slider(1, MAX_STEPS, value=self.tab.steps, step=1, label="Steps"),
-            gr.Slider(0, MAX_GUIDANCE, value=self.tab.guidance, step=0.5, label="Guidance",
-                      info="classifier-free guidance; 1 = none"),
-        ]
+        return [seed_input(), gr.Slider(1, MAX_STEPS, value=self.tab.steps, step=1, label="Steps"),
+                guidance_input(self.tab.guidance)]
 
     def visible_example_columns(self) -> list[int]:
         return [0, 1]
@@ -558,6 +597,161 @@ class Fuse(TabApp):
         return Result(fused, [m[0] for m in out.routing_maps], fused)
 
 
+class TextToAudio(TabApp):
+    """Text to speech or music with UniMoE-Audio: a prompt gives a short clip to play. Its dynamic-capacity MoE
+    lets every audio frame take as many experts as the top-p rule needs (null experts included), so instead of
+    a map of which expert won, the pictures show the clip's spectrogram with, under it frame by frame, how many
+    experts each frame used in the chosen layer, and the mean experts per token of every layer beside those of
+    fixed speech and music prompts (:meth:`reference_means`)."""
+
+    pipeline_class = AudioPipeline
+    picture_label = "Spectrogram, and the experts each frame used"
+    chart_label = "Mean experts per token by layer"
+    default_temperature: ClassVar[float] = 1.0  # the pipeline's and bench/audio_quality.py's defaults
+    default_top_k: ClassVar[int] = 50
+    # The reference means: these prompts (words; notes and chords across the timbres), prompt i with seed
+    # reference_seed + i, at the tab's default guidance, temperature and top-k.
+    reference_prompts: ClassVar[dict[str, tuple[str, ...]]] = {
+        "speech": ("the word yes", "the word seven", "the word left", "the word stop"),
+        "music": ("a plucked C4 note", "a sine A3 note", "a C major chord on a square wave",
+                  "a A minor chord on a sawtooth wave"),
+    }
+    reference_seed: ClassVar[int] = 0
+
+    def __init__(self, tab: "Tab", pipe):
+        super().__init__(tab, pipe)
+        self._references: dict[str, np.ndarray] | None = None
+
+    @property
+    def example_prompt(self) -> str:
+        return self.tab.examples[0][0] if self.tab.examples else self.reference_prompts["speech"][0]
+
+    @property
+    def num_codes(self) -> int:
+        return self.pipe.model.config.codebook_size
+
+    def input_components(self):
+        example = self.example_prompt
+        return [gr.Textbox(value=example, label="Prompt", placeholder=example, max_lines=2), seed_input(),
+                guidance_input(self.tab.guidance),
+                gr.Slider(0, MAX_TEMPERATURE, value=self.default_temperature, step=0.05, label="Temperature",
+                          info="0 = always the likeliest code"),
+                gr.Slider(0, self.num_codes, value=min(self.default_top_k, self.num_codes), step=1, label="Top-k",
+                          info="sample among the k likeliest codes; 0 = all")]
+
+    def output_component(self):
+        return gr.Audio(label="Generated audio", type="filepath", format="wav", interactive=False)
+
+    def examples(self, folder):
+        return [[prompt, seed, self.tab.guidance, self.default_temperature, min(self.default_top_k, self.num_codes),
+                 self.default_layer] for prompt, seed in self.tab.examples]
+
+    def visible_example_columns(self):
+        return [0, 1]
+
+    def run(self, prompt, seed, guidance, temperature, top_k, layer=None, progress=gr.Progress(track_tqdm=True)):
+        return self._run((prompt, seed, guidance, temperature, top_k), layer)
+
+    def prepare(self, prompt, seed, guidance, temperature, top_k):
+        prompt = self.checked_audio_prompt(prompt)
+        notes = []
+        try:
+            parse_audio_caption(prompt)
+        except ValueError as err:
+            notes.append(f"This prompt is not one of the captions the model trained on ({err}); it generates "
+                         "something all the same.")
+        return (prompt, checked_seed(seed), checked_guidance(guidance), checked_temperature(temperature),
+                checked_top_k(top_k, self.num_codes)), notes
+
+    def checked_audio_prompt(self, prompt) -> str:
+        """A prompt of the model's words, at most as many as it reads."""
+        prompt = checked_prompt(prompt, self.example_prompt, ask="say what to hear")
+        model = self.pipe.model
+        examples = ", ".join(f"\u201c{p}\u201d" for p, _ in self.tab.examples[:3]) or f"\u201c{self.example_prompt}\u201d"
+        unknown = model.unknown_words(prompt)
+        if unknown:
+            raise gr.Error(f"Unknown word{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: this model "
+                           f"knows only {', '.join(model.config.vocabulary)} (prompts like {examples}).")
+        words, most = caption_words(prompt), model.config.max_text_tokens
+        if not words:
+            raise gr.Error(f"The prompt has no words, only punctuation: say what to hear, e.g. {examples}.")
+        if len(words) > most:
+            raise gr.Error(f"The prompt has {len(words)} words; this model reads at most {most}.")
+        return prompt
+
+    def compute(self, prompt, seed, guidance, temperature, top_k):
+        out = self.pipe(prompt, guidance_scale=guidance, temperature=temperature, top_k=top_k,
+                        generator=torch.Generator().manual_seed(seed), return_routing=True)
+        path = Path(_session_folder()) / "audio" / f"{self.tab.api_name}-{time.time_ns()}.wav"
+        export_to_wav(out.audios[0], path, out.sampling_rate)
+        # The codec's mel is what the vocoder turned into sound: one column per generated frame, so the
+        # spectrogram and the routing share one time axis.
+        with torch.no_grad():
+            log_mel = self.pipe.model.codec.decode(torch.as_tensor(out.codes[:1], device=self.pipe.device))[0]
+        level_db = (20 * torch.log10(denormalize_log_mel(log_mel.float()))).cpu().numpy()
+        return Result(str(path), [counts[0] for counts in out.experts_per_token], level_db)
+
+    def routing_panel(self, result: Result, layer: int | None, notes: Sequence[str] = ()) -> tuple:
+        """(spectrogram with the experts per frame of one layer, mean experts by layer chart, markdown)."""
+        if layer is None or not result.maps:
+            return super().routing_panel(result, layer, notes)
+        self._check_maps(result)
+        info, counts = self.layers[layer], result.maps[layer]
+        pool, mean = info.num_experts + info.num_special, float(counts.mean())
+        picture = spectrogram_with_experts(
+            result.base, counts, pool, self.pipe.frame_rate, max_hz=F_MAX,
+            title=f"Above: the clip's mel spectrogram (its loudest {DYNAMIC_RANGE_DB:g} dB).\n"
+                  f"Below: experts each of the {counts.size} frames used in layer {layer}, null experts "
+                  f"included (dashed: mean {mean:.2f}).")
+        references, reference_seconds = self.reference_means()
+        chart = mean_experts_chart({"this prompt": [m.mean() for m in result.maps], **references}, highlight=layer,
+                                   title="Mean experts per token, by layer")
+        used = range(int(counts.min()), int(counts.max()) + 1)
+        shares = ", ".join(f"{k}: {np.mean(counts == k):.0%}" for k in used)
+        text = (f"**Layer {layer}** (`{info.name}`), {info.num_experts} routed + {info.num_special} null experts to "
+                f"choose from. Mean **{mean:.2f} experts per frame** over the {counts.size} frames (null experts "
+                f"included; shared experts, always on, not counted). Share of frames by experts used: {shares}.")
+        text += "\n\n" + self._references_note(reference_seconds)
+        text += f"\n\nComputed in {result.seconds:.2f} s on {self.pipe.device.type.upper()}."
+        return picture, chart, "\n\n".join([*(f"*{note}*" for note in notes), text])
+
+    def usable_reference_prompts(self) -> dict[str, list[str]]:
+        """The reference prompts this model can read (all of them for the bundled model), by domain."""
+        model, most = self.pipe.model, self.pipe.model.config.max_text_tokens
+        usable = {domain: [p for p in prompts if not model.unknown_words(p) and len(caption_words(p)) <= most]
+                  for domain, prompts in self.reference_prompts.items()}
+        return {domain: prompts for domain, prompts in usable.items() if prompts}
+
+    def reference_means(self) -> tuple[dict[str, np.ndarray], float]:
+        """``({"<domain> prompts": mean experts per token of every layer}, seconds spent now)``: the means over
+        every frame of the usable reference prompts, computed at the first call (0 s spent afterwards) and kept
+        for the app's life. Under the run lock: the pipeline runs one call at a time."""
+        with self._lock:
+            if self._references is not None:
+                return self._references, 0.0
+            start = time.perf_counter()
+            self._references = {f"{domain} prompts": self._mean_experts(prompts)
+                                for domain, prompts in self.usable_reference_prompts().items()}
+            return self._references, time.perf_counter() - start
+
+    def _mean_experts(self, prompts: Sequence[str]) -> np.ndarray:
+        generators = [torch.Generator().manual_seed(self.reference_seed + i) for i in range(len(prompts))]
+        out = self.pipe(list(prompts), guidance_scale=self.tab.guidance, temperature=self.default_temperature,
+                        top_k=self.default_top_k, generator=generators, return_routing=True)
+        return np.array([counts.mean() for counts in out.experts_per_token])
+
+    def _references_note(self, seconds: float) -> str:
+        usable = self.usable_reference_prompts()
+        if not usable:
+            return "No reference bars: this model's vocabulary covers none of the reference prompts."
+        listed = "; ".join(f"{domain}: " + ", ".join(f"\u201c{p}\u201d" for p in prompts)
+                           for domain, prompts in usable.items())
+        when = f" (at this run, in {seconds:.2f} s)" if seconds else ""
+        return (f"Reference bars: the mean over every frame of fixed prompts ({listed}), seeds from "
+                f"{self.reference_seed} up, one per prompt in order, guidance {self.tab.guidance:g}, temperature "
+                f"{self.default_temperature:g}, top-k {self.default_top_k}; computed once for this app{when}.")
+
+
 def image_input(**options) -> gr.Image:
     """An image upload whose decoding failures are readable errors. Gradio opens an upload with PIL before our
     function runs, so a file that is not an image would otherwise fail with a bare "Error". The instance's
@@ -681,6 +875,15 @@ TABS: list[Tab] = [
         "**MoE-Fusion** fuses a registered infrared/visible pair. In the local layers half the experts rebuild a "
         "region from the visible image and half from infrared: the map shows which modality won where.",
         examples=fusion_examples, max_side=640, unit="gate cells"),
+    Tab("Speech & music: text → audio", "unimoe_audio_tiny", TextToAudio, "audio",
+        "**UniMoE-Audio** says a word or plays a note or chord (about 1 s): *the word [zero … nine|yes|no|up|down|"
+        "left|right|on|off|stop|go]*, *a [sine|square|sawtooth|plucked] [C3 … B4] note*, *a [C|D|E|F|G|A] "
+        "[major|minor] chord on a [sine wave|square wave|sawtooth wave|plucked string]*. Its dynamic-capacity MoE "
+        "lets each audio frame take as many experts as it needs (top-p over routed and null experts): under the "
+        "spectrogram, how many each frame used.",
+        examples=[("the word seven", 0), ("a plucked C4 note", 1), ("a C major chord on a square wave", 2),
+                  ("the word yes", 3)],
+        guidance=3.0, unit="audio frames"),
 ]
 
 
@@ -821,9 +1024,9 @@ def _build_tab(tab: Tab, pipe, session: Path, cache_examples: bool) -> TabApp:
             output.elem_id = f"{api}-output"
         with gr.Column(scale=5, min_width=280):
             # The pictures carry their own titles: gradio's label badge would cover them.
-            picture = gr.Image(label="Which expert each patch went to", show_label=False, type="pil", format="png",
+            picture = gr.Image(label=app.picture_label, show_label=False, type="pil", format="png",
                                interactive=False, height=320, buttons=["fullscreen"], elem_id=f"{api}-map")
-            chart = gr.Image(label="Expert load", show_label=False, type="pil", format="png", interactive=False,
+            chart = gr.Image(label=app.chart_label, show_label=False, type="pil", format="png", interactive=False,
                              height=220, buttons=[], elem_id=f"{api}-chart")
             notes = gr.Markdown(elem_id=f"{api}-notes")
     outputs = [output, picture, chart, notes]

@@ -9,6 +9,14 @@ Both are drawn with PIL only (no plotting library): a routing map is the image u
 cell per patch (or gate cell), with a legend; the load chart is one bar per expert in the same colours, with
 the uniform share 1/E as a dashed line. Ids at or above ``num_experts`` name special experts (null, copy,
 constant: see :class:`moezoo.zoo.layers.MoE`) and are drawn in greys.
+
+Audio, where a token may use several experts (dynamic-capacity MoE), is drawn by count rather than by expert::
+
+    picture = spectrogram_with_experts(level_db, out.experts_per_token[2][0], max_experts=9, frame_rate=62.5)
+    chart = mean_experts_chart({"this prompt": per_layer, "speech": speech, "music": music}, highlight=2)
+
+the first is the clip's mel spectrogram with, under it and one column block per frame in both, a bar per frame
+of the experts that frame used; the second a grouped bar chart of the mean experts per token of every layer.
 """
 
 from __future__ import annotations
@@ -20,7 +28,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["expert_colors", "expert_labels", "expand_map", "routing_map_picture", "expert_shares", "load_chart"]
+__all__ = ["expert_colors", "expert_labels", "expand_map", "routing_map_picture", "expert_shares", "load_chart",
+           "spectrogram_colors", "spectrogram_with_experts", "mean_experts_chart"]
 
 # The image shows through as brightness only: a pixel of value v (max of R, G, B in [0, 1]) is drawn as its
 # expert's colour times (1 - MAP_SHADE + MAP_SHADE * v). The hue stays exactly the legend's, so a cell's
@@ -272,9 +281,197 @@ def load_chart(
     return chart
 
 
-def _ticks(y_max: float) -> list[float]:
-    """Gridline values: steps of 10%, 25% or 50% so that 2-5 lines fit under ``y_max``."""
-    for step in (0.1, 0.25, 0.5):
+def _ticks(y_max: float, steps: Sequence[float] = (0.1, 0.25, 0.5)) -> list[float]:
+    """Gridline values: the first of ``steps`` (default 10%, 25% or 50%) that fits at most 5 lines under
+    ``y_max`` (the last step when none does)."""
+    for step in steps:
         if y_max / step <= 5:
             break
     return [i * step for i in range(1, int(y_max / step) + 1)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Audio: the spectrogram with the experts each frame used, and mean experts per token by layer
+# ----------------------------------------------------------------------------------------------------------
+
+# Quiet to loud: near black through blue, purple and orange to pale yellow, interpolated in RGB. Brightness
+# rises monotonically, so the picture also reads in greyscale.
+SPECTROGRAM_ANCHORS = np.array([(8, 8, 24), (40, 30, 110), (130, 40, 130), (220, 90, 60), (250, 200, 60),
+                                (255, 255, 220)], dtype=np.float64)
+DYNAMIC_RANGE_DB = 80.0  # the spectrogram shows the clip's loudest 80 dB; quieter is drawn as the quietest colour
+SPECTROGRAM_WIDTH = 520  # frames get a whole number of pixels each, as many as fit in this
+MEL_ROW_PX = 2  # pixels per mel band
+EXPERT_ROW_PX = 10  # pixels per expert in the bars under the spectrogram
+EXPERTS_BAR_COLOR = (79, 70, 229)
+AXIS_LEFT = 46  # room for the axis labels left of the spectrogram and the bars
+# The mean-experts chart: this prompt, then the reference series, in these colours.
+SERIES_COLORS = ((79, 70, 229), (0, 150, 136), (230, 120, 20), (150, 150, 150))
+GRID = (232, 232, 232)
+MUTED = (110, 110, 110)
+
+
+def spectrogram_colors(level_db: np.ndarray, dynamic_range_db: float = DYNAMIC_RANGE_DB) -> np.ndarray:
+    """uint8 [..., 3]: levels in dB coloured from the quietest anchor (at ``max - dynamic_range_db`` and below)
+    to the loudest (at the maximum)."""
+    level_db = np.asarray(level_db, dtype=np.float64)
+    top = float(level_db.max())
+    position = np.clip((level_db - (top - dynamic_range_db)) / dynamic_range_db, 0.0, 1.0)
+    stops = np.linspace(0.0, 1.0, len(SPECTROGRAM_ANCHORS))
+    channels = [np.interp(position, stops, SPECTROGRAM_ANCHORS[:, c]) for c in range(3)]
+    return np.round(np.stack(channels, axis=-1)).astype(np.uint8)
+
+
+def _time_step(seconds: float) -> float:
+    """A tick spacing in seconds that puts 2-6 ticks on the time axis."""
+    for step in (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0):
+        if seconds / step <= 6:
+            return step
+    return 10.0 * math.ceil(seconds / 60.0)
+
+
+def spectrogram_with_experts(
+    level_db: np.ndarray,
+    experts: np.ndarray,
+    max_experts: int,
+    frame_rate: float,
+    max_hz: float | None = None,
+    title: str = "",
+    dynamic_range_db: float = DYNAMIC_RANGE_DB,
+) -> Image.Image:
+    """A clip's mel spectrogram (time on x, low bands at the bottom) and, under it on the same time axis, one
+    bar per frame: how many experts that frame used.
+
+    Frame ``t`` is the same column block in both: ``frame_px = max(1, SPECTROGRAM_WIDTH // T)`` pixels wide
+    from ``x = AXIS_LEFT + t * frame_px``; the bars leave the block's last pixel column white when blocks are
+    at least 4 pixels wide, so neighbouring frames stay apart. A bar is ``EXPERT_ROW_PX`` pixels per expert,
+    in ``EXPERTS_BAR_COLOR``; the dashed line is the mean over the frames.
+
+    Args:
+        level_db: [n_mels, T] levels in dB, the lowest band first.
+        experts: int [T]: experts each frame used, in [0, max_experts].
+        max_experts: the top of the bars' axis (the most experts a token can choose).
+        frame_rate: frames per second (the time axis; frame ``t`` is at ``t / frame_rate`` s).
+        max_hz: the top band's frequency, for the axis label (None: no frequency labels).
+        title: a caption under the picture; newlines start new lines.
+        dynamic_range_db: the colours span the clip's loudest this many dB.
+    """
+    level_db, experts = np.asarray(level_db), np.asarray(experts)
+    if level_db.ndim != 2 or 0 in level_db.shape or not np.isfinite(level_db).all():
+        raise ValueError(f"level_db must be a finite [n_mels, frames] array, got shape {level_db.shape}")
+    num_frames = level_db.shape[1]
+    if experts.shape != (num_frames,):
+        raise ValueError(f"experts must have one count per frame ({num_frames}), got shape {experts.shape}")
+    if max_experts < 1 or experts.min() < 0 or experts.max() > max_experts:
+        raise ValueError(f"expert counts must be in [0, {max_experts}] with max_experts >= 1, got range "
+                         f"[{experts.min()}, {experts.max()}]")
+    frame_px = max(1, SPECTROGRAM_WIDTH // num_frames)
+    plot_w = num_frames * frame_px
+    spectrogram = spectrogram_colors(level_db[::-1], dynamic_range_db)  # the lowest band at the bottom
+    spectrogram = np.repeat(np.repeat(spectrogram, MEL_ROW_PX, axis=0), frame_px, axis=1)
+    spec_h = spectrogram.shape[0]
+    gap, bars_h, axis_h = 8, max_experts * EXPERT_ROW_PX, 20
+    bars_top = spec_h + gap
+    axis_y = bars_top + bars_h  # the bars stand on this line
+    font, small = _font(13), _font(11)
+    lines = title.splitlines() if title else []
+    text_w = max([math.ceil(font.getlength(line)) + 4 for line in lines], default=0)
+    width = max(AXIS_LEFT + plot_w + 8, text_w)
+    picture = Image.new("RGB", (width, axis_y + axis_h + 17 * len(lines) + 4), BACKGROUND)
+    picture.paste(Image.fromarray(spectrogram), (AXIS_LEFT, 0))
+    draw = ImageDraw.Draw(picture)
+    if max_hz is not None:
+        top = f"{max_hz / 1000:g} kHz"
+        draw.text((AXIS_LEFT - 4 - small.getlength(top), 0), top, fill=TEXT, font=small)
+        draw.text((AXIS_LEFT - 4 - small.getlength("0 Hz"), spec_h - 12), "0 Hz", fill=TEXT, font=small)
+    right = AXIS_LEFT + plot_w
+    for count in sorted({0, max_experts // 2, max_experts}):
+        y = axis_y - count * EXPERT_ROW_PX
+        if count:
+            draw.line([(AXIS_LEFT, y), (right - 1, y)], fill=GRID)
+        label = str(count)
+        draw.text((AXIS_LEFT - 4 - small.getlength(label), y - 6), label, fill=TEXT, font=small)
+    # The dashed mean goes under the bars: where a bar covers it, the bar's colour is exact.
+    mean_y = axis_y - round(float(experts.mean()) * EXPERT_ROW_PX)
+    for x in range(AXIS_LEFT, right, 8):
+        draw.line([(x, mean_y), (min(x + 4, right - 1), mean_y)], fill=MUTED)
+    inner = frame_px - 1 if frame_px >= 4 else frame_px
+    for t, count in enumerate(experts):
+        if count:
+            x0 = AXIS_LEFT + t * frame_px
+            draw.rectangle([x0, axis_y - count * EXPERT_ROW_PX, x0 + inner - 1, axis_y - 1], fill=EXPERTS_BAR_COLOR)
+    draw.line([(AXIS_LEFT, axis_y), (right - 1, axis_y)], fill=TEXT)
+    step = _time_step(num_frames / frame_rate)
+    for i in range(int(((num_frames - 1) / frame_rate) / step + 1e-9) + 1):
+        seconds = i * step
+        x = AXIS_LEFT + round((seconds * frame_rate + 0.5) * frame_px)  # frame t is centred on t / frame_rate
+        draw.line([(x, axis_y), (x, axis_y + 3)], fill=TEXT)
+        label = f"{seconds:g} s"
+        draw.text((min(x - small.getlength(label) / 2, width - small.getlength(label) - 2), axis_y + 5), label,
+                  fill=TEXT, font=small)
+    for i, line in enumerate(lines):
+        draw.text((2, axis_y + axis_h + 2 + 17 * i), line, fill=TEXT, font=font)
+    return picture
+
+
+def mean_experts_chart(
+    series: dict[str, Sequence[float]],
+    highlight: int | None = None,
+    title: str = "",
+    size: tuple[int, int] = (420, 260),
+) -> Image.Image:
+    """A grouped bar chart of mean experts per token: one group per layer, one bar per series in
+    :data:`SERIES_COLORS` order (e.g. this prompt, then speech and music references), a legend, and the
+    ``highlight`` layer's group on a tinted band.
+
+    Args:
+        series: name -> one value per layer (every series as long as the first).
+        highlight: the layer to mark (None: none).
+        title: printed at the top.
+        size: (width, height) in pixels.
+    """
+    names = list(series)
+    lengths = {name: len(values) for name, values in series.items()}
+    if not 1 <= len(names) <= len(SERIES_COLORS) or len(set(lengths.values())) != 1 or 0 in lengths.values():
+        raise ValueError(f"series must be 1 to {len(SERIES_COLORS)} names, each with one value per layer (all of "
+                         f"one length >= 1), got lengths {lengths}")
+    values = np.array([np.asarray(series[name], dtype=np.float64) for name in names])
+    if not np.isfinite(values).all() or values.min() < 0:
+        raise ValueError("mean experts must be finite values >= 0")
+    num_layers = values.shape[1]
+    if highlight is not None and not 0 <= highlight < num_layers:
+        raise ValueError(f"highlight must be a layer in [0, {num_layers}), got {highlight}")
+    width, height = size
+    chart = Image.new("RGB", size, BACKGROUND)
+    draw = ImageDraw.Draw(chart)
+    small, font = _font(11), _font(13)
+    left, right, top, bottom = 30, 8, 44 if title else 26, 22
+    plot_h = height - top - bottom
+    axis_y = top + plot_h
+    y_max = max(float(values.max()), 1.0) * 1.1
+    if title:
+        draw.text((left, 5), title, fill=TEXT, font=font)
+    x = left  # the legend, one row under the title
+    for name, color in zip(names, SERIES_COLORS):
+        draw.rectangle([x, top - 18, x + 10, top - 8], fill=color)
+        draw.text((x + 14, top - 20), name, fill=TEXT, font=small)
+        x += 14 + math.ceil(small.getlength(name)) + 12
+    slot = (width - left - right) / num_layers
+    if highlight is not None:
+        x0 = left + round(highlight * slot)
+        draw.rectangle([x0, top, left + round((highlight + 1) * slot) - 1, axis_y - 1], fill=(238, 238, 250))
+    for tick in _ticks(y_max, steps=(0.5, 1.0, 2.0, 5.0)):
+        y = axis_y - round(tick / y_max * plot_h)
+        draw.line([(left - 3, y), (width - right, y)], fill=GRID)
+        draw.text((2, y - 6), f"{tick:g}", fill=TEXT, font=small)
+    bar_w = max(2, math.floor(slot * 0.8 / len(names)))
+    for layer in range(num_layers):
+        x0 = left + round(layer * slot + (slot - bar_w * len(names)) / 2)
+        for s, color in enumerate(SERIES_COLORS[:len(names)]):
+            bar_h = round(values[s, layer] / y_max * plot_h)
+            if bar_h > 0:
+                draw.rectangle([x0 + s * bar_w, axis_y - bar_h, x0 + (s + 1) * bar_w - 2, axis_y - 1], fill=color)
+        label = f"layer {layer}" if small.getlength(f"layer {layer}") < slot - 4 else str(layer)
+        draw.text((left + (layer + 0.5) * slot - small.getlength(label) / 2, axis_y + 4), label,
+                  fill=TEXT if layer == highlight else MUTED, font=small)
+    draw.line([(left, axis_y), (width - right, axis_y)], fill=TEXT)
+    return chart

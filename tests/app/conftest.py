@@ -6,14 +6,29 @@ import struct
 import zlib
 
 import pytest
+import torch
 from helpers import randomise
 
-from moezoo.pipelines import DiTMoEPipeline, DiTMoEVideoPipeline
+from moezoo.pipelines import AudioPipeline, DiTMoEPipeline, DiTMoEVideoPipeline
 from moezoo.pipelines.deweather import DeweatherPipeline
 from moezoo.pipelines.fusion import FusionPipeline
+from moezoo.training.datasets.audio import caption_vocabulary
 from moezoo.zoo import create_model
 
 TINY_DIT = dict(depth=2, hidden_size=32, num_heads=2, num_experts=4)
+# Random gate logits are O(1), so every token's top-p set over 4 routed + 1 null experts is the same size:
+# sharper gates make the number of experts change from frame to frame, which the audio tab's tests must see.
+AUDIO_GATE_SHARPNESS = 6.0
+
+
+def tiny_audio_pipeline(seed: int = 5) -> AudioPipeline:
+    """A tiny random text-to-audio pipeline that reads the bundled model's prompts (the caption vocabulary, up
+    to 8 words): 12 frames of 3 codebooks, 2 DCMoE layers."""
+    model = randomise(create_model("test_unimoe_audio", vocabulary=caption_vocabulary(), max_text_tokens=8), seed=seed)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.moe.gate.weight.mul_(AUDIO_GATE_SHARPNESS)
+    return AudioPipeline(model)
 
 
 def tiny_digits_pipeline(**overrides) -> DiTMoEPipeline:
@@ -30,6 +45,7 @@ def make_tiny_pipelines() -> dict:
         "dit_moe_shapes_video": DiTMoEVideoPipeline(randomise(create_model("test_dit_moe_video"), seed=2)),
         "mofme_weather": DeweatherPipeline(randomise(create_model("test_mofme"), seed=3)),
         "moe_fusion_irvis": FusionPipeline(randomise(create_model("test_moe_fusion"), seed=4)),
+        "unimoe_audio_tiny": tiny_audio_pipeline(),
     }
     for pipe in pipes.values():
         pipe.set_progress_bar_config(disable=True)
@@ -39,6 +55,11 @@ def make_tiny_pipelines() -> dict:
 @pytest.fixture
 def make_digits_pipeline():
     return tiny_digits_pipeline
+
+
+@pytest.fixture
+def make_audio_pipeline():
+    return tiny_audio_pipeline
 
 
 @pytest.fixture(scope="session")
