@@ -12,11 +12,11 @@ frames each use as many experts as they need, shows instead how many experts eve
 spectrogram, and the mean per layer beside that of fixed speech and music prompts.
 
 Listeners have explicit API names (``/digits``, ``/shapes``, ``/shapes_video``, ``/deweather``, ``/fusion``,
-``/audio``), so the app can be scripted with ``gradio_client``. Every run of one model queues behind the previous one
-(``concurrency_limit=1`` per model); bad input (an empty prompt, a file that is not an image, a corrupt or
-enormous image, a fusion pair of different sizes, out-of-range numbers) raises a ``gr.Error`` that says what
-was wrong and what is accepted, and the app keeps serving. A tab whose weights are missing shows why instead
-of its controls.
+``/audio``), so the app can be scripted with ``gradio_client``. Every run of one model queues behind the
+previous one (``concurrency_limit=1`` per model); bad input (an empty prompt, a word the audio model does not
+know, a file that is not an image, a corrupt or enormous image, a fusion pair of different sizes, out-of-range
+numbers) raises a ``gr.Error`` that says what was wrong and what is accepted, and the app keeps serving. A tab
+whose weights are missing shows why instead of its controls.
 """
 
 from __future__ import annotations
@@ -114,7 +114,8 @@ def moe_layers(pipe) -> list[Layer]:
 @dataclass
 class Result:
     """One run: the output component's value, the routing map of every layer for the shown sample
-    ([h, w] or [F, h, w]), what the maps are drawn over, and how long it took."""
+    ([h, w] or [F, h, w]; for audio the experts each frame used, [frames]), what the maps are drawn over (for
+    audio the clip's mel levels in dB, [n_mels, frames]), and how long it took."""
 
     output: Any
     maps: list[np.ndarray]
@@ -667,7 +668,7 @@ class TextToAudio(TabApp):
         """A prompt of the model's words, at most as many as it reads."""
         prompt = checked_prompt(prompt, self.example_prompt, ask="say what to hear")
         model = self.pipe.model
-        examples = ", ".join(f"\u201c{p}\u201d" for p, _ in self.tab.examples[:3]) or f"\u201c{self.example_prompt}\u201d"
+        examples = ", ".join(f"\u201c{p}\u201d" for p in [p for p, _ in self.tab.examples[:3]] or [self.example_prompt])
         unknown = model.unknown_words(prompt)
         if unknown:
             raise gr.Error(f"Unknown word{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: this model "

@@ -1,8 +1,10 @@
-"""The demo served for real and scripted with gradio_client: the named endpoints exist, a run returns its files,
-bad input comes back as a readable error, and the app keeps serving afterwards."""
+"""The demo served for real and scripted with gradio_client: the named endpoints exist, a run returns its files
+(the audio tab's wav too), bad input comes back as a readable error, and the app keeps serving afterwards."""
 
 import numpy as np
 import pytest
+import soundfile
+import torch
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
@@ -84,3 +86,16 @@ def test_an_enormous_upload_gets_the_pixel_limit(served, huge_png):
                                        r"megapixels\.") as caught:
         client.predict(handle_file(str(huge_png)), 0, api_name="/deweather")
     assert "DecompressionBomb" not in str(caught.value)
+
+
+def test_audio_endpoint_returns_a_wav_and_its_pictures(served, tiny_pipelines):
+    _, client = served
+    path, picture, chart, notes = client.predict("the word seven", 3, 3.0, 1.0, 8, "1", api_name="/audio")
+    reference = tiny_pipelines["unimoe_audio_tiny"]("the word seven", guidance_scale=3.0, temperature=1.0, top_k=8,
+                                                    generator=torch.Generator().manual_seed(3))
+    samples, rate = soundfile.read(path, dtype="float32")
+    assert rate == reference.sampling_rate and samples.shape == reference.audios[0].shape
+    assert Image.open(picture).width >= 520 and Image.open(chart).size == (420, 260)
+    assert "**Layer 1**" in notes and "experts per frame" in notes
+    with pytest.raises(AppError, match="Unknown word 'banana': this model knows only"):
+        client.predict("the word banana", 3, 3.0, 1.0, 8, "1", api_name="/audio")
