@@ -173,7 +173,7 @@ class AudioLMModule(pl.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self.ema is not None:
-            update_ema(self.ema, self.model, self.hparams.ema_decay)
+            update_ema(self.ema, self.model, self.hparams.ema_decay, step=self.global_step)
 
     def validation_step(self, batch, batch_idx):
         model = self.sampling_model

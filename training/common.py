@@ -27,8 +27,12 @@ __all__ = [
 
 
 @torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, parameters only (buffers are copied)."""
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int | None = None) -> None:
+    """ema <- d * ema + (1 - d) * model, parameters only (buffers are copied). ``d = decay``, or with ``step``
+    (the optimizer steps taken) ``min(decay, (1 + step) / (10 + step))``: the usual EMA warm-up, without which
+    an EMA of decay 0.999 still holds 0.999^1000 = 37% of the random initial weights after a 1000-step run."""
+    if step is not None:
+        decay = min(decay, (1 + step) / (10 + step))
     for ema_p, p in zip(ema.parameters(), model.parameters()):
         ema_p.lerp_(p.detach(), 1.0 - decay)
     for ema_b, b in zip(ema.buffers(), model.buffers()):

@@ -34,6 +34,10 @@ def test_update_ema_is_the_exponential_moving_average():
     before = ema.weight.detach().clone()
     update_ema(ema, model, decay=0.9)
     torch.testing.assert_close(ema.weight, 0.9 * before + 0.1 * model.weight.detach())
+    # with the step, the decay warms up: min(0.9, (1 + 2) / (10 + 2)) = 0.25 at step 2
+    before = ema.weight.detach().clone()
+    update_ema(ema, model, decay=0.9, step=2)
+    torch.testing.assert_close(ema.weight, 0.25 * before + 0.75 * model.weight.detach())
 
 
 def test_training_step_adds_the_moe_aux_loss_and_logs_expert_load():
