@@ -178,11 +178,7 @@ class AudioLMModule(pl.LightningModule):
     def validation_step(self, batch, batch_idx):
         model = self.sampling_model
         text_ids, codes = self._inputs(model, batch)
-        dropout, model.config.text_dropout_prob = model.config.text_dropout_prob, 0.0  # the conditional loss
-        try:
-            loss, _ = model.training_loss(text_ids, codes)
-        finally:
-            model.config.text_dropout_prob = dropout
+        loss, _ = model.training_loss(text_ids, codes, text_dropout_prob=0.0)  # the conditional model's loss
         self.log("val/loss", loss, prog_bar=True, batch_size=codes.shape[0])
 
     def configure_optimizers(self):

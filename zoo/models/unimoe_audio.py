@@ -300,18 +300,20 @@ class UniMoEAudio(nn.Module):
 
     # ------------------------------------------------------------------------------------------ training
 
-    def training_loss(self, text_ids: torch.Tensor, codes: torch.Tensor,
-                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def training_loss(self, text_ids: torch.Tensor, codes: torch.Tensor, generator: torch.Generator | None = None,
+                      text_dropout_prob: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(codes_loss, aux_loss)`` for prompts ``text_ids [B, L]`` and clips ``codes [B, Q, T]``: the
         cross-entropy of every code the delay pattern places, averaged per codebook and summed over codebooks
-        (the official loss); the prompt is dropped to the null prompt with probability ``text_dropout_prob``."""
+        (the official loss); the prompt is dropped to the null prompt with probability ``text_dropout_prob``
+        (default: the config's; 0 for a validation loss of the conditional model)."""
         cfg = self.config
         B, Q, T = codes.shape
         if Q != cfg.num_codebooks or T > cfg.max_frames:
             raise ValueError(f"codes must be [B, {cfg.num_codebooks}, <= {cfg.max_frames}], got {tuple(codes.shape)}")
-        if cfg.text_dropout_prob > 0:
+        dropout = cfg.text_dropout_prob if text_dropout_prob is None else text_dropout_prob
+        if dropout > 0:
             device = generator.device if generator is not None else text_ids.device
-            drop_B = torch.rand(B, generator=generator, device=device).to(text_ids.device) < cfg.text_dropout_prob
+            drop_B = torch.rand(B, generator=generator, device=device).to(text_ids.device) < dropout
             text_ids = text_ids.masked_fill(drop_B[:, None], self.null_text_id)
         target_BQS = delay_codes(codes, cfg.pad_code)
         bos = target_BQS.new_full((B, Q, 1), cfg.bos_code)
