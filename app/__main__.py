@@ -22,9 +22,18 @@ def main(argv=None) -> None:
                         help="port (default: 7860, or the next free one; also GRADIO_SERVER_PORT)")
     args = parser.parse_args(argv)
 
-    from .demo import launch_demo
+    from .demo import build_demo, launch_demo
 
-    launch_demo(server_name=args.host, server_port=args.port)
+    demo = None
+    try:
+        demo = build_demo()
+        launch_demo(demo, server_name=args.host, server_port=args.port)
+    except KeyboardInterrupt:
+        # Gradio turns Ctrl-C into a clean close only once it waits in its own loop; a Ctrl-C that arrives while
+        # the models load, or between "serving" and that loop, lands here instead, and ends the app just as
+        # normally (the temporary folder goes at exit either way).
+        if demo is not None:
+            demo.close()
 
 
 if __name__ == "__main__":

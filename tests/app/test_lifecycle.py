@@ -75,3 +75,28 @@ def test_a_normal_exit_removes_the_folder(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "True"
     assert demo_folders(tmp_path) == []
+
+
+def test_ctrl_c_before_gradio_waits_ends_the_app_normally(monkeypatch):
+    """A Ctrl-C that lands between "serving" and gradio's own wait loop (where gradio turns it into a close)
+    used to escape as an uncaught KeyboardInterrupt (exit -2 on a slow CI machine); main() closes the demo and
+    returns."""
+    from moezoo.app import __main__ as entry
+    from moezoo.app import demo as demo_module
+
+    closed = []
+
+    class FakeDemo:
+        def close(self):
+            closed.append(True)
+
+    def interrupted_launch(demo, **options):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo_module, "build_demo", FakeDemo)
+    monkeypatch.setattr(demo_module, "launch_demo", interrupted_launch)
+    try:
+        entry.main(["--port", "7999"])
+    except KeyboardInterrupt:  # caught here so that the failure does not stop the whole pytest session
+        pytest.fail("main() let the KeyboardInterrupt escape")
+    assert closed == [True]
