@@ -7,6 +7,7 @@ share them.
 - :mod:`.weather`: synthetic weather on the photos, paired deweathering folders.
 - :mod:`.fusion_pairs`: synthetic infrared/visible pairs from the photos, paired fusion folders.
 - :mod:`.audio`: eSpeak NG words, synthesised notes and chords (captions read back), sound folders.
+- :mod:`.scenes`: Sort-of-CLEVR-style scenes with captions and questions by type, held-out colour-shape pairs.
 
 The LightningDataModules that wrap them are in :mod:`moezoo.training.datamodules`.
 """

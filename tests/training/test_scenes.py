@@ -1,0 +1,113 @@
+"""The VQA scenes: every answer checked against the rendered picture itself (objects found by colour in the
+pixels, their shape from how much of the bounding box they fill, their position from the pixel centroid), not
+against the scene description the questions were made from."""
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from moezoo.training.datasets.scenes import (COUNT_WORDS, EXTREMES, HELD_OUT_PAIRS, QUESTION_TYPES, SCENE_COLOURS,
+                                             allowed_pairs, ask, render_scene, sample_scene, scene_caption, scene_rng)
+
+IMAGE_SIZE = 64
+
+
+def read_picture(image: np.ndarray) -> dict[str, dict]:
+    """colour -> {shape, x, y} read from the pixels: the pixels near a colour (antialiased edges excluded), one
+    connected blob; shape by fill ratio of its bounding box (square 1, circle pi/4, triangle 1/2)."""
+    found = {}
+    for colour, rgb in SCENE_COLOURS.items():
+        mask = np.abs(image.astype(int) - np.asarray(rgb)).max(-1) < 40
+        if mask.sum() == 0:
+            continue
+        labels, count = ndimage.label(mask)
+        assert count == 1, f"{colour}: {count} blobs"
+        rows, cols = np.nonzero(mask)
+        fill = mask.sum() / ((np.ptp(rows) + 1) * (np.ptp(cols) + 1))
+        shape = "square" if fill > 0.9 else "circle" if fill > 0.65 else "triangle"
+        found[colour] = dict(shape=shape, x=cols.mean() / IMAGE_SIZE, y=rows.mean() / IMAGE_SIZE)
+    return found
+
+
+def answer_from_picture(question: str, seen: dict[str, dict]) -> str:
+    words = question.rstrip("?").split()
+    if question.startswith("what shape is the object"):
+        anchor = seen[words[-2]]
+        others = [(math.dist((anchor["x"], anchor["y"]), (o["x"], o["y"])), o["shape"]) for c, o in seen.items()
+                  if o is not anchor]
+        return (min if "closest" in question else max)(others)[1]
+    if question.startswith("what shape is the"):
+        return seen[words[4]]["shape"]
+    if question.startswith("what colour is the"):
+        axis, sign = EXTREMES[words[4]]
+        return max(seen, key=lambda c: sign * (seen[c]["x"], seen[c]["y"])[axis])
+    if question.startswith("how many"):
+        kind = words[2][:-1]
+        return COUNT_WORDS[sum(kind in ("object", o["shape"]) for o in seen.values())]
+    if question.startswith("is there"):
+        colour, shape = words[-2], words[-1]
+        return "yes" if colour in seen and seen[colour]["shape"] == shape else "no"
+    if question.startswith("is the "):
+        return "yes" if seen[words[2]]["x"] < seen[words[7]]["x"] else "no"
+    raise AssertionError(f"unexpected question {question!r}")
+
+
+@pytest.mark.parametrize("split", ["train", "held_out"])
+def test_every_answer_is_what_the_picture_shows(split):
+    asked = {kind: 0 for kind in QUESTION_TYPES}
+    for index in range(60):
+        rng = scene_rng(split, 0, index)
+        objects = sample_scene(rng, split)
+        seen = read_picture(render_scene(objects, IMAGE_SIZE))
+        assert sorted(seen) == sorted(o.colour for o in objects)  # distinct colours, none hidden
+        for kind in QUESTION_TYPES:
+            for _ in range(3):
+                qa = ask(objects, kind, rng, split)
+                assert qa.answer == answer_from_picture(qa.question, seen), (index, qa, seen)
+                asked[kind] += 1
+    assert min(asked.values()) == 180
+
+
+def test_held_out_pairs_never_appear_in_training_and_always_in_their_split():
+    for index in range(300):
+        train = sample_scene(scene_rng("train", 0, index), "train")
+        held = sample_scene(scene_rng("held_out", 0, index), "held_out")
+        assert not {(o.colour, o.shape) for o in train} & set(HELD_OUT_PAIRS)
+        assert {(o.colour, o.shape) for o in held} & set(HELD_OUT_PAIRS)
+    train_pairs = set(allowed_pairs("train"))
+    assert {c for c, _ in train_pairs} == set(SCENE_COLOURS) and len(train_pairs) == 18 - len(HELD_OUT_PAIRS)
+    rng = np.random.default_rng(0)
+    questions = [ask(sample_scene(rng), "exists", rng).question for _ in range(300)]
+    assert not any(f"{c} {s}?" in q for q in questions for c, s in HELD_OUT_PAIRS)
+
+
+def test_object_counts_cover_two_to_six_and_scenes_are_reproducible():
+    counts = {len(sample_scene(scene_rng("train", 0, i))) for i in range(200)}
+    assert counts == {2, 3, 4, 5, 6}
+    first = sample_scene(scene_rng("val", 5, 17), "val")
+    assert sample_scene(scene_rng("val", 5, 17), "val") == first
+    assert sample_scene(scene_rng("test", 5, 17), "test") != first
+
+
+def test_caption_lists_objects_left_to_right_with_articles():
+    rng = np.random.default_rng(3)
+    objects = sample_scene(rng, num_objects=3)
+    caption = scene_caption(objects)
+    ordered = sorted(objects, key=lambda o: o.cx)
+    for o in ordered:
+        assert f"{o.colour} {o.shape}" in caption
+    positions = [caption.index(f"{o.colour} {o.shape}") for o in ordered]
+    assert positions == sorted(positions) and " and " in caption
+    with_orange = [replace(objects[0], colour="orange"), *objects[1:]]
+    assert "an orange" in scene_caption(with_orange) and "a orange" not in scene_caption(with_orange)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(split="tain"), "unknown scene split"), (dict(num_objects=7), "num_objects must be in"),
+])
+def test_bad_arguments_say_what_is_accepted(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        sample_scene(np.random.default_rng(0), **kwargs)

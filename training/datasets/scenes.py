@@ -1,0 +1,211 @@
+"""Scenes for visual question answering, in the spirit of Sort-of-CLEVR (Santoro et al. 2017): 2-6 objects of
+distinct colours (6 colours x circle/square/triangle) on black, a templated caption, and questions by type.
+
+Question types and their answers (one word each):
+
+- ``shape``: "what shape is the red object?" -> circle | square | triangle
+- ``colour``: "what colour is the leftmost object?" (leftmost, rightmost, topmost, bottommost) -> a colour
+- ``count``: "how many circles are there?" / "how many objects are there?" -> zero ... six
+- ``relation``: "what shape is the object closest to the red object?" (closest to, furthest from) -> a shape;
+  "is the red object left of the blue object?" -> yes | no
+- ``exists``: "is there a green square?" -> yes | no (asked as often about a pair in the scene as not)
+
+Colours are distinct within a scene, so "the red object" names one object. Distances are between centres;
+objects never overlap and no two centres tie for closest, furthest or an extreme (rejection sampling keeps a
+margin), so every answer is unambiguous.
+
+Held-out combinations: :data:`HELD_OUT_PAIRS` (3 of the 18 colour-shape pairs, each colour and each shape still
+seen in training in other pairs) never appear in the ``"train"`` split; every scene of the ``"held_out"`` split
+contains at least one of them. ``"val"`` and ``"test"`` are drawn like ``"train"`` from other seeds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from .images import BACKGROUND_RGB, COLOUR_RGB, SHAPES
+from .video import shape_coverage
+
+SCENE_COLOURS: dict[str, tuple[int, int, int]] = {
+    **{name: COLOUR_RGB[name] for name in ("red", "green", "blue", "yellow")},
+    "orange": (255, 128, 0),
+    "gray": (128, 128, 128),
+}
+QUESTION_TYPES: tuple[str, ...] = ("shape", "colour", "count", "relation", "exists")
+COUNT_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six")
+EXTREMES: dict[str, tuple[int, int]] = {  # word -> (axis: 0 x / 1 y, sign: the object maximising sign * coordinate)
+    "leftmost": (0, -1), "rightmost": (0, 1), "topmost": (1, -1), "bottommost": (1, 1)}
+HELD_OUT_PAIRS: tuple[tuple[str, str], ...] = (("red", "triangle"), ("blue", "circle"), ("yellow", "square"))
+SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2, "held_out": 3}  # the seed stream of each split
+MAX_OBJECTS = 6
+MIN_OBJECTS = 2
+
+_RADIUS = (0.08, 0.11)  # fractions of the side (render_shape's radius: a circle's; squares and triangles match its area)
+_GAP = 0.02  # between two objects' bounding circles (a triangle's circumradius is 1.25 r)
+_MARGIN = 0.02  # between an object's bounding circle and the border
+_TIE = 0.03  # two candidates for closest/furthest/extreme must differ by this much (fractions of the side)
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    colour: str
+    shape: str
+    cx: float  # centre, fractions of the side; y points down
+    cy: float
+    radius: float
+
+
+class QA(NamedTuple):
+    kind: str  # one of QUESTION_TYPES
+    question: str
+    answer: str
+
+
+def _a(word: str) -> str:
+    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
+
+
+def _extent(radius: float) -> float:
+    return 1.25 * radius  # the triangle's circumradius bounds all three shapes
+
+
+def _ties(values: list[float]) -> bool:
+    """Do the best and second best of these values lie within _TIE of each other?"""
+    if len(values) < 2:
+        return False
+    best, second = sorted(values, reverse=True)[:2]
+    return best - second < _TIE
+
+
+def _ambiguous(objects: list[SceneObject]) -> bool:
+    """Would any closest / furthest / extreme question on this scene have two near-equal answers?"""
+    for axis, sign in EXTREMES.values():
+        if _ties([sign * (o.cx, o.cy)[axis] for o in objects]):
+            return True
+    for anchor in objects:
+        distances = [math.dist((anchor.cx, anchor.cy), (o.cx, o.cy)) for o in objects if o is not anchor]
+        if _ties(distances) or _ties([-d for d in distances]):
+            return True
+    return False
+
+
+def allowed_pairs(split: str) -> list[tuple[str, str]]:
+    """The colour-shape pairs a split's objects may take."""
+    _check_split(split)
+    pairs = list(itertools.product(SCENE_COLOURS, SHAPES))
+    return pairs if split == "held_out" else [p for p in pairs if p not in HELD_OUT_PAIRS]
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown scene split {split!r}; accepted: {', '.join(SPLITS)}")
+
+
+def sample_scene(rng: np.random.Generator, split: str = "train", num_objects: int | None = None) -> list[SceneObject]:
+    """2-6 objects of distinct colours, not overlapping, with unambiguous relations (see the module docstring).
+    ``held_out`` scenes contain at least one held-out pair; the others none."""
+    _check_split(split)
+    if num_objects is None:
+        num_objects = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
+    if not MIN_OBJECTS <= num_objects <= MAX_OBJECTS:
+        raise ValueError(f"num_objects must be in [{MIN_OBJECTS}, {MAX_OBJECTS}], got {num_objects}")
+    pairs = allowed_pairs(split)
+    for _ in range(1000):
+        colours = rng.choice(list(SCENE_COLOURS), size=num_objects, replace=False)
+        shapes = [_shape_for(c, pairs, rng) for c in colours]
+        if split == "held_out" and not any((c, s) in HELD_OUT_PAIRS for c, s in zip(colours, shapes)):
+            continue
+        objects = _placed(list(zip(colours, shapes)), rng)
+        if objects is not None and not _ambiguous(objects):
+            return objects
+    raise RuntimeError("could not place the scene's objects in 1000 tries")  # not seen for <= 6 objects
+
+
+def _shape_for(colour: str, pairs: list[tuple[str, str]], rng: np.random.Generator) -> str:
+    options = [s for c, s in pairs if c == colour]
+    return str(options[int(rng.integers(len(options)))])
+
+
+def _placed(kinds: list[tuple[str, str]], rng: np.random.Generator) -> list[SceneObject] | None:
+    objects: list[SceneObject] = []
+    for colour, shape in kinds:
+        for _ in range(200):
+            radius = float(rng.uniform(*_RADIUS))
+            low, high = _extent(radius) + _MARGIN, 1 - _extent(radius) - _MARGIN
+            cx, cy = (float(v) for v in rng.uniform(low, high, size=2))
+            if all(math.dist((cx, cy), (o.cx, o.cy)) > _extent(radius) + _extent(o.radius) + _GAP for o in objects):
+                objects.append(SceneObject(str(colour), shape, cx, cy, radius))
+                break
+        else:
+            return None
+    return objects
+
+
+def render_scene(objects: list[SceneObject], image_size: int = 64) -> np.ndarray:
+    """The scene as uint8 RGB ``[H, W, 3]``: each object's antialiased coverage blended over the black
+    background (objects never overlap, so the order does not matter)."""
+    image = np.zeros((image_size, image_size, 3), np.float32) + np.asarray(BACKGROUND_RGB, np.float32)
+    for o in objects:
+        coverage = shape_coverage(o.shape, o.cx, o.cy, o.radius, image_size)[..., None]
+        image = image * (1 - coverage) + np.asarray(SCENE_COLOURS[o.colour], np.float32) * coverage
+    return np.clip(np.round(image), 0, 255).astype(np.uint8)
+
+
+def scene_caption(objects: list[SceneObject]) -> str:
+    """The objects from left to right: "a red circle, an orange square and a gray triangle"."""
+    names = [_a(f"{o.colour} {o.shape}") for o in sorted(objects, key=lambda o: o.cx)]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _extreme(objects: list[SceneObject], word: str) -> SceneObject:
+    axis, sign = EXTREMES[word]
+    return max(objects, key=lambda o: sign * (o.cx, o.cy)[axis])
+
+
+def _by_distance(anchor: SceneObject, objects: list[SceneObject]) -> list[SceneObject]:
+    return sorted((o for o in objects if o is not anchor), key=lambda o: math.dist((anchor.cx, anchor.cy), (o.cx, o.cy)))
+
+
+def ask(objects: list[SceneObject], kind: str, rng: np.random.Generator, split: str = "train") -> QA:
+    """One question of type ``kind`` about the scene, with its answer. An ``exists`` question about an absent
+    pair names only pairs the split allows (training never hears of a held-out pair)."""
+    pick = lambda seq: seq[int(rng.integers(len(seq)))]  # noqa: E731
+    if kind == "shape":
+        o = pick(objects)
+        return QA(kind, f"what shape is the {o.colour} object?", o.shape)
+    if kind == "colour":
+        word = pick(list(EXTREMES))
+        return QA(kind, f"what colour is the {word} object?", _extreme(objects, word).colour)
+    if kind == "count":
+        shape = pick([*SHAPES, "object"])
+        count = len(objects) if shape == "object" else sum(o.shape == shape for o in objects)
+        return QA(kind, f"how many {shape}s are there?", COUNT_WORDS[count])
+    if kind == "relation":
+        anchor = pick(objects)
+        relation = pick(["closest to", "furthest from", "left of"])
+        if relation == "left of":
+            other = pick([o for o in objects if o is not anchor])
+            return QA(kind, f"is the {anchor.colour} object left of the {other.colour} object?",
+                      "yes" if anchor.cx < other.cx else "no")
+        ranked = _by_distance(anchor, objects)
+        target = ranked[0] if relation == "closest to" else ranked[-1]
+        return QA(kind, f"what shape is the object {relation} the {anchor.colour} object?", target.shape)
+    if kind == "exists":
+        present = {(o.colour, o.shape) for o in objects}
+        if rng.random() < 0.5:
+            colour, shape = pick(sorted(present))
+        else:
+            colour, shape = pick([p for p in allowed_pairs(split) if p not in present])
+        return QA(kind, f"is there {_a(colour)} {shape}?", "yes" if (colour, shape) in present else "no")
+    raise ValueError(f"unknown question type {kind!r}; accepted: {', '.join(QUESTION_TYPES)}")
+
+
+def scene_rng(split: str, seed: int, index: int) -> np.random.Generator:
+    """The generator of scene ``index`` of a split: each scene is reproducible on its own, whatever was drawn before."""
+    _check_split(split)
+    return np.random.default_rng([SPLITS[split], seed, index])
