@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 from scipy import ndimage
 
 from moezoo.training.datasets.scenes import (COUNT_WORDS, EXTREMES, HELD_OUT_PAIRS, QUESTION_TYPES, SCENE_COLOURS,
@@ -111,3 +112,28 @@ def test_caption_lists_objects_left_to_right_with_articles():
 def test_bad_arguments_say_what_is_accepted(kwargs, message):
     with pytest.raises(ValueError, match=message):
         sample_scene(np.random.default_rng(0), **kwargs)
+
+
+def test_qa_dataset_items_are_reproducible_balanced_and_read_right():
+    from moezoo.training.datasets.scenes import ANSWER_KINDS, CAPTION_PROMPT, SceneQADataset
+
+    data = SceneQADataset("held_out", num_scenes=12, seed=4, image_size=IMAGE_SIZE)
+    kinds = [data[i]["kind"] for i in range(len(data))]
+    assert kinds == [ANSWER_KINDS[i % len(ANSWER_KINDS)] for i in range(12)]
+    for i in range(len(data)):
+        item = data[i]
+        assert item["image"].shape == (3, IMAGE_SIZE, IMAGE_SIZE) and -1 <= item["image"].min() < item["image"].max() <= 1
+        picture = np.round((item["image"].permute(1, 2, 0).numpy() + 1) * 127.5).astype(np.uint8)
+        seen = read_picture(picture)
+        if item["kind"] == "caption":
+            assert item["prompt"] == CAPTION_PROMPT
+            assert sorted(item["answer"].replace(" and ", ", ").split(", ")) == sorted(
+                f"{'an' if c == 'orange' else 'a'} {c} {o['shape']}" for c, o in seen.items())
+        else:
+            assert item["answer"] == answer_from_picture(item["prompt"], seen)
+        again = data[i]
+        assert again["prompt"] == item["prompt"] and torch.equal(again["image"], item["image"])
+    with pytest.raises(ValueError, match="unknown or no question kinds"):
+        SceneQADataset(kinds=["colour", "size"])
+    with pytest.raises(IndexError):
+        data[12]

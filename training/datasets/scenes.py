@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, TypedDict
 
 import numpy as np
+import torch
+from torch.utils.data import Dataset
 
 from .images import BACKGROUND_RGB, COLOUR_RGB, SHAPES
 from .video import shape_coverage
@@ -209,3 +212,61 @@ def scene_rng(split: str, seed: int, index: int) -> np.random.Generator:
     """The generator of scene ``index`` of a split: each scene is reproducible on its own, whatever was drawn before."""
     _check_split(split)
     return np.random.default_rng([SPLITS[split], seed, index])
+
+
+CAPTION_PROMPT = "describe the picture."
+ANSWER_KINDS: tuple[str, ...] = (*QUESTION_TYPES, "caption")
+
+
+class SceneQASample(TypedDict):
+    image: torch.Tensor  # float32 [3, H, W] in [-1, 1]
+    prompt: str  # the question, or CAPTION_PROMPT
+    answer: str  # one word, or the caption
+    kind: str  # one of ANSWER_KINDS
+
+
+class SceneQADataset(Dataset):
+    """Scenes with one question each: item ``i`` is scene ``i`` of the split (:func:`scene_rng`), asked a
+    question of kind ``kinds[i % len(kinds)]`` drawn from the same generator, so every item is reproducible on
+    its own and the kinds are balanced. ``"caption"`` asks :data:`CAPTION_PROMPT` and answers
+    :func:`scene_caption`.
+
+    Args:
+        split: ``"train"``, ``"val"``, ``"test"`` or ``"held_out"`` (held-out colour-shape pairs).
+        num_scenes: items.
+        seed: which family of scenes (with the split, the scene generator's seed).
+        image_size: side in pixels.
+        kinds: the question kinds to ask (default: all of :data:`ANSWER_KINDS`).
+    """
+
+    def __init__(self, split: str = "train", num_scenes: int = 1000, seed: int = 0, image_size: int = 64,
+                 kinds: Sequence[str] = ANSWER_KINDS) -> None:
+        _check_split(split)
+        if num_scenes < 0:
+            raise ValueError(f"num_scenes must be >= 0, got {num_scenes}")
+        if image_size < 16:
+            raise ValueError(f"image_size must be >= 16 (smaller objects lose their shape), got {image_size}")
+        unknown = [k for k in kinds if k not in ANSWER_KINDS]
+        if unknown or not kinds:
+            raise ValueError(f"unknown or no question kinds {unknown or list(kinds)}; accepted: {', '.join(ANSWER_KINDS)}")
+        self.split, self.num_scenes, self.seed = split, num_scenes, seed
+        self.image_size, self.kinds = image_size, tuple(kinds)
+
+    def __len__(self) -> int:
+        return self.num_scenes
+
+    def scene(self, i: int) -> tuple[list[SceneObject], np.random.Generator]:
+        if not 0 <= i < self.num_scenes:
+            raise IndexError(f"index {i} out of range for {self.num_scenes} scenes")
+        rng = scene_rng(self.split, self.seed, i)
+        return sample_scene(rng, self.split), rng
+
+    def __getitem__(self, i: int) -> SceneQASample:
+        objects, rng = self.scene(i)
+        kind = self.kinds[i % len(self.kinds)]
+        if kind == "caption":
+            prompt, answer = CAPTION_PROMPT, scene_caption(objects)
+        else:
+            _, prompt, answer = ask(objects, kind, rng, self.split)
+        image = torch.from_numpy(render_scene(objects, self.image_size)).permute(2, 0, 1).float() / 127.5 - 1.0
+        return SceneQASample(image=image, prompt=prompt, answer=answer, kind=kind)
