@@ -1,5 +1,6 @@
 """moezoo.zoo.layers: the routed blocks (MoE, MoH attention, ...) on one base, and the layers models share."""
 
+from .connectors import QueryResampler, mlp_projector
 from .dcmoe import DynamicCapacityMoE, anneal_aux_weight, set_aux_weight
 from .moe import EXPERT_KINDS, ROUTERS, GatedMLP, MoE, Router
 from .moh import MoHAttention
@@ -24,12 +25,14 @@ __all__ = [
     "GatedMLP",
     "MoE",
     "MoHAttention",
+    "QueryResampler",
     "RoutedBlock",
     "Router",
     "RoutingRecord",
     "anneal_aux_weight",
     "collect_routing",
     "freeze",
+    "mlp_projector",
     "routed_blocks",
     "routing_maps",
     "set_aux_weight",
