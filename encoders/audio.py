@@ -12,6 +12,7 @@ and a sample mean the same in the data, the tokenizer, the vocoders, the audio L
   ``decode(codes) -> mel [B, N_MELS, T]``; one code per codebook per mel frame (62.5 frames per second).
   UniMoE-Audio tokenizes with DAC's 12 codebooks of 1024; ours is trained here on the project's data.
 - :class:`GriffinLimVocoder`: torchaudio's InverseMelScale + GriffinLim (no weights; the baseline).
+- :class:`AudioEncoder` (understanding): log-mel -> convolutions -> transformer tokens, Whisper's layout.
 - :class:`MelVocoder`: a small network (ConvNeXt blocks at the mel frame rate) predicts the STFT magnitude
   from the mel, as a learned correction of the least-squares one, and Griffin-Lim finds its phase. Trained
   in minutes on one CPU thread with the STFT loss of that magnitude (:func:`magnitude_losses`) + a log-mel
@@ -75,6 +76,7 @@ __all__ = [
     "MelTokenizer",
     "MelVocoderConfig",
     "MelVocoder",
+    "AudioEncoder",
 ]
 
 # ----------------------------------------------------------------------------------------------------------
@@ -763,3 +765,63 @@ class MelVocoder(nn.Module):
     def from_pretrained(cls, path: str | Path) -> MelVocoder:
         """A vocoder from a file written by :meth:`save_pretrained`, in eval mode, float32."""
         return _load_file(cls, MelVocoderConfig, path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Audio encoder (understanding): log-mel frames -> tokens for a connector
+# ----------------------------------------------------------------------------------------------------------
+
+
+class AudioEncoder(nn.Module):
+    """Whisper's encoder layout at CPU size: the log-mel front end, two 1-D convolutions (the second of stride 2,
+    so 31.25 tokens a second), fixed sinusoidal positions, ``depth`` timm ViT blocks and a final LayerNorm.
+
+    ``forward(audio [B, N] or [N], sample_rate=16000, lengths=None) -> (tokens [B, T, dim], mask [B, T] bool)``:
+    audio at another rate is resampled by the front end; ``lengths`` (samples, at ``sample_rate``) marks each
+    clip's real part in a padded batch, and the attention ignores the padding (``mask``: real tokens).
+    """
+
+    def __init__(self, dim: int = 128, depth: int = 2, num_heads: int = 4, max_tokens: int = 1500) -> None:
+        super().__init__()
+        from timm.models.vision_transformer import Block
+
+        from moezoo.zoo.layers.blocks import sincos_pos_embed_1d
+
+        if min(dim, depth, num_heads, max_tokens) < 1 or dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be a positive multiple of num_heads ({num_heads}); depth and "
+                             f"max_tokens >= 1")
+        self.dim, self.max_tokens = dim, max_tokens
+        self.front_end = AudioFrontEnd()
+        self.conv1 = nn.Conv1d(N_MELS, dim, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(dim, dim, kernel_size=3, stride=2, padding=1)
+        self.register_buffer("pos_embed", sincos_pos_embed_1d(dim, max_tokens), persistent=False)
+        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+
+    @staticmethod
+    def num_tokens(num_frames: int) -> int:
+        return (num_frames - 1) // 2 + 1  # the stride-2 convolution with padding 1 and kernel 3
+
+    def forward(self, audio: torch.Tensor, sample_rate: int = SAMPLE_RATE,
+                lengths: Sequence[int] | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        mel_BMT = self.front_end(audio, sample_rate)
+        x = F.gelu(self.conv2(F.gelu(self.conv1(mel_BMT)))).transpose(1, 2)  # [B, T, dim]
+        if x.shape[1] > self.max_tokens:
+            raise ValueError(f"audio of {x.shape[1]} tokens is longer than this encoder's {self.max_tokens} "
+                             f"({self.max_tokens / FRAME_RATE * 2:.1f} s)")
+        mask_BT = self._mask(lengths, x.shape[0], x.shape[1], sample_rate, x.device)
+        x = x + self.pos_embed[: x.shape[1]].to(x.dtype)
+        attn_mask = mask_BT[:, None, None, :]
+        for block in self.blocks:
+            x = block(x, attn_mask=attn_mask)
+        return self.norm(x), mask_BT
+
+    def _mask(self, lengths, batch: int, num_tokens: int, sample_rate: int, device) -> torch.Tensor:
+        if lengths is None:
+            return torch.ones(batch, num_tokens, dtype=torch.bool, device=device)
+        lengths = torch.as_tensor(lengths, dtype=torch.float64).flatten()
+        if lengths.numel() != batch or (lengths < 1).any():
+            raise ValueError(f"lengths must hold one positive sample count per clip ({batch}), got {lengths.tolist()}")
+        samples = torch.ceil(lengths * SAMPLE_RATE / sample_rate).long()
+        real = torch.tensor([self.num_tokens(1 + int(n) // HOP_LENGTH) for n in samples], device=device)
+        return torch.arange(num_tokens, device=device)[None, :] < real[:, None]
