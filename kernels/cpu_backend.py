@@ -196,11 +196,11 @@ def pack_expert_weights(w_in_ENK: torch.Tensor, w_out_EDF: torch.Tensor) -> Pack
     that are not fp32 CPU tensors (oneDNN runs the torch backend's fp32 products only), or no weights at all.
     """
     if w_in_ENK.dim() != 3 or w_out_EDF.dim() != 3:
-        raise ValueError(f"pack_expert_weights takes w_in [E, N_in, D] and w_out [E, D, F], got shapes "
+        raise ValueError(f"pack_expert_weights takes w_in [E, N_in, D] and w_out [E, D_out, F], got shapes "
                          f"{tuple(w_in_ENK.shape)} and {tuple(w_out_EDF.shape)}")
-    (num_experts, n_in, dim), hidden = w_in_ENK.shape, w_out_EDF.shape[2]
-    if tuple(w_out_EDF.shape[:2]) != (num_experts, dim) or n_in not in (hidden, 2 * hidden):
-        raise ValueError(f"w_out must be [E, D, F] = [{num_experts}, {dim}, F] with N_in = {n_in} = 2F (gated) or F, "
+    (num_experts, n_in, _), hidden = w_in_ENK.shape, w_out_EDF.shape[2]
+    if w_out_EDF.shape[0] != num_experts or n_in not in (hidden, 2 * hidden):
+        raise ValueError(f"w_out must be [E, D_out, F] with E = {num_experts} and N_in = {n_in} = 2F (gated) or F, "
                          f"got {tuple(w_out_EDF.shape)}")
     if not (_use_onednn(w_in_ENK) and _use_onednn(w_out_EDF)) or w_in_ENK.numel() == 0 or w_out_EDF.numel() == 0:
         return None
@@ -360,7 +360,7 @@ class _ExpertTable:
 
     @property
     def flops_per_row(self) -> float:
-        return 2.0 * self.w_in_ENK.shape[2] * (self.w_in_ENK.shape[1] + self.hidden)
+        return 2.0 * (self.w_in_ENK.shape[2] * self.w_in_ENK.shape[1] + self.hidden * self.w_out_EDF.shape[1])
 
     def gather(self, src_TD: torch.Tensor, rows: slice, out: torch.Tensor) -> torch.Tensor:
         if self.tokens_S is None:
@@ -419,6 +419,7 @@ def _torch_expert_forward(x_TD, tables: list[_ExpertTable], groups, keep_h: bool
     [S, N_in] tensor: that is often larger than the largest block glibc serves from its heap (32 MiB), so every
     call would map fresh pages and fault through all of them (DiT-MoE-S: 12k faults, ~15 ms a call)."""
     num_tokens, dim = x_TD.shape
+    out_dim = tables[0].w_out_EDF.shape[1]  # the experts' output width (a connector's differs from dim)
     h_kept = {}  # (table, expert) -> [(first row, pre-activations)]: two streams may each add a piece of one
     # expert, which is safe (dict.setdefault and list.append are atomic under the GIL)
 
@@ -444,7 +445,7 @@ def _torch_expert_forward(x_TD, tables: list[_ExpertTable], groups, keep_h: bool
             # the routing weight scales the D-wide output (not the F-wide activation): fewer elements to touch
             table.scatter_add(out_TD, rows, y_CD.mul_(table.w_S[rows, None]))
 
-    outs = [x_TD.new_zeros(num_tokens, dim) for _ in groups]
+    outs = [x_TD.new_zeros(num_tokens, out_dim) for _ in groups]
     _run_streams(work, groups, outs)
     return outs[0], h_kept if keep_h else None
 
@@ -487,8 +488,9 @@ def _padded_forward(x_TD: torch.Tensor, table: _ExpertTable, plan: DispatchPlan)
     y_ECD = torch.bmm(a_PF.view(num_experts, widest, hidden), table.w_out_EDF.transpose(1, 2))
     if table.b_out_ED is not None:
         y_ECD += table.b_out_ED[:, None]
-    y_SD = y_ECD.view(-1, dim).index_select(0, padded_S).mul_(table.w_S[:, None])
-    return x_TD.new_zeros(num_tokens, dim).index_add_(0, table.tokens_S, y_SD)
+    out_dim = y_ECD.shape[2]
+    y_SD = y_ECD.view(-1, out_dim).index_select(0, padded_S).mul_(table.w_S[:, None])
+    return x_TD.new_zeros(num_tokens, out_dim).index_add_(0, table.tokens_S, y_SD)
 
 
 class _TableGrads:
@@ -517,7 +519,7 @@ def _backward_piece(table: _ExpertTable, e: int, rows: slice, h_CN, grads: list,
     dim, count, hidden = x_TD.shape[1], rows.stop - rows.start, table.hidden
     act = activation_fn(table.activation)
     w_S, w_C1 = table.w_S[rows], table.w_S[rows, None]
-    grad_y_CD = table.gather(grad_out_TD, rows, buffers.get("gy", dim, count))
+    grad_y_CD = table.gather(grad_out_TD, rows, buffers.get("gy", grad_out_TD.shape[1], count))
     pre_CF = h_CN[:, :hidden]
     # the activation is recomputed once and kept: a = act(gate) * up, and up's gradient is dA * act(gate)
     act_CF = act(pre_CF)

@@ -3,8 +3,10 @@
 Weights use HF transformers v5's 3-D layout so checkpoints map one to one:
 ``w_in_ENK``  [E, N_in, D]: the up projection; for gated experts ``N_in = 2F`` with the gate rows first,
                            then the up rows (``gate, up = (x @ w_in[e].T).chunk(2, -1)``).
-``w_out_EDF`` [E, D, F]:   the down projection.
-Biases, when given, are ``b_in_EN`` [E, N_in] and ``b_out_ED`` [E, D].
+``w_out_EDF`` [E, D, F]:   the down projection. Its output width may differ from the input's (``[E, D_out, F]``:
+                           a connector's experts map encoder tokens to the language model's width); the
+                           result is then ``[T, D_out]``.
+Biases, when given, are ``b_in_EN`` [E, N_in] and ``b_out_ED`` [E, D_out].
 
 Backends:
 ``reference`` a per-token, per-slot loop with autograd, here: slow, obviously right, the test oracle.
@@ -99,7 +101,7 @@ def expert_mlp(
         raise TypeError(f"packed must be a PackedExpertWeights from pack_expert_weights(w_in, w_out) or None, "
                         f"got {type(packed).__name__}")
     activation_fn(activation)  # validates the name before any compute
-    shared_activation = _check_shared(shared, x_TD, gated, activation)
+    shared_activation = _check_shared(shared, x_TD, w_out_EDF.shape[1], gated, activation)
     backend = resolve_backend(backend, x_TD.device)
     if backend in ("reference", "triton"):
         if backend == "reference":
@@ -117,7 +119,8 @@ def expert_mlp(
                             shared_tensors, shared_activation, packed)
 
 
-def _check_shared(shared: SharedExpert | None, x_TD: torch.Tensor, gated: bool, activation: str) -> str | None:
+def _check_shared(shared: SharedExpert | None, x_TD: torch.Tensor, out_dim: int, gated: bool,
+                  activation: str) -> str | None:
     """Validates a shared expert against the input; returns the activation it uses."""
     if shared is None:
         return None
@@ -129,8 +132,8 @@ def _check_shared(shared: SharedExpert | None, x_TD: torch.Tensor, gated: bool, 
         raise ValueError(f"shared w_in must be [N_in, D={dim}] ({'2F rows, gate then up' if gated else 'F rows'}), "
                          f"got {tuple(w_in.shape)}")
     hidden = w_in.shape[0] // 2 if gated else w_in.shape[0]
-    if tuple(w_out.shape) != (dim, hidden):
-        raise ValueError(f"shared w_out must be [D, F] = {(dim, hidden)}, got {tuple(w_out.shape)}")
+    if tuple(w_out.shape) != (out_dim, hidden):
+        raise ValueError(f"shared w_out must be [D_out, F] = {(out_dim, hidden)}, got {tuple(w_out.shape)}")
     if scale is not None and tuple(scale.shape) != (x_TD.shape[0],):
         raise ValueError(f"shared scale must be [T] = {(x_TD.shape[0],)} (one number per token), got {tuple(scale.shape)}")
     shared_activation = shared.activation or activation
@@ -151,8 +154,10 @@ def _check_expert_inputs(x_TD, weights_TK, plan, w_in_ENK, w_out_EDF, b_in_EN, b
     hidden = n_in // 2 if gated else n_in
     if gated and n_in % 2:
         raise ValueError(f"gated experts need w_in with 2F rows (gate then up), got {n_in}")
-    if tuple(w_out_EDF.shape) != (num_experts, dim, hidden):
-        raise ValueError(f"w_out must be [E, D, F] = {(num_experts, dim, hidden)}, got {tuple(w_out_EDF.shape)}")
+    if w_out_EDF.dim() != 3 or (w_out_EDF.shape[0], w_out_EDF.shape[2]) != (num_experts, hidden):
+        raise ValueError(f"w_out must be [E, D_out, F] with E = {num_experts}, F = {hidden} (D_out: the output width, "
+                         f"usually D = {dim}), got {tuple(w_out_EDF.shape)}")
+    out_dim = w_out_EDF.shape[1]
     if tuple(weights_TK.shape) != (plan.num_tokens, plan.top_k) or x_TD.shape[0] != plan.num_tokens:
         raise ValueError(
             f"x has {x_TD.shape[0]} tokens and weights shape {tuple(weights_TK.shape)}, "
@@ -160,8 +165,8 @@ def _check_expert_inputs(x_TD, weights_TK, plan, w_in_ENK, w_out_EDF, b_in_EN, b
         )
     if b_in_EN is not None and tuple(b_in_EN.shape) != (num_experts, n_in):
         raise ValueError(f"b_in must be [E, N_in] = {(num_experts, n_in)}, got {tuple(b_in_EN.shape)}")
-    if b_out_ED is not None and tuple(b_out_ED.shape) != (num_experts, dim):
-        raise ValueError(f"b_out must be [E, D] = {(num_experts, dim)}, got {tuple(b_out_ED.shape)}")
+    if b_out_ED is not None and tuple(b_out_ED.shape) != (num_experts, out_dim):
+        raise ValueError(f"b_out must be [E, D_out] = {(num_experts, out_dim)}, got {tuple(b_out_ED.shape)}")
 
 
 def single_expert(x_D, w_in_NK, w_out_DF, b_in_N, b_out_D, activation, gated):
@@ -184,9 +189,10 @@ def _reference_expert_mlp(x_TD, weights_TK, plan, w_in_ENK, w_out_EDF, b_in_EN, 
     # Every row starts from a zero that is still connected to all inputs, so backward gives zero gradients
     # (not an error) when nothing was dispatched.
     connected_zero = 0.0 * (x_TD.sum() + weights_TK.sum() + w_in_ENK.sum() + w_out_EDF.sum())
+    out_dim = w_out_EDF.shape[1]
     rows = []
     for t in range(plan.num_tokens):
-        y_D = x_TD.new_zeros(x_TD.shape[1]) + connected_zero
+        y_D = x_TD.new_zeros(out_dim) + connected_zero
         for j in range(plan.top_k):
             if not bool(plan.kept_TK[t, j]):
                 continue
@@ -196,7 +202,7 @@ def _reference_expert_mlp(x_TD, weights_TK, plan, w_in_ENK, w_out_EDF, b_in_EN, 
             y_D = y_D + weights_TK[t, j] * single_expert(x_TD[t], w_in_ENK[e], w_out_EDF[e], b_in, b_out, activation, gated)
         rows.append(y_D)
     if not rows:
-        return x_TD.new_zeros(0, x_TD.shape[1]) + connected_zero
+        return x_TD.new_zeros(0, out_dim) + connected_zero
     return torch.stack(rows)
 
 

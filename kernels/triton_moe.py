@@ -418,7 +418,7 @@ def _forward(x_TD, weights_flat, plan, layout, w_in_ENK, w_out_EDF, b_in_EN, b_o
     """GEMM1 (gather x, fused bias + activation) into sorted rows, GEMM2 (bias, router weight) into slot
     rows, then the k-reduction. Returns ``y_TD`` and, if ``keep_h``, the pre-activation ``h_SN``."""
     num_tokens, dim = x_TD.shape
-    n_in = w_in_ENK.shape[1]
+    n_in, out_dim = w_in_ENK.shape[1], w_out_EDF.shape[1]
     hidden = _hidden_size(w_in_ENK, gated)
     rows = layout.num_rows
 
@@ -430,10 +430,10 @@ def _forward(x_TD, weights_flat, plan, layout, w_in_ENK, w_out_EDF, b_in_EN, b_o
         bias_EN=b_in_EN, h_out=h_SN, activation=_ACTIVATION_CODES[activation], gated=gated,
     )
     # Dropped slots are never written, so they stay zero and add nothing in the reduction.
-    slots_TKD = x_TD.new_zeros(num_tokens * plan.top_k, dim)
+    slots_TKD = x_TD.new_zeros(num_tokens * plan.top_k, out_dim)
     _grouped_gemm(
         layout, a_SF, layout.sorted_P, slots_TKD, layout.slots_P,
-        (w_out_EDF.stride(0), w_out_EDF.stride(1), w_out_EDF.stride(2)), w_out_EDF, dim, hidden,
+        (w_out_EDF.stride(0), w_out_EDF.stride(1), w_out_EDF.stride(2)), w_out_EDF, out_dim, hidden,
         bias_EN=b_out_ED, scale=weights_flat,
     )
     return _reduce_slots(slots_TKD, num_tokens, plan.top_k, x_TD.dtype), h_SN
@@ -472,14 +472,14 @@ class _TritonExpertMLP(torch.autograd.Function):
         need_x, need_w, need_w_in, need_w_out, need_b_in, need_b_out = ctx.needs_input_grad[:6]
         grad_y_TD = grad_y_TD.contiguous().to(x_TD.dtype)
         num_tokens, dim = x_TD.shape
-        hidden, n_in = _hidden_size(w_in_ENK, gated), w_in_ENK.shape[1]
+        hidden, n_in, out_dim = _hidden_size(w_in_ENK, gated), w_in_ENK.shape[1], w_out_EDF.shape[1]
         tokens_S, slots_S = layout.tokens_S, layout.slots_S
 
         # G = dY[token] @ W_out[e]: the gradient at the (unweighted) hidden activation, in sorted rows.
         g_SF = x_TD.new_empty(layout.num_rows, hidden)
         _grouped_gemm(
             layout, grad_y_TD, layout.tokens_P, g_SF, layout.sorted_P,
-            (w_out_EDF.stride(0), w_out_EDF.stride(2), w_out_EDF.stride(1)), w_out_EDF, hidden, dim,
+            (w_out_EDF.stride(0), w_out_EDF.stride(2), w_out_EDF.stride(1)), w_out_EDF, hidden, out_dim,
         )
         a_SF, act_gate_SF = _recompute_activation(h_SN, ctx.activation, gated)
         w_S = weights_flat.index_select(0, slots_S).to(torch.float32)

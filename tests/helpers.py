@@ -62,17 +62,17 @@ def expert_on_token(x_D, e, w_in, w_out, b_in, b_out, activation, gated):
 
 def loop_moe(x, weights, ids, w_in, w_out, b_in=None, b_out=None, activation="silu", gated=True, capacity=None):
     """``y[t] = sum_j w[t, j] * expert_{ids[t, j]}(x[t])`` over the kept slots, one (token, slot) at a time."""
-    num_tokens, dim = x.shape
+    num_tokens, out_dim = x.shape[0], w_out.shape[1]  # the output width: D, or a connector's D_out
     kept = gshard_kept(ids, w_in.shape[0], capacity)
     rows = []
     for t in range(num_tokens):
-        y = torch.zeros(dim, dtype=x.dtype)
+        y = torch.zeros(out_dim, dtype=x.dtype)
         for j in range(ids.shape[1]):
             if kept[t][j]:
                 expert = expert_on_token(x[t], int(ids[t, j]), w_in, w_out, b_in, b_out, activation, gated)
                 y = y + weights[t, j] * expert
         rows.append(y)
-    return torch.stack(rows) if rows else x.new_zeros(0, dim)
+    return torch.stack(rows) if rows else x.new_zeros(0, out_dim)
 
 
 def unimoe_audio_route_token(logits_N: torch.Tensor, p: float, tolerance: float, renorm_eps: float = 1e-6):

@@ -60,7 +60,7 @@ def gradient_tol(case):
     return fp_tolerance(case["x"].dtype, max(*case["w_in"].shape[1:], num_slots), layers=4)
 
 
-def make_case(T, k, E, *, D=8, F=6, gated=True, bias=False, seed=0, ids=None):
+def make_case(T, k, E, *, D=8, F=6, gated=True, bias=False, seed=0, ids=None, D_out=None):
     g = torch.Generator().manual_seed(seed)
     n_in = 2 * F if gated else F
     x = torch.randn(T, D, generator=g)
@@ -71,9 +71,9 @@ def make_case(T, k, E, *, D=8, F=6, gated=True, bias=False, seed=0, ids=None):
             ids = torch.randint(0, E, (T, k), generator=g)
     weights = torch.rand(T, k, generator=g) + 0.1
     w_in = torch.randn(E, n_in, D, generator=g) * D**-0.5
-    w_out = torch.randn(E, D, F, generator=g) * F**-0.5
+    w_out = torch.randn(E, D_out or D, F, generator=g) * F**-0.5
     b_in = torch.randn(E, n_in, generator=g) * 0.1 if bias else None
-    b_out = torch.randn(E, D, generator=g) * 0.1 if bias else None
+    b_out = torch.randn(E, D_out or D, generator=g) * 0.1 if bias else None
     return dict(x=x, weights=weights, ids=ids.long(), w_in=w_in, w_out=w_out, b_in=b_in, b_out=b_out)
 
 
@@ -113,7 +113,7 @@ def run_loop(case, activation="silu", gated=True, capacity=None):
 def check_against_loop(case, backend, activation="silu", gated=True, capacity=None):
     y_ref, p_ref = run_loop(case, activation, gated, capacity)
     y, p = run_library(case, backend, activation, gated, capacity)
-    assert y.shape == y_ref.shape == case["x"].shape
+    assert y.shape == y_ref.shape == (case["x"].shape[0], case["w_out"].shape[1])
     assert y.dtype == case["x"].dtype
     torch.testing.assert_close(y, y_ref, **output_tol(case["w_in"], case["w_out"]))
     upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(123))
@@ -430,7 +430,7 @@ def test_shared_expert_bad_input_errors():
     args = (case["x"], case["weights"], plan, case["w_in"], case["w_out"])
     with pytest.raises(ValueError, match=r"shared w_in must be \[N_in, D=8\]"):
         expert_mlp(*args, shared=SharedExpert(sh["s_w_in"][:, :5], sh["s_w_out"]))
-    with pytest.raises(ValueError, match=r"shared w_out must be \[D, F\] = \(8, 5\)"):
+    with pytest.raises(ValueError, match=r"shared w_out must be \[D_out, F\] = \(8, 5\)"):
         expert_mlp(*args, shared=SharedExpert(sh["s_w_in"], sh["s_w_out"][:, :4]))
     with pytest.raises(ValueError, match=r"shared scale must be \[T\] = \(4,\)"):
         expert_mlp(*args, shared=SharedExpert(sh["s_w_in"], sh["s_w_out"], sh["s_scale"][:, None]))
@@ -938,9 +938,9 @@ def test_pack_expert_weights_declines_where_packing_does_not_apply(monkeypatch):
 
 def test_pack_expert_weights_and_packed_bad_input():
     case = make_case(5, 2, 3, seed=69)
-    with pytest.raises(ValueError, match=r"w_in \[E, N_in, D\] and w_out \[E, D, F\]"):
+    with pytest.raises(ValueError, match=r"w_in \[E, N_in, D\] and w_out \[E, D_out, F\]"):
         pack_expert_weights(case["w_in"][0], case["w_out"][0])
-    with pytest.raises(ValueError, match=r"w_out must be \[E, D, F\] = \[3, 8, F\] with N_in = 12"):
+    with pytest.raises(ValueError, match=r"w_out must be \[E, D_out, F\] with E = 3 and N_in = 12"):
         pack_expert_weights(case["w_in"], case["w_out"][..., :5])
     plan = build_plan(case["ids"], 3)
     with pytest.raises(TypeError, match="packed must be a PackedExpertWeights"):
@@ -1034,3 +1034,57 @@ def test_padded_path_only_for_small_experts_and_modest_padding(monkeypatch):
     assert not cpu_backend._padded_pays(table([512] * 8, 384, 3072))  # dit_moe_s: 604M each
     assert not cpu_backend._padded_pays(table([60, 1, 1, 1, 1, 1, 1, 1], 128, 256))  # padding would be 7x the rows
     assert not cpu_backend._padded_pays(table([0] * 8, 128, 256))  # nothing routed
+
+
+# ------------------------------------------------------------------- output width other than the input's
+# A connector's experts map encoder tokens (width D) to the language model's width D_out: w_out [E, D_out, F].
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("D, D_out", [(8, 12), (12, 5)])
+def test_output_width_other_than_input_matches_loop(D, D_out, gated, bias, backend):
+    check_against_loop(make_case(19, 2, 4, D=D, D_out=D_out, gated=gated, bias=bias), backend, "gelu", gated)
+
+
+@pytest.mark.parametrize("D, D_out", [(8, 12), (12, 5)])
+def test_output_width_other_than_input_on_the_no_grad_paths(monkeypatch, expert_streams, D, D_out):
+    """The padded batched path, parallel streams and prepacked weights, without autograd."""
+    case = make_case(40, 2, 4, D=D, D_out=D_out, bias=True)
+    expected = loop_moe(case["x"], case["weights"], case["ids"], case["w_in"], case["w_out"], case["b_in"],
+                        case["b_out"], "silu", True)
+    plan = build_plan(case["ids"], 4)
+    tol = output_tol(case["w_in"], case["w_out"])
+    for padded_macs in (0, 1 << 30):
+        monkeypatch.setattr(cpu_backend, "PADDED_MAX_MACS", padded_macs)
+        with torch.no_grad():
+            y = expert_mlp(case["x"], case["weights"], plan, case["w_in"], case["w_out"], b_in_EN=case["b_in"],
+                           b_out_ED=case["b_out"], backend="torch")
+        torch.testing.assert_close(y, expected, **tol)
+    packed = pack_expert_weights(case["w_in"], case["w_out"])
+    with torch.no_grad():
+        y = expert_mlp(case["x"], case["weights"], plan, case["w_in"], case["w_out"], b_in_EN=case["b_in"],
+                       b_out_ED=case["b_out"], backend="torch", packed=packed)
+    torch.testing.assert_close(y, expected, **tol)
+
+
+def test_output_width_with_a_shared_expert_matches_loop():
+    case = make_case(9, 2, 3, D=8, D_out=6)
+    g = torch.Generator().manual_seed(5)
+    shared = SharedExpert(torch.randn(10, 8, generator=g) * 0.3, torch.randn(6, 5, generator=g) * 0.4)
+    y = expert_mlp(case["x"], case["weights"], build_plan(case["ids"], 3), case["w_in"], case["w_out"],
+                   shared=shared, backend="torch")
+    expected = loop_moe(case["x"], case["weights"], case["ids"], case["w_in"], case["w_out"]) + torch.stack(
+        [expert_on_token(x, 0, shared.w_in_NK[None], shared.w_out_DF[None], None, None, "silu", True) for x in case["x"]])
+    torch.testing.assert_close(y, expected, **output_tol(case["w_in"], case["w_out"]))
+    with pytest.raises(ValueError, match=r"shared w_out must be \[D_out, F\]"):
+        expert_mlp(case["x"], case["weights"], build_plan(case["ids"], 3), case["w_in"], case["w_out"],
+                   shared=SharedExpert(shared.w_in_NK, torch.randn(8, 5)), backend="torch")
+
+
+def test_mismatched_output_bias_is_refused():
+    case = make_case(5, 1, 2, D=8, D_out=6, bias=True)
+    with pytest.raises(ValueError, match=r"b_out must be \[E, D_out\] = \(2, 6\)"):
+        expert_mlp(case["x"], case["weights"], build_plan(case["ids"], 2), case["w_in"], case["w_out"],
+                   b_out_ED=torch.zeros(2, 8), backend="torch")

@@ -294,3 +294,15 @@ def test_shared_expert_with_triton_matches_loop():
     params = [w_in_s, w_out_s, scale, i["x"]]
     for a, b in zip(torch.autograd.grad((y * upstream).sum(), params), torch.autograd.grad((ref * upstream).sum(), params)):
         torch.testing.assert_close(a, b, **gradient_tol(i, ids))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_output_width_other_than_input_matches_loop(bias):
+    """A connector's experts: w_out [E, D_out, F] with D_out != D (here wider, then narrower)."""
+    for D, D_out in ((24, 40), (40, 24)):
+        inputs = make_inputs(13, D, 16, 4, 2, False, bias)
+        gen = torch.Generator().manual_seed(3)
+        inputs["w_out"] = (torch.randn(4, D_out, 16, generator=gen) * 0.25).requires_grad_()
+        if bias:
+            inputs["b_out"] = (torch.randn(4, D_out, generator=gen) * 0.1).requires_grad_()
+        check_forward_backward(inputs, random_ids(13, 2, 4), 4, "gelu", False)
