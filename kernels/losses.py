@@ -8,6 +8,8 @@ None of these losses carries a coefficient: multiply by your alpha. They are dif
 - :func:`switch_load_balance_loss`: ``E * sum_i f_i P_i`` (Switch / GShard / Mixtral), with the optional
   global-batch counts of "Demons in the Detail" (Qwen3-MoE).
 - :func:`expert_balance_loss`: DiT-MoE's / DeepSeekMoE's expert-level loss.
+- :func:`top1_balance_loss`: DeepSpeed's top-2 gating loss (MoE-LLaVA) and, per sample, MoCHA's connector loss:
+  ``E * sum_i f_i P_i`` with ``f_i`` from each token's first choice only.
 - :func:`chosen_set_balance_loss`: UniMoE-Audio's ``E * sum_i f_i P_i`` with P from each token's chosen set.
 - :func:`router_z_loss`: ST-MoE's ``mean(logsumexp(logits)^2)``.
 - :func:`cv_squared`, :func:`importance_load_loss`: Shazeer et al. 2017 (MoE-Fusion).
@@ -25,6 +27,7 @@ __all__ = [
     "router_z_loss",
     "expert_balance_loss",
     "chosen_set_balance_loss",
+    "top1_balance_loss",
     "cv_squared",
     "importance_load_loss",
     "routing_entropy",
@@ -155,6 +158,31 @@ def chosen_set_balance_loss(logits_TE: torch.Tensor, ids_TK: torch.Tensor, num_e
     probs_TE = logits.masked_fill(~chosen_TE, torch.finfo(dtype).min).softmax(-1)
     f_E = chosen_TE.to(dtype).sum(0) / max(logits_TE.shape[0], 1)
     return num_experts * (f_E * _mean_probs(probs_TE)).sum()
+
+
+def top1_balance_loss(probs_TE: torch.Tensor, ids_TK: torch.Tensor, num_experts: int, num_samples: int = 1) -> torch.Tensor:
+    """``E * sum_i f_i P_i`` with ``f_i`` the fraction of tokens whose first choice (``ids_TK[:, 0]``, the top-1)
+    is expert i and ``P_i`` the mean score of expert i, computed over each of ``num_samples`` equal consecutive
+    groups of tokens and averaged over them.
+
+    ``num_samples=1``: DeepSpeed's ``top2gating`` ``l_aux = E^2 mean_i(me_i ce_i)`` (MoE-LLaVA), counted before
+    any capacity drop. ``num_samples=B`` over ``[B, N]`` tokens: MoCHA's / CuMo's MoE-connector balance, one
+    density per image, ``E^2 mean_{b,i}(P_bi f_bi)``. 1 at perfect balance; 0 for an empty batch."""
+    num_experts = _check_num_experts(num_experts)
+    _check_probs_ids(probs_TE, ids_TK, num_experts)
+    num_tokens = probs_TE.shape[0]
+    if num_samples < 1 or num_tokens % num_samples:
+        raise ValueError(f"{num_tokens} tokens cannot be {num_samples} equal samples")
+    if num_tokens == 0:
+        return probs_TE.new_zeros((), dtype=_float_dtype(probs_TE))
+    dtype = _float_dtype(probs_TE)
+    first_T = ids_TK[:, 0]
+    chosen_TE = torch.zeros_like(probs_TE, dtype=dtype)
+    valid_T = (first_T >= 0) & (first_T < num_experts)
+    chosen_TE[valid_T.nonzero().squeeze(1), first_T[valid_T]] = 1.0
+    f_BE = chosen_TE.view(num_samples, -1, num_experts).mean(1)
+    P_BE = probs_TE.to(dtype).view(num_samples, -1, num_experts).mean(1)
+    return num_experts * (f_BE * P_BE).sum(-1).mean()
 
 
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:

@@ -252,3 +252,22 @@ def test_loss_bad_inputs():
         importance_load_loss(probs, torch.ones(4))
     with pytest.raises(TypeError, match="floating"):
         cv_squared(torch.ones(3, dtype=torch.long))
+
+
+def test_top1_balance_is_deepspeeds_top2gating_loss_and_mochas_per_sample():
+    from moezoo.kernels.losses import top1_balance_loss
+
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(12, 4, generator=g, dtype=torch.float64).softmax(-1)
+    ids = probs.topk(2, dim=-1).indices
+    # DeepSpeed sharded_moe.top2gating: me = mean(gates, 0); ce = mean(mask1, 0); l_aux = mean(me * ce) * E * E
+    mask1 = torch.nn.functional.one_hot(probs.argmax(-1), 4).double()
+    deepspeed = (probs.mean(0) * mask1.mean(0)).mean() * 16
+    torch.testing.assert_close(top1_balance_loss(probs, ids, 4), deepspeed)
+    # MoCHA: the same per sample (3 samples of 4 tokens), averaged
+    per_sample = torch.stack([(probs[s:s + 4].mean(0) * mask1[s:s + 4].mean(0)).mean() * 16 for s in (0, 4, 8)])
+    torch.testing.assert_close(top1_balance_loss(probs, ids, 4, num_samples=3), per_sample.mean())
+    uniform = torch.full((4, 4), 0.25, dtype=torch.float64)
+    torch.testing.assert_close(top1_balance_loss(uniform, torch.arange(4)[:, None], 4), torch.tensor(1.0, dtype=torch.float64))
+    with pytest.raises(ValueError, match="cannot be 5 equal samples"):
+        top1_balance_loss(probs, ids, 4, num_samples=5)

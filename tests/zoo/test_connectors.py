@@ -81,3 +81,65 @@ def test_masked_tokens_change_nothing_and_token_order_does_not_matter():
 def test_bad_input_says_what_is_accepted(call, message):
     with pytest.raises(ValueError, match=message):
         call(QueryResampler(8, 16))
+
+
+# ------------------------------------------------------------------------------------- MoCHA's MoE connector
+
+from moezoo.zoo.layers import collect_routing, total_aux_loss  # noqa: E402
+from moezoo.zoo.layers.connectors import MOCHA_AUX_LOSSES, MoEConnector  # noqa: E402
+
+
+def mocha_by_hand(connector, tokens):
+    """MoCHA's MLPMoE and its losses (moec_builder.py / moec_llava_phi.py) token by token: softmax gate, top-k
+    renormalised, Linear-GELU-Linear experts; balance = E^2 mean_{b,e}(mean_tokens(g)[b,e] frac_top1[b,e]),
+    z = mean(logsumexp(logits)^2)."""
+    B, N, _ = tokens.shape
+    E, k = connector.num_experts, connector.top_k
+    outputs, balance = torch.zeros(B, N, connector.out_dim, dtype=tokens.dtype), 0.0
+    lse_squares = []
+    for b in range(B):
+        density, top1 = torch.zeros(E, dtype=tokens.dtype), torch.zeros(E, dtype=tokens.dtype)
+        for n in range(N):
+            x = tokens[b, n]
+            logits = connector.gate.weight.to(tokens.dtype) @ x
+            g = logits.softmax(0)
+            weights, experts = g.topk(k)
+            weights = weights / weights.sum()
+            for w, e in zip(weights, experts):
+                hidden = F.gelu(connector.w_in[e] @ x + connector.b_in[e])
+                outputs[b, n] += w * (connector.w_out[e] @ hidden + connector.b_out[e])
+            density += g / N
+            top1[experts[0]] += 1.0 / N
+            lse_squares.append(torch.logsumexp(logits, 0) ** 2)
+        balance = balance + (density * top1).mean() / B
+    return outputs, balance * E * E, torch.stack(lse_squares).mean()
+
+
+def test_moe_connector_is_mochas_mixture_of_projectors():
+    torch.manual_seed(0)
+    connector = MoEConnector(in_dim=12, out_dim=20, num_experts=4, top_k=2).double()
+    tokens = torch.randn(3, 5, 12, dtype=torch.float64)
+    got = connector(tokens)
+    expected, balance, z = mocha_by_hand(connector, tokens)
+    tol = fp_tolerance(torch.float64, 20, layers=2)
+    torch.testing.assert_close(got, expected, **tol)
+    terms = connector.routing.aux_terms
+    torch.testing.assert_close(terms["sample_top1_balance"], balance, **tol)
+    torch.testing.assert_close(terms["z_loss"], z, **tol)
+    torch.testing.assert_close(total_aux_loss(connector), 0.1 * balance + 0.01 * z, **tol)
+    assert connector.aux_loss_coefs == MOCHA_AUX_LOSSES and [n for n, _ in collect_routing(connector)] == [""]
+
+
+def test_moe_connector_backward_reaches_every_part():
+    torch.manual_seed(1)
+    connector = MoEConnector(in_dim=6, out_dim=8, num_experts=4, top_k=2)
+    tokens = torch.randn(2, 16, 6, requires_grad=True)
+    (connector(tokens).square().mean() + total_aux_loss(connector)).backward()
+    for name, parameter in connector.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    assert tokens.grad.abs().sum() > 0
+
+
+def test_moe_connector_refuses_tokens_of_another_width():
+    with pytest.raises(ValueError, match=r"tokens must be \[B, N, 6\]"):
+        MoEConnector(6, 8)(torch.randn(2, 3, 7))

@@ -1,6 +1,6 @@
 """moezoo.zoo.layers: the routed blocks (MoE, MoH attention, ...) on one base, and the layers models share."""
 
-from .connectors import QueryResampler, mlp_projector
+from .connectors import MoEConnector, QueryResampler, mlp_projector
 from .dcmoe import DynamicCapacityMoE, anneal_aux_weight, set_aux_weight
 from .moe import EXPERT_KINDS, ROUTERS, GatedMLP, MoE, Router
 from .moh import MoHAttention
@@ -24,6 +24,7 @@ __all__ = [
     "DynamicCapacityMoE",
     "GatedMLP",
     "MoE",
+    "MoEConnector",
     "MoHAttention",
     "QueryResampler",
     "RoutedBlock",

@@ -5,17 +5,30 @@
 - :class:`QueryResampler`: a fixed number of learned queries cross-attend to the encoder tokens (the resampler of
   Flamingo / Qwen-VL, one layer by default), so any number of encoder tokens becomes ``num_queries`` tokens.
 
-The MoE connector (MoCHA) is a routed block and lives with them.
+- :class:`MoEConnector`: MoCHA's (and CuMo's) mixture of projectors, a routed block on the shared kernels: a
+  bias-free softmax gate, top-k renormalised, each expert a ``Linear(C_enc, D) - GELU - Linear(D, D)``; balance
+  from each token's first choice per image, plus the router z-loss (MoCHA: 4 experts, top-2, 0.1 and 0.01).
+  One connector per vision backbone; several backbones' tokens are concatenated after their connectors.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp
 
-__all__ = ["mlp_projector", "QueryResampler"]
+from moezoo.kernels import expert_mlp, topk_route
+from moezoo.kernels.plan import build_plan
+
+from .routed import RoutedBlock
+
+__all__ = ["mlp_projector", "QueryResampler", "MoEConnector"]
+
+# MoCHA's losses (moec_llava_phi.py): 0.1 x the per-image top-1 balance + 0.01 x the router z-loss
+MOCHA_AUX_LOSSES = {"sample_top1_balance": 0.1, "z_loss": 0.01}
 
 
 def mlp_projector(in_dim: int, out_dim: int) -> Mlp:
@@ -80,3 +93,45 @@ class _CrossAttentionLayer(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         q_BQD = q_BQD + self.proj(out.transpose(1, 2).reshape(q_BQD.shape))
         return q_BQD if self.mlp is None else q_BQD + self.mlp(self.norm_mlp(q_BQD))
+
+
+class MoEConnector(RoutedBlock):
+    """MoCHA's MoE connector (``MLPMoE`` in ``moec_builder.py``): for every encoder token ``x``,
+    ``g = softmax(W_g x)`` (``W_g`` bias-free, in float32 or wider), the top-k experts with their ``g`` renormalised to sum
+    to 1, and ``y = sum_e w_e (W2_e GELU(W1_e x + b1_e) + b2_e)`` with ``W1_e: C_enc -> D`` and ``W2_e: D -> D``
+    (exact GELU). The experts run through ``kernels.expert_mlp`` (an output width other than the input's).
+
+    ``forward(tokens [B, N, C_enc]) -> [B, N, D]``; the routing record's ``tokens_shape`` is ``[B, N]``, so
+    ``sample_top1_balance`` is MoCHA's per-image density loss.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, num_experts: int = 4, top_k: int = 2,
+                 aux_loss_coefs: dict[str, float] | None = None, backend: str = "auto") -> None:
+        if min(in_dim, out_dim, num_experts) < 1 or not 1 <= top_k <= num_experts:
+            raise ValueError(f"need in_dim, out_dim, num_experts >= 1 and 1 <= top_k <= num_experts, got {in_dim}, "
+                             f"{out_dim}, {num_experts}, {top_k}")
+        coefs = MOCHA_AUX_LOSSES if aux_loss_coefs is None else aux_loss_coefs
+        super().__init__(num_experts, top_k, aux_loss_coefs=coefs, backend=backend)
+        self.in_dim, self.out_dim = in_dim, out_dim
+        self.gate = nn.Linear(in_dim, num_experts, bias=False)
+        self.w_in = nn.Parameter(torch.empty(num_experts, out_dim, in_dim))
+        self.b_in = nn.Parameter(torch.empty(num_experts, out_dim))
+        self.w_out = nn.Parameter(torch.empty(num_experts, out_dim, out_dim))
+        self.b_out = nn.Parameter(torch.empty(num_experts, out_dim))
+        for w, b, fan_in in ((self.w_in, self.b_in, in_dim), (self.w_out, self.b_out, out_dim)):
+            bound = 1 / math.sqrt(fan_in)  # nn.Linear's default initialisation, expert by expert
+            nn.init.uniform_(w, -bound, bound)
+            nn.init.uniform_(b, -bound, bound)
+
+    def forward(self, tokens_BNC: torch.Tensor) -> torch.Tensor:
+        if tokens_BNC.dim() != 3 or tokens_BNC.shape[-1] != self.in_dim:
+            raise ValueError(f"tokens must be [B, N, {self.in_dim}], got shape {tuple(tokens_BNC.shape)}")
+        x_TC = tokens_BNC.reshape(-1, self.in_dim)
+        gate_dtype = torch.promote_types(x_TC.dtype, torch.float32)  # at least float32, as every router here
+        logits_TE = F.linear(x_TC.to(gate_dtype), self.gate.weight.to(gate_dtype))
+        routed = topk_route(logits_TE, self.top_k, renormalize=True)
+        self.record_routing(routed, tokens_BNC.shape[:2])
+        plan = build_plan(routed.ids_TK, self.num_experts)
+        y_TD = expert_mlp(x_TC, routed.weights_TK.to(x_TC.dtype), plan, self.w_in, self.w_out, b_in_EN=self.b_in,
+                          b_out_ED=self.b_out, activation="gelu", gated=False, backend=self.backend)
+        return y_TD.view(*tokens_BNC.shape[:2], self.out_dim)

@@ -85,15 +85,20 @@ def _head_balance(routed: RouterOutput, num_experts: int) -> torch.Tensor:
     return routed.ids_TK.shape[1] * losses.expert_balance_loss(routed.probs_TE, routed.ids_TK, num_experts)
 
 
-AUX_LOSSES: dict[str, Callable[[RouterOutput, int], torch.Tensor]] = {
-    "load_balance": lambda r, e: losses.switch_load_balance_loss(r.probs_TE, r.ids_TK, e),
-    "global_load_balance": lambda r, e: losses.switch_load_balance_loss(r.probs_TE, r.ids_TK, e, global_batch=True),
-    "z_loss": lambda r, e: losses.router_z_loss(r.logits_TE),
-    "expert_balance": lambda r, e: losses.expert_balance_loss(r.probs_TE, r.ids_TK, e),
-    "chosen_balance": lambda r, e: losses.chosen_set_balance_loss(r.logits_TE, r.ids_TK, e),
-    "cv2": _importance_load,
-    "entropy": lambda r, e: losses.routing_entropy(r.probs_TE),
-    "head_balance": _head_balance,
+# Each takes the router's output, the number of routable experts and the tokens' leading shape (``[B, N]``:
+# B samples of N tokens; a loss "per sample" reads B from it).
+AUX_LOSSES: dict[str, Callable[[RouterOutput, int, tuple[int, ...]], torch.Tensor]] = {
+    "load_balance": lambda r, e, _: losses.switch_load_balance_loss(r.probs_TE, r.ids_TK, e),
+    "global_load_balance": lambda r, e, _: losses.switch_load_balance_loss(r.probs_TE, r.ids_TK, e, global_batch=True),
+    "z_loss": lambda r, e, _: losses.router_z_loss(r.logits_TE),
+    "expert_balance": lambda r, e, _: losses.expert_balance_loss(r.probs_TE, r.ids_TK, e),
+    "chosen_balance": lambda r, e, _: losses.chosen_set_balance_loss(r.logits_TE, r.ids_TK, e),
+    "top1_balance": lambda r, e, _: losses.top1_balance_loss(r.probs_TE, r.ids_TK, e),
+    "sample_top1_balance": lambda r, e, shape: losses.top1_balance_loss(
+        r.probs_TE, r.ids_TK, e, num_samples=shape[0] if len(shape) > 1 else 1),
+    "cv2": lambda r, e, _: _importance_load(r, e),
+    "entropy": lambda r, e, _: losses.routing_entropy(r.probs_TE),
+    "head_balance": lambda r, e, _: _head_balance(r, e),
 }
 
 
@@ -168,9 +173,10 @@ class RoutedBlock(nn.Module):
 
     # ------------------------------------------------------------------------------------------ record
 
-    def aux_terms(self, routed: RouterOutput) -> dict[str, torch.Tensor]:
-        """Each configured auxiliary loss of ``routed`` by name, unweighted, with its graph."""
-        return {name: AUX_LOSSES[name](routed, self.num_routable) for name in self.aux_loss_coefs}
+    def aux_terms(self, routed: RouterOutput, tokens_shape: Sequence[int] = ()) -> dict[str, torch.Tensor]:
+        """Each configured auxiliary loss of ``routed`` (tokens of leading shape ``tokens_shape``) by name,
+        unweighted, with its graph."""
+        return {name: AUX_LOSSES[name](routed, self.num_routable, tuple(tokens_shape)) for name in self.aux_loss_coefs}
 
     def record_routing(
         self,
@@ -185,7 +191,7 @@ class RoutedBlock(nn.Module):
         blocks that drop slots by capacity."""
         if load_E is None:
             load_E = losses.expert_counts(routed.ids_TK, self.num_routable).float()
-        terms = self.aux_terms(routed)
+        terms = self.aux_terms(routed, tokens_shape)
         aux_loss = sum((self.aux_loss_coefs[n] * v for n, v in terms.items()), routed.probs_TE.new_zeros(()))
         self.routing = RoutingRecord(
             ids_TK=routed.ids_TK.detach(),
