@@ -473,3 +473,76 @@ class ImageFolderDataset(Dataset):
             image = image.flip(-1)
         return {"image": image, "label": self.labels[j], "caption": sidecar_caption(self.files[j])}
 
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Question answering on your own images: a folder and a JSON-lines file of questions
+# ----------------------------------------------------------------------------------------------------------
+
+
+class QASample(TypedDict):
+    """One item of every question-answering dataset (:class:`ImageTextFolderDataset`, the generated scenes)."""
+
+    image: torch.Tensor  # float32 [3, H, W] in [-1, 1]
+    prompt: str  # the question (or a request such as "describe the picture.")
+    answer: str  # the expected answer
+    kind: str  # the question's type when known ("colour", "count", ...), else ""
+
+
+def read_qa_lines(path: Path, root: Path) -> list[tuple[Path, str, str, str]]:
+    """(image path, question, answer, kind) of every line of a JSON-lines file: objects with ``"image"`` (a
+    path relative to ``root``, which it may not leave), ``"question"`` (or ``"prompt"``), ``"answer"`` and an
+    optional ``"kind"``. Errors name the line and what is accepted."""
+    import json
+
+    if not path.is_file():
+        raise FileNotFoundError(f"question file {str(path)!r} does not exist")
+    root = root.resolve()
+    items = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: not a JSON object ({err.msg})") from None
+        question = record.get("question", record.get("prompt")) if isinstance(record, dict) else None
+        fields = (record.get("image"), question, record.get("answer")) if isinstance(record, dict) else (None,) * 3
+        if not all(isinstance(f, str) and f.strip() for f in fields):
+            raise ValueError(f'{where}: each line needs non-empty strings "image", "question" (or "prompt") and '
+                             f'"answer", got {line.strip()[:120]!r}')
+        image = (root / fields[0]).resolve()
+        if not image.is_relative_to(root):
+            raise ValueError(f"{where}: image {fields[0]!r} is outside the folder {str(root)!r}")
+        if not image.is_file():
+            raise FileNotFoundError(f"{where}: image {fields[0]!r} not found in {str(root)!r}")
+        items.append((image, question.strip(), fields[2].strip(), str(record.get("kind", ""))))
+    if not items:
+        raise ValueError(f"question file {str(path)!r} has no questions")
+    return items
+
+
+class ImageTextFolderDataset(Dataset):
+    """Your own images with questions and answers: ``root/<questions>`` is a JSON-lines file (see
+    :func:`read_qa_lines`), e.g. ``{"image": "kitchen.jpg", "question": "how many cups are there?", "answer":
+    "two"}``; images are read per item as RGB, resized and centre-cropped to ``image_size``.
+
+    Items: :class:`QASample`."""
+
+    def __init__(self, root: str | Path, questions: str = "questions.jsonl", image_size: int = 64) -> None:
+        if image_size < 8:
+            raise ValueError(f"image_size must be >= 8, got {image_size}")
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"image folder {str(root)!r} does not exist or is not a directory")
+        self.items = read_qa_lines(root / questions, root)
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, j: int) -> QASample:
+        path, question, answer, kind = self.items[j]
+        image = _pil_to_tensor(_load_image(path, self.image_size, "RGB"))
+        return QASample(image=image, prompt=question, answer=answer, kind=kind)

@@ -25,13 +25,13 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, TypedDict
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .images import BACKGROUND_RGB, COLOUR_RGB, SHAPES
+from .images import BACKGROUND_RGB, COLOUR_RGB, SHAPES, QASample
 from .video import shape_coverage
 
 SCENE_COLOURS: dict[str, tuple[int, int, int]] = {
@@ -218,13 +218,6 @@ CAPTION_PROMPT = "describe the picture."
 ANSWER_KINDS: tuple[str, ...] = (*QUESTION_TYPES, "caption")
 
 
-class SceneQASample(TypedDict):
-    image: torch.Tensor  # float32 [3, H, W] in [-1, 1]
-    prompt: str  # the question, or CAPTION_PROMPT
-    answer: str  # one word, or the caption
-    kind: str  # one of ANSWER_KINDS
-
-
 class SceneQADataset(Dataset):
     """Scenes with one question each: item ``i`` is scene ``i`` of the split (:func:`scene_rng`), asked a
     question of kind ``kinds[i % len(kinds)]`` drawn from the same generator, so every item is reproducible on
@@ -261,7 +254,7 @@ class SceneQADataset(Dataset):
         rng = scene_rng(self.split, self.seed, i)
         return sample_scene(rng, self.split), rng
 
-    def __getitem__(self, i: int) -> SceneQASample:
+    def __getitem__(self, i: int) -> QASample:
         objects, rng = self.scene(i)
         kind = self.kinds[i % len(self.kinds)]
         if kind == "caption":
@@ -269,4 +262,4 @@ class SceneQADataset(Dataset):
         else:
             _, prompt, answer = ask(objects, kind, rng, self.split)
         image = torch.from_numpy(render_scene(objects, self.image_size)).permute(2, 0, 1).float() / 127.5 - 1.0
-        return SceneQASample(image=image, prompt=prompt, answer=answer, kind=kind)
+        return QASample(image=image, prompt=prompt, answer=answer, kind=kind)
