@@ -2,6 +2,7 @@
 
 from .connectors import MoEConnector, QueryResampler, mlp_projector
 from .dcmoe import DynamicCapacityMoE, anneal_aux_weight, set_aux_weight
+from .modality import ModalityUntiedAttention, ModalityUntiedFeedForward
 from .moe import EXPERT_KINDS, ROUTERS, GatedMLP, MoE, Router
 from .moh import MoHAttention
 from .routed import (
@@ -26,6 +27,8 @@ __all__ = [
     "MoE",
     "MoEConnector",
     "MoHAttention",
+    "ModalityUntiedAttention",
+    "ModalityUntiedFeedForward",
     "QueryResampler",
     "RoutedBlock",
     "Router",
