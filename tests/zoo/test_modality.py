@@ -91,3 +91,63 @@ def test_untied_feed_forward_is_each_modalitys_swiglu_and_norm():
 def test_bad_modality_ids_are_refused(modality, message):
     with pytest.raises(ValueError, match=message):
         ModalityUntiedFeedForward(4, 8, num_modalities=2)(torch.randn(1, 3, 4), modality)
+
+
+# ------------------------------------------------------------------------------------------------- MoIIE
+
+from moezoo.zoo.layers import total_aux_loss  # noqa: E402
+from moezoo.zoo.layers.modality import IntraInterMoE  # noqa: E402
+
+
+def swiglu(layer, e, x):
+    gate, up = (layer.w_in[e] @ x).chunk(2)
+    return layer.w_out[e] @ (F.silu(gate) * up)
+
+
+def moiie_by_hand(layer, x, modality):
+    """Per token: its modality's router over (its intra experts, the shared), softmax, top-k renormalised; per
+    modality Mixtral's load_balancing_loss_func: G * sum(mean_tokens(expert_mask [T, k, G]) * mean_tokens(p))."""
+    out = torch.zeros_like(x)
+    masks, probs = {}, {}
+    for b in range(x.shape[0]):
+        for s in range(x.shape[1]):
+            m = int(modality[b, s])
+            experts = layer.experts_of(m)
+            p = (layer.routers[m].weight @ x[b, s]).softmax(0)
+            weights, local = p.topk(layer.top_k)
+            weights = weights / weights.sum()
+            for w, j in zip(weights, local):
+                out[b, s] += w * swiglu(layer, experts[int(j)], x[b, s])
+            masks.setdefault(m, []).append(F.one_hot(local, len(experts)).to(x.dtype))
+            probs.setdefault(m, []).append(p)
+    balance = sum(len(layer.experts_of(m)) * (torch.stack(masks[m]).mean(0) * torch.stack(probs[m]).mean(0)).sum()
+                  for m in masks)
+    return out, balance
+
+
+@pytest.mark.parametrize("num_modalities, num_experts, split", [(2, 8, {}), (3, 7, dict(num_intra=1, num_shared=4))])
+def test_moiie_routes_each_modality_over_its_intra_and_the_shared_experts(num_modalities, num_experts, split):
+    torch.manual_seed(3)
+    layer = IntraInterMoE(8, 6, num_experts, num_modalities, top_k=2, **split).double()
+    x = torch.randn(2, 9, 8, dtype=torch.float64)
+    modality = torch.randint(0, num_modalities, (2, 9))
+    expected, balance = moiie_by_hand(layer, x, modality)
+    tol = fp_tolerance(torch.float64, 8, layers=2)
+    torch.testing.assert_close(layer(x, modality), expected, **tol)
+    torch.testing.assert_close(layer.routing.aux_terms["modality_balance"], balance, **tol)
+    torch.testing.assert_close(total_aux_loss(layer), 0.001 * balance, **tol)
+    for m in range(num_modalities):  # never another modality's intra experts
+        used = set(layer.routing.ids_TK[modality.reshape(-1) == m].reshape(-1).tolist())
+        assert used <= set(layer.experts_of(m))
+
+
+def test_moiie_paper_split_and_its_errors():
+    layer = IntraInterMoE(8, 6, num_experts=8)
+    assert layer.experts_of(0) == [0, 1, 4, 5, 6, 7] and layer.experts_of(1) == [2, 3, 4, 5, 6, 7]
+    assert layer.expert_names == ("m0 intra",) * 2 + ("m1 intra",) * 2 + ("shared",) * 4
+    with pytest.raises(ValueError, match="must be divisible by 4"):
+        IntraInterMoE(8, 6, num_experts=6)
+    with pytest.raises(ValueError, match="num_modalities x num_intra"):
+        IntraInterMoE(8, 6, num_experts=8, num_intra=1, num_shared=4)
+    with pytest.raises(ValueError, match="unknown aux losses"):
+        IntraInterMoE(8, 6, num_experts=8, aux_loss_coefs={"modality_balanse": 0.1})

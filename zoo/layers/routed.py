@@ -102,11 +102,13 @@ AUX_LOSSES: dict[str, Callable[[RouterOutput, int, tuple[int, ...]], torch.Tenso
 }
 
 
-def check_aux_loss_coefs(aux_loss_coefs: dict[str, float] | None) -> dict[str, float]:
+def check_aux_loss_coefs(aux_loss_coefs: dict[str, float] | None, own: Sequence[str] = ()) -> dict[str, float]:
+    """The coefficients by name, checked: names of :data:`AUX_LOSSES` or of the block's ``own`` losses."""
     coefs = dict(aux_loss_coefs or {})
-    unknown = sorted(set(coefs) - set(AUX_LOSSES))
+    accepted = [*AUX_LOSSES, *own]
+    unknown = sorted(set(coefs) - set(accepted))
     if unknown:
-        raise ValueError(f"unknown aux losses {unknown}; accepted: {', '.join(AUX_LOSSES)}")
+        raise ValueError(f"unknown aux losses {unknown}; accepted: {', '.join(accepted)}")
     for name, coef in coefs.items():
         if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not math.isfinite(coef):
             raise ValueError(f"aux loss coefficient {name!r} must be a finite number, got {coef!r}")
@@ -131,8 +133,12 @@ class RoutedBlock(nn.Module):
         backend: the expert-compute backend ("auto", "reference", "torch" or "triton").
         expert_names: optional display names, one per computed expert (e.g. the modality it reads).
 
-    A subclass computes its experts, then calls :meth:`record_routing` with its router's output.
+    A subclass computes its experts, then calls :meth:`record_routing` with its router's output. A loss that
+    needs what only the subclass knows (e.g. each token's modality) goes in its ``OWN_AUX_LOSSES``: name ->
+    ``fn(block, routed, tokens_shape)``, accepted in ``aux_loss_coefs`` beside :data:`AUX_LOSSES`.
     """
+
+    OWN_AUX_LOSSES: dict[str, Callable[["RoutedBlock", RouterOutput, tuple[int, ...]], torch.Tensor]] = {}
 
     def __init__(
         self,
@@ -151,7 +157,7 @@ class RoutedBlock(nn.Module):
         if expert_names is not None and len(expert_names) != num_experts:
             raise ValueError(f"expert_names must name each of the {num_experts} experts, got {len(expert_names)}")
         self.num_experts, self.top_k, self.num_special = num_experts, top_k, num_special
-        self.aux_loss_coefs = check_aux_loss_coefs(aux_loss_coefs)
+        self.aux_loss_coefs = check_aux_loss_coefs(aux_loss_coefs, tuple(self.OWN_AUX_LOSSES))
         self.backend = backend
         self.expert_names = tuple(expert_names) if expert_names is not None else None
         self.routing: RoutingRecord | None = None
@@ -176,7 +182,9 @@ class RoutedBlock(nn.Module):
     def aux_terms(self, routed: RouterOutput, tokens_shape: Sequence[int] = ()) -> dict[str, torch.Tensor]:
         """Each configured auxiliary loss of ``routed`` (tokens of leading shape ``tokens_shape``) by name,
         unweighted, with its graph."""
-        return {name: AUX_LOSSES[name](routed, self.num_routable, tuple(tokens_shape)) for name in self.aux_loss_coefs}
+        shape = tuple(tokens_shape)
+        return {name: self.OWN_AUX_LOSSES[name](self, routed, shape) if name in self.OWN_AUX_LOSSES
+                else AUX_LOSSES[name](routed, self.num_routable, shape) for name in self.aux_loss_coefs}
 
     def record_routing(
         self,
