@@ -34,7 +34,8 @@ from .losses import (
     switch_load_balance_loss,
 )
 from .plan import DispatchPlan, build_plan, capacity_for
-from .routing import RouterOutput, expert_choice_route, noisy_topk_route, top_p_route, topk_route
+from .routing import (RouterOutput, expert_choice_route, gshard_top2_route, noisy_topk_route, renormalize_kept,
+                      top_p_route, topk_route)
 from .ternary import pack_ternary, ternary_dequantize, ternary_quantize, ternary_ste, unpack_ternary
 
 __all__ = [
@@ -56,6 +57,8 @@ __all__ = [
     "grouped_linear",
     "importance_load_loss",
     "noisy_topk_route",
+    "gshard_top2_route",
+    "renormalize_kept",
     "pack_expert_weights",
     "pack_ternary",
     "resolve_backend",

@@ -16,6 +16,8 @@ Routers:
 - :func:`expert_choice_route`: every expert picks its ``capacity`` most confident tokens (Zhou et al. 2022).
 - :func:`noisy_topk_route`: Shazeer et al. 2017's noisy top-k gating with the smooth load estimate
   (MoE-Fusion).
+- :func:`gshard_top2_route`: GShard's / DeepSpeed's top-2 gating (MoE-LLaVA): the argmax, then a second expert
+  chosen with Gumbel noise in training; :func:`renormalize_kept` renormalises after a capacity drop, as it does.
 
 Scores and weights are computed in float32 (float64 if the logits are float64), whatever the logits' dtype.
 """
@@ -36,6 +38,8 @@ __all__ = [
     "top_p_near_tie_route",
     "expert_choice_route",
     "noisy_topk_route",
+    "gshard_top2_route",
+    "renormalize_kept",
 ]
 
 SCORINGS = ("softmax", "sigmoid")
@@ -524,3 +528,44 @@ def _smooth_load(
     bar_TE = torch.where(in_topk_TE, bar_if_in_T1, bar_if_out_T1)
     prob_TE = torch.special.ndtr((clean_TE - bar_TE) / std_TE)
     return prob_TE.sum(0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GShard / DeepSpeed top-2 gating (MoE-LLaVA)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def gshard_top2_route(logits_TE: torch.Tensor, *, sample_second: bool,
+                      generator: torch.Generator | None = None) -> RouterOutput:
+    """DeepSpeed's ``top2gating`` (``deepspeed/moe/sharded_moe.py``; MoE-LLaVA's router): ``g = softmax(logits)``,
+    the first expert is ``argmax g``; the second is the argmax of the logits without the first, plus Gumbel noise
+    when ``sample_second`` (DeepSpeed's Gumbel-max sampling of the second expert from the remaining softmax).
+    The weights are the two experts' ``g`` (noise-free); DeepSpeed renormalises them after the capacity drop:
+    :func:`renormalize_kept` with the plan's kept slots. Its loss is ``losses.top1_balance_loss``.
+
+    Here the noise is drawn only when asked (training); DeepSpeed's gate samples the second expert in
+    evaluation too, which makes its inference random.
+    """
+    _check_logits(logits_TE)
+    num_tokens, num_experts = logits_TE.shape
+    if num_experts < 2:
+        raise ValueError(f"top-2 gating needs at least 2 experts, got {num_experts}")
+    dtype = _compute_dtype(logits_TE)
+    logits = logits_TE.to(dtype)
+    probs_TE = logits.softmax(-1)
+    first_T = probs_TE.detach().argmax(-1)
+    second_logits = logits.detach().clone()
+    if sample_second:
+        uniform = torch.rand(second_logits.shape, generator=generator, device=logits.device, dtype=dtype)
+        tiny = torch.finfo(dtype).tiny
+        second_logits += -torch.log((-torch.log(uniform.clamp(min=tiny))).clamp(min=tiny))  # Gumbel(0, 1)
+    second_logits[torch.arange(num_tokens, device=logits.device), first_T] = float("-inf")
+    ids_TK = torch.stack([first_T, second_logits.argmax(-1)], dim=1)
+    return RouterOutput(ids_TK=ids_TK, weights_TK=probs_TE.gather(1, ids_TK), probs_TE=probs_TE, logits_TE=logits_TE)
+
+
+def renormalize_kept(weights_TK: torch.Tensor, kept_TK: torch.Tensor) -> torch.Tensor:
+    """Each token's kept weights divided by their sum (DeepSpeed: ``denom = max(g1 + g2, eps)`` after the drop),
+    dropped slots 0: a token whose second expert was dropped gives its first the whole weight."""
+    kept = weights_TK * kept_TK.to(weights_TK.dtype)
+    return kept / kept.sum(-1, keepdim=True).clamp(min=torch.finfo(kept.dtype).eps)

@@ -831,3 +831,69 @@ def test_freeze_walks_every_routed_block_and_ternary_experts_stay_unpacked():
     assert model[1].frozen is False
     unfreeze(model)
     assert not model[0].frozen
+
+
+# ------------------------------------------------------------------------- MoE-LLaVA: DeepSpeed's top-2 gating
+
+def expert_output(moe, e, x_D):
+    return expert_on_token(x_D, e, moe.w_in, moe.w_out, None, None, moe.activation, moe.gated)
+
+
+def deepspeed_top2_by_hand(logits, capacity_factor, min_capacity):
+    """deepspeed/moe/sharded_moe.py top2gating without noise, written with its one-hot masks: locations by
+    cumsum (all first choices before second ones), capacity ceil(T / E * 2 cf) at least min_capacity, gates
+    renormalised after the drop; returns per-token (expert, weight) pairs and l_aux."""
+    gates = logits.softmax(1)
+    T, E = gates.shape
+    mask1 = torch.nn.functional.one_hot(gates.argmax(1), E)
+    mask2 = torch.nn.functional.one_hot(logits.masked_fill(mask1.bool(), float("-inf")).argmax(1), E)
+    locations1 = torch.cumsum(mask1, 0) - 1
+    locations2 = torch.cumsum(mask2, 0) - 1 + mask1.sum(0, keepdim=True)
+    l_aux = (gates.mean(0) * mask1.float().mean(0)).mean() * E * E
+    capacity = max(min_capacity, math.ceil(T / E * capacity_factor * 2))
+    mask1 = mask1 * (locations1 < capacity)
+    mask2 = mask2 * (locations2 < capacity)
+    g1, g2 = (gates * mask1).sum(1), (gates * mask2).sum(1)
+    denom = (g1 + g2).clamp(min=torch.finfo(gates.dtype).eps)
+    return mask1.argmax(1), g1 / denom, mask2.argmax(1), g2 / denom, l_aux
+
+
+@pytest.mark.parametrize("capacity_factor, min_capacity", [(1.0, 1), (1.0, 4), (0.5, 1), (1.5, 4)])
+def test_gshard_top2_moe_is_deepspeeds_gating_in_eval(capacity_factor, min_capacity):
+    torch.manual_seed(0)
+    moe = MoE(8, 12, num_experts=4, top_k=2, router="gshard_top2", capacity_factor=2.0,
+              eval_capacity_factor=capacity_factor, min_capacity=min_capacity,
+              aux_loss_coefs={"top1_balance": 0.01}).double().eval()
+    x = torch.randn(24, 8, dtype=torch.float64) * 2
+    y = moe(x)
+    logits = x.float() @ moe.router.weight.float().t()  # the router runs in float32, as DeepSpeed's gate
+    e1, w1, e2, w2, l_aux = (v.double() if v.is_floating_point() else v
+                             for v in deepspeed_top2_by_hand(logits, capacity_factor, min_capacity))
+    expected = torch.stack([w1[t] * expert_output(moe, int(e1[t]), x[t]) + w2[t] * expert_output(moe, int(e2[t]), x[t])
+                            for t in range(24)])
+    tol = fp_tolerance(torch.float32, 8, layers=2)  # float32 gates
+    torch.testing.assert_close(y, expected, **tol)
+    torch.testing.assert_close(moe.routing.aux_terms["top1_balance"].double(), l_aux, **tol)
+    if capacity_factor < 1:
+        assert moe.routing.dropped > 0  # the test covers the renormalisation after a drop
+
+
+def test_gshard_top2_samples_the_second_expert_from_the_remaining_softmax_in_training():
+    from moezoo.kernels import gshard_top2_route
+
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]]).expand(40000, 4)
+    out = gshard_top2_route(logits, sample_second=True, generator=torch.Generator().manual_seed(0))
+    assert (out.ids_TK[:, 0] == 0).all()
+    frequencies = torch.bincount(out.ids_TK[:, 1], minlength=4).double() / 40000
+    remaining = torch.tensor([1.0, 0.5, -1.0]).softmax(0).double()  # Gumbel-max: softmax over the others
+    assert frequencies[0] == 0
+    torch.testing.assert_close(frequencies[1:], remaining, atol=0.01, rtol=0)  # ~4 standard errors
+    deterministic = gshard_top2_route(logits[:3], sample_second=False)
+    assert deterministic.ids_TK.tolist() == [[0, 1]] * 3
+
+
+def test_gshard_top2_needs_top_k_2_and_eval_capacity_needs_a_training_one():
+    with pytest.raises(ValueError, match="top_k must be 2"):
+        MoE(8, 12, num_experts=4, top_k=1, router="gshard_top2")
+    with pytest.raises(ValueError, match="eval_capacity_factor needs a capacity_factor"):
+        MoE(8, 12, num_experts=4, top_k=2, eval_capacity_factor=1.0)

@@ -29,7 +29,9 @@ from moezoo.kernels.plan import build_plan, capacity_for
 from moezoo.kernels.routing import (
     RouterOutput,
     expert_choice_route,
+    gshard_top2_route,
     noisy_topk_route,
+    renormalize_kept,
     top_p_route,
     topk_route,
 )
@@ -44,7 +46,7 @@ EXPERT_KINDS = {  # name -> (activation, gated)
     "mlp": ("gelu", False),
     "ternary": ("silu", True),  # MoTE: SwiGLU experts with ternary weights
 }
-ROUTERS = ("softmax", "sigmoid", "top_p", "expert_choice", "noisy")
+ROUTERS = ("softmax", "sigmoid", "top_p", "expert_choice", "noisy", "gshard_top2")
 
 
 class Router(nn.Module):
@@ -72,6 +74,8 @@ class Router(nn.Module):
             raise ValueError(f"unknown router {kind!r}; accepted: {', '.join(ROUTERS)}")
         if kind == "top_p" and top_p is None:
             raise ValueError("router='top_p' needs top_p in (0, 1]")
+        if kind == "gshard_top2" and top_k != 2:
+            raise ValueError(f"router='gshard_top2' routes every token to 2 experts: top_k must be 2, got {top_k}")
         self.kind, self.top_k, self.top_p = kind, top_k, top_p
         self.renormalize, self.routed_scaling = renormalize, routed_scaling
         self.num_groups, self.topk_groups = num_groups, topk_groups
@@ -107,6 +111,8 @@ class Router(nn.Module):
             )
         if allowed_TE is not None and self.kind not in ("top_p",):
             raise ValueError(f"an allowed-expert mask works with softmax, sigmoid and top_p routers, not {self.kind!r}")
+        if self.kind == "gshard_top2":
+            return gshard_top2_route(logits_TE, sample_second=self.training)
         if self.kind == "top_p":
             return top_p_route(logits_TE, self.top_p, max_k=self.top_k, renormalize=self.renormalize, allowed_TE=allowed_TE)
         if self.kind == "expert_choice":
@@ -128,7 +134,9 @@ class MoE(RoutedBlock):
         activation: override the expert kind's nonlinearity (e.g. "gelu_tanh" or "relu" in gated experts);
             the shared experts use it too.
         bias: biases in the routed experts.
-        router: "softmax", "sigmoid", "top_p", "expert_choice" or "noisy".
+        router: "softmax", "sigmoid", "top_p", "expert_choice", "noisy" or "gshard_top2" (DeepSpeed's top-2
+            gating, MoE-LLaVA: the second expert sampled with Gumbel noise in training, the two weights
+            renormalised after the capacity drop).
         renormalize: divide the chosen weights by their sum (Mixtral); off in DiT-MoE / DeepSeekMoE.
         top_p: probability mass for the top_p router.
         score_bias: keep a DeepSeek-V3 per-expert selection bias buffer (``router.score_bias``).
@@ -141,6 +149,8 @@ class MoE(RoutedBlock):
         num_null_experts: routable experts that output zero and cost nothing (UniMoE-Audio; MoE++ zero).
         num_copy_experts, num_constant_experts: MoE++'s copy and constant experts.
         capacity_factor: if set, each computed expert takes at most ``ceil(cf * T * k / E)`` slots.
+        eval_capacity_factor: the capacity factor out of training (DeepSpeed's; default: ``capacity_factor``).
+        min_capacity: the least capacity an expert gets (DeepSpeed: 4), whatever the factor gives.
         jitter: multiplicative router-input noise in training (Switch).
         aux_loss_coefs: auxiliary losses to add, by name (see ``AUX_LOSSES``) -> coefficient.
         backend: "auto", "reference", "torch" or "triton".
@@ -171,6 +181,8 @@ class MoE(RoutedBlock):
         num_copy_experts: int = 0,
         num_constant_experts: int = 0,
         capacity_factor: float | None = None,
+        eval_capacity_factor: float | None = None,
+        min_capacity: int = 1,
         jitter: float = 0.0,
         aux_loss_coefs: dict[str, float] | None = None,
         backend: str = "auto",
@@ -189,7 +201,12 @@ class MoE(RoutedBlock):
         self.dim, self.hidden_dim = dim, hidden_dim
         self.num_null_experts, self.num_copy_experts = num_null_experts, num_copy_experts
         self.num_constant_experts = num_constant_experts
+        if eval_capacity_factor is not None and capacity_factor is None:
+            raise ValueError("eval_capacity_factor needs a capacity_factor (the one used in training)")
+        if isinstance(min_capacity, bool) or not isinstance(min_capacity, int) or min_capacity < 1:
+            raise ValueError(f"min_capacity must be an integer >= 1, got {min_capacity!r}")
         self.expert_kind, self.capacity_factor = expert, capacity_factor
+        self.eval_capacity_factor, self.min_capacity = eval_capacity_factor, min_capacity
         self.activation, self.gated = EXPERT_KINDS[expert]
         if activation is not None:
             activation_fn(activation)  # validates the name
@@ -259,8 +276,13 @@ class MoE(RoutedBlock):
         ids_TK, weights_TK = routed.ids_TK, routed.weights_TK.to(x.dtype)
         capacity = None
         if self.capacity_factor is not None:
-            capacity = capacity_for(x_TD.shape[0], ids_TK.shape[1], self.num_experts, self.capacity_factor)
+            factor = self.capacity_factor
+            if not self.training and self.eval_capacity_factor is not None:
+                factor = self.eval_capacity_factor
+            capacity = max(self.min_capacity, capacity_for(x_TD.shape[0], ids_TK.shape[1], self.num_experts, factor))
         plan = build_plan(ids_TK, self.num_experts, capacity=capacity)
+        if self.router.kind == "gshard_top2":  # DeepSpeed renormalises the two gates after the drop
+            weights_TK = renormalize_kept(weights_TK, plan.kept_TK)
         y_TD = expert_mlp(
             x_TD, weights_TK, plan, *self._expert_weights(), b_in_EN=self.b_in, b_out_ED=self.b_out,
             activation=self.activation, gated=self.gated, backend=self.backend, shared=self._shared_expert(x_TD),
