@@ -608,8 +608,8 @@ class TextToAudio(TabApp):
     pipeline_class = AudioPipeline
     picture_label = "Spectrogram, and the experts each frame used"
     chart_label = "Mean experts per token by layer"
-    default_temperature: ClassVar[float] = 1.0  # the pipeline's and bench/audio_quality.py's defaults
-    default_top_k: ClassVar[int] = 50
+    default_temperature: ClassVar[float] = AudioPipeline.DEFAULT_TEMPERATURE  # the pipeline's (and the bench's)
+    default_top_k: ClassVar[int] = AudioPipeline.DEFAULT_TOP_K
     # The reference means: these prompts (words; notes and chords across the timbres), prompt i with seed
     # reference_seed + i, at the tab's default guidance, temperature and top-k.
     reference_prompts: ClassVar[dict[str, tuple[str, ...]]] = {
@@ -884,7 +884,7 @@ TABS: list[Tab] = [
         "spectrogram, how many each frame used.",
         examples=[("the word seven", 0), ("a plucked C4 note", 1), ("a C major chord on a square wave", 2),
                   ("the word yes", 3)],
-        guidance=3.0, unit="audio frames"),
+        guidance=AudioPipeline.DEFAULT_GUIDANCE, unit="audio frames"),
 ]
 
 

@@ -71,6 +71,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from moezoo.encoders.audio import SAMPLE_RATE, AudioFrontEnd, GriffinLimVocoder, MelTokenizer, MelVocoder
+from moezoo.pipelines.audio import AudioPipeline
 from moezoo.pipelines.base import checked_guidance_scale
 from moezoo.training.audio_metrics import (
     CENTS_TOLERANCE,
@@ -538,9 +539,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--word-seeds", type=int, default=5, help="generations of each word")
     parser.add_argument("--music-seeds", type=int, default=1, help="generations of each note/chord caption")
     parser.add_argument("--frames", type=int, default=None, help="frames to generate (default: the model's max)")
-    parser.add_argument("--guidance", type=float, default=3.0)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=50, help="0: sample among all codes")
+    parser.add_argument("--guidance", type=float, default=AudioPipeline.DEFAULT_GUIDANCE)
+    parser.add_argument("--temperature", type=float, default=AudioPipeline.DEFAULT_TEMPERATURE)
+    parser.add_argument("--top-k", type=int, default=AudioPipeline.DEFAULT_TOP_K, help="0: sample among all codes")
     parser.add_argument("--batch", type=int, default=1, help="prompts per pipeline call")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS, help="where the judge is cached")
@@ -579,8 +580,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_pipelines(args) -> dict:
-    from moezoo.pipelines.audio import AudioPipeline
-
     pipes = {}
     for label, source in model_sources(args):
         pipe = AudioPipeline.from_pretrained(source)

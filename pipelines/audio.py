@@ -48,6 +48,11 @@ class AudioPipeline(Pipeline):
 
     _modules = ("model",)
     max_batch_size: int = 16  # prompts per generation call (twice as many rows with guidance)
+    # The sampling defaults (also the app's and bench/audio_quality.py's): chosen by a sweep of guidance,
+    # temperature and top-k on the bundled model with seeds the README's numbers do not use (README, "Measured").
+    DEFAULT_GUIDANCE: float = 2.0
+    DEFAULT_TEMPERATURE: float = 0.5
+    DEFAULT_TOP_K: int = 50
 
     def __init__(self, model):
         super().__init__()
@@ -101,9 +106,9 @@ class AudioPipeline(Pipeline):
         prompt: str | list[str],
         num_tokens: int | None = None,
         duration_s: float | None = None,
-        guidance_scale: float = 3.0,
-        temperature: float = 1.0,
-        top_k: int | None = 50,
+        guidance_scale: float | None = None,
+        temperature: float | None = None,
+        top_k: int | None | str = "default",
         generator: torch.Generator | list[torch.Generator] | None = None,
         return_dict: bool = True,
         return_routing: bool = False,
@@ -116,7 +121,9 @@ class AudioPipeline(Pipeline):
             num_tokens: audio frames to generate (default: the model's ``max_frames``); or
             duration_s: seconds (rounded to frames).
             guidance_scale: classifier-free guidance on the logits; 1 disables it (one forward per step).
-            temperature: sampling temperature (0: greedy); top_k: sample among the k likeliest codes (None: all).
+                Default :attr:`DEFAULT_GUIDANCE`.
+            temperature: sampling temperature (0: greedy; default :attr:`DEFAULT_TEMPERATURE`); top_k: sample among
+                the k likeliest codes (None: all; default :attr:`DEFAULT_TOP_K`).
             generator: a torch.Generator, or one per prompt, for reproducible sampling.
             return_dict: return an :class:`AudioPipelineOutput` (else the tuple ``(audios, sampling_rate)``).
             return_routing: also return how many experts each audio frame used, per routed layer.
@@ -131,7 +138,9 @@ class AudioPipeline(Pipeline):
                 raise ValueError(f"prompt {p!r} has words this model never learned: {', '.join(unknown)}; it knows: "
                                  f"{', '.join(self.model.config.vocabulary)}")
         num_frames = self._num_frames(num_tokens, duration_s)
-        guidance_scale = checked_guidance_scale(guidance_scale)
+        guidance_scale = checked_guidance_scale(self.DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale)
+        temperature = self.DEFAULT_TEMPERATURE if temperature is None else temperature
+        top_k = self.DEFAULT_TOP_K if isinstance(top_k, str) and top_k == "default" else top_k
         if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not 0 <= temperature < math.inf:
             raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):

@@ -201,7 +201,8 @@ def test_reference_means_are_computed_once_per_app(make_audio_pipeline, monkeypa
     means, seconds = app.reference_means()
     assert seconds == 0.0 and list(means) == ["speech prompts", "music prompts"]
     for name, prompts in (("speech prompts", speech), ("music prompts", music)):
-        out = original(pipe, prompts, guidance_scale=AUDIO_TAB.guidance, temperature=1.0, top_k=50,
+        out = original(pipe, prompts, guidance_scale=AUDIO_TAB.guidance, temperature=AudioPipeline.DEFAULT_TEMPERATURE,
+                       top_k=AudioPipeline.DEFAULT_TOP_K,
                        generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))], return_routing=True)
         by_hand = [sum(int(c) for row in counts for c in row) / counts.size for counts in out.experts_per_token]
         assert means[name].tolist() == pytest.approx(by_hand, rel=0, abs=1e-12)

@@ -42,7 +42,7 @@ from moezoo.zoo.config import check_choice, check_config_types, check_positive
 from moezoo.zoo.layers.blocks import CausalSelfAttention, GatedMLP, KVCache
 from moezoo.zoo.layers.dcmoe import DynamicCapacityMoE
 from moezoo.zoo.layers.routed import routed_blocks, total_aux_loss
-from moezoo.zoo.registry import register_model
+from moezoo.zoo.registry import PretrainedCfg, register_model
 
 __all__ = ["UniMoEAudioConfig", "UniMoEAudio", "delay_codes", "undelay_codes", "FFN_KINDS"]
 
@@ -498,7 +498,25 @@ def test_unimoe_audio(pretrained: bool = False, **kwargs) -> UniMoEAudio:
     return _create(_TEST, **kwargs)
 
 
-@register_model
+_TINY_METADATA = dict(
+    data="eSpeak NG saying 20 words in 72 voices x 2 rates (the 'generator' speakers) and synthesised notes "
+         "MIDI 48-71 and 12 triads in 4 timbres (moezoo.training.datasets.audio), made here",
+    training="the paper's 3 stages on one CPU thread, 60 min in all: dense speech and music protos (12 + 12 min), "
+             "the MoE built from them with gate and shared experts trained (8 min), everything (28 min); "
+             "training/configs/unimoe_audio_*.yaml. Tokenizer (5 min) and vocoder (6 min) trained before.",
+    sampling_rate=16_000,
+    paper="UniMoE-Audio, arXiv 2510.13344",
+    license="weights: same as moezoo; eSpeak NG voices: GPL-3.0 (the data, not the weights)",
+)
+
+
+@register_model(pretrained_cfgs={
+    "speech_music": PretrainedCfg(
+        file="unimoe_audio_tiny.safetensors",  # runs/unimoe_audio_stage3/export in fp16, 12.6 MB
+        sha256="8e2ccd8832bc95c559393ee0366941bc3ef83e982cc245c027bbf4560889fa58",
+        metadata=_TINY_METADATA,
+    ),
+})
 def unimoe_audio_tiny(pretrained: bool = False, **kwargs) -> UniMoEAudio:
     """Speech (20 eSpeak words) and music (notes MIDI 48-71 and triads in 4 timbres) from a prompt: D=160, 6 layers,
     DCMoE of 8 routed + 1 null + 2 shared experts (top-p 0.7) per layer, 4 codebooks of the mel tokenizer."""
