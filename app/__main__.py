@@ -10,6 +10,8 @@ The MoE quickstart that ``make demo`` ran before the app landed is ``python -m m
 
 import argparse
 import os
+import signal
+import threading
 
 # Before gradio is imported: no usage statistics, no version check, no telemetry of any kind.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -26,14 +28,30 @@ def main(argv=None) -> None:
 
     demo = None
     try:
-        demo = build_demo()
-        launch_demo(demo, server_name=args.host, server_port=args.port)
+        demo = build_demo()  # a Ctrl-C while the models load ends the app here (KeyboardInterrupt)
+        serve_until_interrupted(demo, lambda: launch_demo(demo, server_name=args.host, server_port=args.port,
+                                                          prevent_thread_lock=True))
     except KeyboardInterrupt:
-        # Gradio turns Ctrl-C into a clean close only once it waits in its own loop; a Ctrl-C that arrives while
-        # the models load, or between "serving" and that loop, lands here instead, and ends the app just as
-        # normally (the temporary folder goes at exit either way).
+        pass
+    finally:
         if demo is not None:
-            demo.close()
+            demo.close()  # the temporary folder goes at exit, after this
+
+
+def serve_until_interrupted(demo, launch) -> None:
+    """``launch()`` (which returns once the server runs), then wait until Ctrl-C / SIGINT or until the demo stops.
+
+    Gradio's own wait turns Ctrl-C into a KeyboardInterrupt, and one that lands while ``launch`` is still
+    finishing (after the server already answers) can be lost there, leaving the app waiting for good (seen on a
+    CI machine). Here SIGINT only sets a flag, whenever it comes, and the flag is read after ``launch`` returns."""
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
+    try:
+        launch()
+        while not stop.wait(0.1) and demo.is_running:
+            pass
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":

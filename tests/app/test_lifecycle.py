@@ -87,6 +87,8 @@ def test_ctrl_c_before_gradio_waits_ends_the_app_normally(monkeypatch):
     closed = []
 
     class FakeDemo:
+        is_running = True
+
         def close(self):
             closed.append(True)
 
@@ -100,3 +102,33 @@ def test_ctrl_c_before_gradio_waits_ends_the_app_normally(monkeypatch):
     except KeyboardInterrupt:  # caught here so that the failure does not stop the whole pytest session
         pytest.fail("main() let the KeyboardInterrupt escape")
     assert closed == [True]
+
+
+def test_a_sigint_during_launch_is_kept_until_launch_returns():
+    """The race behind a CI hang: SIGINT lands while gradio's launch is still finishing. The app's handler only
+    sets a flag, launch completes, and the wait after it returns at once."""
+    import threading
+    from types import SimpleNamespace
+
+    from moezoo.app.__main__ import serve_until_interrupted
+
+    before = signal.getsignal(signal.SIGINT)
+    demo = SimpleNamespace(is_running=True)
+    watchdog = threading.Timer(10, lambda: setattr(demo, "is_running", False))  # never hang the suite
+    watchdog.start()
+    finished = []
+
+    def launch_interrupted_midway():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler runs here, inside launch
+        finished.append("launch finished")
+
+    started = time.monotonic()
+    try:
+        serve_until_interrupted(demo, launch_interrupted_midway)
+    except KeyboardInterrupt:
+        pytest.fail("the SIGINT became a KeyboardInterrupt inside launch")
+    finally:
+        watchdog.cancel()
+    assert finished == ["launch finished"] and time.monotonic() - started < 5
+    assert signal.getsignal(signal.SIGINT) is before
