@@ -29,7 +29,6 @@ generation), and the registered entrypoints at the bottom.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -37,6 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moezoo.encoders.words import WordVocabulary, split_words
 from moezoo.kernels.experts import BACKENDS
 from moezoo.zoo.config import check_choice, check_config_types, check_positive
 from moezoo.zoo.layers.blocks import CausalSelfAttention, GatedMLP, KVCache
@@ -48,6 +48,7 @@ __all__ = ["UniMoEAudioConfig", "UniMoEAudio", "delay_codes", "undelay_codes", "
 
 FFN_KINDS = ("dcmoe", "dense")
 UNKNOWN_WORD = "<unk>"
+NULL_TEXT = "<null>"
 
 
 @dataclass
@@ -116,10 +117,12 @@ class UniMoEAudioConfig:
             raise ValueError(f"UniMoEAudioConfig.top_p must be in (0, 1], got {self.top_p}")
         if not 0.0 <= self.text_dropout_prob <= 1.0:
             raise ValueError(f"UniMoEAudioConfig.text_dropout_prob must be in [0, 1], got {self.text_dropout_prob}")
-        words = [w.lower() for w in self.vocabulary]
-        if len(set(words)) != len(words) or any(not re.fullmatch(r"[a-z0-9#]+", w) for w in words):
-            raise ValueError("UniMoEAudioConfig.vocabulary must be distinct lower-case words (letters, digits, '#')")
-        self.vocabulary = tuple(words)
+        words = tuple(w.lower() for w in self.vocabulary)
+        try:
+            WordVocabulary(words)
+        except ValueError as err:
+            raise ValueError(f"UniMoEAudioConfig.vocabulary: {err}") from None
+        self.vocabulary = words
 
     @property
     def pad_code(self) -> int:
@@ -245,27 +248,30 @@ class UniMoEAudio(nn.Module):
     # ------------------------------------------------------------------------------------------ prompts
 
     @property
+    def words(self) -> WordVocabulary:
+        """The prompt vocabulary: the config's words, ``<unk>``, then the null id (padding; the dropped prompt)."""
+        return WordVocabulary(self.config.vocabulary, (NULL_TEXT,))
+
+    @property
     def null_text_id(self) -> int:
-        return self.config.text_vocab_size - 1
+        return self.words.special_id(NULL_TEXT)
 
     def tokenize(self, prompts: str | Sequence[str]) -> torch.Tensor:
         """Prompts -> word ids ``[B, max_text_tokens]``, padded with the null id. Words outside the vocabulary
         become ``<unk>``; a prompt longer than ``max_text_tokens`` words is an error."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        index = {w: i for i, w in enumerate(self.config.vocabulary)}
-        unknown, L = len(self.config.vocabulary), self.config.max_text_tokens
+        L = self.config.max_text_tokens
         rows = []
         for prompt in prompts:
             if not isinstance(prompt, str) or not prompt.strip():
                 raise ValueError(f"a prompt must be a non-empty string, got {prompt!r}")
-            words = re.findall(r"[a-z0-9#]+", prompt.lower())
-            if len(words) > L:
-                raise ValueError(f"prompt {prompt!r} has {len(words)} words; this model reads at most {L}")
-            rows.append([index.get(w, unknown) for w in words] + [self.null_text_id] * (L - len(words)))
+            if len(split_words(prompt)) > L:
+                raise ValueError(f"prompt {prompt!r} has {len(split_words(prompt))} words; this model reads at most {L}")
+            rows.append(self.words.encode(prompt, L, pad=NULL_TEXT))
         return torch.tensor(rows, dtype=torch.long, device=self.position_embedding.device)
 
     def unknown_words(self, prompt: str) -> list[str]:
-        return [w for w in re.findall(r"[a-z0-9#]+", prompt.lower()) if w not in self.config.vocabulary]
+        return self.words.unknown_words(prompt)
 
     # ------------------------------------------------------------------------------------------ forward
 
