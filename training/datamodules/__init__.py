@@ -7,5 +7,6 @@ shuffled training loaders, and the batch format each task's LightningModule read
 - :mod:`.fusion_pairs`: ``SyntheticFusionDataModule``, ``PairedFolderDataModule`` (FusionModule).
 - :mod:`.audio`: ``SpeechDataModule``, ``MusicDataModule``, ``MixedAudioDataModule``, ``AudioFolderDataModule``
   (the audio tokenizer, vocoder and LM).
+- :mod:`.scenes`: ``ScenesQADataModule``, ``ImageTextFolderDataModule`` (question answering on pictures).
 - :mod:`.base`: the loaders they share.
 """
