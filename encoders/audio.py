@@ -823,5 +823,5 @@ class AudioEncoder(nn.Module):
         if lengths.numel() != batch or (lengths < 1).any():
             raise ValueError(f"lengths must hold one positive sample count per clip ({batch}), got {lengths.tolist()}")
         samples = torch.ceil(lengths * SAMPLE_RATE / sample_rate).long()
-        real = torch.tensor([self.num_tokens(1 + int(n) // HOP_LENGTH) for n in samples], device=device)
+        real = torch.tensor([self.num_tokens(num_frames(int(n))) for n in samples], device=device)
         return torch.arange(num_tokens, device=device)[None, :] < real[:, None]

@@ -29,6 +29,7 @@ from moezoo.kernels.experts import SharedExpert, activation_fn
 __all__ = [
     "Attention",
     "CausalSelfAttention",
+    "causal_attention",
     "KVCache",
     "GatedMLP",
     "LabelEmbedder",
@@ -74,6 +75,21 @@ class KVCache:
         return self.keys, self.values
 
 
+def causal_attention(q_BHSd: torch.Tensor, k_BHSd: torch.Tensor, v_BHSd: torch.Tensor,
+                     cache: KVCache | None = None) -> torch.Tensor:
+    """Causal attention of the new positions: each attends to itself, the new positions before it and everything
+    ``cache`` holds (which takes the new keys and values first). The same result as one pass over the whole
+    sequence."""
+    past = 0 if cache is None else cache.length
+    if cache is not None:
+        k_BHSd, v_BHSd = cache.append(k_BHSd, v_BHSd)
+    if past == 0:
+        return F.scaled_dot_product_attention(q_BHSd, k_BHSd, v_BHSd, is_causal=True)
+    S = q_BHSd.shape[2]  # new position i (absolute past + i) sees keys 0 .. past + i
+    visible_SK = torch.ones(S, past + S, dtype=torch.bool, device=q_BHSd.device).tril(past)
+    return F.scaled_dot_product_attention(q_BHSd, k_BHSd, v_BHSd, attn_mask=visible_SK)
+
+
 class CausalSelfAttention(nn.Module):
     """Decoder self-attention in timm's layout (``qkv``, ``proj``): each position attends to itself and the
     positions before it. With a :class:`KVCache`, the new positions also attend to everything the cache holds
@@ -90,14 +106,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x_BSD: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, S, D = x_BSD.shape
         q, k, v = self.qkv(x_BSD).reshape(B, S, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        past = 0 if cache is None else cache.length
-        if cache is not None:
-            k, v = cache.append(k, v)
-        if past == 0:
-            o_BHSd = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # new position i (absolute past + i) sees keys 0 .. past + i
-            visible_SK = torch.ones(S, past + S, dtype=torch.bool, device=x_BSD.device).tril(past)
-            o_BHSd = F.scaled_dot_product_attention(q, k, v, attn_mask=visible_SK)
+        o_BHSd = causal_attention(q, k, v, cache)
         return self.proj(o_BHSd.transpose(1, 2).reshape(B, S, D))
 
 

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
@@ -23,6 +22,7 @@ from timm.layers import Mlp
 from moezoo.kernels import expert_mlp, topk_route
 from moezoo.kernels.plan import build_plan
 
+from .moe import init_like_linear_
 from .routed import RoutedBlock
 
 __all__ = ["mlp_projector", "QueryResampler", "MoEConnector"]
@@ -118,10 +118,8 @@ class MoEConnector(RoutedBlock):
         self.b_in = nn.Parameter(torch.empty(num_experts, out_dim))
         self.w_out = nn.Parameter(torch.empty(num_experts, out_dim, out_dim))
         self.b_out = nn.Parameter(torch.empty(num_experts, out_dim))
-        for w, b, fan_in in ((self.w_in, self.b_in, in_dim), (self.w_out, self.b_out, out_dim)):
-            bound = 1 / math.sqrt(fan_in)  # nn.Linear's default initialisation, expert by expert
-            nn.init.uniform_(w, -bound, bound)
-            nn.init.uniform_(b, -bound, bound)
+        init_like_linear_(self.w_in, self.b_in)
+        init_like_linear_(self.w_out, self.b_out)
 
     def forward(self, tokens_BNC: torch.Tensor) -> torch.Tensor:
         if tokens_BNC.dim() != 3 or tokens_BNC.shape[-1] != self.in_dim:

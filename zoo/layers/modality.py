@@ -26,7 +26,6 @@ Modality ids are ``0 .. num_modalities - 1``: nothing here assumes two.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
@@ -36,7 +35,8 @@ from moezoo.kernels import expert_mlp, losses, topk_route
 from moezoo.kernels.plan import build_plan
 from moezoo.kernels.routing import RouterOutput
 
-from .blocks import GatedMLP, KVCache
+from .blocks import GatedMLP, KVCache, causal_attention
+from .moe import init_like_linear_
 from .routed import RoutedBlock
 
 __all__ = ["ModalityUntiedAttention", "ModalityUntiedFeedForward", "IntraInterMoE", "check_modalities"]
@@ -94,15 +94,7 @@ class ModalityUntiedAttention(nn.Module):
         B, S, D = x_BSD.shape
         check_modalities(modality_BS, (B, S), self.num_modalities)
         q, k, v = self._qkv(x_BSD, modality_BS).permute(2, 0, 3, 1, 4)  # 3 x [B, H, S, head_dim]
-        past = 0 if cache is None else cache.length
-        if cache is not None:
-            k, v = cache.append(k, v)
-        if past == 0:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            visible = torch.ones(S, past + S, dtype=torch.bool, device=x_BSD.device).tril(past)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
-        o_BSD = o.transpose(1, 2).reshape(B, S, D)
+        o_BSD = causal_attention(q, k, v, cache).transpose(1, 2).reshape(B, S, D)
         projected = _per_modality(self.proj, o_BSD, modality_BS, (D,))
         return _per_modality(self.out_norm, projected, modality_BS, (D,))
 
@@ -171,8 +163,8 @@ class IntraInterMoE(RoutedBlock):
         self.routers = nn.ModuleList(nn.Linear(dim, num_intra + num_shared, bias=False) for _ in range(num_modalities))
         self.w_in = nn.Parameter(torch.empty(num_experts, 2 * hidden_dim, dim))  # gate rows, then up rows
         self.w_out = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
-        for w, fan_in in ((self.w_in, dim), (self.w_out, hidden_dim)):
-            nn.init.uniform_(w, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+        init_like_linear_(self.w_in)
+        init_like_linear_(self.w_out)
         allowed = torch.zeros(num_modalities, num_experts, dtype=torch.bool)
         for m in range(num_modalities):
             allowed[m, self.experts_of(m)] = True

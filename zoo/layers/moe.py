@@ -49,6 +49,15 @@ EXPERT_KINDS = {  # name -> (activation, gated)
 ROUTERS = ("softmax", "sigmoid", "top_p", "expert_choice", "noisy", "gshard_top2")
 
 
+def init_like_linear_(weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """Experts' weights ``[E, out, in]`` (and biases ``[E, out]``) initialised as an nn.Linear of each expert's
+    shape: uniform in +-1/sqrt(in)."""
+    bound = weight.shape[-1] ** -0.5
+    nn.init.uniform_(weight, -bound, bound)
+    if bias is not None:
+        nn.init.uniform_(bias, -bound, bound)
+
+
 class Router(nn.Module):
     """Token -> scores over the routable experts, then the configured routing rule."""
 
@@ -244,8 +253,7 @@ class MoE(RoutedBlock):
     def reset_expert_parameters(self) -> None:
         """Each expert initialised like an nn.Linear of its shape (uniform, bound 1/sqrt(fan_in))."""
         for weight in (self.w_in, self.w_out):
-            bound = weight.shape[-1] ** -0.5
-            nn.init.uniform_(weight, -bound, bound)
+            init_like_linear_(weight)
 
     def extra_repr(self) -> str:
         return (

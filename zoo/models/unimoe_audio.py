@@ -232,6 +232,8 @@ class UniMoEAudio(nn.Module):
             if self.codec is not None and (self.codec.num_codebooks < Q or self.codec.codebook_size != K):
                 raise ValueError(f"the codec makes {self.codec.num_codebooks} codebooks of {self.codec.codebook_size} "
                                  f"codes; the model predicts the first {Q} of {K} codes")
+        # the prompt vocabulary: the config's words, <unk>, then the null id (padding; the dropped prompt)
+        self.words = WordVocabulary(cfg.vocabulary, (NULL_TEXT,))
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -248,11 +250,6 @@ class UniMoEAudio(nn.Module):
     # ------------------------------------------------------------------------------------------ prompts
 
     @property
-    def words(self) -> WordVocabulary:
-        """The prompt vocabulary: the config's words, ``<unk>``, then the null id (padding; the dropped prompt)."""
-        return WordVocabulary(self.config.vocabulary, (NULL_TEXT,))
-
-    @property
     def null_text_id(self) -> int:
         return self.words.special_id(NULL_TEXT)
 
@@ -265,8 +262,9 @@ class UniMoEAudio(nn.Module):
         for prompt in prompts:
             if not isinstance(prompt, str) or not prompt.strip():
                 raise ValueError(f"a prompt must be a non-empty string, got {prompt!r}")
-            if len(split_words(prompt)) > L:
-                raise ValueError(f"prompt {prompt!r} has {len(split_words(prompt))} words; this model reads at most {L}")
+            count = len(split_words(prompt))
+            if count > L:
+                raise ValueError(f"prompt {prompt!r} has {count} words; this model reads at most {L}")
             rows.append(self.words.encode(prompt, L, pad=NULL_TEXT))
         return torch.tensor(rows, dtype=torch.long, device=self.position_embedding.device)
 
