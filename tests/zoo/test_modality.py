@@ -151,3 +151,177 @@ def test_moiie_paper_split_and_its_errors():
         IntraInterMoE(8, 6, num_experts=8, num_intra=1, num_shared=4)
     with pytest.raises(ValueError, match="unknown aux losses"):
         IntraInterMoE(8, 6, num_experts=8, aux_loss_coefs={"modality_balanse": 0.1})
+
+
+# ------------------------------------------------------------------------------------------------- MoMa
+
+from moezoo.zoo.layers import ModalityGroupMoE  # noqa: E402
+
+
+def aux_logits_by_hand(layer, m, x):
+    first, _, second = layer.aux_routers[m]
+    return second.weight @ F.silu(first.weight @ x + first.bias) + second.bias
+
+
+def moma_by_hand(layer, x, modality, rule):
+    """Per modality m with tokens t_1..t_T and E experts in its group (global ids from the group sizes): each
+    token's scores are the softmax of its group router's logits; rule "expert_choice": expert e takes the
+    C = min(T, ceil(top_k T / E)) tokens with the highest score for e; rule "causal": a token takes the experts
+    whose auxiliary sigmoid > 0.5, else its most probable one. Output: sum over its experts of score * SwiGLU.
+    Also returns the per-group (auxiliary logits, expert-choice picks) for the BCE."""
+    x_TD, modality_T = x.reshape(-1, x.shape[-1]), modality.reshape(-1)
+    rows = [x_TD.new_zeros(x.shape[-1]) for _ in range(x_TD.shape[0])]
+    groups, sizes = {}, layer.experts_per_group
+    for m, size in enumerate(sizes):
+        tokens = [t for t in range(len(modality_T)) if int(modality_T[t]) == m]
+        if not tokens:
+            continue
+        first = sum(sizes[:m])
+        scores = torch.stack([(layer.routers[m].weight @ x_TD[t]).softmax(0) for t in tokens])
+        aux = torch.stack([aux_logits_by_hand(layer, m, x_TD[t].detach()) for t in tokens])
+        capacity = min(len(tokens), math.ceil(layer.top_k * len(tokens) / size))
+        chosen = torch.zeros(len(tokens), size, dtype=torch.bool)
+        for e in range(size):
+            for i in sorted(range(len(tokens)), key=lambda i: -float(scores[i, e].detach()))[:capacity]:
+                chosen[i, e] = True
+        if rule == "expert_choice":
+            picked = chosen
+        else:
+            picked = torch.sigmoid(aux) > 0.5
+            for i in range(len(tokens)):
+                if not picked[i].any():
+                    picked[i, int(aux[i].argmax())] = True
+        for i, t in enumerate(tokens):
+            for e in range(size):
+                if picked[i, e]:
+                    rows[t] = rows[t] + scores[i, e] * swiglu(layer, first + e, x_TD[t])
+        groups[m] = (aux, chosen, picked)
+    return torch.stack(rows).view_as(x), groups
+
+
+MOMA_CASES = [(2, (3, 2), 2), (3, (2, 3, 1), 1.5)]  # (modalities, experts per group, top_k)
+
+
+def moma_layer(num_modalities, groups, top_k, seed, **kwargs):
+    torch.manual_seed(seed)
+    layer = ModalityGroupMoE(8, 6, groups, num_modalities, top_k, **kwargs).double()
+    x = torch.randn(2, 9, 8, dtype=torch.float64)
+    modality = torch.arange(18).remainder(num_modalities)[torch.randperm(18)].view(2, 9)  # every modality present
+    return layer, x, modality
+
+
+@pytest.mark.parametrize("num_modalities, groups, top_k", MOMA_CASES)
+def test_moma_training_is_expert_choice_inside_each_modality_group(num_modalities, groups, top_k):
+    layer, x, modality = moma_layer(num_modalities, groups, top_k, seed=4)
+    expected, _ = moma_by_hand(layer, x, modality, "expert_choice")
+    torch.testing.assert_close(layer(x, modality), expected, **fp_tolerance(torch.float64, 8, layers=2))
+    # eval with inference_routing="expert_choice" keeps the training rule
+    layer.eval()
+    layer.inference_routing = "expert_choice"
+    torch.testing.assert_close(layer(x, modality), expected, **fp_tolerance(torch.float64, 8, layers=2))
+
+
+@pytest.mark.parametrize("num_modalities, groups, top_k", MOMA_CASES)
+def test_moma_tokens_stay_in_their_group_and_every_expert_takes_its_capacity(num_modalities, groups, top_k):
+    layer, x, modality = moma_layer(num_modalities, groups, top_k, seed=5)
+    layer(x, modality)
+    record, modality_T = layer.routing, modality.reshape(-1)
+    first = 0
+    for m, size in enumerate(groups):
+        own = range(first, first + size)
+        assert layer.experts_of(m) == list(own)
+        assert layer.expert_names[first:first + size] == (f"m{m} group",) * size
+        used = set(record.ids_TK[modality_T == m].reshape(-1).tolist()) - {-1}
+        assert used <= set(own), f"modality {m} reached experts {sorted(used - set(own))} outside its group"
+        tokens = int((modality_T == m).sum())
+        capacity = min(tokens, math.ceil(top_k * tokens / size))
+        assert record.load_E[first:first + size].tolist() == [capacity] * size
+        assert all(int((record.ids_TK == e).sum()) == capacity for e in own)
+        first += size
+    # slots by descending weight, unused last: column 0 is each token's top expert
+    weights = torch.where(record.ids_TK >= 0, record.weights_TK, -1.0)
+    assert bool((weights[:, :-1] >= weights[:, 1:]).all())
+
+
+def test_moma_gradients_match_the_loop_reference():
+    layer, x, modality = moma_layer(3, (2, 3, 1), 1.5, seed=6)
+    x.requires_grad_(True)
+    probe = torch.randn(x.shape, dtype=torch.float64)
+    params = [x, layer.w_in, layer.w_out, *(r.weight for r in layer.routers)]
+    got = torch.autograd.grad((layer(x, modality) * probe).sum(), params)
+    want = torch.autograd.grad((moma_by_hand(layer, x, modality, "expert_choice")[0] * probe).sum(), params)
+    for name, g, w in zip(["x", "w_in", "w_out", "router 0", "router 1", "router 2"], got, want):
+        torch.testing.assert_close(g, w, **fp_tolerance(torch.float64, 8, layers=3), msg=name)
+        assert name == "router 2" or g.abs().sum() > 0  # (a one-expert group's softmax is constant 1)
+
+
+def test_moma_causal_router_loss_is_bce_on_the_expert_choice_and_trains_only_the_aux_routers():
+    layer, x, modality = moma_layer(2, (3, 2), 2, seed=7)
+    x.requires_grad_(True)
+    layer(x, modality)
+    _, groups = moma_by_hand(layer, x, modality, "expert_choice")
+    expected = sum(F.binary_cross_entropy_with_logits(aux, chosen.double()) for aux, chosen, _ in groups.values())
+    tol = fp_tolerance(torch.float64, 8, layers=2)
+    torch.testing.assert_close(layer.routing.aux_terms["causal_router"], expected, **tol)
+    torch.testing.assert_close(total_aux_loss(layer), 1.0 * expected, **tol)  # default coefficient 1.0
+    layer.routing.aux_loss.backward()
+    aux_params = {id(p) for p in layer.aux_routers.parameters()}
+    for name, p in layer.named_parameters():
+        if id(p) in aux_params:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, f"the causal-router loss reached {name}"
+    assert x.grad is None
+
+
+def test_moma_causal_inference_uses_the_aux_router_threshold_and_each_token_alone():
+    layer, x, modality = moma_layer(2, (3, 2), 2, seed=8)
+    with torch.no_grad():  # some tokens pass several experts, some none (then the most probable one)
+        layer.aux_routers[0][2].bias.copy_(torch.tensor([0.3, -0.1, 0.0], dtype=torch.float64))
+        layer.aux_routers[1][2].bias.copy_(torch.tensor([-0.8, -0.6], dtype=torch.float64))
+    layer.eval()
+    y = layer(x, modality)
+    expected, groups = moma_by_hand(layer, x, modality, "causal")
+    tol = fp_tolerance(torch.float64, 8, layers=2)
+    torch.testing.assert_close(y, expected, **tol)
+    passed = torch.cat([(torch.sigmoid(aux) > 0.5).sum(-1) for aux, _, _ in groups.values()])
+    assert (passed == 0).any() and (passed >= 2).any()  # both branches of the rule are exercised
+    # A token's output depends on itself only: other tokens (and their modalities) changed, or alone.
+    other_x, other_modality = torch.randn_like(x), torch.randint(0, 2, modality.shape)
+    other_x[:, 4], other_modality[:, 4] = x[:, 4], modality[:, 4]
+    torch.testing.assert_close(layer(other_x, other_modality)[:, 4], y[:, 4], **tol)
+    alone = torch.cat([layer(x[:, s:s + 1], modality[:, s:s + 1]) for s in range(x.shape[1])], dim=1)
+    torch.testing.assert_close(alone, y, **tol)
+    # ... which expert choice is not: one token alone is taken by every expert of its group.
+    layer.inference_routing = "expert_choice"
+    ec_alone = torch.cat([layer(x[:, s:s + 1], modality[:, s:s + 1]) for s in range(x.shape[1])], dim=1)
+    assert not torch.allclose(ec_alone, layer(x, modality), **tol)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(experts_per_group=(4,), num_modalities=2), r"one group size per modality \(2\), got 1"),
+    (dict(experts_per_group=(4, 0)), r"experts_per_group\[1\] must be a positive integer, got 0"),
+    (dict(experts_per_group=2.5), "positive integer .* or one per modality"),
+    (dict(num_modalities=0), "num_modalities must be a positive integer"),
+    (dict(top_k=0), r"top_k .* must be a number in \(0, 4\]"),
+    (dict(experts_per_group=(2, 3), top_k=4), r"top_k .* in \(0, 3\] \(the largest group\), got 4"),
+    (dict(top_k=float("nan")), "top_k"),
+    (dict(aux_router_hidden=0), "aux_router_hidden must be a positive integer"),
+    (dict(inference_routing="greedy"), "unknown inference_routing 'greedy'; accepted: causal, expert_choice"),
+    (dict(aux_loss_coefs={"causal_routr": 1.0}), "unknown aux losses"),
+])
+def test_moma_bad_arguments_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ModalityGroupMoE(8, 6, **kwargs)
+
+
+def test_moma_bad_modality_ids_and_switches_are_refused():
+    layer = ModalityGroupMoE(8, 6, (2, 2, 1), num_modalities=3)
+    with pytest.raises(ValueError, match=r"must be in \[0, 3\), got values from 0 to 3"):
+        layer(torch.randn(1, 3, 8), torch.tensor([[0, 3, 1]]))
+    with pytest.raises(ValueError, match="integer tensor"):
+        layer(torch.randn(1, 3, 8), torch.tensor([[0.0, 1.0, 2.0]]))
+    with pytest.raises(ValueError, match="unknown inference_routing"):
+        layer.inference_routing = "top_k"
+    with pytest.raises(ValueError, match=r"modality must be in \[0, 3\)"):
+        layer.experts_of(3)

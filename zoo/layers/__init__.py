@@ -2,7 +2,7 @@
 
 from .connectors import MoEConnector, QueryResampler, mlp_projector
 from .dcmoe import DynamicCapacityMoE, anneal_aux_weight, set_aux_weight
-from .modality import IntraInterMoE, ModalityUntiedAttention, ModalityUntiedFeedForward
+from .modality import IntraInterMoE, ModalityGroupMoE, ModalityUntiedAttention, ModalityUntiedFeedForward
 from .moe import EXPERT_KINDS, ROUTERS, GatedMLP, MoE, Router
 from .moh import MoHAttention
 from .routed import (
@@ -28,6 +28,7 @@ __all__ = [
     "MoE",
     "MoEConnector",
     "MoHAttention",
+    "ModalityGroupMoE",
     "ModalityUntiedAttention",
     "ModalityUntiedFeedForward",
     "QueryResampler",

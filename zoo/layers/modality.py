@@ -21,25 +21,34 @@ shared this is the paper's layout, for any E divisible by 4 (the official code's
 E = 4). The official code counts an image's last token as text (its mask is "vision and the next token is
 vision"); here a token routes by the modality id it carries.
 
+MoMa (Lin et al. 2024, arXiv 2407.21770; no public code): :class:`ModalityGroupMoE`, experts partitioned into
+one group per modality (the paper: 4 text + 4 image experts), a token only ever processed by its own
+modality's group, routed inside the group by expert choice in training and by a per-group auxiliary router
+(trained on the expert-choice decisions) at causal inference. What is the paper's and what is our reading is
+in the class docstring.
+
 Modality ids are ``0 .. num_modalities - 1``: nothing here assumes two.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from moezoo.kernels import expert_mlp, losses, topk_route
-from moezoo.kernels.plan import build_plan
-from moezoo.kernels.routing import RouterOutput
+from moezoo.kernels.plan import build_plan, capacity_for
+from moezoo.kernels.routing import RouterOutput, expert_choice_route
 
 from .blocks import GatedMLP, KVCache, causal_attention
 from .moe import init_like_linear_
 from .routed import RoutedBlock
 
-__all__ = ["ModalityUntiedAttention", "ModalityUntiedFeedForward", "IntraInterMoE", "check_modalities"]
+__all__ = ["ModalityUntiedAttention", "ModalityUntiedFeedForward", "IntraInterMoE", "ModalityGroupMoE",
+           "check_modalities"]
 
 
 def check_modalities(modality_BS: torch.Tensor, shape: tuple[int, int], num_modalities: int) -> None:
@@ -192,4 +201,203 @@ class IntraInterMoE(RoutedBlock):
         self.record_routing(routed, x_BSD.shape[:2])
         plan = build_plan(routed.ids_TK, self.num_experts)
         y_TD = expert_mlp(x_TD, routed.weights_TK.to(x_TD.dtype), plan, self.w_in, self.w_out, backend=self.backend)
+        return y_TD.view_as(x_BSD)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MoMa: modality expert groups, expert choice inside each group, auxiliary routers for causal inference
+# ----------------------------------------------------------------------------------------------------------
+
+INFERENCE_ROUTINGS = ("causal", "expert_choice")
+
+
+def _causal_router_loss(block: "ModalityGroupMoE", routed: RouterOutput, tokens_shape: tuple[int, ...]) -> torch.Tensor:
+    """Sum over the modality groups in the batch of the mean binary cross-entropy (with logits) between the
+    group's auxiliary-router logits ``[T_m, E_m]`` and its experts' expert-choice decisions (1: the expert
+    picked the token). Input and targets are detached: only the auxiliary routers learn from it."""
+    total = routed.probs_TE.new_zeros(())
+    for logits_TG, picked_TG in block.last_causal_targets:
+        total = total + F.binary_cross_entropy_with_logits(logits_TG, picked_TG.to(logits_TG.dtype))
+    return total
+
+
+class ModalityGroupMoE(RoutedBlock):
+    """MoMa's modality-aware experts: one expert group per modality, expert-choice routing inside the group,
+    an auxiliary router per group for causal inference. SwiGLU experts on the shared kernels.
+    ``forward(x [B, S, D], modality [B, S]) -> [B, S, D]``.
+
+    From the paper's abstract (Lin et al. 2024, arXiv 2407.21770): the experts are divided into
+    modality-specific groups (its 1.4B model: 4 text + 4 image experts); a group exclusively processes its
+    modality's tokens, with learned routing inside the group. From the paper's method: that routing is expert
+    choice (Zhou et al. 2022), each expert taking a fixed number of its modality's tokens, so the load is
+    balanced by construction; expert choice is not causal (an expert's choice depends on later tokens of the
+    batch), so for autoregressive inference an auxiliary router per group predicts from the token alone whether
+    each expert would select it, trained behind a stop-gradient so it does not affect the main model.
+
+    Our reading (there is no public code; these are choices):
+
+    - scores: the group's bias-free router ``Linear(D, E_m)`` (float32 or wider logits), softmax over the
+      group's experts per token; expert e of group m takes the ``C_m = min(T_m, ceil(top_k * T_m / E_m))``
+      tokens of modality m with the highest score for e (:func:`~moezoo.kernels.plan.capacity_for`, capacity
+      factor 1: on average ``top_k`` experts per token; a group of fewer than ``top_k`` experts gives every
+      token all of them); a token's output is ``sum over the experts that picked it of score * expert(x)``,
+      not renormalised (a token may be picked by no expert: output 0, the residual carries it);
+    - auxiliary router: ``Linear(D, H) - SiLU - Linear(H, E_m)`` per group, ``H = aux_router_hidden`` or
+      ``max(1, D // 2)``, on ``x.detach()``; its loss ``"causal_router"`` (an ``OWN_AUX_LOSSES`` entry,
+      coefficient 1.0 by default) is the binary cross-entropy with logits against that step's 0/1
+      expert-choice selection, mean over the group's tokens x experts, summed over the groups. Input and
+      targets are detached, so it trains only the auxiliary routers. Drop it from ``aux_loss_coefs`` and they
+      are not trained;
+    - causal inference (``inference_routing="causal"``, the default; used whenever the module is in eval
+      mode): a token's experts are those of its group whose auxiliary probability ``sigmoid(logit) > 0.5``,
+      or the single most probable one if none passes; weights: the main router's softmax scores of those
+      experts (not renormalised, as in training). Each token's output then depends on that token alone.
+      ``inference_routing="expert_choice"`` keeps expert choice in eval too (teacher-forced scoring of whole
+      sequences). In eval the ``"causal_router"`` term still compares the auxiliary routers with the expert
+      choice the batch would have made (a validation metric; degenerate for one-token decoding steps).
+
+    Expert ids: group m owns ``offset_m .. offset_m + E_m - 1``, groups in modality order
+    (:meth:`experts_of`). The routing record's ``ids_TK`` has ``max_m E_m`` columns in every mode: a token's
+    experts by descending weight, then ``-1`` (column 0 is its top expert, what ``expert_map`` shows; all
+    ``-1`` for a token no expert picked); ``probs_TE`` holds each token's group softmax (0 for other groups'
+    experts) and ``logits_TE`` its group's logits (the dtype's lowest value elsewhere, so the z-loss sees the
+    group's logsumexp)."""
+
+    OWN_AUX_LOSSES = {"causal_router": _causal_router_loss}
+
+    def __init__(self, dim: int, hidden_dim: int, experts_per_group: int | Sequence[int] = 4, num_modalities: int = 2,
+                 top_k: float | int = 2, *, aux_router_hidden: int | None = None,
+                 aux_loss_coefs: dict[str, float] | None = None, inference_routing: str = "causal",
+                 backend: str = "auto") -> None:
+        def positive_int(name, value):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            return value
+
+        positive_int("dim", dim)
+        positive_int("hidden_dim", hidden_dim)
+        positive_int("num_modalities", num_modalities)
+        if isinstance(experts_per_group, (str, bytes)) or not isinstance(experts_per_group, (int, Sequence)):
+            raise ValueError(f"experts_per_group must be a positive integer (every group) or one per modality, "
+                             f"got {experts_per_group!r}")
+        if isinstance(experts_per_group, int):
+            groups = (positive_int("experts_per_group", experts_per_group),) * num_modalities
+        else:
+            groups = tuple(experts_per_group)
+            if len(groups) != num_modalities:
+                raise ValueError(f"experts_per_group must give one group size per modality ({num_modalities}), "
+                                 f"got {len(groups)}: {groups!r}")
+            for m, size in enumerate(groups):
+                positive_int(f"experts_per_group[{m}]", size)
+        if (isinstance(top_k, bool) or not isinstance(top_k, (int, float)) or not math.isfinite(top_k)
+                or not 0 < top_k <= max(groups)):
+            raise ValueError(f"top_k (the average experts per token) must be a number in (0, {max(groups)}] (the "
+                             f"largest group), got {top_k!r}")
+        hidden = max(1, dim // 2) if aux_router_hidden is None else positive_int("aux_router_hidden", aux_router_hidden)
+        coefs = {"causal_router": 1.0} if aux_loss_coefs is None else aux_loss_coefs
+        super().__init__(sum(groups), max(1, math.ceil(top_k)), aux_loss_coefs=coefs, backend=backend,
+                         expert_names=[f"m{m} group" for m, size in enumerate(groups) for _ in range(size)])
+        self.top_k = top_k  # the average experts per token (the base only accepts the integer ceiling)
+        self.dim, self.hidden_dim, self.num_modalities = dim, hidden_dim, num_modalities
+        self.experts_per_group, self.aux_router_hidden = groups, hidden
+        self.offsets = tuple(sum(groups[:m]) for m in range(num_modalities))
+        self.routers = nn.ModuleList(nn.Linear(dim, size, bias=False) for size in groups)
+        self.aux_routers = nn.ModuleList(nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, size))
+                                         for size in groups)
+        self.w_in = nn.Parameter(torch.empty(self.num_experts, 2 * hidden_dim, dim))  # gate rows, then up rows
+        self.w_out = nn.Parameter(torch.empty(self.num_experts, dim, hidden_dim))
+        init_like_linear_(self.w_in)
+        init_like_linear_(self.w_out)
+        self.inference_routing = inference_routing
+        self.last_modality_T: torch.Tensor | None = None
+        # (auxiliary logits [T_m, E_m], expert-choice selection [T_m, E_m]) per group of the last forward.
+        self.last_causal_targets: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    @property
+    def inference_routing(self) -> str:
+        return self._inference_routing
+
+    @inference_routing.setter
+    def inference_routing(self, value: str) -> None:
+        if value not in INFERENCE_ROUTINGS:
+            raise ValueError(f"unknown inference_routing {value!r}; accepted: {', '.join(INFERENCE_ROUTINGS)}")
+        self._inference_routing = value
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, hidden_dim={self.hidden_dim}, experts_per_group={self.experts_per_group}, "
+                f"top_k={self.top_k}, aux_router_hidden={self.aux_router_hidden}, "
+                f"inference_routing={self.inference_routing!r}, backend={self.backend!r}")
+
+    def experts_of(self, modality: int) -> list[int]:
+        """The global ids of modality ``modality``'s expert group."""
+        if not 0 <= modality < self.num_modalities:
+            raise ValueError(f"modality must be in [0, {self.num_modalities}), got {modality}")
+        return list(range(self.offsets[modality], self.offsets[modality] + self.experts_per_group[modality]))
+
+    def capacity(self, num_tokens: int, modality: int) -> int:
+        """Tokens each expert of ``modality``'s group takes from its ``num_tokens`` tokens in expert choice:
+        ``min(T_m, ceil(top_k * T_m / E_m))``."""
+        if num_tokens == 0:
+            return 0
+        return min(num_tokens, capacity_for(num_tokens, self.top_k, self.experts_per_group[modality], 1.0))
+
+    def _aux_logits(self, modality: int, x_TD: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        first, act, second = self.aux_routers[modality]
+        h = act(F.linear(x_TD.detach().to(dtype), first.weight.to(dtype), first.bias.to(dtype)))
+        return F.linear(h, second.weight.to(dtype), second.bias.to(dtype))
+
+    def forward(self, x_BSD: torch.Tensor, modality_BS: torch.Tensor) -> torch.Tensor:
+        if x_BSD.dim() != 3 or x_BSD.shape[-1] != self.dim:
+            raise ValueError(f"x must be [B, S, D={self.dim}], got shape {tuple(x_BSD.shape)}")
+        check_modalities(modality_BS, tuple(x_BSD.shape[:2]), self.num_modalities)
+        x_TD, modality_T = x_BSD.reshape(-1, self.dim), modality_BS.reshape(-1)
+        num_tokens, device = x_TD.shape[0], x_TD.device
+        dtype = torch.promote_types(x_TD.dtype, torch.float32)
+        expert_choice = self.training or self.inference_routing == "expert_choice"
+        wants_targets = "causal_router" in self.aux_loss_coefs
+
+        ids_TK = torch.full((num_tokens, max(self.experts_per_group)), -1, dtype=torch.long, device=device)
+        weights_TK = x_TD.new_zeros(ids_TK.shape, dtype=dtype)
+        probs_TE = x_TD.new_zeros(num_tokens, self.num_experts, dtype=dtype)
+        logits_TE = x_TD.new_full((num_tokens, self.num_experts), torch.finfo(dtype).min, dtype=dtype)
+        self.last_causal_targets = []
+        for m, router in enumerate(self.routers):  # one pass per modality group, never per expert
+            rows = (modality_T == m).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            size = self.experts_per_group[m]
+            local = torch.arange(size, device=device)
+            logits_TG = F.linear(x_TD[rows].to(dtype), router.weight.to(dtype))
+            chosen_TG = None
+            if expert_choice or wants_targets:
+                routed_m = expert_choice_route(logits_TG, self.capacity(rows.numel(), m))
+                probs_TG, chosen_TG = routed_m.probs_TE, routed_m.ids_TK >= 0
+            else:
+                probs_TG = logits_TG.softmax(-1)
+            aux_TG = None
+            if not expert_choice or wants_targets:
+                aux_TG = self._aux_logits(m, x_TD[rows], dtype)
+            if expert_choice:
+                picked_TG = chosen_TG
+            else:  # sigmoid(logit) > 0.5, else the most probable expert alone
+                picked_TG = aux_TG > 0
+                fallback_TG = F.one_hot(aux_TG.argmax(-1), size).bool() & ~picked_TG.any(-1, keepdim=True)
+                picked_TG = picked_TG | fallback_TG
+            if wants_targets:
+                self.last_causal_targets.append((aux_TG, chosen_TG.detach()))
+            ids_TK[rows, :size] = torch.where(picked_TG, local + self.offsets[m], -1)
+            weights_TK = weights_TK.index_put((rows[:, None], local), probs_TG * picked_TG)
+            columns = local + self.offsets[m]
+            probs_TE = probs_TE.index_put((rows[:, None], columns), probs_TG)
+            logits_TE = logits_TE.index_put((rows[:, None], columns), logits_TG)
+
+        # Each token's experts by descending weight, unused slots last: column 0 is its top expert (expert_map).
+        order_TK = torch.sort(torch.where(ids_TK >= 0, weights_TK.detach(), -1.0), dim=-1, descending=True,
+                              stable=True).indices
+        ids_TK, weights_TK = ids_TK.gather(1, order_TK), weights_TK.gather(1, order_TK)
+        routed = RouterOutput(ids_TK=ids_TK, weights_TK=weights_TK, probs_TE=probs_TE, logits_TE=logits_TE)
+        self.last_modality_T = modality_T
+        self.record_routing(routed, x_BSD.shape[:2])
+        plan = build_plan(ids_TK, self.num_experts)
+        y_TD = expert_mlp(x_TD, weights_TK.to(x_TD.dtype), plan, self.w_in, self.w_out, backend=self.backend)
         return y_TD.view_as(x_BSD)
