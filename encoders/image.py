@@ -64,7 +64,10 @@ class ImageEncoder(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.layer = self._checked_layer(layer)
-        self.input_size = tuple(config["input_size"][1:])
+        # timm's data config gives the pretrained config's size (224 for a ViT made at 64 px): the patch embedding
+        # knows the size the tower was built for.
+        built_for = getattr(getattr(self.tower, "patch_embed", None), "img_size", None)
+        self.input_size = tuple(built_for) if built_for is not None else tuple(config["input_size"][1:])
 
     def _checked_layer(self, layer: int) -> int:
         depth = len(self.tower.blocks) if hasattr(self.tower, "blocks") else None

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from moezoo.zoo.layers import freeze, unfreeze
 
 OUTPUT_TYPES = ("pil", "np", "pt")
+IMAGE_INPUTS = "a PIL image (mode RGB or L), a numpy array [H, W, 3] or [H, W], a torch tensor [3, H, W], or a list of them"
 
 
 class Pipeline:
@@ -141,3 +142,37 @@ def numpy_to_pil(array_BHWC: np.ndarray) -> list[Image.Image]:
 def check_output_type(output_type: str) -> None:
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"unknown output_type {output_type!r}; accepted: {', '.join(OUTPUT_TYPES)}")
+
+
+def image_to_tensor(image) -> torch.Tensor:
+    """One image -> float32 [3, H, W] in [0, 1]; greyscale becomes grey RGB. ValueError for anything else."""
+    if isinstance(image, Image.Image):
+        if image.mode not in ("RGB", "L"):
+            raise ValueError(f"PIL image mode {image.mode!r} is not supported; accepted: RGB, L "
+                             "(convert first, e.g. image.convert('RGB'))")
+        image = np.asarray(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        array = image
+        if array.ndim == 2:
+            array = np.repeat(array[..., None], 3, axis=-1)
+        if array.ndim != 3 or array.shape[-1] != 3:
+            raise ValueError(f"a numpy image must be [H, W, 3] (RGB) or [H, W] (grey), got shape {image.shape}")
+        if array.dtype == np.uint8:
+            array = array.astype(np.float32) / 255.0
+        elif np.issubdtype(array.dtype, np.floating):
+            array = array.astype(np.float32)
+        else:
+            raise ValueError(f"a numpy image must be uint8 (0..255) or float (0..1), got dtype {array.dtype}")
+        tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+    elif isinstance(image, torch.Tensor):
+        if image.dim() != 3 or image.shape[0] != 3 or not image.dtype.is_floating_point:
+            raise ValueError(f"a torch image must be a float tensor [3, H, W] in [0, 1], got {image.dtype} "
+                             f"{tuple(image.shape)}")
+        tensor = image.detach().float().cpu()
+    else:
+        raise ValueError(f"expected {IMAGE_INPUTS}; got {type(image).__name__}")
+    if min(tensor.shape[1:]) < 1:
+        raise ValueError(f"the image is empty: {tuple(tensor.shape[1:])} pixels")
+    if not bool(torch.isfinite(tensor).all()) or tensor.min() < -1e-3 or tensor.max() > 1 + 1e-3:
+        raise ValueError("float images must hold finite values in [0, 1] (uint8 arrays may use 0..255)")
+    return tensor.clamp(0, 1).contiguous()

@@ -19,7 +19,9 @@ The pieces:
 - :func:`moe_from_dense`: a :class:`~moezoo.zoo.layers.moe.MoE` or
   :class:`~moezoo.zoo.layers.dcmoe.DynamicCapacityMoE` holding those experts (routers and shared experts new);
 - :func:`upcycle`: replace the selected dense FFNs of a model in place by what ``make`` returns;
-- :func:`average_state_dicts`: the mean of several models' weights (UniMoE-Audio averages attention and norms).
+- :func:`average_state_dicts`: the mean of several models' weights (UniMoE-Audio averages attention and norms);
+- :func:`widen`: a dense gated FFN ``factor`` times wider with the same output (new hidden units whose output
+  weights start at zero): the dense baseline at a routed model's active width, from the same start.
 
 UniMoE-Audio's stage 2 from dense protos of one architecture (their FFNs at ``blocks.<i>.mlp``)::
 
@@ -194,6 +196,30 @@ def average_state_dicts(state_dicts: Sequence[Mapping[str, torch.Tensor]]) -> di
             raise ValueError(f"{key!r} is a {first.dtype} tensor that differs across the state dicts; "
                              "only floating tensors can be averaged")
     return averaged
+
+
+def widen(ffn: GatedMLP, factor: int) -> GatedMLP:
+    """A copy of ``ffn`` with ``factor`` times its hidden width computing the same function: its hidden units
+    first, then new ones initialised like an nn.Linear whose output columns start at zero. (Repeating the old
+    units instead would also keep the output, but each copy would get the same gradient forever and the wider
+    model would stay the narrow one.) The new units' output columns learn from the first step, their input rows
+    from the second."""
+    if not isinstance(ffn, GatedMLP):
+        raise TypeError(f"widen takes a GatedMLP, got {type(ffn).__name__}")
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+        raise ValueError(f"factor must be an integer >= 1, got {factor!r}")
+    if any(layer is not None and layer.bias is not None for layer in (ffn.gate_proj, ffn.up_proj, ffn.down_proj)):
+        raise ValueError("widen takes a bias-free GatedMLP")
+    hidden = ffn.up_proj.out_features
+    wide = GatedMLP(ffn.up_proj.in_features, factor * hidden, ffn.activation, ffn.gated)
+    wide = wide.to(device=ffn.up_proj.weight.device, dtype=ffn.up_proj.weight.dtype)
+    with torch.no_grad():
+        for narrow_layer, wide_layer in ((ffn.gate_proj, wide.gate_proj), (ffn.up_proj, wide.up_proj)):
+            if narrow_layer is not None:
+                wide_layer.weight[:hidden].copy_(narrow_layer.weight)
+        wide.down_proj.weight.zero_()
+        wide.down_proj.weight[:, :hidden].copy_(ffn.down_proj.weight)
+    return wide
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -38,3 +38,31 @@ def test_your_folder_is_split_by_seed(tmp_path):
     assert sorted(train + val) == sorted(f"question {i}?" for i in range(10))
     with pytest.raises(ValueError, match="val_fraction"):
         ImageTextFolderDataModule(str(tmp_path), val_fraction=1.0)
+
+
+def test_sound_questions_answer_what_is_heard():
+    from moezoo.training.audio_metrics import cents_error, median_f0
+    from moezoo.training.datamodules.scenes import ScenesSoundsQADataModule
+    from moezoo.training.datasets.audio import midi_to_hz, note_midi, espeak_unavailable_reason
+
+    if espeak_unavailable_reason():
+        pytest.skip(espeak_unavailable_reason())
+    module = ScenesSoundsQADataModule(num_train=8, num_val=4, num_test=4, batch_size=4, sound_batch_size=6,
+                                      note_renditions=1, num_test_sounds=6, cache=False)
+    module.setup("fit")
+    sounds = module.sound_train
+    kinds = {sounds[i]["kind"] for i in range(len(sounds))}
+    assert kinds == {"word", "note"}
+    notes = [sounds[i] for i in range(len(sounds)) if sounds[i]["kind"] == "note"]
+    assert len(notes) == 24 * 4  # every note in every timbre, one rendition
+    for item in notes[::7]:  # the pitch heard (YIN) is the note named, within 50 cents
+        assert item["prompt"] == "which note is this?"
+        assert abs(cents_error(median_f0(item["audio"].numpy()), midi_to_hz(note_midi(item["answer"])))) < 50
+    words = [sounds[i] for i in range(0, len(sounds), 97) if sounds[i]["kind"] == "word"]
+    assert all(item["caption"] == f"the word {item['answer']}" and item["prompt"] == "which word is this?"
+               for item in words)
+    batch = next(iter(module.train_dataloader()["sound"]))
+    assert batch["audio"].shape[0] == 6 and len(batch["answer"]) == 6
+    loaders = module.test_dataloader()
+    assert len(loaders) == 3  # test scenes, held-out pairs, then sounds of unseen speakers and renditions
+    assert len(loaders[2].dataset) == 12

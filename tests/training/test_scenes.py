@@ -137,3 +137,25 @@ def test_qa_dataset_items_are_reproducible_balanced_and_read_right():
         SceneQADataset(kinds=["colour", "size"])
     with pytest.raises(IndexError):
         data[12]
+
+
+def test_caption_f1_by_hand():
+    from moezoo.training.datasets.scenes import caption_f1, caption_pairs
+
+    assert caption_pairs("a red circle, an orange square and a gray triangle") == [
+        ("red", "circle"), ("orange", "square"), ("gray", "triangle")]
+    assert caption_f1("a red circle and a blue square", "a red circle and a blue square") == 1.0
+    # 1 of 2 predicted pairs right, 1 of 3 true pairs found: P 1/2, R 1/3, F1 = 2PR/(P+R) = 0.4
+    assert caption_f1("a red circle and a blue circle", "a red circle, a blue square and a gray triangle") == \
+        pytest.approx(0.4)
+    assert caption_f1("nothing here", "a red circle") == 0.0
+    assert caption_f1("", "") == 1.0
+
+
+def test_items_carry_their_scene_caption():
+    from moezoo.training.datasets.scenes import SceneQADataset, scene_caption
+
+    data = SceneQADataset("val", 6)
+    for i in range(6):
+        objects, _ = data.scene(i)
+        assert data[i]["caption"] == scene_caption(objects)

@@ -236,3 +236,24 @@ def test_unimoe_audio_stage_two_from_two_dense_protos():
                 dense = proto.blocks[i]["mlp"](x[t])
                 torch.testing.assert_close(sum(experts_on_token(w, x[t], experts)), dense, **TOL)
     assert merged(inputs(2, 3, DIM)).shape == (2, 3, DIM)
+
+
+def test_widen_keeps_the_output_and_the_new_units_learn():
+    from moezoo.zoo.upcycle import widen
+
+    narrow = randomise(GatedMLP(DIM, HIDDEN), seed=3)
+    wide = widen(narrow, 3)
+    assert wide.up_proj.out_features == 3 * HIDDEN
+    x = inputs(5, DIM)
+    # by formula: down(silu(gate x) * up x) over the old units only, since the new units' output columns are 0
+    h = torch.nn.functional.silu(x @ narrow.gate_proj.weight.T) * (x @ narrow.up_proj.weight.T)
+    torch.testing.assert_close(wide(x), h @ narrow.down_proj.weight.T, **TOL)
+    assert torch.equal(wide.down_proj.weight[:, HIDDEN:], torch.zeros(DIM, 2 * HIDDEN))
+    wide(x).square().sum().backward()
+    assert wide.down_proj.weight.grad[:, HIDDEN:].abs().sum() > 0  # not stuck: the new units get gradient
+    new_rows = wide.up_proj.weight[HIDDEN:]
+    assert not torch.equal(new_rows[:HIDDEN], narrow.up_proj.weight)  # fresh, not copies of the old units
+    with pytest.raises(ValueError, match="factor"):
+        widen(narrow, 0)
+    with pytest.raises(TypeError, match="GatedMLP"):
+        widen(nn.Linear(2, 2), 2)

@@ -32,14 +32,13 @@ from ..datasets.audio import (
     TIMBRES,
     WORDS,
     AudioFolderDataset,
-    MemoryCachedDataset,
     MusicDataset,
     SpeechDataset,
     collate_audio_batch,
     scan_audio_folder,
     speech_items,
 )
-from .base import SplitDataModule, check_val_fraction, split_indices, split_items
+from .base import MemoryCachedDataset, SplitDataModule, check_val_fraction, split_indices, split_items
 
 __all__ = ["SpeechDataModule", "MusicDataModule", "MixedAudioDataModule", "AudioFolderDataModule"]
 

@@ -9,13 +9,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
+from ..datasets.audio import TIMBRES, MusicDataset, SoundQADataset, SpeechDataset, speech_items
 from ..datasets.images import ImageTextFolderDataset, QASample
 from ..datasets.scenes import ANSWER_KINDS, SceneQADataset
-from .base import SplitDataModule, check_sample_counts, check_val_fraction, split_indices
+from .base import MemoryCachedDataset, SplitDataModule, check_sample_counts, check_val_fraction, split_indices, split_items
 
-__all__ = ["ScenesQADataModule", "ImageTextFolderDataModule", "collate_qa_batch"]
+__all__ = ["ScenesQADataModule", "ScenesSoundsQADataModule", "ImageTextFolderDataModule", "collate_qa_batch",
+           "collate_sound_qa_batch"]
 
 
 def collate_qa_batch(samples: Sequence[QASample]) -> dict:
@@ -24,6 +26,7 @@ def collate_qa_batch(samples: Sequence[QASample]) -> dict:
         "prompt": [s["prompt"] for s in samples],
         "answer": [s["answer"] for s in samples],
         "kind": [s["kind"] for s in samples],
+        "caption": [s.get("caption", "") for s in samples],
     }
 
 
@@ -36,25 +39,31 @@ class ScenesQADataModule(SplitDataModule):
         num_train, num_val, num_test: scenes per split (the held-out split has ``num_test`` too).
         image_size: side in pixels. kinds: question kinds asked (default: all, captions included).
         batch_size, num_workers, seed: loaders; ``seed`` also picks the family of scenes.
+        cache: keep the scenes made in memory for the next epochs (with ``num_workers=0``; each worker would
+            keep its own).
     """
 
     collate_fn = staticmethod(collate_qa_batch)
 
     def __init__(self, num_train: int = 20000, num_val: int = 500, num_test: int = 1000, image_size: int = 64,
-                 kinds: Sequence[str] = ANSWER_KINDS, batch_size: int = 64, num_workers: int = 0, seed: int = 0) -> None:
+                 kinds: Sequence[str] = ANSWER_KINDS, batch_size: int = 64, num_workers: int = 0, seed: int = 0,
+                 cache: bool = False) -> None:
         check_sample_counts(num_train, num_val)
         if num_test < 0:
             raise ValueError(f"num_test must be >= 0, got {num_test}")
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
         self.save_hyperparameters()
         self.num_train, self.num_val, self.num_test = num_train, num_val, num_test
-        self.image_size, self.kinds = image_size, tuple(kinds)
+        self.image_size, self.kinds, self.cache = image_size, tuple(kinds), cache
 
     def _split(self, split: str, count: int) -> SceneQADataset:
         return SceneQADataset(split, count, seed=self.seed, image_size=self.image_size, kinds=self.kinds)
 
     def make_splits(self) -> tuple[Dataset, Dataset | None]:
-        return self._split("train", self.num_train), (self._split("val", self.num_val) if self.num_val else None)
+        train, val = self._split("train", self.num_train), (self._split("val", self.num_val) if self.num_val else None)
+        if self.cache:
+            return MemoryCachedDataset(train), (None if val is None else MemoryCachedDataset(val))
+        return train, val
 
     def test_dataloader(self) -> list[DataLoader]:
         """Two loaders: the ``"test"`` split, then ``"held_out"`` (unseen colour-shape pairs)."""
@@ -78,3 +87,77 @@ class ImageTextFolderDataModule(SplitDataModule):
         data = ImageTextFolderDataset(self.root, self.questions, self.image_size)
         train_ids, val_ids = split_indices(len(data), self.val_fraction, self.seed)
         return Subset(data, train_ids), (Subset(data, val_ids) if val_ids else None)
+
+
+def collate_sound_qa_batch(samples: Sequence[dict]) -> dict:
+    return {
+        "audio": torch.stack([s["audio"] for s in samples]),
+        **{key: [s[key] for s in samples] for key in ("prompt", "answer", "kind", "caption")},
+    }
+
+
+class ScenesSoundsQADataModule(ScenesQADataModule):
+    """Questions about scenes and about sounds, for the multimodal LM: every training batch is a dict
+    ``{"image": scene batch, "sound": sound batch}`` (Lightning's CombinedLoader, the shorter cycled), so each
+    step sees both; validation and test give the scene loader(s) first, then the sound loader.
+
+    Sounds (:class:`~moezoo.training.datasets.audio.SoundQADataset`): "which word is this?" on eSpeak NG's
+    ``"generator"`` speakers (10% held out for validation) and "which note is this?" on notes MIDI 48-71 in four
+    timbres (renditions ``0 .. note_renditions - 1``; validation the next 2), as many of each. Test: the
+    ``"judge"`` speakers (voices and rates never trained on) and later note renditions, ``num_test_sounds`` of
+    each.
+
+    Args (beyond :class:`ScenesQADataModule`'s): sound_batch_size; note_renditions; num_test_sounds;
+        describe_sounds: ask "describe the sound." instead (connector alignment); sounds: False leaves them out.
+    """
+
+    def __init__(self, num_train: int = 20000, num_val: int = 500, num_test: int = 1000, image_size: int = 64,
+                 kinds: Sequence[str] = ANSWER_KINDS, batch_size: int = 32, num_workers: int = 0, seed: int = 0,
+                 cache: bool = True, sounds: bool = True, sound_batch_size: int = 8, note_renditions: int = 27,
+                 num_test_sounds: int = 480, describe_sounds: bool = False) -> None:
+        super().__init__(num_train, num_val, num_test, image_size, kinds, batch_size, num_workers, seed, cache)
+        if sound_batch_size < 1 or note_renditions < 1 or num_test_sounds < 0:
+            raise ValueError("sound_batch_size and note_renditions must be >= 1, num_test_sounds >= 0")
+        self.sounds, self.sound_batch_size, self.note_renditions = sounds, sound_batch_size, note_renditions
+        self.num_test_sounds, self.describe_sounds = num_test_sounds, describe_sounds
+        self.sound_train = self.sound_val = None
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        if self.sounds and self.sound_train is None:
+            speech_train, speech_val = split_items(speech_items("generator", self.seed), 0.1, self.seed)
+            notes = dict(timbres=TIMBRES, kinds=("note",))
+            self.sound_train = self._sounds(SpeechDataset(speech_train), MusicDataset(self.note_renditions, self.seed, **notes))
+            self.sound_val = self._sounds(SpeechDataset(speech_val[:96]),
+                                          MusicDataset(1, self.seed, first_rendition=self.note_renditions, **notes))
+
+    def _sounds(self, speech: Dataset, music: Dataset) -> Dataset:
+        data = ConcatDataset([SoundQADataset(speech, self.describe_sounds), SoundQADataset(music, self.describe_sounds)])
+        return MemoryCachedDataset(data) if self.cache else data
+
+    def _sound_loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.sound_batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          generator=self._shuffle_generator if shuffle else None, collate_fn=collate_sound_qa_batch)
+
+    def train_dataloader(self):
+        scenes = super().train_dataloader()
+        return {"image": scenes, "sound": self._sound_loader(self.sound_train, True)} if self.sounds else scenes
+
+    def val_dataloader(self):
+        scenes = super().val_dataloader()
+        return [scenes, self._sound_loader(self.sound_val, False)] if self.sounds else scenes
+
+    def test_dataloader(self) -> list[DataLoader]:
+        """The scene test loaders (test, held-out pairs), then unseen speakers' words and later notes' renditions."""
+        loaders = super().test_dataloader()
+        if self.sounds:
+            count = self.num_test_sounds
+            judge = speech_items("judge", self.seed + 1)
+            pick = torch.randperm(len(judge), generator=torch.Generator().manual_seed(self.seed))[:count].tolist()
+            renditions = -(-count // (24 * len(TIMBRES)))
+            music = MusicDataset(renditions, self.seed, first_rendition=self.note_renditions + 10, timbres=TIMBRES,
+                                 kinds=("note",))
+            test = ConcatDataset([SoundQADataset(SpeechDataset([judge[i] for i in sorted(pick)])),
+                                  SoundQADataset(Subset(music, range(min(count, len(music)))))])
+            loaders.append(self._sound_loader(test, False))
+        return loaders

@@ -81,6 +81,9 @@ __all__ = [
     "ESPEAK_VOICES",
     "ESPEAK_VARIANTS",
     "SPEECH_SPLITS",
+    "SoundQADataset",
+    "SOUND_QUESTIONS",
+    "DESCRIBE_SOUND",
     "SPEECH_RATES",
     "PITCH_RANGE",
     "espeak_unavailable_reason",
@@ -112,7 +115,6 @@ __all__ = [
     "fit_length",
     "scan_audio_folder",
     "AudioFolderDataset",
-    "MemoryCachedDataset",
 ]
 
 # ----------------------------------------------------------------------------------------------------------
@@ -732,20 +734,36 @@ class AudioFolderDataset(Dataset):
                 "domain": self.domain, "label": -1}
 
 
-class MemoryCachedDataset(Dataset):
-    """The items of ``dataset``, each kept in memory after its first read: for the generated datasets here,
-    which give the same item for the same index, it only saves the synthesis time (a clip is 64 KB, so the
-    default mixed training set of 5184 clips holds 340 MB). With DataLoader workers each worker keeps its own
-    copy."""
+# ----------------------------------------------------------------------------------------------------------
+# Questions about sounds (the multimodal LM's third modality)
+# ----------------------------------------------------------------------------------------------------------
 
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-        self._items: dict[int, AudioSample] = {}
+SOUND_QUESTIONS = {"speech": ("word", "which word is this?"), "music": ("note", "which note is this?")}
+DESCRIBE_SOUND = "describe the sound."
+
+
+class SoundQADataset(Dataset):
+    """Spoken words and single notes as questions: item ``i`` of ``clips`` (a :class:`SpeechDataset` or a
+    :class:`MusicDataset` of notes) with "which word is this?" -> ``"seven"`` or "which note is this?" ->
+    ``"c#4"`` (kinds ``"word"`` / ``"note"``); with ``describe``, "describe the sound." -> its caption in lower
+    case (``"a square c#4 note"``, kind ``"sound caption"``). Items: ``audio``, ``prompt``, ``answer``, ``kind``
+    and ``caption`` (the caption, for text-only training)."""
+
+    def __init__(self, clips: Dataset, describe: bool = False) -> None:
+        if isinstance(clips, MusicDataset) and any(music_sounds()[i].kind != "note" for i in clips.sound_ids):
+            raise ValueError("sound questions ask for single notes: build the MusicDataset with kinds=('note',)")
+        self.clips, self.describe = clips, describe
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.clips)
 
-    def __getitem__(self, i: int) -> AudioSample:
-        if i not in self._items:
-            self._items[i] = self.dataset[i]
-        return self._items[i]
+    def __getitem__(self, i: int) -> dict:
+        clip = self.clips[i]
+        caption = clip["caption"].lower()
+        if clip["domain"] not in SOUND_QUESTIONS:
+            raise ValueError(f"clip {i} has domain {clip['domain']!r}; sound questions know {list(SOUND_QUESTIONS)}")
+        kind, prompt = SOUND_QUESTIONS[clip["domain"]]
+        answer = WORDS[clip["label"]] if kind == "word" else note_name(music_sounds()[clip["label"]].midi[0]).lower()
+        if self.describe:
+            kind, prompt, answer = "sound caption", DESCRIBE_SOUND, caption
+        return {"audio": clip["audio"], "prompt": prompt, "answer": answer, "kind": kind, "caption": caption}

@@ -487,6 +487,7 @@ class QASample(TypedDict):
     prompt: str  # the question (or a request such as "describe the picture.")
     answer: str  # the expected answer
     kind: str  # the question's type when known ("colour", "count", ...), else ""
+    caption: str  # a description of the whole picture when known (the scenes'), else ""
 
 
 def read_qa_lines(path: Path, root: Path) -> list[tuple[Path, str, str, str]]:
@@ -545,4 +546,4 @@ class ImageTextFolderDataset(Dataset):
     def __getitem__(self, j: int) -> QASample:
         path, question, answer, kind = self.items[j]
         image = _pil_to_tensor(_load_image(path, self.image_size, "RGB"))
-        return QASample(image=image, prompt=question, answer=answer, kind=kind)
+        return QASample(image=image, prompt=question, answer=answer, kind=kind, caption="")
