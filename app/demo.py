@@ -24,6 +24,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
+import html
 import logging
 import math
 import os
@@ -49,6 +50,7 @@ from moezoo.encoders.audio import F_MAX, denormalize_log_mel
 from moezoo.pipelines import AudioPipeline, DiTMoEPipeline, DiTMoEVideoPipeline, export_to_video, export_to_wav
 from moezoo.pipelines.deweather import DeweatherPipeline
 from moezoo.pipelines.fusion import FusionPipeline
+from moezoo.pipelines.visual_qa import VisualQAPipeline
 from moezoo.training.datasets.audio import caption_words, parse_audio_caption
 from moezoo.zoo.layers import routed_blocks
 
@@ -56,13 +58,15 @@ from .pictures import (
     DYNAMIC_RANGE_DB,
     expert_labels,
     expert_shares,
+    expert_colors,
     load_chart,
     mean_experts_chart,
+    modality_share_chart,
     routing_map_picture,
     spectrogram_with_experts,
 )
 
-__all__ = ["Tab", "TABS", "TabApp", "ClassToImage", "TextToImage", "TextToVideo", "Restore", "Fuse", "TextToAudio",
+__all__ = ["Tab", "TABS", "TabApp", "ClassToImage", "TextToImage", "TextToVideo", "Restore", "Fuse", "TextToAudio", "SceneQA",
            "Layer", "build_demo", "launch_demo", "load_bundled"]
 
 _logger = logging.getLogger(__name__)
@@ -753,6 +757,101 @@ class TextToAudio(TabApp):
                 f"{self.default_temperature:g}, top-k {self.default_top_k}; computed once for this app{when}.")
 
 
+class SceneQA(TabApp):
+    """Questions about a picture with the multimodal LM: pick a generated scene (by number: test scenes, never
+    trained on) or upload a picture, ask, read the answer. Beside it, for the chosen routed layer, the picture
+    with the expert each image token went to, the question's words coloured by their experts, and which share of
+    each modality's tokens went to which expert group (intra-modality vs shared)."""
+
+    pipeline_class = VisualQAPipeline
+    button_label = "Ask"
+    picture_label = "Which expert each image token went to"
+    chart_label = "Expert load per modality"
+    max_scene: ClassVar[int] = 9999
+
+    def input_components(self):
+        example = self.tab.examples[0] if self.tab.examples else (0, "what shape is the red object?")
+        return [gr.Number(value=example[0], precision=0, minimum=0, maximum=self.max_scene,
+                          label="Generated scene (number)", info="a test scene the model never trained on"),
+                image_input(label="Or upload a picture", height=160),
+                gr.Textbox(value=example[1], label="Question", max_lines=2,
+                           info="e.g. what colour is the leftmost object? / how many circles are there? / "
+                                "describe the picture.")]
+
+    def output_component(self):
+        return gr.Textbox(label="Answer", interactive=False, lines=2)
+
+    def examples(self, folder):
+        return [[scene, None, question, self.default_layer] for scene, question in self.tab.examples]
+
+    def visible_example_columns(self):
+        return [0, 2]
+
+    def run(self, scene, upload, question, layer=None, progress=gr.Progress(track_tqdm=True)):
+        return self._run((scene, upload, question), layer)
+
+    def prepare(self, scene, upload, question):
+        question = checked_prompt(question, "what shape is the red object?", ask="ask a question about the picture")
+        notes = []
+        if upload:
+            image = open_upload(upload, "Picture")
+            notes.append(f"Your picture ({image.width}x{image.height}) is read at the model's "
+                         f"{self.pipe.model.image_size[1]}x{self.pipe.model.image_size[0]} pixels.")
+            return (image, question), notes
+        if not _is_whole_in(scene, 0, self.max_scene):
+            raise gr.Error(f"Scene must be a whole number from 0 to {self.max_scene}, got {scene!r}.")
+        return (generated_scene(int(scene), self.pipe.model.image_size[0]), question), notes
+
+    def compute(self, image, question):
+        out = self.pipe(images=image, prompt=question, return_routing=True)
+        layers = [i for i, block in enumerate(self.pipe.model.blocks) if out.routing[i][0] is not None]
+        maps = [out.image_experts(i) for i in layers] if out.image_grid else []
+        vocab = self.pipe.model.vocab
+        names = [*vocab.words, "<unk>", *vocab.specials]
+        ids = vocab.encode(question)
+        text_rows = np.flatnonzero(out.modality[0] == 0)  # <bos>, the prompt, <sep>, then the answer as fed back
+        fed = ([names[i] for i in ids] + ["<sep>"] + [names[i] for i in out.token_ids[0]])
+        base = {"tokens": list(zip(fed, text_rows[1:])), "routing": [out.routing[i][0] for i in layers],
+                "shares": [out.modality_shares(i) for i in layers], "image": image}
+        return Result(out.text[0], maps, base)
+
+    def routing_panel(self, result: Result, layer: int | None, notes: Sequence[str] = ()) -> tuple:
+        """(the picture with each image token's expert, load per modality chart, the words coloured by expert and
+        the expert-group shares per modality)."""
+        if layer is None or not result.maps:
+            return super().routing_panel(result, layer, notes)
+        self._check_maps(result)
+        info, map_, base = self.layers[layer], result.maps[layer], result.base
+        labels = list(info.labels) or expert_labels(info.num_experts, info.num_special)
+        picture = routing_map_picture(map_, info.num_experts, base["image"], labels, info.num_special,
+                                      title=f"Layer {layer}: the first-choice expert of each of the {map_.size} image tokens")
+        shares = base["shares"][layer]
+        groups = sorted({g for per in shares.values() for g in per})
+        chart = modality_share_chart(shares, groups, title=f"Layer {layer}: share of each modality's routed slots")
+        colours = expert_colors(info.num_experts + info.num_special, info.num_experts)
+        experts = base["routing"][layer]
+        words = []
+        for word, row in base["tokens"]:  # text rows: <bos>, the prompt's words, <sep>, the answer's fed words
+            first = int(experts[row, 0])
+            if first < 0:
+                continue
+            r, g, b = (int(c) for c in colours[first])
+            words.append(f'<span style="background: rgb({r},{g},{b}); padding: 0 3px; border-radius: 3px" '
+                         f'title="{labels[first]}">{html.escape(word)}</span>')
+        share_text = "; ".join(f"{m}: " + ", ".join(f"{g} {v:.0%}" for g, v in per.items()) for m, per in shares.items())
+        text = (f"**Layer {layer}** (`{info.name}`). The question's words by first-choice expert: {' '.join(words)}"
+                f"\n\nShare of routed slots per expert group, by modality: {share_text}."
+                f"\n\nAnswered in {result.seconds:.2f} s on {self.pipe.device.type.upper()}.")
+        return picture, chart, "\n\n".join([*(f"*{note}*" for note in notes), text])
+
+
+def generated_scene(number: int, size: int) -> Image.Image:
+    """Scene ``number`` of the ``"test"`` split (the split no model trains on), as a PIL image."""
+    from moezoo.training.datasets.scenes import render_scene, sample_scene, scene_rng
+
+    return Image.fromarray(render_scene(sample_scene(scene_rng("test", 0, number), "test"), size))
+
+
 def image_input(**options) -> gr.Image:
     """An image upload whose decoding failures are readable errors. Gradio opens an upload with PIL before our
     function runs, so a file that is not an image would otherwise fail with a bare "Error". The instance's
@@ -885,6 +984,17 @@ TABS: list[Tab] = [
         examples=[("the word seven", 0), ("a plucked C4 note", 1), ("a C major chord on a square wave", 2),
                   ("the word yes", 3)],
         guidance=AudioPipeline.DEFAULT_GUIDANCE, unit="audio frames"),
+    Tab("Scenes: picture → answer", "moe_vlm_tiny", SceneQA, "scene_qa",
+        "A small **multimodal MoE language model** answers questions about a scene: *what shape is the [colour] "
+        "object?*, *what colour is the [leftmost|rightmost|topmost|bottommost] object?*, *how many "
+        "[circles|squares|triangles|objects] are there?*, *what shape is the object [closest to|furthest from] the "
+        "[colour] object?*, *is the [colour] object left of the [colour] object?*, *is there a [colour] [shape]?*, "
+        "or *describe the picture.* Beside the answer: the expert each image token went to in the chosen layer, "
+        "the question's words coloured by their experts, and how each modality's tokens split between its own "
+        "experts and the shared ones.",
+        examples=[(0, "what shape is the red object?"), (1, "how many circles are there?"),
+                  (2, "describe the picture."), (3, "what colour is the leftmost object?")],
+        unit="tokens"),
 ]
 
 

@@ -475,3 +475,55 @@ def mean_experts_chart(
                   fill=TEXT if layer == highlight else MUTED, font=small)
     draw.line([(left, axis_y), (width - right, axis_y)], fill=TEXT)
     return chart
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Multimodal LM: where each modality's tokens went
+# ----------------------------------------------------------------------------------------------------------
+
+
+def modality_share_chart(shares: dict[str, dict[str, float]], groups: Sequence[str], title: str = "",
+                         size: tuple[int, int] = (420, 200)) -> Image.Image:
+    """One stacked horizontal bar per modality (``shares[modality][group]``, each row summing to 1): the share of
+    that modality's routed slots that went to each expert group (e.g. "m1 intra", "shared"), one colour per
+    group with its % written on the segment, and a legend of the groups under the bars."""
+    if not shares:
+        raise ValueError("shares is empty: no modality has routed tokens")
+    for modality, per_group in shares.items():
+        values = np.array(list(per_group.values()), dtype=np.float64)
+        if not np.isfinite(values).all() or values.min(initial=0) < 0 or abs(values.sum() - 1) > 1e-6:
+            raise ValueError(f"the shares of {modality!r} must be >= 0 and sum to 1, got {per_group}")
+    groups = list(groups)
+    colors = expert_colors(len(groups))
+    width, height = size
+    chart = Image.new("RGB", size, BACKGROUND)
+    draw = ImageDraw.Draw(chart)
+    small, font = _font(11), _font(13)
+    left, right, top = 56, 10, 26 if title else 8
+    if title:
+        draw.text((8, 5), title, fill=TEXT, font=font)
+    legend_h = 18 * math.ceil(len(groups) / 3)
+    row_h = min(34, (height - top - legend_h - 8) // len(shares))
+    plot_w = width - left - right
+    for r, (modality, per_group) in enumerate(shares.items()):
+        y0 = top + r * row_h + 4
+        draw.text((6, y0 + row_h / 2 - 9), modality, fill=TEXT, font=small)
+        x = float(left)
+        for g, group in enumerate(groups):
+            share = per_group.get(group, 0.0)
+            if share <= 0:
+                continue
+            x1 = x + share * plot_w
+            draw.rectangle([round(x), y0, max(round(x), round(x1) - 1), y0 + row_h - 8], fill=tuple(int(c) for c in colors[g]))
+            label = f"{share * 100:.0f}%"
+            if x1 - x > small.getlength(label) + 4:
+                draw.text((x + (x1 - x) / 2 - small.getlength(label) / 2, y0 + (row_h - 8) / 2 - 7), label,
+                          fill=BACKGROUND, font=small)
+            x = x1
+    legend_y = height - legend_h
+    for g, group in enumerate(groups):
+        lx = 8 + (g % 3) * (width - 16) / 3
+        ly = legend_y + 18 * (g // 3)
+        draw.rectangle([lx, ly + 3, lx + 10, ly + 13], fill=tuple(int(c) for c in colors[g]))
+        draw.text((lx + 14, ly + 1), group, fill=TEXT, font=small)
+    return chart

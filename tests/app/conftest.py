@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import randomise
 
-from moezoo.pipelines import AudioPipeline, DiTMoEPipeline, DiTMoEVideoPipeline
+from moezoo.pipelines import AudioPipeline, DiTMoEPipeline, DiTMoEVideoPipeline, VisualQAPipeline
 from moezoo.pipelines.deweather import DeweatherPipeline
 from moezoo.pipelines.fusion import FusionPipeline
 from moezoo.training.datasets.audio import caption_vocabulary
@@ -46,6 +46,7 @@ def make_tiny_pipelines() -> dict:
         "mofme_weather": DeweatherPipeline(randomise(create_model("test_mofme"), seed=3)),
         "moe_fusion_irvis": FusionPipeline(randomise(create_model("test_moe_fusion"), seed=4)),
         "unimoe_audio_tiny": tiny_audio_pipeline(),
+        "moe_vlm_tiny": VisualQAPipeline(randomise(create_model("test_moe_vlm", ffn="moiie"), seed=6)),
     }
     for pipe in pipes.values():
         pipe.set_progress_bar_config(disable=True)

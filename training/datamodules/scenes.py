@@ -128,8 +128,10 @@ class ScenesSoundsQADataModule(ScenesQADataModule):
             speech_train, speech_val = split_items(speech_items("generator", self.seed), 0.1, self.seed)
             notes = dict(timbres=TIMBRES, kinds=("note",))
             self.sound_train = self._sounds(SpeechDataset(speech_train), MusicDataset(self.note_renditions, self.seed, **notes))
-            self.sound_val = self._sounds(SpeechDataset(speech_val[:96]),
-                                          MusicDataset(1, self.seed, first_rendition=self.note_renditions, **notes))
+            val = self._sounds(SpeechDataset(speech_val[:96]),
+                               MusicDataset(1, self.seed, first_rendition=self.note_renditions, **notes))
+            # words and notes alternate, so the first validation batches (answered greedily) have both kinds
+            self.sound_val = Subset(val, [i for pair in zip(range(96), range(96, 192)) for i in pair])
 
     def _sounds(self, speech: Dataset, music: Dataset) -> Dataset:
         data = ConcatDataset([SoundQADataset(speech, self.describe_sounds), SoundQADataset(music, self.describe_sounds)])

@@ -95,7 +95,7 @@ class MoEVLMConfig:
     """
 
     vocabulary: tuple[str, ...]
-    max_prompt_tokens: int = 12
+    max_prompt_tokens: int = 32
     max_answer_tokens: int = 24
     image_encoder: str | None = TINY_IMAGE_MODEL
     image_encoder_args: dict = field(default_factory=dict)
@@ -611,7 +611,7 @@ def _create(base: MoEVLMConfig, **kwargs) -> MoEVLM:
     return MoEVLM(replace(base, **kwargs))
 
 
-_TINY = MoEVLMConfig(vocabulary=VOCABULARY, max_prompt_tokens=32)
+_TINY = MoEVLMConfig(vocabulary=VOCABULARY)
 _TEST = MoEVLMConfig(vocabulary=VOCABULARY, image_encoder_args=dict(embed_dim=32, depth=1, num_heads=2),
                      audio_dim=16, audio_depth=1, dim=32, depth=2, num_heads=2, ffn_hidden=32, expert_hidden=32,
                      max_answer_tokens=20)

@@ -1,0 +1,94 @@
+"""The multimodal LM's training (training/vqa.py): the encoders' pretraining targets against the scenes
+themselves, the staged VQAModule end to end on a tiny model (text only -> connectors only -> dense -> upcycled
+MoE, each an export the next loads), the frozen parts unchanged, and the scores."""
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from moezoo.pipelines import VisualQAPipeline
+from moezoo.training.datamodules.scenes import ScenesSoundsQADataModule
+from moezoo.training.datasets.audio import espeak_unavailable_reason
+from moezoo.training.datasets.scenes import SceneQADataset
+from moezoo.training.vqa import PAIRS, EncoderPretrainModule, VQAModule, answer_score
+from moezoo.zoo.layers.modality import ModalityGroupMoE
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+TINY = dict(model="test_moe_vlm", architecture="test_moe_vlm", warmup_steps=1, decay_steps=4, eval_batches=1,
+            log_expert_load_every=1)
+
+
+def data(**overrides):
+    if espeak_unavailable_reason():
+        pytest.skip(espeak_unavailable_reason())
+    return ScenesSoundsQADataModule(**{**dict(num_train=16, num_val=8, num_test=4, batch_size=4, sound_batch_size=2,
+                                              note_renditions=1, num_test_sounds=4, cache=False), **overrides})
+
+
+def fit(module, datamodule, tmp_path, steps=2):
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1,
+                         num_sanity_val_steps=0, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=datamodule)
+    return module
+
+
+def test_encoder_targets_are_the_scenes_pairs_and_patch_colours():
+    module = EncoderPretrainModule(image_encoder_args=dict(embed_dim=32, depth=1, num_heads=2), audio_depth=0)
+    scenes = SceneQADataset("train", 3, kinds=["caption"])
+    items = [scenes[i] for i in range(3)]
+    part = {"image": torch.stack([i["image"] for i in items]), "caption": [i["caption"] for i in items]}
+    captured = {}
+    real_bce = torch.nn.functional.binary_cross_entropy_with_logits
+
+    def spy(logits, targets):
+        captured["targets"] = targets
+        return real_bce(logits, targets)
+
+    torch.nn.functional.binary_cross_entropy_with_logits = spy
+    try:
+        module._image_losses(part)
+    finally:
+        torch.nn.functional.binary_cross_entropy_with_logits = real_bce
+    for row in range(3):  # the pairs present, from the scene's objects, not from its caption
+        objects, _ = scenes.scene(row)
+        expected = torch.zeros(len(PAIRS))
+        for o in objects:
+            expected[PAIRS.index((o.colour, o.shape))] = 1
+        assert torch.equal(captured["targets"][row], expected)
+
+
+def test_answer_scores():
+    assert answer_score("count", "three", "three") == 1.0
+    assert answer_score("count", "three two", "three") == 0.0
+    assert answer_score("caption", "a red circle and a blue square", "a red circle and a green square") == 0.5
+
+
+def test_the_stages_end_in_a_model_the_pipeline_answers(tmp_path):
+    pl.seed_everything(0)
+    text = fit(VQAModule(**TINY, text_only=True), data(), tmp_path)
+    text_dir = text.export(tmp_path / "text")
+
+    align = VQAModule(**{**TINY, "model": f"local-dir:{text_dir}"},
+                      trainable=["image_connector.*", "audio_connector.*"])
+    frozen = {n: p.detach().clone() for n, p in align.model.named_parameters() if not p.requires_grad}
+    assert frozen and all(n.startswith(("image_encoder", "audio_encoder", "blocks", "embed", "pos_embed", "norm",
+                                        "head")) for n in frozen)
+    fit(align, data(kinds=["caption"], describe_sounds=True), tmp_path)
+    for name, parameter in align.model.named_parameters():
+        if name in frozen:
+            assert torch.equal(parameter, frozen[name]), name
+    dense_dir = align.export(tmp_path / "dense")
+
+    moma = fit(VQAModule(**{**TINY, "model_args": {"ffn": "moma"}}, upcycle_from=f"local-dir:{dense_dir}"), data(),
+               tmp_path)
+    assert any(isinstance(m, ModalityGroupMoE) for m in moma.model.modules())
+    assert not any(p.requires_grad for p in moma.model.image_encoder.parameters())
+    pipe = VisualQAPipeline.from_pretrained(f"local-dir:{moma.export(tmp_path / 'moma')}")
+    out = pipe(images=torch.zeros(3, 64, 64), prompt="what shape is the red object?", return_routing=True)
+    assert len(out.text) == 1 and out.routing is not None
+
+
+def test_upcycling_needs_the_target_layout():
+    with pytest.raises(ValueError, match="model_args.ffn"):
+        VQAModule(**TINY, upcycle_from="local-dir:nowhere")
