@@ -34,7 +34,7 @@ from moezoo.zoo.layers.dcmoe import DynamicCapacityMoE, anneal_aux_weight, set_a
 from moezoo.zoo.layers.routed import routed_blocks
 from moezoo.zoo.models.unimoe_audio import UniMoEAudio
 
-from .common import export_when_fit_ends, log_training_losses, update_ema, warmup_cosine_scheduler
+from .common import adamw_warmup_cosine, export_when_fit_ends, log_training_losses, update_ema
 
 __all__ = ["AudioLMModule"]
 
@@ -182,11 +182,7 @@ class AudioLMModule(pl.LightningModule):
         self.log("val/loss", loss, prog_bar=True, batch_size=codes.shape[0])
 
     def configure_optimizers(self):
-        parameters = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(parameters, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
-        schedule = warmup_cosine_scheduler(optimizer, max(1, self.hparams.warmup_steps), total=self.hparams.decay_steps,
-                                           floor=0.1)
-        return {"optimizer": optimizer, "lr_scheduler": schedule}
+        return adamw_warmup_cosine([p for p in self.model.parameters() if p.requires_grad], self.hparams)
 
     # ------------------------------------------------------------------------------------------ export
 

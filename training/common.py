@@ -106,6 +106,15 @@ def warmup_cosine_scheduler(optimizer: torch.optim.Optimizer, warmup: int, total
     return {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "interval": "step"}
 
 
+def adamw_warmup_cosine(parameters, hparams, floor: float = 0.1) -> dict:
+    """``configure_optimizers``' answer for the trained ``parameters``: AdamW at ``hparams.learning_rate`` and
+    ``weight_decay``, a linear warm-up over ``hparams.warmup_steps``, then a cosine to ``floor`` of the rate by
+    ``hparams.decay_steps``."""
+    optimizer = torch.optim.AdamW(list(parameters), lr=hparams.learning_rate, weight_decay=hparams.weight_decay)
+    schedule = warmup_cosine_scheduler(optimizer, max(1, hparams.warmup_steps), total=hparams.decay_steps, floor=floor)
+    return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+
 def run_path(trainer: pl.Trainer, path: str | Path) -> Path:
     """``path`` if absolute, else inside the run's folder (the logger's ``log_dir``: with the shipped configs
     ``<default_root_dir>/<run name>/``), so ``--trainer.default_root_dir`` moves it with the run."""

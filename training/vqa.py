@@ -37,7 +37,7 @@ from moezoo.encoders.image import TINY_IMAGE_MODEL, ImageEncoder
 from moezoo.zoo import create_model, save_pretrained
 from moezoo.zoo.models.moe_vlm import MoEVLM, config_dict
 
-from .common import export_when_fit_ends, log_expert_load, run_path, warmup_cosine_scheduler
+from .common import adamw_warmup_cosine, export_when_fit_ends, log_expert_load, run_path
 from .datasets.audio import WORDS, music_sounds, note_name
 from .datasets.scenes import SCENE_COLOURS, SHAPES, caption_f1, caption_pairs
 
@@ -174,11 +174,7 @@ class VQAModule(pl.LightningModule):
         self._log_scores()
 
     def configure_optimizers(self):
-        parameters = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(parameters, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
-        schedule = warmup_cosine_scheduler(optimizer, max(1, self.hparams.warmup_steps), total=self.hparams.decay_steps,
-                                           floor=0.1)
-        return {"optimizer": optimizer, "lr_scheduler": schedule}
+        return adamw_warmup_cosine([p for p in self.model.parameters() if p.requires_grad], self.hparams)
 
     # ------------------------------------------------------------------------------------------ export
 
@@ -269,11 +265,7 @@ class EncoderPretrainModule(pl.LightningModule):
         self._step(batch if "prompt" not in batch else {("image" if "image" in batch else "sound"): batch}, "val")
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.learning_rate,
-                                      weight_decay=self.hparams.weight_decay)
-        schedule = warmup_cosine_scheduler(optimizer, max(1, self.hparams.warmup_steps), total=self.hparams.decay_steps,
-                                           floor=0.1)
-        return {"optimizer": optimizer, "lr_scheduler": schedule}
+        return adamw_warmup_cosine(self.parameters(), self.hparams)
 
     def on_fit_end(self):
         if self.trainer.is_global_zero:
