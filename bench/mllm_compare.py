@@ -14,7 +14,8 @@ colour, count, relation, exists, caption).
 
 Per model: exact-match accuracy of the greedy answer per question kind (captions: the attribute F1 of their
 colour-shape pairs), on test and held-out scenes and on sounds; the share of each modality's routed slots per
-expert group (intra-modality / shared / the modality's group), read from the routing of the test answers; the
+expert group (intra-modality / shared / the modality's group), read from the routing of the test answers (the
+audio tokens' from the sound answers); the
 parameters a token uses (``MoEVLM.num_parameters(active=True)``, the decoder blocks) and all of them; training
 tokens per second (forward + backward + AdamW step on the same batches, ``--train-steps`` steps each, the models
 in turn, after one warm-up step) and milliseconds per answer (one question at a time, greedy, ``--answer-reps``
@@ -172,8 +173,10 @@ def main() -> None:
                     scores, shares = score(model, data[split])
                     for kind, values in scores.items():
                         row[f"{split}/{kind}"] = mean(values)
-                    if split == "test":
-                        row["shares"] = {m: {g: mean(v) for g, v in per.items()} for m, per in shares.items()}
+                    if split in ("test", "sounds"):  # text and image from the scenes, audio from the sounds
+                        row.setdefault("shares", {}).update(
+                            {m: {g: mean(v) for g, v in per.items()} for m, per in shares.items()
+                             if split == "test" or m == "audio"})
             results[layout].append(row)
             print(f"scored {layout} ({source})", flush=True)
     speed = train_speed(first_models, data["test"][0], args.train_steps)
@@ -193,7 +196,8 @@ def main() -> None:
             cells.append(f"{mean(values):.3f}{spread}")
         cells += [f"{speed[layout]:.0f}", f"{latency[layout]:.1f}"]
         print("| " + " | ".join(cells) + " |")
-    print("\nShare of each modality's routed slots per expert group (test scenes, first run of each layout):")
+    print("\nShare of each modality's routed slots per expert group (text and image: test scenes; audio: sounds; "
+          "first run of each layout):")
     for layout, rows in results.items():
         if rows[0].get("shares"):
             print(f"  {layout}: " + "; ".join(f"{m}: " + ", ".join(f"{g} {v:.0%}" for g, v in sorted(per.items()))

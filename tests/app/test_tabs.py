@@ -74,7 +74,7 @@ def test_a_tab_without_weights_shows_why_and_the_others_still_work(tiny_loader):
         return tiny_loader(tab)
 
     demo = build_demo(load_pipeline=loader, cache_examples=False)
-    assert list(demo.tab_apps) == ["shapes_video", "deweather", "fusion", "audio"]
+    assert list(demo.tab_apps) == ["shapes_video", "deweather", "fusion", "audio", "scene_qa"]
     texts = [block.value or "" for block in demo.blocks.values() if isinstance(block, gr.Markdown)]
     for model in ("dit_moe_digits", "dit_moe_shapes"):
         assert any("not available" in t and f"> FileNotFoundError: {model}.safetensors: not found" in t
