@@ -21,7 +21,6 @@ token used per domain (``experts_per_token/<domain>``), and the per-layer expert
 from __future__ import annotations
 
 import copy
-import fnmatch
 import math
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -34,7 +33,7 @@ from moezoo.zoo.layers.dcmoe import DynamicCapacityMoE, anneal_aux_weight, set_a
 from moezoo.zoo.layers.routed import routed_blocks
 from moezoo.zoo.models.unimoe_audio import UniMoEAudio
 
-from .common import adamw_warmup_cosine, export_when_fit_ends, log_training_losses, update_ema
+from .common import adamw_warmup_cosine, export_when_fit_ends, log_training_losses, train_only, update_ema
 
 __all__ = ["AudioLMModule"]
 
@@ -117,13 +116,8 @@ class AudioLMModule(pl.LightningModule):
             own.load_state_dict(trained.state_dict())
 
     def _freeze_all_but(self, patterns: Sequence[str] | None) -> None:
-        if patterns is None:
-            return
-        trained = [n for n, p in self.model.named_parameters() if any(fnmatch.fnmatch(n, pat) for pat in patterns)]
-        if not trained:
-            raise ValueError(f"trainable={list(patterns)} matches no parameter of {self.model_name}")
-        for name, parameter in self.model.named_parameters():
-            parameter.requires_grad_(name in trained)
+        if patterns is not None:
+            train_only(self.model, patterns, self.model_name)
 
     def train(self, mode: bool = True) -> "AudioLMModule":
         """The codec and vocoder are fixed parts: they stay in eval mode while the language model trains."""

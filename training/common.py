@@ -4,11 +4,14 @@ ends a fit."""
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning.pytorch as pl
+
 import torch
 
 from moezoo.zoo.layers import collect_routing
@@ -104,6 +107,16 @@ def warmup_cosine_scheduler(optimizer: torch.optim.Optimizer, warmup: int, total
     """:func:`warmup_cosine` as Lightning's per-step ``lr_scheduler`` entry for ``configure_optimizers``."""
     factor = functools.partial(warmup_cosine, warmup=warmup, total=total, floor=floor)
     return {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "interval": "step"}
+
+
+def train_only(model: torch.nn.Module, patterns: Sequence[str], what: str) -> None:
+    """Train the parameters of ``model`` whose names match one of the glob ``patterns`` and freeze the rest
+    (a stage's ``trainable`` argument); ``what`` names the model in the error when nothing matches."""
+    trained = {n for n, _ in model.named_parameters() if any(fnmatch.fnmatch(n, p) for p in patterns)}
+    if not trained:
+        raise ValueError(f"trainable={list(patterns)} matches no parameter of {what}")
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name in trained)
 
 
 def adamw_warmup_cosine(parameters, hparams, floor: float = 0.1) -> dict:

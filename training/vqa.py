@@ -22,7 +22,6 @@ pairs and unseen-speaker splits.
 
 from __future__ import annotations
 
-import fnmatch
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -37,7 +36,7 @@ from moezoo.encoders.image import TINY_IMAGE_MODEL, ImageEncoder
 from moezoo.zoo import create_model, save_pretrained
 from moezoo.zoo.models.moe_vlm import MoEVLM, config_dict
 
-from .common import adamw_warmup_cosine, export_when_fit_ends, log_expert_load, run_path
+from .common import adamw_warmup_cosine, export_when_fit_ends, log_expert_load, run_path, train_only
 from .datasets.audio import WORDS, music_sounds, note_name
 from .datasets.scenes import SCENE_COLOURS, SHAPES, caption_f1, caption_pairs
 
@@ -97,16 +96,11 @@ class VQAModule(pl.LightningModule):
         self.scores: dict[str, list[float]] = defaultdict(list)
 
     def _freeze(self, patterns: Sequence[str] | None) -> None:
-        patterns = list(patterns) if patterns is not None else None
-        names = [n for n, _ in self.model.named_parameters()]
-        if patterns is None:
-            trained = [n for n in names if not n.startswith(("image_encoder.", "audio_encoder."))]
-        else:
-            trained = [n for n in names if any(fnmatch.fnmatch(n, p) for p in patterns)]
-            if not trained:
-                raise ValueError(f"trainable={patterns} matches no parameter")
-        for name, parameter in self.model.named_parameters():
-            parameter.requires_grad_(name in trained)
+        if patterns is not None:
+            train_only(self.model, patterns, self.model_name)
+            return
+        for name, parameter in self.model.named_parameters():  # by default everything but the encoders
+            parameter.requires_grad_(not name.startswith(("image_encoder.", "audio_encoder.")))
 
     def train(self, mode: bool = True) -> "VQAModule":
         """Frozen encoders stay in eval mode (no dropout or batch statistics) while the rest trains."""
