@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import lightning.pytorch as pl
-
 import torch
 
 from moezoo.zoo.layers import collect_routing
