@@ -23,6 +23,8 @@ __all__ = [
     "parameter_groups",
     "warmup_cosine",
     "warmup_cosine_scheduler",
+    "adamw_warmup_cosine",
+    "train_only",
     "run_path",
     "export_when_fit_ends",
 ]
