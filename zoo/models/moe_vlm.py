@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moezoo.encoders.audio import SAMPLE_RATE, AudioEncoder
+from moezoo.encoders.audio import SAMPLE_RATE, AudioEncoder, num_frames
 from moezoo.encoders.image import TINY_IMAGE_MODEL, ImageEncoder
 from moezoo.encoders.words import WordVocabulary
 from moezoo.zoo.config import check_choice, check_config_types, check_positive
@@ -59,7 +59,7 @@ from moezoo.zoo.layers.modality import (
 from moezoo.zoo.layers.moe import MoE
 from moezoo.zoo.layers.routed import RoutedBlock, total_aux_loss
 from moezoo.zoo.registry import PretrainedCfg, register_model
-from moezoo.zoo.upcycle import expert_weights, moe_from_dense, widen
+from moezoo.zoo.upcycle import expert_weights, widen
 
 __all__ = ["MoEVLMConfig", "MoEVLM", "FFN_KINDS", "CONNECTORS", "MODALITIES", "GenerationOutput"]
 
@@ -253,7 +253,7 @@ class MoEVLM(nn.Module):
         self.audio_encoder = self.audio_connector = None
         self.num_audio_tokens = 0
         if config.audio_depth:
-            max_tokens = AudioEncoder.num_tokens(1 + math.ceil(config.max_audio_seconds * SAMPLE_RATE) // 256)
+            max_tokens = AudioEncoder.num_tokens(num_frames(int(config.max_audio_seconds * SAMPLE_RATE)))
             self.audio_encoder = AudioEncoder(config.audio_dim, config.audio_depth, max_tokens=max_tokens)
             self.audio_connector = _connector(config, config.audio_dim)
             self.num_audio_tokens = config.num_queries if config.connector == "resampler" else max_tokens
@@ -528,7 +528,7 @@ class MoEVLM(nn.Module):
         for block in self.blocks:
             params = sum(p.numel() for p in block.parameters())
             if active:
-                params -= _inactive_parameters(block, self.config)
+                params -= _inactive_parameters(block)
             total += params
         return total
 
@@ -559,27 +559,20 @@ def _upcycle_block(block: DecoderBlock, dense_block: DecoderBlock, config: MoEVL
         if isinstance(block.ffn, GatedMLP):
             factor = block.ffn.up_proj.out_features // dense_block.ffn.up_proj.out_features
             block.ffn.load_state_dict(widen(dense_block.ffn, factor).state_dict())
-        elif isinstance(block.ffn, MoE):
-            moe = moe_from_dense(dense_block.ffn, block.ffn.num_experts, "copy", top_k=2, router="gshard_top2",
-                                 capacity_factor=config.capacity_factor,
-                                 eval_capacity_factor=config.eval_capacity_factor, min_capacity=config.min_capacity,
-                                 aux_loss_coefs={"top1_balance": config.moe_aux_loss})
-            block.ffn.load_state_dict(moe.state_dict())
-        else:  # MoIIE, MoMa: every expert a copy of the dense FFN
+        else:  # MoE-LLaVA, MoIIE, MoMa: every expert a copy of the dense FFN (the routers stay as built)
             experts = expert_weights(dense_block.ffn, block.ffn.num_experts, "copy")
             block.ffn.w_in.copy_(experts.w_in)
             block.ffn.w_out.copy_(experts.w_out)
 
 
-def _inactive_parameters(block: DecoderBlock, config: MoEVLMConfig) -> int:
+def _inactive_parameters(block: DecoderBlock) -> int:
     ffn = block.ffn
     if block.untied:  # one modality's attention and FFN of M
         per_modality = (sum(p.numel() for p in block.attn.parameters()) + sum(p.numel() for p in ffn.parameters()))
         return per_modality * (len(MODALITIES) - 1) // len(MODALITIES)
     if isinstance(ffn, (MoE, IntraInterMoE, ModalityGroupMoE)):
         per_expert = ffn.w_in[0].numel() + ffn.w_out[0].numel()
-        used = 2 if isinstance(ffn, MoE) else config.top_k
-        inactive = (ffn.num_experts - used) * per_expert
+        inactive = int((ffn.num_experts - ffn.top_k) * per_expert)  # MoMa's top_k is an average, maybe fractional
         if isinstance(ffn, IntraInterMoE):  # a token sees its own router only
             inactive += sum(p.numel() for p in ffn.routers.parameters()) * (len(MODALITIES) - 1) // len(MODALITIES)
         return inactive
