@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import IMAGE_INPUTS, Pipeline, check_generators, image_to_tensor
+from .base import IMAGE_INPUTS, Pipeline, checked_max_batch_size, chunk_slices, image_to_tensor
 
 __all__ = ["VisualQAPipeline", "VisualQAPipelineOutput"]
 
@@ -197,11 +197,12 @@ class VisualQAPipeline(Pipeline):
         if do_sample and (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
                           or not 0 < temperature < math.inf):
             raise ValueError(f"temperature must be a finite number > 0 when sampling, got {temperature!r}")
-        check_generators(generator, count)
-        step = max_batch_size or self.max_batch_size
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be one torch.Generator (it draws the words of every input in turn), "
+                             f"got {type(generator).__name__}")
+        step = checked_max_batch_size(self.max_batch_size if max_batch_size is None else max_batch_size)
         text, token_ids, routing, modality = [], [], None, []
-        for start in range(0, count, step):
-            part = slice(start, min(start + step, count))
+        for part in chunk_slices(count, step):
             out = self.model.generate(None if pixels is None else pixels[part], None if sounds is None else sounds[part],
                                       prompts[part], max_new_tokens=max_new_tokens, do_sample=do_sample,
                                       temperature=temperature, generator=generator, return_routing=return_routing)

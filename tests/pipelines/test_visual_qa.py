@@ -72,6 +72,9 @@ def test_routing_per_token_and_image_grid(pipe):
     (dict(audio=(np.zeros(100, np.float32), 8.5), prompt=QUESTION), "sampling rate"),
     (dict(audio=np.full(100, np.nan, np.float32), prompt=QUESTION), "NaN"),
     (dict(images=Image.new("RGB", (64, 64)), prompt=QUESTION, max_new_tokens=0), "max_new_tokens"),
+    (dict(images=Image.new("RGB", (64, 64)), prompt=QUESTION, max_batch_size=0), "max_batch_size"),
+    (dict(images=Image.new("RGB", (64, 64)), prompt=QUESTION, do_sample=True, generator=[torch.Generator()]),
+     "one torch.Generator"),
 ])
 def test_bad_input_says_what_is_accepted(pipe, kwargs, message):
     with pytest.raises(ValueError, match=message):
