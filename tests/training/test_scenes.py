@@ -159,3 +159,34 @@ def test_items_carry_their_scene_caption():
     for i in range(6):
         objects, _ = data.scene(i)
         assert data[i]["caption"] == scene_caption(objects)
+
+
+def test_several_questions_per_scene_ask_every_kind_of_one_picture_and_read_right():
+    """questions_per_scene = len(kinds): each scene is asked every kind, its questions differ, every answer is read
+    right from the pixels, the first question is the one-question dataset's, and the kept scenes give the very
+    same items as scenes made afresh."""
+    from moezoo.training.datasets.scenes import ANSWER_KINDS, SceneQADataset
+
+    q = len(ANSWER_KINDS)
+    fresh = SceneQADataset("train", num_scenes=4, seed=2, questions_per_scene=q)
+    kept = SceneQADataset("train", num_scenes=4, seed=2, questions_per_scene=q, cache_scenes=True)
+    single = SceneQADataset("train", num_scenes=4, seed=2)
+    assert len(fresh) == 4 * q
+    for scene in range(4):
+        items = [kept[scene * q + j] for j in range(q)]
+        assert sorted(item["kind"] for item in items) == sorted(ANSWER_KINDS)
+        assert all(torch.equal(item["image"], items[0]["image"]) for item in items)
+        seen = read_picture(np.round((items[0]["image"].permute(1, 2, 0).numpy() + 1) * 127.5).astype(np.uint8))
+        for item in items:
+            if item["kind"] != "caption":
+                assert item["answer"] == answer_from_picture(item["prompt"], seen)
+        for j in range(q):
+            again, made = kept[scene * q + j], fresh[scene * q + j]
+            assert (again["prompt"], again["answer"]) == (made["prompt"], made["answer"])
+            assert torch.equal(again["image"], made["image"])
+    # the first question of scene s is drawn as the one-question dataset draws item s when the kinds agree
+    assert (kept[0]["prompt"], kept[0]["answer"]) == (single[0]["prompt"], single[0]["answer"])
+    with pytest.raises(ValueError, match="questions_per_scene must be >= 1"):
+        SceneQADataset(questions_per_scene=0)
+    with pytest.raises(IndexError):
+        kept[4 * q]

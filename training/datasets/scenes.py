@@ -218,15 +218,26 @@ def scene_rng(split: str, seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng([SPLITS[split], seed, index])
 
 
+def question_rng(split: str, seed: int, index: int, question: int) -> np.random.Generator:
+    """The generator of scene ``index``'s question number ``question`` >= 1 (the first is drawn from
+    :func:`scene_rng` after the scene)."""
+    _check_split(split)
+    return np.random.default_rng([SPLITS[split], seed, index, question])
+
+
 CAPTION_PROMPT = "describe the picture."
 ANSWER_KINDS: tuple[str, ...] = (*QUESTION_TYPES, "caption")
 
 
 class SceneQADataset(Dataset):
-    """Scenes with one question each: item ``i`` is scene ``i`` of the split (:func:`scene_rng`), asked a
-    question of kind ``kinds[i % len(kinds)]`` drawn from the same generator, so every item is reproducible on
-    its own and the kinds are balanced. ``"caption"`` asks :data:`CAPTION_PROMPT` and answers
-    :func:`scene_caption`.
+    """Scenes with questions: item ``i`` is scene ``i // questions_per_scene`` of the split (:func:`scene_rng`),
+    asked a question of kind ``kinds[i % len(kinds)]``; the first question of a scene is drawn from the scene's
+    own generator, the others from :func:`question_rng`, so every item is reproducible on its own and the kinds
+    are balanced. ``"caption"`` asks :data:`CAPTION_PROMPT` and answers :func:`scene_caption`.
+
+    Several questions per scene multiply what training reads without making more pictures: with one, a model
+    trained for several epochs hears the same 1/6 of each scene's questions again and again and learns them by
+    heart; with ``questions_per_scene = len(kinds)`` every scene is asked every kind.
 
     Args:
         split: ``"train"``, ``"val"``, ``"test"`` or ``"held_out"`` (held-out colour-shape pairs).
@@ -234,10 +245,13 @@ class SceneQADataset(Dataset):
         seed: which family of scenes (with the split, the scene generator's seed).
         image_size: side in pixels.
         kinds: the question kinds to ask (default: all of :data:`ANSWER_KINDS`).
+        questions_per_scene: items per scene (the dataset's length is ``num_scenes * questions_per_scene``).
+        cache_scenes: keep every scene made (objects and uint8 pixels, 12 KB at 64 px) for the next reads, so
+            its other questions and the next epochs skip the rejection sampling and the drawing.
     """
 
     def __init__(self, split: str = "train", num_scenes: int = 1000, seed: int = 0, image_size: int = 64,
-                 kinds: Sequence[str] = ANSWER_KINDS) -> None:
+                 kinds: Sequence[str] = ANSWER_KINDS, questions_per_scene: int = 1, cache_scenes: bool = False) -> None:
         _check_split(split)
         if num_scenes < 0:
             raise ValueError(f"num_scenes must be >= 0, got {num_scenes}")
@@ -246,26 +260,49 @@ class SceneQADataset(Dataset):
         unknown = [k for k in kinds if k not in ANSWER_KINDS]
         if unknown or not kinds:
             raise ValueError(f"unknown or no question kinds {unknown or list(kinds)}; accepted: {', '.join(ANSWER_KINDS)}")
+        if questions_per_scene < 1:
+            raise ValueError(f"questions_per_scene must be >= 1, got {questions_per_scene}")
         self.split, self.num_scenes, self.seed = split, num_scenes, seed
-        self.image_size, self.kinds = image_size, tuple(kinds)
+        self.image_size, self.kinds, self.questions_per_scene = image_size, tuple(kinds), questions_per_scene
+        self._scenes: dict[int, tuple[list[SceneObject], np.ndarray, dict]] | None = {} if cache_scenes else None
 
     def __len__(self) -> int:
-        return self.num_scenes
+        return self.num_scenes * self.questions_per_scene
 
     def scene(self, i: int) -> tuple[list[SceneObject], np.random.Generator]:
+        """Scene ``i`` (not item ``i``) and its generator, positioned after the scene's drawing."""
         if not 0 <= i < self.num_scenes:
             raise IndexError(f"index {i} out of range for {self.num_scenes} scenes")
         rng = scene_rng(self.split, self.seed, i)
         return sample_scene(rng, self.split), rng
 
-    def __getitem__(self, i: int) -> QASample:
+    def _made(self, i: int) -> tuple[list[SceneObject], np.ndarray, np.random.Generator]:
+        """Scene ``i``'s objects, its pixels and its generator positioned after the scene's drawing (a kept
+        scene keeps that position too: its first question is drawn from there)."""
+        if self._scenes is not None and i in self._scenes:
+            objects, pixels, state = self._scenes[i]
+            rng = np.random.default_rng()
+            rng.bit_generator.state = state
+            return objects, pixels, rng
         objects, rng = self.scene(i)
+        pixels = render_scene(objects, self.image_size)
+        if self._scenes is not None:
+            self._scenes[i] = objects, pixels, rng.bit_generator.state
+        return objects, pixels, rng
+
+    def __getitem__(self, i: int) -> QASample:
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} items")
+        scene, question = divmod(i, self.questions_per_scene)
+        objects, pixels, rng = self._made(scene)
+        if question:
+            rng = question_rng(self.split, self.seed, scene, question)
         kind = self.kinds[i % len(self.kinds)]
         if kind == "caption":
             prompt, answer = CAPTION_PROMPT, scene_caption(objects)
         else:
             _, prompt, answer = ask(objects, kind, rng, self.split)
-        image = torch.from_numpy(render_scene(objects, self.image_size)).permute(2, 0, 1).float() / 127.5 - 1.0
+        image = torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1.0
         return QASample(image=image, prompt=prompt, answer=answer, kind=kind, caption=scene_caption(objects))
 
 
