@@ -192,8 +192,9 @@ SOUND_LABELS = [*WORDS, *[note_name(s.midi[0]).lower() for s in music_sounds() i
 class EncoderPretrainModule(pl.LightningModule):
     """Pretrains the multimodal LM's encoders (stage 0): the image encoder (ours or any timm name) with two heads
     on its patch tokens — the colour-shape pairs the scene holds (binary cross-entropy over the 18 pairs, from
-    the mean token) and the colour under each patch's centre (7 classes with the background, per token), which
-    keeps the tokens local; the audio encoder with a word-or-note head (20 words + 24 notes) on its mean token.
+    the mean token), and per token the colour and the shape under the patch's centre (7 and 4 classes with the
+    background; the shape is the caption's for that colour, colours being distinct in a scene), which keeps the
+    tokens local and lets a question about one object read its own tokens; the audio encoder with a word-or-note head (20 words + 24 notes) on its mean token.
     Batches: ``{"image": scene QA batch, "sound": sound QA batch}`` (the captions give the pairs).
     The encoders are saved as ``image_encoder.safetensors`` / ``audio_encoder.safetensors`` in ``save_dir``
     (relative: inside the run's folder) when fitting ends."""
@@ -206,12 +207,15 @@ class EncoderPretrainModule(pl.LightningModule):
         self.image_encoder = ImageEncoder(image_encoder, layer=image_layer, **(image_encoder_args or {}))
         self.pair_head = nn.Linear(self.image_encoder.dim, len(PAIRS))
         self.colour_head = nn.Linear(self.image_encoder.dim, len(SCENE_COLOURS) + 1)
+        self.shape_head = nn.Linear(self.image_encoder.dim, len(SHAPES) + 1)
         self.audio_encoder = AudioEncoder(audio_dim, audio_depth) if audio_depth else None
         self.sound_head = nn.Linear(audio_dim, len(SOUND_LABELS)) if audio_depth else None
         self.register_buffer("palette", torch.tensor([[0, 0, 0], *SCENE_COLOURS.values()], dtype=torch.float32) / 127.5 - 1,
                              persistent=False)
 
     def _image_losses(self, part: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Pair presence (BCE), the colour and the shape under each patch (cross-entropy: one loss for both),
+        and the fraction of scenes whose pairs are all read right."""
         images = part["image"]
         tokens = self.image_encoder(images)
         targets = torch.zeros(len(images), len(PAIRS), device=images.device)
@@ -220,13 +224,29 @@ class EncoderPretrainModule(pl.LightningModule):
                 targets[row, PAIRS.index(pair)] = 1.0
         pair_logits = self.pair_head(tokens.mean(1))
         pair_loss = F.binary_cross_entropy_with_logits(pair_logits, targets)
-        side = int(tokens.shape[1] ** 0.5)
+        colours = self._patch_colours(images, tokens.shape[1])
+        shapes = self._patch_shapes(colours, part["caption"])
+        patch_loss = (F.cross_entropy(self.colour_head(tokens).flatten(0, 1), colours.flatten())
+                      + F.cross_entropy(self.shape_head(tokens).flatten(0, 1), shapes.flatten()))
+        exact = ((pair_logits > 0) == targets.bool()).all(1).float().mean()
+        return pair_loss, patch_loss, exact
+
+    def _patch_colours(self, images: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """``[B, N]``: the palette index (0 background, 1.. SCENE_COLOURS) nearest each patch's centre pixel."""
+        side = int(num_tokens**0.5)
         step = images.shape[-1] // side
         centres = images[:, :, step // 2::step, step // 2::step].flatten(2).transpose(1, 2)  # [B, N, 3]
-        colours = torch.cdist(centres, self.palette[None].expand(len(images), -1, -1)).argmin(-1)
-        colour_loss = F.cross_entropy(self.colour_head(tokens).flatten(0, 1), colours.flatten())
-        exact = ((pair_logits > 0) == targets.bool()).all(1).float().mean()
-        return pair_loss, colour_loss, exact
+        return torch.cdist(centres, self.palette[None].expand(len(images), -1, -1)).argmin(-1)
+
+    @staticmethod
+    def _patch_shapes(colours: torch.Tensor, captions: Sequence[str]) -> torch.Tensor:
+        """``[B, N]``: 0 background, else 1 + the SHAPES index of the object of that colour (from the caption)."""
+        lookup = torch.zeros(len(captions), len(SCENE_COLOURS) + 1, dtype=torch.long)
+        colour_index = {c: i + 1 for i, c in enumerate(SCENE_COLOURS)}
+        for row, caption in enumerate(captions):
+            for colour, shape in caption_pairs(caption):
+                lookup[row, colour_index[colour]] = SHAPES.index(shape) + 1
+        return lookup.to(colours.device).gather(1, colours)
 
     def _sound_loss(self, part: dict) -> tuple[torch.Tensor, torch.Tensor]:
         tokens, mask = self.audio_encoder(part["audio"])
@@ -239,10 +259,10 @@ class EncoderPretrainModule(pl.LightningModule):
         parts = VQAModule._parts(batch)
         total = 0.0
         if "image" in parts:
-            pair_loss, colour_loss, exact = self._image_losses(parts["image"])
-            self.log_dict({f"{prefix}/pair_loss": pair_loss, f"{prefix}/colour_loss": colour_loss,
+            pair_loss, patch_loss, exact = self._image_losses(parts["image"])
+            self.log_dict({f"{prefix}/pair_loss": pair_loss, f"{prefix}/patch_loss": patch_loss,
                            f"{prefix}/pairs_exact": exact}, add_dataloader_idx=False)
-            total = total + pair_loss + colour_loss
+            total = total + pair_loss + patch_loss
         if "sound" in parts and self.audio_encoder is not None:
             sound_loss, accuracy = self._sound_loss(parts["sound"])
             self.log_dict({f"{prefix}/sound_loss": sound_loss, f"{prefix}/sound_accuracy": accuracy},

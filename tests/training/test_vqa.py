@@ -4,6 +4,7 @@ MoE, each an export the next loads), the frozen parts unchanged, and the scores.
 
 import lightning.pytorch as pl
 import pytest
+import numpy as np
 import torch
 
 from moezoo.pipelines import VisualQAPipeline
@@ -56,6 +57,39 @@ def test_encoder_targets_are_the_scenes_pairs_and_patch_colours():
         for o in objects:
             expected[PAIRS.index((o.colour, o.shape))] = 1
         assert torch.equal(captured["targets"][row], expected)
+
+
+def test_encoder_patch_targets_are_the_colour_and_shape_under_each_patch_centre():
+    """Per patch: the object under its centre pixel, found from the scene's objects and the raw pixel (edges
+    that antialiasing blends are skipped), against the labels the module derives from the picture and caption."""
+    from moezoo.training.datasets.scenes import SCENE_COLOURS, SHAPES
+
+    module = EncoderPretrainModule(image_encoder_args=dict(embed_dim=32, depth=1, num_heads=2), audio_depth=0)
+    scenes = SceneQADataset("train", 4, kinds=["caption"])
+    items = [scenes[i] for i in range(4)]
+    images = torch.stack([i["image"] for i in items])
+    side = 8  # the tiny ViT's 64 px / patches of 8
+    colours = module._patch_colours(images, side * side)
+    shapes = module._patch_shapes(colours, [i["caption"] for i in items])
+    checked = 0
+    for row in range(4):
+        objects, _ = scenes.scene(row)
+        by_colour = {o.colour: o.shape for o in objects}
+        pixels = np.round((images[row].permute(1, 2, 0).numpy() + 1) * 127.5)
+        for token in range(side * side):
+            y, x = divmod(token, side)
+            rgb = pixels[y * 8 + 4, x * 8 + 4]
+            near = [c for c, ref in SCENE_COLOURS.items() if np.abs(rgb - np.asarray(ref)).max() < 20]
+            if rgb.max() < 20:
+                expected_colour, expected_shape = 0, 0
+            elif near:
+                expected_colour = list(SCENE_COLOURS).index(near[0]) + 1
+                expected_shape = SHAPES.index(by_colour[near[0]]) + 1
+            else:
+                continue
+            assert (colours[row, token].item(), shapes[row, token].item()) == (expected_colour, expected_shape)
+            checked += expected_shape > 0
+    assert checked >= 8  # some patches do sit on objects
 
 
 def test_answer_scores():
