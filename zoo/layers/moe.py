@@ -19,10 +19,13 @@ forward, read by ``collect_routing``, ``total_aux_loss`` and the routing picture
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moezoo.kernels import expert_parallel as ep
 from moezoo.kernels import losses
 from moezoo.kernels import SharedExpert, activation_fn, expert_mlp, pack_expert_weights
 from moezoo.kernels.plan import build_plan, capacity_for
@@ -105,7 +108,12 @@ class Router(nn.Module):
         return F.linear(x_TD.float(), self.weight.float(), None if self.bias is None else self.bias.float())
 
     def forward(self, x_TD: torch.Tensor, allowed_TE: torch.Tensor | None = None) -> RouterOutput:
-        logits_TE = self.logits(x_TD)
+        return self.route(self.logits(x_TD), x_TD, allowed_TE)
+
+    def route(self, logits_TE: torch.Tensor, x_TD: torch.Tensor | None,
+              allowed_TE: torch.Tensor | None = None) -> RouterOutput:
+        """The routing rule on given logits (``x_TD``: only the noisy router reads it). Expert parallelism calls
+        it on the logits of every rank's tokens, for expert-choice routing, which picks over the whole batch."""
         if self.kind in ("softmax", "sigmoid"):
             return topk_route(
                 logits_TE,
@@ -240,6 +248,7 @@ class MoE(RoutedBlock):
             self.constant_vectors = nn.Parameter(torch.zeros(num_constant_experts, dim))
             self.constant_mix = nn.Linear(dim, 2 * num_constant_experts, bias=False)
         self._packed = None  # set by freeze(): prepacked expert weights for no-grad CPU calls
+        self._expert_parallel: _ExpertParallel | None = None  # set by shard_experts()
         self.reset_expert_parameters()
 
     @classmethod
@@ -280,14 +289,11 @@ class MoE(RoutedBlock):
                 )
             allowed_TE = allowed_experts.reshape(-1, self.num_routable).bool()
 
+        if self._expert_parallel is not None:
+            return self._forward_expert_parallel(x_TD, allowed_TE, lead_shape).reshape(x.shape)
         routed = self.router(x_TD, allowed_TE)
         ids_TK, weights_TK = routed.ids_TK, routed.weights_TK.to(x.dtype)
-        capacity = None
-        if self.capacity_factor is not None:
-            factor = self.capacity_factor
-            if not self.training and self.eval_capacity_factor is not None:
-                factor = self.eval_capacity_factor
-            capacity = max(self.min_capacity, capacity_for(x_TD.shape[0], ids_TK.shape[1], self.num_experts, factor))
+        capacity = self._capacity(x_TD.shape[0], ids_TK.shape[1])
         plan = build_plan(ids_TK, self.num_experts, capacity=capacity)
         if self.router.kind == "gshard_top2":  # DeepSpeed renormalises the two gates after the drop
             weights_TK = renormalize_kept(weights_TK, plan.kept_TK)
@@ -299,6 +305,83 @@ class MoE(RoutedBlock):
         y_TD = y_TD + self._special_experts(x_TD, ids_TK, weights_TK)
         self._record(routed, plan, lead_shape)
         return y_TD.reshape(x.shape)
+
+    def _capacity(self, num_tokens: int, top_k: int) -> int | None:
+        """Slots each computed expert may take for ``num_tokens`` tokens of ``top_k`` slots (None: no limit)."""
+        if self.capacity_factor is None:
+            return None
+        factor = self.capacity_factor
+        if not self.training and self.eval_capacity_factor is not None:
+            factor = self.eval_capacity_factor
+        return max(self.min_capacity, capacity_for(num_tokens, top_k, self.num_experts, factor))
+
+    # ------------------------------------------------------------------------------------------ expert parallelism
+
+    def shard_experts(self, group=None, *, routing_group=None, pad_to_capacity: bool = False) -> "MoE":
+        """Expert parallelism: keep only this rank's ``num_experts / R`` experts of the R-rank ``group`` (None:
+        the default group; rank r keeps experts ``r*E/R .. (r+1)*E/R - 1``), and from now on send each token's
+        slots to the rank that owns its expert (``moezoo.kernels.expert_parallel``). Every rank of ``group``
+        must call it, and then call ``forward`` together, each with its own tokens (equally many per rank).
+
+        ``routing_group`` (default ``group``): the ranks whose tokens routing treats as one batch, as one process
+        would: the capacity, expert-choice picks, the routing record and the aux losses (their tensors are
+        all-gathered over it). Pass the whole data-parallel group to make R processes compute what one process
+        computes on their concatenated batch. ``pad_to_capacity``: capacity-padded equal splits (DeepSpeed,
+        Tutel) instead of exact ones. The kept expert parameters are marked for ``reduce_gradients``."""
+        if self._expert_parallel is not None:
+            raise RuntimeError("this MoE's experts are already sharded")
+        shard = ep.expert_shard(self.num_experts, group)
+        mine = slice(shard.experts.start, shard.experts.stop)
+        for name in ("w_in", "w_out", "b_in", "b_out"):
+            full = getattr(self, name)
+            if full is not None:
+                local = nn.Parameter(full.detach()[mine].clone(), requires_grad=full.requires_grad)
+                setattr(self, name, ep.mark_expert_parameter(local))
+        self._packed = None
+        self._expert_parallel = _ExpertParallel(shard, group if routing_group is None else routing_group,
+                                                pad_to_capacity)
+        return self
+
+    def _forward_expert_parallel(self, x_TD: torch.Tensor, allowed_TE, lead_shape) -> torch.Tensor:
+        """``forward`` with sharded experts: route locally (expert-choice: over the routing group's logits),
+        decide capacity over the routing group's tokens as one process would, exchange the rows, add the shared
+        and special experts locally, and record the routing group's routing."""
+        par, num_tokens = self._expert_parallel, x_TD.shape[0]
+        group_tokens = ep.check_equal_tokens(num_tokens, par.routing_group)
+        first = torch.distributed.get_rank(par.routing_group) * num_tokens  # this rank's rows of the gathered batch
+        mine = slice(first, first + num_tokens)
+        if self.router.kind == "expert_choice":  # picks tokens over the whole batch
+            logits_TE = ep.all_gather_rows(self.router.logits(x_TD), par.routing_group)
+            routed_all = self.router.route(logits_TE, None)
+            routed = ep.router_output_rows(routed_all, mine)
+        else:
+            routed = self.router(x_TD, allowed_TE)
+            routed_all = ep.gather_router_output(routed, par.routing_group)
+        weights_TK = routed.weights_TK.to(x_TD.dtype)
+        capacity = self._capacity(group_tokens, routed.ids_TK.shape[1])
+        plan_all = build_plan(routed_all.ids_TK, self.num_experts, capacity=capacity)
+        plan = build_plan(torch.where(plan_all.kept_TK[mine], routed.ids_TK, -1), self.num_experts)
+        if self.router.kind == "gshard_top2":
+            weights_TK = renormalize_kept(weights_TK, plan.kept_TK)
+        pad_to = None
+        if par.pad_to_capacity:
+            pad_to = capacity if capacity is not None else ep.largest_count(plan, par.shard.group)
+        y_TD = ep.expert_parallel_mlp(
+            x_TD, weights_TK, plan, *self._expert_weights(), par.shard, b_in_LN=self.b_in, b_out_LD=self.b_out,
+            activation=self.activation, gated=self.gated, backend=self.backend, pad_to=pad_to)
+        if self.shared is not None:
+            shared_TD = self.shared(x_TD)
+            y_TD = y_TD + (shared_TD if self.shared_gate is None else torch.sigmoid(self.shared_gate(x_TD)) * shared_TD)
+        y_TD = y_TD + self._special_experts(x_TD, routed.ids_TK, weights_TK)
+        ranks = group_tokens // max(num_tokens, 1)
+        group_shape = (ranks * lead_shape[0], *lead_shape[1:]) if len(lead_shape) else (ranks,)
+        self._record(routed_all, plan_all, group_shape)
+        return y_TD
+
+    @property
+    def expert_parallel(self) -> bool:
+        """Whether the experts are sharded over an expert-parallel group (``shard_experts``)."""
+        return self._expert_parallel is not None
 
     # ------------------------------------------------------------------------------------------ inference
 
@@ -368,3 +451,13 @@ class MoE(RoutedBlock):
     def special_labels(self) -> list[str]:
         kinds = [("null", self.num_null_experts), ("copy", self.num_copy_experts), ("constant", self.num_constant_experts)]
         return [f"{kind} {i}" for kind, count in kinds for i in range(count)]
+
+
+@dataclasses.dataclass(frozen=True)
+class _ExpertParallel:
+    """A sharded MoE's setting: its shard of the expert-parallel group, the group routing treats as one batch,
+    and whether the splits are capacity-padded."""
+
+    shard: ep.ExpertShard
+    routing_group: object
+    pad_to_capacity: bool
