@@ -22,6 +22,7 @@ pairs and unseen-speaker splits.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -193,8 +194,11 @@ class EncoderPretrainModule(pl.LightningModule):
     """Pretrains the multimodal LM's encoders (stage 0): the image encoder (ours or any timm name) with two heads
     on its patch tokens — the colour-shape pairs the scene holds (binary cross-entropy over the 18 pairs, from
     the mean token), and per token the colour and the shape under the patch's centre (7 and 4 classes with the
-    background; the shape is the caption's for that colour, colours being distinct in a scene), which keeps the
-    tokens local and lets a question about one object read its own tokens; the audio encoder with a word-or-note head (20 words + 24 notes) on its mean token.
+    background; the shape is the caption's for that colour, colours being distinct in a scene), and on the
+    patches of an object that object's centre (x, y regressed, in patches): this keeps the tokens local, lets a
+    question about one object read its own tokens, and puts where each object is into its tokens — the
+    language model compares positions ("leftmost", "left of", "closest to") that two objects in one merged token
+    or 2 px apart would not show otherwise; the audio encoder with a word-or-note head (20 words + 24 notes) on its mean token.
     Batches: ``{"image": scene QA batch, "sound": sound QA batch}`` (the captions give the pairs).
     The encoders are saved as ``image_encoder.safetensors`` / ``audio_encoder.safetensors`` in ``save_dir``
     (relative: inside the run's folder) when fitting ends."""
@@ -208,6 +212,7 @@ class EncoderPretrainModule(pl.LightningModule):
         self.pair_head = nn.Linear(self.image_encoder.dim, len(PAIRS))
         self.colour_head = nn.Linear(self.image_encoder.dim, len(SCENE_COLOURS) + 1)
         self.shape_head = nn.Linear(self.image_encoder.dim, len(SHAPES) + 1)
+        self.centre_head = nn.Linear(self.image_encoder.dim, 2)
         self.audio_encoder = AudioEncoder(audio_dim, audio_depth) if audio_depth else None
         self.sound_head = nn.Linear(audio_dim, len(SOUND_LABELS)) if audio_depth else None
         self.register_buffer("palette", torch.tensor([[0, 0, 0], *SCENE_COLOURS.values()], dtype=torch.float32) / 127.5 - 1,
@@ -228,6 +233,8 @@ class EncoderPretrainModule(pl.LightningModule):
         shapes = self._patch_shapes(colours, part["caption"])
         patch_loss = (F.cross_entropy(self.colour_head(tokens).flatten(0, 1), colours.flatten())
                       + F.cross_entropy(self.shape_head(tokens).flatten(0, 1), shapes.flatten()))
+        if "centres" in part:
+            patch_loss = patch_loss + self._centre_loss(tokens, colours, part["centres"])
         exact = ((pair_logits > 0) == targets.bool()).all(1).float().mean()
         return pair_loss, patch_loss, exact
 
@@ -237,6 +244,23 @@ class EncoderPretrainModule(pl.LightningModule):
         step = images.shape[-1] // side
         centres = images[:, :, step // 2::step, step // 2::step].flatten(2).transpose(1, 2)  # [B, N, 3]
         return torch.cdist(centres, self.palette[None].expand(len(images), -1, -1)).argmin(-1)
+
+    def _centre_loss(self, tokens: torch.Tensor, colours: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+        """Mean squared error of the centre of the object under each object patch, in patches (so that a
+        patch's error weighs like the class losses)."""
+        targets = self._patch_centres(colours, centres) * math.isqrt(tokens.shape[1])
+        # an antialiased edge can sit nearest a colour the scene lacks: no centre to learn there
+        on_object = ~targets.isnan().any(-1)
+        if not on_object.any():
+            return tokens.new_zeros(())
+        return F.mse_loss(self.centre_head(tokens)[on_object], targets[on_object])
+
+    @staticmethod
+    def _patch_centres(colours: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+        """``[B, N, 2]``: the centre (fractions of the side) of the object whose colour is under each patch (NaN on
+        the background), from ``centres [B, colours, 2]`` in SCENE_COLOURS' order."""
+        padded = F.pad(centres, (0, 0, 1, 0), value=float("nan"))  # index 0: the background
+        return padded.gather(1, colours[..., None].expand(-1, -1, 2))
 
     @staticmethod
     def _patch_shapes(colours: torch.Tensor, captions: Sequence[str]) -> torch.Tensor:

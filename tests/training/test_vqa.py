@@ -2,9 +2,11 @@
 themselves, the staged VQAModule end to end on a tiny model (text only -> connectors only -> dense -> upcycled
 MoE, each an export the next loads), the frozen parts unchanged, and the scores."""
 
+import math
+
 import lightning.pytorch as pl
-import pytest
 import numpy as np
+import pytest
 import torch
 
 from moezoo.pipelines import VisualQAPipeline
@@ -59,7 +61,7 @@ def test_encoder_targets_are_the_scenes_pairs_and_patch_colours():
         assert torch.equal(captured["targets"][row], expected)
 
 
-def test_encoder_patch_targets_are_the_colour_and_shape_under_each_patch_centre():
+def test_encoder_patch_targets_are_the_colour_shape_and_object_centre_under_each_patch_centre():
     """Per patch: the object under its centre pixel, found from the scene's objects and the raw pixel (edges
     that antialiasing blends are skipped), against the labels the module derives from the picture and caption."""
     from moezoo.training.datasets.scenes import SCENE_COLOURS, SHAPES
@@ -71,6 +73,7 @@ def test_encoder_patch_targets_are_the_colour_and_shape_under_each_patch_centre(
     side = 8  # the tiny ViT's 64 px / patches of 8
     colours = module._patch_colours(images, side * side)
     shapes = module._patch_shapes(colours, [i["caption"] for i in items])
+    centres = module._patch_centres(colours, torch.stack([i["centres"] for i in items]))
     checked = 0
     for row in range(4):
         objects, _ = scenes.scene(row)
@@ -82,14 +85,27 @@ def test_encoder_patch_targets_are_the_colour_and_shape_under_each_patch_centre(
             near = [c for c, ref in SCENE_COLOURS.items() if np.abs(rgb - np.asarray(ref)).max() < 20]
             if rgb.max() < 20:
                 expected_colour, expected_shape = 0, 0
+                assert centres[row, token].isnan().all()
             elif near:
                 expected_colour = list(SCENE_COLOURS).index(near[0]) + 1
                 expected_shape = SHAPES.index(by_colour[near[0]]) + 1
+                (o,) = [o for o in objects if o.colour == near[0]]
+                assert centres[row, token].tolist() == pytest.approx([o.cx, o.cy], rel=1e-6)  # float32 of a float
+                assert math.dist((x * 8 + 4, y * 8 + 4), (o.cx * 64, o.cy * 64)) < 1.25 * o.radius * 64 + 1
             else:
                 continue
             assert (colours[row, token].item(), shapes[row, token].item()) == (expected_colour, expected_shape)
             checked += expected_shape > 0
     assert checked >= 8  # some patches do sit on objects
+    # antialiased edges can sit nearest a colour the scene lacks (no centre; train scenes 103 and 104 have
+    # such patches): the losses stay finite
+    edges = [SceneQADataset("train", 105, kinds=["caption"])[i] for i in (103, 104)]
+    images = torch.stack([i["image"] for i in edges])
+    centres = torch.stack([i["centres"] for i in edges])
+    colours = module._patch_colours(images, side * side)
+    assert ((colours > 0) & module._patch_centres(colours, centres).isnan().any(-1)).any()
+    losses = module._image_losses({"image": images, "caption": [i["caption"] for i in edges], "centres": centres})
+    assert all(torch.isfinite(loss) for loss in losses)
 
 
 def test_answer_scores():

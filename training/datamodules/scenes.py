@@ -21,13 +21,16 @@ __all__ = ["ScenesQADataModule", "ScenesSoundsQADataModule", "ImageTextFolderDat
 
 
 def collate_qa_batch(samples: Sequence[QASample]) -> dict:
-    return {
+    batch = {
         "image": torch.stack([s["image"] for s in samples]),
         "prompt": [s["prompt"] for s in samples],
         "answer": [s["answer"] for s in samples],
         "kind": [s["kind"] for s in samples],
         "caption": [s.get("caption", "") for s in samples],
     }
+    if all("centres" in s for s in samples):  # the generated scenes' object centres (encoder pretraining)
+        batch["centres"] = torch.stack([s["centres"] for s in samples])
+    return batch
 
 
 class ScenesQADataModule(SplitDataModule):

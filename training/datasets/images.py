@@ -25,7 +25,7 @@ import re
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TypedDict
+from typing import NotRequired, TypedDict
 
 import numpy as np
 import torch
@@ -488,6 +488,8 @@ class QASample(TypedDict):
     answer: str  # the expected answer
     kind: str  # the question's type when known ("colour", "count", ...), else ""
     caption: str  # a description of the whole picture when known (the scenes'), else ""
+    # the generated scenes: each colour's object centre (x, y as fractions of the side), NaN for absent colours
+    centres: NotRequired[torch.Tensor]
 
 
 def read_qa_lines(path: Path, root: Path) -> list[tuple[Path, str, str, str]]:

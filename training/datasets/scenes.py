@@ -163,6 +163,15 @@ def render_scene(objects: list[SceneObject], image_size: int = 64) -> np.ndarray
     return np.clip(np.round(image), 0, 255).astype(np.uint8)
 
 
+def colour_centres(objects: list[SceneObject]) -> torch.Tensor:
+    """``[len(SCENE_COLOURS), 2]``: the centre (x, y, fractions of the side, y down) of each colour's object, in
+    SCENE_COLOURS' order; NaN for colours the scene lacks (colours are distinct, so one object each)."""
+    centres = torch.full((len(SCENE_COLOURS), 2), float("nan"))
+    for o in objects:
+        centres[list(SCENE_COLOURS).index(o.colour)] = torch.tensor([o.cx, o.cy])
+    return centres
+
+
 def scene_caption(objects: list[SceneObject]) -> str:
     """The objects from left to right: "a red circle, an orange square and a gray triangle"."""
     names = [_a(f"{o.colour} {o.shape}") for o in sorted(objects, key=lambda o: o.cx)]
@@ -303,7 +312,8 @@ class SceneQADataset(Dataset):
         else:
             _, prompt, answer = ask(objects, kind, rng, self.split)
         image = torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1.0
-        return QASample(image=image, prompt=prompt, answer=answer, kind=kind, caption=scene_caption(objects))
+        return QASample(image=image, prompt=prompt, answer=answer, kind=kind, caption=scene_caption(objects),
+                        centres=colour_centres(objects))
 
 
 def caption_pairs(text: str) -> list[tuple[str, str]]:
