@@ -3,12 +3,24 @@
     python bench/dit_quality.py digits     # dit_moe_digits vs dit_dense_digits: label accuracy, ms/image
     python bench/dit_quality.py shapes     # dit_moe_shapes: prompted shape+colour (and position) accuracy
     python bench/dit_quality.py all
+    python bench/dit_quality.py all --quick   # a ~1 minute smoke run (5 per digit, 60 prompts, 5 steps)
 
 How: a small CNN ("the judge") is trained here on real pictures — scikit-learn's digits (the generator's
 training split) or freshly rendered shapes from a different seed than the generator saw — and its accuracy
 on held-out real pictures is printed first, so you can see how far to trust it. Then each model generates
 images for given labels / prompts and the judge says whether they show what was asked for. Sampling time is
 the wall-clock of the pipeline call divided by the number of images, in one run for every model.
+
+Variety and fidelity (``moezoo.training.generation_metrics``), in the judge's feature space: the 512 features
+its CNN trunk feeds to the heads (the penultimate layer), of generated images and of held-out real images the
+judge never trained on — for digits the validation split (the generator did not train on it either), for shapes
+as many fresh renders (seed 4) as there are prompts. Columns: FD = Fréchet distance between
+Gaussians fitted to the two feature sets; precision / recall = Kynkäänniemi et al. 2019 with k = 3 (share of
+generated images inside the real manifold / of real images inside the generated one); diversity = mean pairwise
+Euclidean feature distance within each class (digit; shape + colour), generated over real, averaged over the
+classes. FD and recall depend on the sample counts, so a real reference row is measured at the same counts,
+real pictures for the same labels / prompts (what a perfect generator would draw): as many training digits per
+class (the judge did train on these) or the prompts' own renders (seed 3). Compare rows of one table only.
 
 Evaluate your own run's export with ``--model dit_moe_digits=local-dir:PATH``.
 """
@@ -26,7 +38,13 @@ from tqdm import tqdm
 
 from moezoo.pipelines import DiTMoEPipeline
 from moezoo.training.datamodules.images import DigitsDataModule
-from moezoo.training.datasets.images import COLOURS, POSITIONS, SHAPES, ShapesDataset, parse_caption
+from moezoo.training.datasets.images import COLOURS, POSITIONS, SHAPES, ShapesDataset, label_for, parse_caption
+from moezoo.training.generation_metrics import generation_metrics
+
+# --quick: every size argument small, for a smoke run of about a minute; explicit arguments still win.
+QUICK = {"samples_per_class": 5, "prompts": 60, "steps": 5, "judge_epochs": 8, "judge_train": 3000}
+# The variety and fidelity columns, after the accuracy columns of each table.
+METRICS_HEADER = "FD | precision | recall | diversity gen / real"
 
 
 class Judge(nn.Module):
@@ -64,6 +82,23 @@ def train_judge(images: torch.Tensor, targets: dict[str, torch.Tensor], epochs: 
             loss.backward()
             optimizer.step()
     return judge.eval()
+
+
+@torch.no_grad()
+def judge_features(judge: Judge, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    """The judge's penultimate features [N, 512] of images [N, C, H, W] in [-1, 1] (the input of its heads)."""
+    return torch.cat([judge.features(images[start:start + batch]) for start in range(0, len(images), batch)])
+
+
+def metric_cells(metrics: dict[str, float]) -> str:
+    """The table cells of :data:`METRICS_HEADER`."""
+    return (f"{metrics['fd']:.2f} | {metrics['precision']:.1%} | {metrics['recall']:.1%} | "
+            f"{metrics['diversity_ratio']:.2f}")
+
+
+def measure(judge: Judge, real_features: torch.Tensor, real_labels, images: torch.Tensor, labels) -> dict[str, float]:
+    """FD, precision, recall and diversity ratio of ``images`` (classes ``labels``) against the real features."""
+    return generation_metrics(real_features, real_labels, judge_features(judge, images), labels)
 
 
 @torch.no_grad()
@@ -105,22 +140,33 @@ def bench_digits(args, sources: dict[str, str]) -> None:
     judge = train_judge(real["train"][0], {"digit": real["train"][1]}, epochs=args.judge_epochs)
     print(f"judge: trained on {len(real['train'][1])} real digits; accuracy on {len(real['val'][1])} held-out real "
           f"digits: {judge_accuracy(judge, real['val'][0], {'digit': real['val'][1]})['digit']:.1%}\n")
+    real_features = judge_features(judge, real["val"][0])
 
     labels = [d for d in range(10) for _ in range(args.samples_per_class)]
-    rows = []
+    # The reference row: as many training digits per class as generated ones (a generator that copied its
+    # training set would score about this).
+    train_images, train_labels = real["train"]
+    copied = torch.cat([torch.nonzero(train_labels == d).flatten()[:args.samples_per_class] for d in range(10)])
+    rows = [("real training digits (the judge trained on these)", None, None,
+             judge_accuracy(judge, train_images[copied], {"digit": train_labels[copied]})["digit"],
+             measure(judge, real_features, real["val"][1], train_images[copied], train_labels[copied]), None)]
     for name in args.digits_models:
         pipe = load_pipeline(name, sources)
         images, seconds = generate(pipe, args.steps, args.guidance, args.batch, args.seed, class_labels=labels)
         accuracy = judge_accuracy(judge, images, {"digit": torch.tensor(labels)})["digit"]
         model = pipe.transformer
         rows.append((name, model.num_parameters() / 1e6, model.num_parameters(active=True) / 1e6, accuracy,
-                     seconds * 1e3))
+                     measure(judge, real_features, real["val"][1], images, labels), seconds * 1e3))
     print(f"{len(labels)} samples ({args.samples_per_class} per digit), {args.steps} flow-match Euler steps, "
-          f"guidance {args.guidance}, fp32, 1 thread\n")
-    print("| model | params (M) | active (M) | generated digits judged as their label | ms / image |")
-    print("|---|---:|---:|---:|---:|")
-    for name, total, active, accuracy, ms in rows:
-        print(f"| {name} | {total:.2f} | {active:.2f} | {accuracy:.1%} | {ms:.1f} |")
+          f"guidance {args.guidance}, fp32, 1 thread; FD, precision, recall (k = 3) and diversity in the judge's "
+          f"features against the {len(real['val'][1])} held-out real digits\n")
+    print(f"| model | params (M) | active (M) | generated digits judged as their label | {METRICS_HEADER} "
+          "| ms / image |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, total, active, accuracy, metrics, ms in rows:
+        sizes = "— | —" if total is None else f"{total:.2f} | {active:.2f}"
+        print(f"| {name} | {sizes} | {accuracy:.1%} | {metric_cells(metrics)} | "
+              f"{'—' if ms is None else f'{ms:.1f}'} |")
     print()
 
 
@@ -147,21 +193,35 @@ def bench_shapes(args, sources: dict[str, str]) -> None:
     print(f"judge: trained on {len(train)} real renders; on {len(test)} held-out renders: shape "
           f"{held_out['shape']:.1%}, colour {held_out['colour']:.1%}, position {held_out['position']:.1%}\n")
 
+    # Held-out real set: as many fresh renders of seed 4 (the judge trained on seed 1 and was tested on seed 2).
+    # Reference row: the prompts' own real renders (seed 3), what a perfect generator would draw for them.
     prompts_from = ShapesDataset(args.prompts, image_size=32, seed=3)
     prompts = [prompts_from[i]["caption"] for i in range(args.prompts)]
     targets = shape_targets([parse_caption(p) for p in prompts])
-    print(f"{len(prompts)} prompts, e.g. {prompts[0]!r}; {args.steps} steps, guidance {args.shapes_guidance}\n")
-    print("| model | shape | colour | shape + colour | position | ms / image |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name in args.shapes_models:
-        pipe = load_pipeline(name, sources)
-        images, seconds = generate(pipe, args.steps, args.shapes_guidance, args.batch, args.seed, prompt=prompts)
+    classes = [label_for(parse_caption(p)) for p in prompts]  # shape + colour, 12 classes
+    (prompt_x, _), (fresh_x, fresh_t) = real(prompts_from), real(ShapesDataset(args.prompts, image_size=32, seed=4))
+    real_features = judge_features(judge, fresh_x)
+    real_classes = (fresh_t["shape"] * len(COLOURS) + fresh_t["colour"]).tolist()  # label_for's numbering
+    print(f"{len(prompts)} prompts, e.g. {prompts[0]!r}; {args.steps} steps, guidance {args.shapes_guidance}; FD, "
+          f"precision, recall (k = 3) and diversity in the judge's features against {len(fresh_x)} fresh real "
+          f"renders (seed 4)\n")
+    print(f"| model | shape | colour | shape + colour | position | {METRICS_HEADER} | ms / image |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+    def row(name: str, images: torch.Tensor, ms: str) -> None:
         with torch.no_grad():
             logits = judge(images)
         right = {k: logits[k].argmax(1) == t for k, t in targets.items()}
         both = (right["shape"] & right["colour"]).float().mean()
+        metrics = measure(judge, real_features, real_classes, images, classes)
         print(f"| {name} | {right['shape'].float().mean():.1%} | {right['colour'].float().mean():.1%} | "
-              f"{both:.1%} | {right['position'].float().mean():.1%} | {seconds * 1e3:.1f} |")
+              f"{both:.1%} | {right['position'].float().mean():.1%} | {metric_cells(metrics)} | {ms} |")
+
+    row("real renders of the prompts (reference)", prompt_x, "—")
+    for name in args.shapes_models:
+        pipe = load_pipeline(name, sources)
+        images, seconds = generate(pipe, args.steps, args.shapes_guidance, args.batch, args.seed, prompt=prompts)
+        row(name, images, f"{seconds * 1e3:.1f}")
     print()
 
 
@@ -181,6 +241,10 @@ def main(argv=None) -> None:
     parser.add_argument("--judge-epochs", type=int, default=15)
     parser.add_argument("--judge-train", type=int, default=6000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()))
+    if parser.parse_known_args(argv)[0].quick:  # a first pass, so the quick sizes become mere defaults
+        parser.set_defaults(**QUICK)
     args = parser.parse_args(argv)
     sources = {}
     for item in args.model:

@@ -2,6 +2,7 @@
 
     python bench/video_quality.py                       # 96 clips, 30 steps, guidance 4, prints a markdown table
     python bench/video_quality.py --clips 48 --model local-dir:/tmp/export
+    python bench/video_quality.py --quick               # ~1 minute smoke run: 12 clips, 5 steps, a small judge
 
 What is measured
 ----------------
@@ -28,6 +29,15 @@ them), checked first on held-out real frames. A clip's judged shape / colour is 
 log-probability summed over its frames. The fill ratio needs crisp edges: generated shapes come out with
 softened corners (even the image model's squares fill only ~0.86 of their box, against the real squares'
 1.00), so it reads many squares as circles; the judge, trained with small shifts, is the reading quoted.
+
+Variety and fidelity, as ``bench/dit_quality.py`` measures them (``moezoo.training.generation_metrics``), on
+single frames in the judge's feature space (the 512 penultimate features of its CNN): every frame of the
+generated clips against every frame of as many other held-out real clips (the next ``--clips`` of the
+validation split: neither the generator nor the judge trained on them). FD = Fréchet distance between the
+Gaussians fitted to the two frame-feature sets; precision / recall = Kynkäänniemi et al. 2019, k = 3; diversity =
+mean pairwise Euclidean feature distance between frames of one caption class (shape + colour), generated over
+real, averaged over the classes. Per-frame features see appearance, not motion (the tracker's direction column
+measures that). The "dataset clips" row, the real clips of the same captions, is the reference at equal counts.
 """
 
 from __future__ import annotations
@@ -39,7 +49,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dit_quality import train_judge  # bench/ is the script's directory: its sibling benchmark
+# bench/ is the script's directory: its sibling benchmark
+from dit_quality import METRICS_HEADER, judge_features, metric_cells, train_judge
+from moezoo.training.generation_metrics import generation_metrics
 from moezoo.training.datasets.images import COLOUR_RGB, COLOURS, SHAPES
 from moezoo.training.datasets.video import DIRECTIONS, MovingShapesDataset, parse_video_caption
 
@@ -50,6 +62,8 @@ MIN_TRAVEL = 0.15
 # 0.78-0.79, square 1.00; the ideal values are 1/2, pi/4 and 1).
 TRIANGLE_BELOW, SQUARE_ABOVE = 0.69, 0.89
 TRAIN_CLIPS = 20000  # training/configs/dit_moe_shapes_video.yaml: the held-out split starts after these
+# --quick: small sizes for a smoke run of about a minute; explicit arguments still win.
+QUICK = {"clips": 12, "steps": 5, "batch_size": 12, "judge_clips": 400, "judge_epochs": 8}
 
 
 def track_frame(frame_HWC: np.ndarray) -> dict | None:
@@ -146,9 +160,22 @@ def judge_clips(judge, clips_BFHWC: np.ndarray) -> list[dict]:
     return readings
 
 
-def held_out_clips(count: int, seed: int) -> MovingShapesDataset:
+def held_out_clips(count: int, seed: int, skip: int = 0) -> MovingShapesDataset:
+    """``count`` clips of the validation split, after its first ``skip``."""
     return MovingShapesDataset(count, image_size=32, num_frames=8, motions=DIRECTIONS, seed=seed,
-                               first_index=TRAIN_CLIPS)
+                               first_index=TRAIN_CLIPS + skip)
+
+
+def clip_frames(clips_BFHWC: np.ndarray) -> torch.Tensor:
+    """Every frame of clips [B, F, H, W, C] in [0, 1] as the judge's input [B * F, C, H, W] in [-1, 1]."""
+    frames = torch.from_numpy(np.ascontiguousarray(clips_BFHWC)).float().flatten(0, 1)
+    return frames.permute(0, 3, 1, 2) * 2 - 1
+
+
+def frame_classes(captions: list[str], frames_per_clip: int) -> list[str]:
+    """Each frame's class for the within-class diversity: its clip's caption's colour and shape."""
+    classes = [f"{t['colour']} {t['shape']}" for t in map(parse_video_caption, captions)]
+    return [c for c in classes for _ in range(frames_per_clip)]
 
 
 def generate(model_name: str, captions: list[str], steps: int, guidance: float, batch_size: int) -> np.ndarray:
@@ -192,6 +219,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--judge-epochs", type=int, default=15)
     parser.add_argument("--save", default=None, help="write the generated clips to this .npz")
     parser.add_argument("--load", default=None, help="score the clips of this .npz (from --save) instead of generating")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()))
+    if parser.parse_known_args(argv)[0].quick:  # a first pass, so the quick sizes become mere defaults
+        parser.set_defaults(**QUICK)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     import moezoo.zoo.models  # noqa: F401  registers the video models
@@ -202,6 +233,12 @@ def main(argv: list[str] | None = None) -> None:
     judge, judge_held_out = fit_judge(args.judge_clips, args.judge_seed, args.judge_epochs)
     print(f"judge: trained on the frames of {args.judge_clips} real clips (seed {args.judge_seed}); on held-out real "
           f"frames: shape {judge_held_out['shape']:.1%}, colour {judge_held_out['colour']:.1%}")
+    # The real frames the variety and fidelity columns compare with: the next --clips clips of the split.
+    reference = held_out_clips(args.clips, args.seed, skip=args.clips)
+    reference_clips = np.stack([reference.render(i).astype(np.float32) / 255 for i in range(len(reference))])
+    reference_captions = [reference[i]["caption"] for i in range(len(reference))]
+    reference_features = judge_features(judge, clip_frames(reference_clips))
+    reference_classes = frame_classes(reference_captions, reference_clips.shape[1])
 
     started = time.perf_counter()
     if args.load:
@@ -216,17 +253,22 @@ def main(argv: list[str] | None = None) -> None:
         np.savez_compressed(args.save, frames=frames, captions=np.array(captions))
 
     print(f"\n{args.clips} held-out captions, {args.steps} flow-match Euler steps, guidance {args.guidance}, "
-          f"8 frames of 32x32; {how}\n")
+          f"8 frames of 32x32; {how}; FD, precision, recall (k = 3) and diversity on frames in the judge's "
+          f"features against the {len(reference_clips) * reference_clips.shape[1]} frames of {len(reference_clips)} "
+          f"other held-out real clips\n")
     print("| clips | direction (tracker) | colour (judge) | shape (judge) | colour + shape (judge) "
-          "| colour (fill tracker) | shape (fill tracker) |")
-    print("|---|---|---|---|---|---|---|")
+          f"| colour (fill tracker) | shape (fill tracker) | {METRICS_HEADER} |")
+    print("|---|---|---|---|---|---|---|---:|---:|---:|---:|")
     rows = (("dataset clips (reader check)", real_clips), (f"generated by {args.model}", frames))
     for name, clips in rows:  # after the loop, tracked / judged are the generated clips' readings
         tracked, judged = [track_clip(c) for c in clips], judge_clips(judge, clips)
         by_tracker = score(tracked, captions)
         by_judge = score([{**r, "direction": None} for r in judged], captions)
+        metrics = generation_metrics(reference_features, reference_classes, judge_features(judge, clip_frames(clips)),
+                                     frame_classes(captions, clips.shape[1]))
         print(f"| {name} | {by_tracker['direction']:.1%} | {by_judge['colour']:.1%} | {by_judge['shape']:.1%} | "
-              f"{by_judge['colour+shape']:.1%} | {by_tracker['colour']:.1%} | {by_tracker['shape']:.1%} |")
+              f"{by_judge['colour+shape']:.1%} | {by_tracker['colour']:.1%} | {by_tracker['shape']:.1%} | "
+              f"{metric_cells(metrics)} |")
     static = sum(r["direction"] in ("static", None) for r in tracked)
     print(f"\ngenerated: {static} clip(s) without a detected motion of >= {MIN_TRAVEL:.0%} of the side; "
           f"by shape, judge: {breakdown(judged, captions, 'shape', SHAPES)}; "
