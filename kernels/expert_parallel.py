@@ -229,7 +229,8 @@ def dispatch(x_TD: torch.Tensor, plan: DispatchPlan, shard: ExpertShard, *,
         ``(rows [N, D], exchange)``: the rows this rank's experts must compute, and how they came.
     """
     if plan.num_experts != shard.num_experts:
-        raise ValueError(f"the plan is for {plan.num_experts} experts, the expert-parallel group shards {shard.num_experts}")
+        raise ValueError(f"the plan is for {plan.num_experts} experts, the expert-parallel group shards "
+                         f"{shard.num_experts}")
     world_size, num_local = shard.world_size, shard.num_local
     x_SD = x_TD.index_select(0, plan.sorted_tokens_S)
     if pad_to is None:

@@ -38,7 +38,8 @@ CASES = {
     "top_k": dict(kwargs=dict(top_k=2, renormalize=True, aux_loss_coefs={
         "load_balance": 0.1, "global_load_balance": 0.1, "z_loss": 0.01, "expert_balance": 0.1, "cv2": 0.1,
         "entropy": 0.01, "top1_balance": 0.1, "sample_top1_balance": 0.1, "chosen_balance": 0.1})),
-    "top_p": dict(kwargs=dict(top_k=3, router="top_p", top_p=0.6, aux_loss_coefs={"chosen_balance": 0.1, "load_balance": 0.1})),
+    "top_p": dict(kwargs=dict(top_k=3, router="top_p", top_p=0.6,
+                              aux_loss_coefs={"chosen_balance": 0.1, "load_balance": 0.1})),
     "expert_choice": dict(kwargs=dict(top_k=2, router="expert_choice", aux_loss_coefs={"z_loss": 0.01})),
     "noisy_eval": dict(kwargs=dict(top_k=2, router="noisy", aux_loss_coefs={"cv2": 0.1}), train=False),
     "gshard_top2_eval": dict(kwargs=dict(top_k=2, router="gshard_top2", capacity_factor=0.75,
