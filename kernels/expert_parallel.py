@@ -326,11 +326,13 @@ def reduce_gradients(parameters: Iterable[torch.Tensor], *, data_group: dist.Pro
 # ---------------------------------------------------------------------------------------------- routing
 
 
-def check_equal_tokens(num_tokens: int, group: dist.ProcessGroup | None = None) -> int:
+def check_equal_tokens(num_tokens: int, group: dist.ProcessGroup | None = None,
+                       device: torch.device | str = "cpu") -> int:
     """The ranks of ``group`` must route equally many tokens (the gathers below need equal rows): returns R * T,
-    or a ValueError that lists every rank's count."""
-    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(sizes, torch.tensor([num_tokens]), group=group)
+    or a ValueError that lists every rank's count. ``device``: where the group's backend takes tensors (the
+    tokens' device: NCCL needs CUDA tensors)."""
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, torch.tensor([num_tokens], device=device), group=group)
     sizes = [int(s) for s in sizes]
     if len(set(sizes)) > 1:
         raise ValueError(f"expert parallelism needs the same number of tokens on every rank of the routing group, "

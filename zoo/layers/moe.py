@@ -347,7 +347,7 @@ class MoE(RoutedBlock):
         decide capacity over the routing group's tokens as one process would, exchange the rows, add the shared
         and special experts locally, and record the routing group's routing."""
         par, num_tokens = self._expert_parallel, x_TD.shape[0]
-        group_tokens = ep.check_equal_tokens(num_tokens, par.routing_group)
+        group_tokens = ep.check_equal_tokens(num_tokens, par.routing_group, x_TD.device)
         first = torch.distributed.get_rank(par.routing_group) * num_tokens  # this rank's rows of the gathered batch
         mine = slice(first, first + num_tokens)
         if self.router.kind == "expert_choice":  # picks tokens over the whole batch
