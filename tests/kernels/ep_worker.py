@@ -52,6 +52,22 @@ def run_case(case: dict, groups: dict) -> dict:
     }
 
 
+def checkpoint_round_trip(case: dict, groups: dict) -> dict:
+    """A sharded block's gathered state dict (what one process saves), and a fresh sharded block's weights after
+    loading that full state dict (the re-shard)."""
+    from moezoo.zoo.layers import MoE, gather_expert_state_dict
+
+    ep_group = groups[case["ep_size"] or dist.get_world_size()][0]
+    moe = MoE(**case["kwargs"])
+    moe.load_state_dict(case["state"])
+    moe.shard_experts(ep_group)
+    full = gather_expert_state_dict(moe)
+    fresh = MoE(**case["kwargs"]).shard_experts(ep_group)
+    fresh.load_state_dict(full)
+    return {"gathered": full, "reloaded": {n: t.detach() for n, t in fresh.state_dict().items()},
+            "ep_rank": dist.get_rank(ep_group)}
+
+
 def _mesh_groups(ep_size: int):
     from moezoo.kernels.expert_parallel import expert_parallel_groups
 
@@ -88,6 +104,8 @@ def main(rank: int, world_size: int, port: int, cases_path: str, out_dir: str) -
         groups = {}
         results = {"cases": {case["name"]: run_case(case, groups) for case in spec["cases"]},
                    "round_trip": {pad: round_trip(7, 2, 5, pad) for pad in (False, True)}}
+        results["checkpoint"] = {case["name"]: checkpoint_round_trip(case, groups) for case in spec["cases"]
+                                 if case["name"] in ("capacity_drops", "mesh_top_k")}
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()

@@ -230,3 +230,23 @@ def test_only_routed_experts_are_marked(parallel_run):
     for name, result in ranks[0]["cases"].items():
         want = [p for p in EXPERT_PARAMS if p in result["grads"]]
         assert result["marked"] == want, name
+
+
+def test_checkpoints_gather_and_reshard(parallel_run):
+    """gather_expert_state_dict gives one process's state dict (every expert, exactly), and a sharded block
+    loading it keeps its own experts' rows."""
+    world_size, ranks = parallel_run
+    for name, case in cases_for(world_size).items():
+        if name not in ranks[0]["checkpoint"]:
+            continue
+        full = build(case).state_dict()
+        for result in ranks:
+            got = result["checkpoint"][name]
+            assert got["gathered"].keys() == full.keys()
+            for key, tensor in full.items():
+                assert torch.equal(got["gathered"][key], tensor), f"{name}: gathered {key}"
+                mine = tensor
+                if key in EXPERT_PARAMS:
+                    experts = local_experts(EXPERTS, got["ep_rank"], case.get("ep_size") or world_size)
+                    mine = tensor[experts.start:experts.stop]
+                assert torch.equal(got["reloaded"][key], mine), f"{name}: reloaded {key}"

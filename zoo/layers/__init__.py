@@ -3,7 +3,7 @@
 from .connectors import MoEConnector, QueryResampler, mlp_projector
 from .dcmoe import DynamicCapacityMoE, anneal_aux_weight, set_aux_weight
 from .modality import IntraInterMoE, ModalityGroupMoE, ModalityUntiedAttention, ModalityUntiedFeedForward
-from .moe import EXPERT_KINDS, ROUTERS, GatedMLP, MoE, Router
+from .moe import EXPERT_KINDS, ROUTERS, GatedMLP, MoE, Router, gather_expert_state_dict, shard_model_experts
 from .moh import MoHAttention
 from .routed import (
     AUX_LOSSES,
@@ -38,11 +38,13 @@ __all__ = [
     "anneal_aux_weight",
     "collect_routing",
     "freeze",
+    "gather_expert_state_dict",
     "mlp_projector",
     "routed_blocks",
     "routing_maps",
     "set_aux_weight",
     "set_backend",
+    "shard_model_experts",
     "total_aux_loss",
     "unfreeze",
 ]

@@ -41,7 +41,7 @@ from moezoo.kernels.routing import (
 from moezoo.kernels.ternary import ternary_ste
 
 from .blocks import GatedMLP
-from .routed import RoutedBlock
+from .routed import RoutedBlock, routed_blocks
 
 EXPERT_KINDS = {  # name -> (activation, gated)
     "swiglu": ("silu", True),
@@ -50,6 +50,7 @@ EXPERT_KINDS = {  # name -> (activation, gated)
     "ternary": ("silu", True),  # MoTE: SwiGLU experts with ternary weights
 }
 ROUTERS = ("softmax", "sigmoid", "top_p", "expert_choice", "noisy", "gshard_top2")
+EXPERT_PARAMETERS = ("w_in", "w_out", "b_in", "b_out")  # the routed experts' [E, ...] tensors: what EP shards
 
 
 def init_like_linear_(weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
@@ -332,7 +333,7 @@ class MoE(RoutedBlock):
             raise RuntimeError("this MoE's experts are already sharded")
         shard = ep.expert_shard(self.num_experts, group)
         mine = slice(shard.experts.start, shard.experts.stop)
-        for name in ("w_in", "w_out", "b_in", "b_out"):
+        for name in EXPERT_PARAMETERS:
             full = getattr(self, name)
             if full is not None:
                 local = nn.Parameter(full.detach()[mine].clone(), requires_grad=full.requires_grad)
@@ -377,6 +378,23 @@ class MoE(RoutedBlock):
         group_shape = (ranks * lead_shape[0], *lead_shape[1:]) if len(lead_shape) else (ranks,)
         self._record(routed_all, plan_all, group_shape)
         return y_TD
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A sharded block loads a one-process (full) checkpoint by taking its own experts' rows: the re-shard.
+        if self._expert_parallel is not None:
+            mine = slice(self._expert_parallel.shard.experts.start, self._expert_parallel.shard.experts.stop)
+            for name in EXPERT_PARAMETERS:
+                full = state_dict.get(prefix + name)
+                if full is not None and getattr(self, name) is not None and full.shape[0] == self.num_experts:
+                    state_dict[prefix + name] = full[mine]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def gather_experts(self) -> dict[str, torch.Tensor]:
+        """All ``num_experts`` experts' weights of a sharded block, by parameter name (collective over its
+        expert-parallel group): what one process's ``state_dict`` holds."""
+        group = self._expert_parallel.shard.group
+        return {name: ep.all_gather_rows(getattr(self, name).detach(), group)
+                for name in EXPERT_PARAMETERS if getattr(self, name) is not None}
 
     @property
     def expert_parallel(self) -> bool:
@@ -461,3 +479,27 @@ class _ExpertParallel:
     shard: ep.ExpertShard
     routing_group: object
     pad_to_capacity: bool
+
+
+def shard_model_experts(model: nn.Module, group=None, *, routing_group=None,
+                        pad_to_capacity: bool = False) -> list[str]:
+    """:meth:`MoE.shard_experts` on every MoE block of ``model`` (collective: every rank of ``group`` calls it);
+    returns the names of the expert parameters now sharded (e.g. for DDP's parameters to ignore)."""
+    names = []
+    for name, block in routed_blocks(model):
+        if isinstance(block, MoE):
+            block.shard_experts(group, routing_group=routing_group, pad_to_capacity=pad_to_capacity)
+            names += [f"{name}.{p}" if name else p for p in EXPERT_PARAMETERS if getattr(block, p) is not None]
+    return names
+
+
+def gather_expert_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with every sharded MoE block's experts gathered whole (collective over each
+    block's expert-parallel group): the checkpoint one process saves and loads; a sharded model loads it back
+    (each block keeps its own rows)."""
+    state = model.state_dict()
+    for name, block in routed_blocks(model):
+        if isinstance(block, MoE) and block.expert_parallel:
+            for param, full in block.gather_experts().items():
+                state[f"{name}.{param}" if name else param] = full
+    return state
