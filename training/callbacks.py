@@ -12,6 +12,8 @@ import torch
 from lightning.pytorch.callbacks.progress import ProgressBar
 from torchvision.utils import make_grid, save_image
 
+from moezoo.zoo.layers import routed_blocks
+
 
 class ProgressLog(ProgressBar):
     """Training progress as one plain line every ``every_n_steps`` optimizer steps and one after each
@@ -119,12 +121,18 @@ class SampleGrid(pl.Callback):
         self.last_path: Path | None = None
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
+        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
-        if (trainer.current_epoch + 1) % self.every_n_epochs:
+        # every rank asks: trainer.log_dir is a broadcast from rank 0, which waits for all of them
+        folder = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
+        # Experts sharded over ranks (ExpertParallelStrategy) compute only when every rank calls them: then every
+        # rank samples the same grid, and rank 0 saves it.
+        sharded = any(getattr(block, "expert_parallel", False) for _, block in routed_blocks(pl_module))
+        if not (trainer.is_global_zero or sharded):
             return
         images = self.sample(trainer, pl_module)
-        folder = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
+        if not trainer.is_global_zero:
+            return
         folder.mkdir(parents=True, exist_ok=True)
         self.last_path = folder / f"epoch={trainer.current_epoch:03d}.png"
         save_image(make_grid(images, nrow=min(10, len(images)), padding=1), self.last_path)

@@ -32,6 +32,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 # Imported so that LightningCLI's --model / --data also accept these classes by their short names.
 from . import diffusion, fusion, restoration  # noqa: F401
+from . import expert_parallel  # noqa: F401  (registers --trainer.strategy expert_parallel)
 from .checkpoints import UnsafeCheckpointError, load_checkpoint, safe_checkpoint_globals
 from .datamodules import fusion_pairs, images, video, weather  # noqa: F401
 from .runs import RunCheckpoint

@@ -22,7 +22,8 @@ sharded parameters). Routing record and aux losses are those of the ``routing`` 
 ``"expert"`` (default: one expert-parallel group) or ``"data"`` (all ranks: R processes compute exactly what one
 process computes on their concatenated batch, at the cost of all-gathering the router outputs over all ranks).
 
-CPU (gloo) and GPU (NCCL) take the same path; see the README text for the torchrun recipe.
+CPU (gloo) and GPU (NCCL) take the same path. Importing this module registers the strategy as
+``"expert_parallel"`` (``moezoo-train ... --trainer.strategy expert_parallel``); the CLI imports it.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.nn.parallel import DistributedDataParallel
 
@@ -143,6 +144,10 @@ class ExpertParallelStrategy(DDPStrategy):
         """(index in the optimizer's state dict, parameter): torch numbers parameters over all groups in order."""
         optimizer = getattr(optimizer, "_optimizer", optimizer)
         return list(enumerate(p for group in optimizer.param_groups for p in group["params"]))
+
+
+StrategyRegistry.register(ExpertParallelStrategy.strategy_name, ExpertParallelStrategy, override=True,
+                          description="DDP with the MoE experts sharded over expert-parallel groups (moezoo)")
 
 
 def _shaped_like(value: Any, param: torch.Tensor) -> bool:
