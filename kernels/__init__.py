@@ -12,6 +12,10 @@ The pieces, in the order a MoE layer uses them:
   backends live in :mod:`.cpu_backend` (torch) and :mod:`.triton_moe`, the activations in :mod:`.activations`;
   ``pack_expert_weights`` packs experts' weights once for the torch backend's inference (``expert_mlp(packed=)``);
 - auxiliary losses (:mod:`.losses`) and ternary expert weights (:mod:`.ternary`).
+
+Expert parallelism (:mod:`.expert_parallel`, imported by name): the experts spread over the ranks of a
+torch.distributed group, the plan's rows exchanged by ``all_to_all_single``, and the gradient reduction that
+tells expert parameters from the rest.
 """
 
 from .activations import ACTIVATIONS, activation_fn

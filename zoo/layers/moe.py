@@ -353,7 +353,7 @@ class MoE(RoutedBlock):
         mine = slice(first, first + num_tokens)
         if self.router.kind == "expert_choice":  # picks tokens over the whole batch
             logits_TE = ep.all_gather_rows(self.router.logits(x_TD), par.routing_group)
-            routed_all = self.router.route(logits_TE, None)
+            routed_all = self.router.route(logits_TE, None, allowed_TE)  # refuses a mask, as forward does
             routed = ep.router_output_rows(routed_all, mine)
         else:
             routed = self.router(x_TD, allowed_TE)
