@@ -7,7 +7,9 @@ gradient after ``reduce_gradients`` (the experts' on every rank that holds them)
 losses, for top-k, top-p, expert-choice, noisy and GShard top-2 routers, shared, null, copy and constant
 experts, a capacity that drops slots, an expert (and with 4 ranks a whole rank) that receives no tokens, exact
 and capacity-padded splits, and with 4 ranks a 2 x 2 mesh (expert-parallel groups of 2, expert-data-parallel
-groups of 2). Plus Megatron's round trip: dispatch + combine with weights 1/k returns the input.
+groups of 2), routing over all ranks or over each expert-parallel group (then one process per group's batch,
+the data-parallel gradients the mean of theirs). Plus Megatron's round trip: dispatch + combine with
+weights 1/k returns the input.
 """
 
 from __future__ import annotations
@@ -60,6 +62,12 @@ MESH_CASES = {  # 4 ranks: expert-parallel groups {0, 1}, {2, 3}; expert-data-pa
     "mesh_expert_choice": dict(kwargs=CASES["expert_choice"]["kwargs"], ep_size=2, routing="world"),
     "mesh_empty_expert_padded": dict(kwargs=CASES["empty_expert"]["kwargs"], ep_size=2, routing="world",
                                      empty_last=True, pad=True),
+    # routing over each expert-parallel group (the default): each group is one process on its own batch, except
+    # for global_load_balance, which counts over all data-parallel ranks by definition (left out here)
+    "mesh_top_k_group_routing": dict(kwargs={**CASES["top_k"]["kwargs"], "aux_loss_coefs": {
+        n: c for n, c in CASES["top_k"]["kwargs"]["aux_loss_coefs"].items() if n != "global_load_balance"}},
+        ep_size=2),
+    "mesh_capacity_group_routing": dict(kwargs=CASES["capacity_drops"]["kwargs"], ep_size=2),
 }
 
 
@@ -158,28 +166,41 @@ def test_sharding_needs_a_process_group():
         MoE(DIM, HIDDEN, EXPERTS).shard_experts()
 
 
+def references(case: dict, world_size: int, x: torch.Tensor, g: torch.Tensor) -> tuple[int, list[dict]]:
+    """``(ranks per routing group, one process's run of each routing group's batch)``. Routing over all ranks:
+    one run of the whole batch; over expert-parallel groups smaller than the world: one run per group, whose
+    data-parallel gradients are then the mean of the runs'."""
+    ep_size = case.get("ep_size") or world_size
+    size = world_size if case.get("routing") == "world" else ep_size
+    rows = x.shape[0] // (world_size // size)
+    return size, [one_process(case, x[i:i + rows], g[i:i + rows]) for i in range(0, x.shape[0], rows)]
+
+
 def test_matches_one_process(parallel_run):
     world_size, ranks = parallel_run
     x, g = batch(world_size)
     tol = tolerance(world_size)
     for name, case in cases_for(world_size).items():
-        ref = one_process(case, x, g)
+        group_size, refs = references(case, world_size, x, g)
+        mean_grads = {n: None if refs[0]["grads"][n] is None else torch.stack([r["grads"][n] for r in refs]).mean(0)
+                      for n in refs[0]["grads"]}  # None: a parameter the loss does not reach (noisy router in eval)
         ep_size = case.get("ep_size") or world_size
         per_rank = x.shape[0] // world_size
         for rank, result in enumerate(ranks):
-            got = result["cases"][name]
-            mine = slice(rank * per_rank, (rank + 1) * per_rank)
+            got, ref = result["cases"][name], refs[rank // group_size]
+            mine = slice(rank % group_size * per_rank, (rank % group_size + 1) * per_rank)
             where = f"{name}, rank {rank} of {world_size}"
             torch.testing.assert_close(got["y"], ref["y"][mine], **tol, msg=lambda m: f"{where}: output\n{m}")
-            # x's gradient is of the sum of all ranks' losses, and one process's loss is their mean
-            torch.testing.assert_close(got["x_grad"] / world_size, ref["x_grad"][mine], **tol,
+            # x's gradient is of the sum of its routing group's losses, and one process's loss is their mean
+            torch.testing.assert_close(got["x_grad"] / group_size, ref["x_grad"][mine], **tol,
                                        msg=lambda m: f"{where}: input gradient\n{m}")
             experts = local_experts(EXPERTS, got["ep_rank"], ep_size)
-            assert set(got["grads"]) == set(ref["grads"]), where
+            assert set(got["grads"]) == set(mean_grads), where
             for pname, grad in got["grads"].items():
-                want = ref["grads"][pname]
+                want = mean_grads[pname]
                 if pname in EXPERT_PARAMS:
                     want = want[experts.start:experts.stop]
+                assert (grad is None) == (want is None), f"{where}: gradient of {pname}"
                 torch.testing.assert_close(grad, want, **tol, msg=lambda m: f"{where}: gradient of {pname}\n{m}")
             check_record(got["record"], ref["moe"], tol, where)
 
