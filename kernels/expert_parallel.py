@@ -16,6 +16,10 @@ Option ``pad_to``: capacity-padded equal splits (DeepSpeed, Tutel): every (rank,
 owners compute the padding rows too (as DeepSpeed does); their results are never read, so they add nothing to
 any gradient.
 
+Routing over a group (:func:`gather_router_output`, :func:`all_gather_rows`): the router's output of every rank
+of a routing group, gathered with autograd, so capacity, expert-choice picks, the routing record and every aux
+loss are those of the group's whole batch, as one process would compute them (the layer: ``MoE.shard_experts``).
+
 Gradients (:func:`reduce_gradients`): expert parameters are marked (:func:`mark_expert_parameter`) and
 all-reduced only over the expert-data-parallel group (the ranks that hold the same experts); all other
 parameters over the whole data-parallel group. Both are first divided by the data-parallel world size, as
@@ -48,13 +52,13 @@ __all__ = [
     "expert_parallel_mlp",
     "expert_shard",
     "gather_router_output",
-    "largest_count",
-    "router_output_rows",
     "is_expert_parameter",
+    "largest_count",
     "local_experts",
     "mark_expert_parameter",
     "reduce_gradients",
     "return_results",
+    "router_output_rows",
 ]
 
 
