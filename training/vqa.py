@@ -199,13 +199,16 @@ class EncoderPretrainModule(pl.LightningModule):
     question about one object read its own tokens, and puts where each object is into its tokens — the
     language model compares positions ("leftmost", "left of", "closest to") that two objects in one merged token
     or 2 px apart would not show otherwise; the audio encoder with a word-or-note head (20 words + 24 notes) on its mean token.
+    ``centre_weight`` scales the centre's squared error (at 1 it crowded out the pairs: 27% of validation
+    scenes read whole against 99.6% at 0.1).
     Batches: ``{"image": scene QA batch, "sound": sound QA batch}`` (the captions give the pairs).
     The encoders are saved as ``image_encoder.safetensors`` / ``audio_encoder.safetensors`` in ``save_dir``
     (relative: inside the run's folder) when fitting ends."""
 
     def __init__(self, image_encoder: str = TINY_IMAGE_MODEL, image_layer: int = -1, image_encoder_args: dict | None = None,
                  audio_dim: int = 96, audio_depth: int = 2, learning_rate: float = 1e-3, weight_decay: float = 0.05,
-                 warmup_steps: int = 100, decay_steps: int = 2000, save_dir: str = "encoders") -> None:
+                 warmup_steps: int = 100, decay_steps: int = 2000, save_dir: str = "encoders",
+                 centre_weight: float = 1.0) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.image_encoder = ImageEncoder(image_encoder, layer=image_layer, **(image_encoder_args or {}))
@@ -234,7 +237,7 @@ class EncoderPretrainModule(pl.LightningModule):
         patch_loss = (F.cross_entropy(self.colour_head(tokens).flatten(0, 1), colours.flatten())
                       + F.cross_entropy(self.shape_head(tokens).flatten(0, 1), shapes.flatten()))
         if "centres" in part:
-            patch_loss = patch_loss + self._centre_loss(tokens, colours, part["centres"])
+            patch_loss = patch_loss + self.hparams.centre_weight * self._centre_loss(tokens, colours, part["centres"])
         exact = ((pair_logits > 0) == targets.bool()).all(1).float().mean()
         return pair_loss, patch_loss, exact
 
