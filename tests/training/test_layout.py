@@ -14,7 +14,7 @@ TRAINING = Path(__file__).resolve().parents[2] / "training"
 # Plain numpy/torch code the app and the benchmarks use without Lightning.
 LIGHTNING_FREE = sorted(
     [f"moezoo.training.datasets.{info.name}" for info in pkgutil.iter_modules(moezoo.training.datasets.__path__)]
-    + ["moezoo.training.fusion_metrics", "moezoo.training.audio_metrics"]
+    + ["moezoo.training.fusion_metrics", "moezoo.training.audio_metrics", "moezoo.training.generation_metrics"]
 )
 
 
