@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from moezoo.training.datamodules.scenes import ImageTextFolderDataModule, ScenesQADataModule
@@ -25,6 +26,21 @@ def test_scene_batches_and_splits():
     assert held_captions and all(any(f"{c} {s}" in a for c, s in HELD_OUT_PAIRS) for a in held_captions)
     assert len(test.dataset) == len(held_out.dataset) == 12
 
+
+
+def test_several_questions_per_training_scene_and_the_object_centres_in_batches():
+    module = ScenesQADataModule(num_train=8, num_val=4, num_test=4, image_size=32, batch_size=48, seed=3,
+                                cache=True, questions_per_scene=6)
+    module.setup("fit")
+    batches = list(module.train_dataloader())
+    assert sum(len(b["prompt"]) for b in batches) == 48  # 8 scenes x 6 questions; validation keeps one each
+    assert sum(len(b["prompt"]) for b in module.val_dataloader()) == 4
+    (batch,) = batches
+    assert batch["centres"].shape == (48, 6, 2)
+    present = ~batch["centres"].isnan().any(-1)
+    assert (present.sum(1) == torch.tensor([len(c.split(", ")) + c.count(" and ") for c in batch["caption"]])).all()
+    inside = batch["centres"][present]
+    assert ((inside > 0) & (inside < 1)).all()
 
 def test_your_folder_is_split_by_seed(tmp_path):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "black.png")
