@@ -1,0 +1,69 @@
+"""Where a multimodal LM's scene answers fail: accuracy per question wording (which extreme, which relation) and
+the yes/no confusion of the existence questions, on test scenes no training used.
+
+    python bench/vqa_probe.py local-dir:runs/moe_vlm_dense/export [more sources] --per-kind 120
+
+Each source is scored on the same ``--per-kind`` test scenes per kind (``SceneQADataset("test", ...)``, greedy
+answers), one thread unless ``--threads``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+
+import torch
+
+from moezoo.training.datasets.scenes import SceneQADataset
+from moezoo.zoo import create_model
+
+KINDS = ("shape", "colour", "count", "relation", "exists")
+
+
+def wording(item: dict) -> str:
+    """The part of the question that picks what to compare: the extreme or the relation."""
+    words = item["prompt"].rstrip("?").split()
+    if item["kind"] == "colour":
+        return words[4]  # what colour is the <leftmost> object
+    if item["kind"] == "relation":
+        return "left of" if "left" in words else " ".join(words[5:7])  # the object <closest to> the ...
+    return ""
+
+
+def probe(source: str, items: list[dict], batch: int = 60) -> tuple[Counter, Counter, Counter]:
+    model = create_model(source, pretrained=True).eval()
+    right, total, exists = Counter(), Counter(), Counter()
+    with torch.no_grad():
+        for start in range(0, len(items), batch):
+            rows = items[start:start + batch]
+            out = model.generate(torch.stack([r["image"] for r in rows]), None, [r["prompt"] for r in rows])
+            for row, answer in zip(rows, out.text):
+                key = (row["kind"], wording(row))
+                total[key] += 1
+                right[key] += answer == row["answer"]
+                if row["kind"] == "exists":
+                    exists[(row["answer"], answer)] += 1
+    return right, total, exists
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sources", nargs="+", help="zoo name or local-dir:PATH of a MoE-VLM export")
+    parser.add_argument("--per-kind", type=int, default=120)
+    parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated, in the order items cycle through")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    kinds = args.kinds.split(",")
+    data = SceneQADataset("test", args.per_kind * len(kinds), kinds=kinds)
+    items = [data[i] for i in range(len(data))]
+    for source in args.sources:
+        right, total, exists = probe(source, items)
+        print(f"\n{source}\n\n| kind | wording | questions | accuracy |\n|---|---|---:|---:|")
+        for key in sorted(total):
+            print(f"| {key[0]} | {key[1] or '-'} | {total[key]} | {right[key] / total[key]:.2f} |")
+        print("existence (truth -> answer): " + ", ".join(f"{t} -> {a}: {n}" for (t, a), n in sorted(exists.items())))
+
+
+if __name__ == "__main__":
+    main()
