@@ -44,7 +44,7 @@ from moe_layer import SHAPES, Shape, make_problem, shape_for  # noqa: E402  (ben
 
 from moezoo.kernels import build_plan, combine, expert_mlp  # noqa: E402
 from moezoo.kernels.expert_parallel import (dispatch, expert_shard, reduce_gradients,  # noqa: E402
-                                            return_results)
+                                            return_results, run_ranks)
 from moezoo.zoo.layers import MoE  # noqa: E402
 
 BYTES_FP32 = 4
@@ -325,19 +325,10 @@ def _spawn(target, ranks: int, out_dir: str, *args) -> None:
     """``target(rank, ranks, port, out_dir, *args)`` in ``ranks`` fresh processes; any failure ends them all."""
     context = multiprocessing.get_context("spawn")
     port = _free_port()
-    procs = [context.Process(target=target, args=(rank, ranks, port, out_dir, *args)) for rank in range(ranks)]
-    for p in procs:
-        p.start()
-    while any(p.exitcode is None for p in procs) and all(p.exitcode in (None, 0) for p in procs):
-        for p in procs:
-            p.join(timeout=0.1)
-    for p in procs:
-        if p.exitcode is None:
-            p.terminate()
-        p.join()
-    failed = [p.exitcode for p in procs if p.exitcode]
-    if failed:
-        raise RuntimeError(f"a rank of {target.__name__} failed (exit codes {[p.exitcode for p in procs]})")
+    codes = run_ranks([context.Process(target=target, args=(rank, ranks, port, out_dir, *args))
+                       for rank in range(ranks)])
+    if any(codes):
+        raise RuntimeError(f"a rank of {target.__name__} failed (exit codes {codes})")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -31,7 +31,7 @@ group only would make it R times too large.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -59,6 +59,7 @@ __all__ = [
     "reduce_gradients",
     "return_results",
     "router_output_rows",
+    "run_ranks",
 ]
 
 
@@ -367,3 +368,18 @@ def largest_count(plan: DispatchPlan, group: dist.ProcessGroup | None = None) ->
     most = plan.counts_E.max().reshape(1).clone()
     dist.all_reduce(most, op=dist.ReduceOp.MAX, group=group)
     return int(most)
+
+
+def run_ranks(processes: Sequence) -> list[int]:
+    """Start the rank ``processes`` (``multiprocessing.Process``), wait for them, and end those still running as
+    soon as one fails: a failed rank leaves the others waiting in a collective forever. Their exit codes."""
+    for process in processes:
+        process.start()
+    while any(p.exitcode is None for p in processes) and all(p.exitcode in (None, 0) for p in processes):
+        for p in processes:
+            p.join(timeout=0.1)
+    for p in processes:
+        if p.exitcode is None:
+            p.terminate()
+        p.join()
+    return [p.exitcode for p in processes]

@@ -117,20 +117,12 @@ def launch(world_size: int, port: int, cases_path: str, out_dir: str) -> int:
     import multiprocessing
 
     import moezoo.zoo.layers  # noqa: F401  (imported before the fork, once for all ranks)
+    from moezoo.kernels.expert_parallel import run_ranks
 
     context = multiprocessing.get_context("fork")
-    ranks = [context.Process(target=main, args=(rank, world_size, port, cases_path, out_dir))
-             for rank in range(world_size)]
-    for process in ranks:
-        process.start()
-    while any(p.exitcode is None for p in ranks) and all(p.exitcode in (None, 0) for p in ranks):
-        for p in ranks:
-            p.join(timeout=0.1)
-    for p in ranks:
-        if p.exitcode is None:
-            p.terminate()
-        p.join()
-    return next((p.exitcode for p in ranks if p.exitcode), 0)
+    codes = run_ranks([context.Process(target=main, args=(rank, world_size, port, cases_path, out_dir))
+                       for rank in range(world_size)])
+    return next((code for code in codes if code), 0)
 
 
 if __name__ == "__main__":
