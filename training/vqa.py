@@ -222,8 +222,9 @@ class EncoderPretrainModule(pl.LightningModule):
                              persistent=False)
 
     def _image_losses(self, part: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Pair presence (BCE), the colour and the shape under each patch (cross-entropy: one loss for both),
-        and the fraction of scenes whose pairs are all read right."""
+        """Pair presence (BCE); the per-patch loss: colour and shape under each patch (cross-entropy) plus, when
+        the batch has the scenes' ``centres``, ``centre_weight`` times the object-centre error; and the fraction
+        of scenes whose pairs are all read right."""
         images = part["image"]
         tokens = self.image_encoder(images)
         targets = torch.zeros(len(images), len(PAIRS), device=images.device)
