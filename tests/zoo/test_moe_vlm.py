@@ -33,20 +33,26 @@ def sounds(batch=2, seed=2, samples=16_000):
 
 
 def full_logits(model: MoEVLM, images_, audio, word_ids):
-    x, modality, _ = model.sequence(images_, audio, word_ids)
-    return model.head(model.run_blocks(x, modality)), modality
+    x, modality, _, positions = model.sequence(images_, audio, word_ids)
+    return model.head(model.run_blocks(x, modality, position_ids_3BS=positions)), modality
 
 
 def test_sequence_layout_and_modality_ids():
     model = tiny()
     words = [model.encode_prompt(p) for p in PROMPTS]
-    _, modality, lengths = model.sequence(images(), sounds(), words)
+    _, modality, lengths, positions = model.sequence(images(), sounds(), words)
     n_img, n_aud = model.num_image_tokens, model.num_audio_tokens
     assert n_img == 16  # 64 patches of the 64 px ViT merged 2 x 2
     expected = [TEXT] + [IMAGE] * n_img + [AUDIO] * n_aud
     assert modality[0, : len(expected)].tolist() == expected
     assert (modality[:, len(expected):] == TEXT).all()
     assert lengths.tolist() == [1 + n_img + n_aud + len(w) for w in words]
+    # Qwen2-VL's ids, written out: <bos> 0; the 4 x 4 image at 1 (rows and columns 1..4); audio and words
+    # one id each from 1 + 4 (the image's side) on
+    image_ids = [(1, 1 + r, 1 + c) for r in range(4) for c in range(4)]
+    rest = range(5, 5 + modality.shape[1] - 1 - n_img)
+    expected_ids = [(0, 0, 0)] + image_ids + [(i, i, i) for i in rest]
+    assert [tuple(column) for column in positions[:, 0].T.tolist()] == expected_ids
 
 
 def test_merge_patches_by_hand():
@@ -70,10 +76,11 @@ def test_loss_is_the_answer_cross_entropy():
     torch.testing.assert_close(loss, torch.stack(terms).mean(), **TOL)
 
 
+@pytest.mark.parametrize("positions", ["learned", "mrope"])
 @pytest.mark.parametrize("ffn", ["dense", "moiie", "moma", "mot", "moe_llava"])
-def test_cached_generation_matches_full_forwards(ffn):
+def test_cached_generation_matches_full_forwards(ffn, positions):
     overrides = {"eval_capacity_factor": 100.0} if ffn == "moe_llava" else {}
-    model = tiny(ffn, **overrides)
+    model = tiny(ffn, positions=positions, **overrides)
     out = model.generate(images(1), None, PROMPTS[:1], max_new_tokens=4)
     ids = model.encode_prompt(PROMPTS[0]) + [model.special_id("<sep>")]
     expected = []
@@ -98,8 +105,9 @@ def test_rows_of_other_prompt_lengths_answer_as_alone():
 
 @pytest.mark.parametrize("ffn,overrides", [("dense", {"ffn_hidden": 64}), ("moiie", {}), ("mot", {"ffn_hidden": 64}),
                                            ("moe_llava", {"eval_capacity_factor": 100.0})])
-def test_upcycled_model_starts_as_the_dense_one(ffn, overrides):
-    dense = tiny("dense")
+@pytest.mark.parametrize("qk_norm,positions", [(False, "learned"), (True, "mrope")])
+def test_upcycled_model_starts_as_the_dense_one(ffn, overrides, qk_norm, positions):
+    dense = tiny("dense", qk_norm=qk_norm, positions=positions)
     up = MoEVLM.upcycle(dense, ffn, **overrides).eval()
     words = [dense.encode_prompt(p) for p in PROMPTS]
     expected, _ = full_logits(dense, images(), sounds(), words)

@@ -23,6 +23,7 @@ from diffusers.models.embeddings import (
 )
 from timm.layers import Mlp, PatchEmbed
 from timm.layers import Attention as _TimmAttention
+from timm.layers.pos_embed_sincos import apply_rot_embed
 
 from moezoo.kernels.experts import SharedExpert, activation_fn
 
@@ -31,6 +32,8 @@ __all__ = [
     "CausalSelfAttention",
     "causal_attention",
     "KVCache",
+    "Rotary",
+    "multimodal_rotary",
     "GatedMLP",
     "LabelEmbedder",
     "Mlp",
@@ -75,11 +78,45 @@ class KVCache:
         return self.keys, self.values
 
 
+@dataclass
+class Rotary:
+    """Rotary position tables of the new positions, ``sin``/``cos`` ``[B or 1, S, head_dim]`` in the rotate-half
+    layout (each frequency's angle in both halves of the head, as LLaMA and Qwen2-VL store them)."""
+
+    sin: torch.Tensor
+    cos: torch.Tensor
+
+    def rotate(self, x_BHSd: torch.Tensor) -> torch.Tensor:
+        return apply_rot_embed(x_BHSd, self.sin[:, None], self.cos[:, None], half=True)
+
+
+def multimodal_rotary(position_ids_3BS: torch.Tensor, head_dim: int, theta: float = 10000.0) -> Rotary:
+    """M-RoPE (Qwen2-VL, arXiv 2409.12191): a position is three ids (temporal, height, width); the head's
+    ``head_dim / 2`` frequencies ``theta^(-2i / head_dim)`` fall in three sections in that order (a quarter
+    temporal, the rest halved between height and width, as Qwen2-VL's 16/24/24 of 64), each section rotated by
+    its own id. A text token carries one id three times, which is plain 1-D RoPE; an image token the grid's
+    row and column, so attention sees 2-D offsets between patches."""
+    if head_dim % 4:
+        raise ValueError(f"M-RoPE needs a head width divisible by 4, got {head_dim}")
+    half = head_dim // 2
+    temporal = half // 4
+    height = (half - temporal) // 2
+    section = torch.cat([torch.zeros(temporal), torch.ones(height), torch.full((half - temporal - height,), 2)]).long()
+    inv_freq = theta ** (-torch.arange(half, dtype=torch.float64) * 2 / head_dim)
+    ids = position_ids_3BS.to(torch.float64)
+    angles_BSF = (ids[section.to(ids.device)] * inv_freq.to(ids.device)[:, None, None]).permute(1, 2, 0)
+    angles = torch.cat([angles_BSF, angles_BSF], dim=-1).float()
+    return Rotary(angles.sin(), angles.cos())
+
+
 def causal_attention(q_BHSd: torch.Tensor, k_BHSd: torch.Tensor, v_BHSd: torch.Tensor,
-                     cache: KVCache | None = None) -> torch.Tensor:
+                     cache: KVCache | None = None, rotary: Rotary | None = None) -> torch.Tensor:
     """Causal attention of the new positions: each attends to itself, the new positions before it and everything
     ``cache`` holds (which takes the new keys and values first). The same result as one pass over the whole
-    sequence."""
+    sequence. ``rotary``: the new positions' rotary tables, applied to queries and keys before the cache keeps
+    the keys."""
+    if rotary is not None:
+        q_BHSd, k_BHSd = rotary.rotate(q_BHSd), rotary.rotate(k_BHSd)
     past = 0 if cache is None else cache.length
     if cache is not None:
         k_BHSd, v_BHSd = cache.append(k_BHSd, v_BHSd)
@@ -93,20 +130,27 @@ def causal_attention(q_BHSd: torch.Tensor, k_BHSd: torch.Tensor, v_BHSd: torch.T
 class CausalSelfAttention(nn.Module):
     """Decoder self-attention in timm's layout (``qkv``, ``proj``): each position attends to itself and the
     positions before it. With a :class:`KVCache`, the new positions also attend to everything the cache holds
-    (incremental decoding: the same result as one forward over the whole sequence)."""
+    (incremental decoding: the same result as one forward over the whole sequence).
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = False):
+    ``qk_norm``: RMS-normalise each head's queries and keys (Chameleon's QK-norm): the logits' scale no longer
+    follows the residual stream's, which a block that normalises only its outputs leaves unnormalised."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = False, qk_norm: bool = False, eps: float = 1e-6):
         super().__init__()
         if num_heads < 1 or dim % num_heads:
             raise ValueError(f"dim ({dim}) must be a positive multiple of num_heads ({num_heads})")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=qkv_bias)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=eps) if qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=eps) if qk_norm else None
 
-    def forward(self, x_BSD: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, cache: KVCache | None = None, rotary: Rotary | None = None) -> torch.Tensor:
         B, S, D = x_BSD.shape
         q, k, v = self.qkv(x_BSD).reshape(B, S, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        o_BHSd = causal_attention(q, k, v, cache)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        o_BHSd = causal_attention(q, k, v, cache, rotary)
         return self.proj(o_BHSd.transpose(1, 2).reshape(B, S, D))
 
 

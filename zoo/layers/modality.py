@@ -43,7 +43,7 @@ from moezoo.kernels import expert_mlp, losses, topk_route
 from moezoo.kernels.plan import build_plan, capacity_for
 from moezoo.kernels.routing import RouterOutput, expert_choice_route
 
-from .blocks import GatedMLP, KVCache, causal_attention
+from .blocks import GatedMLP, KVCache, Rotary, causal_attention
 from .moe import init_like_linear_
 from .routed import RoutedBlock
 
@@ -99,11 +99,12 @@ class ModalityUntiedAttention(nn.Module):
             qkv = torch.stack([q, k, qkv[:, :, 2]], dim=2)
         return qkv
 
-    def forward(self, x_BSD: torch.Tensor, modality_BS: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, modality_BS: torch.Tensor, cache: KVCache | None = None,
+                rotary: Rotary | None = None) -> torch.Tensor:
         B, S, D = x_BSD.shape
         check_modalities(modality_BS, (B, S), self.num_modalities)
         q, k, v = self._qkv(x_BSD, modality_BS).permute(2, 0, 3, 1, 4)  # 3 x [B, H, S, head_dim]
-        o_BSD = causal_attention(q, k, v, cache).transpose(1, 2).reshape(B, S, D)
+        o_BSD = causal_attention(q, k, v, cache, rotary).transpose(1, 2).reshape(B, S, D)
         projected = _per_modality(self.proj, o_BSD, modality_BS, (D,))
         return _per_modality(self.out_norm, projected, modality_BS, (D,))
 

@@ -26,7 +26,9 @@ Connectors (``connector``): LLaVA-1.5's MLP projector, a query resampler, or MoC
 The decoder block places its norms as Chameleon does (the backbone MoMa and MoT were built on):
 ``h = x + norm(attn(x))``, ``out = h + norm(ffn(h))`` — which is also what MoT's reference layers compute with
 their per-modality output norms, so MoT starts from a dense model exactly (:meth:`MoEVLM.upcycle`).
-Learned absolute positions; word-level vocabulary (``config.vocabulary``).
+Positions (``positions``): a learned absolute table, or M-RoPE (Qwen2-VL): rotary positions whose image tokens
+carry their grid row and column, so attention compares where two patches are, and text tokens plain 1-D ids
+after the media. Word-level vocabulary (``config.vocabulary``).
 
 Upcycling (:meth:`MoEVLM.upcycle`, on :mod:`moezoo.zoo.upcycle`): a trained dense model becomes any layout with
 the same outputs at step 0 where the design allows (MoE-LLaVA, MoIIE: expert copies with weights renormalised to
@@ -48,7 +50,7 @@ from moezoo.encoders.audio import SAMPLE_RATE, AudioEncoder, num_frames
 from moezoo.encoders.image import TINY_IMAGE_MODEL, ImageEncoder
 from moezoo.encoders.words import WordVocabulary
 from moezoo.zoo.config import check_choice, check_config_types, check_positive
-from moezoo.zoo.layers.blocks import CausalSelfAttention, GatedMLP, KVCache
+from moezoo.zoo.layers.blocks import CausalSelfAttention, GatedMLP, KVCache, Rotary, multimodal_rotary
 from moezoo.zoo.layers.connectors import MoEConnector, QueryResampler, mlp_projector
 from moezoo.zoo.layers.modality import (
     IntraInterMoE,
@@ -65,6 +67,7 @@ __all__ = ["MoEVLMConfig", "MoEVLM", "FFN_KINDS", "CONNECTORS", "MODALITIES", "G
 
 FFN_KINDS = ("dense", "moe_llava", "moiie", "moma", "mot")
 CONNECTORS = ("mlp", "resampler", "moe")
+POSITIONS = ("learned", "mrope")
 MODALITIES = ("text", "image", "audio")
 TEXT, IMAGE, AUDIO = range(3)
 PAD, BOS, SEP, EOS = "<pad>", "<bos>", "<sep>", "<eos>"
@@ -84,7 +87,10 @@ class MoEVLMConfig:
         max_audio_seconds: the longest sound read (sets the positions).
         connector: "mlp", "resampler" (``num_queries`` tokens per input) or "moe" (MoCHA: ``connector_experts``,
             top ``connector_top_k``).
-        dim, depth, num_heads: the language model.
+        dim, depth, num_heads: the language model; qk_norm: RMS-normalised queries and keys per head (Chameleon's
+            QK-norm; the blocks normalise only their outputs, so without it the attention logits scale with the
+            residual stream, tiny at the start).
+        positions: "learned" (an absolute table) or "mrope" (rotary, 2-D on the image grid; module docstring).
         ffn: the FFN layout (:data:`FFN_KINDS`). ffn_hidden: the dense FFN's width (MoT: each modality's).
         num_experts, top_k, expert_hidden: MoE-LLaVA's experts (routed width each).
         moe_layers: "all", "every_other" (layers 1, 3, ...: MoE-LLaVA) or a list of layer indices.
@@ -111,6 +117,8 @@ class MoEVLMConfig:
     dim: int = 128
     depth: int = 4
     num_heads: int = 4
+    qk_norm: bool = False
+    positions: str = "learned"
     ffn: str = "dense"
     ffn_hidden: int = 256
     num_experts: int = 4
@@ -134,6 +142,7 @@ class MoEVLMConfig:
         check_config_types(self)
         check_choice(self, "ffn", FFN_KINDS)
         check_choice(self, "connector", CONNECTORS)
+        check_choice(self, "positions", POSITIONS)
         check_positive(self, ("max_prompt_tokens", "max_answer_tokens", "image_merge", "audio_dim", "num_queries",
                               "connector_experts", "connector_top_k", "dim", "depth", "num_heads", "ffn_hidden",
                               "num_experts", "top_k", "expert_hidden", "min_capacity", "moiie_intra", "moiie_shared"))
@@ -202,18 +211,19 @@ class DecoderBlock(nn.Module):
         super().__init__()
         self.untied = config.ffn == "mot"
         if self.untied:
-            self.attn = ModalityUntiedAttention(config.dim, config.num_heads, len(MODALITIES))
+            self.attn = ModalityUntiedAttention(config.dim, config.num_heads, len(MODALITIES), qk_norm=config.qk_norm)
             self.attn_norm = self.ffn_norm = None
         else:
-            self.attn = CausalSelfAttention(config.dim, config.num_heads)
+            self.attn = CausalSelfAttention(config.dim, config.num_heads, qk_norm=config.qk_norm)
             self.attn_norm, self.ffn_norm = nn.RMSNorm(config.dim, eps=1e-6), nn.RMSNorm(config.dim, eps=1e-6)
         self.ffn = _make_ffn(config, layer)
 
-    def forward(self, x_BSD: torch.Tensor, modality_BS: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, modality_BS: torch.Tensor, cache: KVCache | None = None,
+                rotary: Rotary | None = None) -> torch.Tensor:
         if self.untied:
-            h = x_BSD + self.attn(x_BSD, modality_BS, cache)
+            h = x_BSD + self.attn(x_BSD, modality_BS, cache, rotary)
             return h + self.ffn(h, modality_BS)
-        h = x_BSD + self.attn_norm(self.attn(x_BSD, cache))
+        h = x_BSD + self.attn_norm(self.attn(x_BSD, cache, rotary))
         if isinstance(self.ffn, (IntraInterMoE, ModalityGroupMoE)):
             return h + self.ffn_norm(self.ffn(h, modality_BS))
         return h + self.ffn_norm(self.ffn(h))
@@ -260,12 +270,13 @@ class MoEVLM(nn.Module):
         self.embed = nn.Embedding(len(self.vocab), config.dim)
         self.max_positions = (2 + self.num_image_tokens + self.num_audio_tokens + config.max_prompt_tokens
                               + config.max_answer_tokens + 1)
-        self.pos_embed = nn.Parameter(torch.zeros(self.max_positions, config.dim))
+        self.pos_embed = nn.Parameter(torch.zeros(self.max_positions, config.dim)) if config.positions == "learned" else None
         self.blocks = nn.ModuleList(DecoderBlock(config, i) for i in range(config.depth))
         self.norm = nn.RMSNorm(config.dim, eps=1e-6)
         self.head = nn.Linear(config.dim, len(self.vocab), bias=False)
         nn.init.normal_(self.embed.weight, std=0.02)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.pos_embed is not None:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
     def _encoder_patches(self) -> int:
         """How many patch tokens the image encoder gives, and a check that the merge fits their grid."""
@@ -339,9 +350,10 @@ class MoEVLM(nn.Module):
         return parts, modalities
 
     def sequence(self, images: torch.Tensor | None, audio: torch.Tensor | None, word_ids: Sequence[Sequence[int]]
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The embedded sequences ``<bos> media words``, right-padded: ``(x [B, S, D], modality [B, S], length [B])``
-        (positions added). ``word_ids[b]``: row b's prompt, ``<sep>``, and any answer."""
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The embedded sequences ``<bos> media words``, right-padded: ``(x [B, S, D], modality [B, S], length [B],
+        position ids [3, 1, S])`` (learned positions already added; the ids drive M-RoPE). ``word_ids[b]``: row b's
+        prompt, ``<sep>``, and any answer."""
         parts, media_modalities = self._media(images, audio)
         B = len(word_ids)
         if any(p.shape[0] != B for p in parts):
@@ -362,13 +374,47 @@ class MoEVLM(nn.Module):
         for p, m in zip(parts, media_modalities):
             modality[:, start: start + p.shape[1]] = m
             start += p.shape[1]
-        return x + self.pos_embed[:S], modality, lengths
+        positions = self.position_ids(media_modalities, S).to(device)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed[:S]
+        return x, modality, lengths, positions
+
+    def position_ids(self, media_modalities: Sequence[int], length: int) -> torch.Tensor:
+        """``[3, 1, S]`` (temporal, height, width) ids, Qwen2-VL's layout: ``<bos>`` 0; an image of ``g x g``
+        tokens starting at id s takes (s, s + row, s + col) and the next token s + g; audio and text tokens one
+        id each, thrice. A resampler's queries are no grid: they count as a 1-D run."""
+        ids, next_id = [torch.zeros(3, 1, dtype=torch.long)], 1
+        for m in media_modalities:
+            count = self.num_image_tokens if m == IMAGE else self.num_audio_tokens
+            if m == IMAGE and self.config.connector != "resampler":
+                side = math.isqrt(count)
+                row, col = torch.arange(count) // side, torch.arange(count) % side
+                ids.append(torch.stack([torch.zeros(count, dtype=torch.long), row, col]) + next_id)
+                next_id += side
+            else:
+                ids.append(torch.arange(next_id, next_id + count).expand(3, -1))
+                next_id += count
+        words = length - sum(part.shape[1] for part in ids)
+        ids.append(torch.arange(next_id, next_id + words).expand(3, -1))
+        return torch.cat(ids, dim=1)[:, None]
+
+    def rotary(self, position_ids_3BS: torch.Tensor) -> Rotary | None:
+        if self.config.positions != "mrope":
+            return None
+        return multimodal_rotary(position_ids_3BS, self.config.dim // self.config.num_heads)
 
     # ------------------------------------------------------------------------------------------ training
 
-    def run_blocks(self, x_BSD, modality_BS, caches: list[KVCache] | None = None) -> torch.Tensor:
+    def run_blocks(self, x_BSD, modality_BS, caches: list[KVCache] | None = None,
+                   position_ids_3BS: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder over ``x``; ``position_ids`` (from :meth:`sequence`) are needed with M-RoPE."""
+        rotary = None
+        if self.config.positions == "mrope":
+            if position_ids_3BS is None:
+                raise ValueError("a model with M-RoPE positions needs the position ids (MoEVLM.sequence gives them)")
+            rotary = self.rotary(position_ids_3BS)
         for i, block in enumerate(self.blocks):
-            x_BSD = block(x_BSD, modality_BS, None if caches is None else caches[i])
+            x_BSD = block(x_BSD, modality_BS, None if caches is None else caches[i], rotary)
         return self.norm(x_BSD)
 
     def training_loss(self, images: torch.Tensor | None, audio: torch.Tensor | None, prompts: Sequence[str],
@@ -377,8 +423,8 @@ class MoEVLM(nn.Module):
         weighted aux losses)."""
         prompt_ids = [self.encode_prompt(p) + [self.special_id(SEP)] for p in prompts]
         answer_ids = [self.encode_answer(a) for a in answers]
-        x, modality, lengths = self.sequence(images, audio, [p + a for p, a in zip(prompt_ids, answer_ids)])
-        logits = self.head(self.run_blocks(x, modality))
+        x, modality, lengths, positions = self.sequence(images, audio, [p + a for p, a in zip(prompt_ids, answer_ids)])
+        logits = self.head(self.run_blocks(x, modality, position_ids_3BS=positions))
         targets = torch.full(modality.shape, -100, dtype=torch.long, device=logits.device)
         for b, (p, a) in enumerate(zip(prompt_ids, answer_ids)):
             first = int(lengths[b]) - len(a)  # the answer's first position; predicted from the one before
@@ -428,11 +474,12 @@ class MoEVLM(nn.Module):
         return GenerationOutput(text, out_ids, routing, modality_rows if return_routing else None)
 
     def _generate_group(self, images, audio, prompt_ids, max_new, do_sample, temperature, generator, return_routing):
-        x, modality, _ = self.sequence(images, audio, prompt_ids)
+        x, modality, _, positions = self.sequence(images, audio, prompt_ids)
         B, S = modality.shape
         caches = [KVCache() for _ in self.blocks]
         steps_routing: list[list[torch.Tensor | None]] = []
-        hidden = self.run_blocks(x, modality, caches)
+        hidden = self.run_blocks(x, modality, caches, positions)
+        next_id = int(positions[0, 0, -1]) + 1
         if return_routing:
             steps_routing.append(self._layer_experts(modality))
         eos = self.special_id(EOS)
@@ -454,8 +501,11 @@ class MoEVLM(nn.Module):
                 break
             position = S + step
             new_modality = torch.full((B, 1), TEXT, dtype=torch.long, device=modality.device)
-            x_new = self.embed(token[:, None]) + self.pos_embed[position: position + 1]
-            hidden = self.run_blocks(x_new, new_modality, caches)
+            x_new = self.embed(token[:, None])
+            if self.pos_embed is not None:
+                x_new = x_new + self.pos_embed[position: position + 1]
+            new_ids = torch.full((3, 1, 1), next_id + step, dtype=torch.long, device=modality.device)
+            hidden = self.run_blocks(x_new, new_modality, caches, new_ids)
             all_modality.append(new_modality)
             if return_routing:
                 steps_routing.append(self._layer_experts(new_modality))
@@ -512,7 +562,7 @@ class MoEVLM(nn.Module):
             raise ValueError(f"a widened dense FFN must be a multiple of the dense {base} units wide, got {config.ffn_hidden}")
         if ffn == "mot" and config.ffn_hidden % base:
             raise ValueError(f"MoT's FFNs start as the dense FFN widened: ffn_hidden must be a multiple of {base}")
-        model = cls(config).to(dense.pos_embed.dtype)
+        model = cls(config).to(dense.embed.weight.dtype)
         own = {k: v for k, v in dense.state_dict().items() if not k.startswith("blocks.")}
         missing = model.load_state_dict(own, strict=False)
         if missing.unexpected_keys:
@@ -549,6 +599,9 @@ def _upcycle_block(block: DecoderBlock, dense_block: DecoderBlock, config: MoEVL
             for m in range(len(MODALITIES)):
                 block.attn.qkv[m].weight.copy_(dense_block.attn.qkv.weight)
                 block.attn.proj[m].weight.copy_(dense_block.attn.proj.weight)
+                if config.qk_norm:
+                    block.attn.q_norm[m].weight.copy_(dense_block.attn.q_norm.weight)
+                    block.attn.k_norm[m].weight.copy_(dense_block.attn.k_norm.weight)
                 block.attn.out_norm[m].weight.copy_(dense_block.attn_norm.weight)
                 block.ffn.ffn[m].load_state_dict(wide.state_dict())
                 block.ffn.out_norm[m].weight.copy_(dense_block.ffn_norm.weight)
