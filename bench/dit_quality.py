@@ -4,6 +4,7 @@
     python bench/dit_quality.py shapes     # dit_moe_shapes: prompted shape+colour (and position) accuracy
     python bench/dit_quality.py all
     python bench/dit_quality.py all --quick   # a ~1 minute smoke run (5 per digit, 60 prompts, 5 steps)
+    python bench/dit_quality.py sweep      # the digits models over samplers x steps x guidance: choosing defaults
 
 How: a small CNN ("the judge") is trained here on real pictures — scikit-learn's digits (the generator's
 training split) or freshly rendered shapes from a different seed than the generator saw — and its accuracy
@@ -126,13 +127,14 @@ def generate(pipe: DiTMoEPipeline, steps: int, guidance: float, batch: int, seed
     return torch.cat(chunks), seconds / len(values)
 
 
-def load_pipeline(name: str, sources: dict[str, str]) -> DiTMoEPipeline:
-    pipe = DiTMoEPipeline.from_pretrained(sources.get(name, name))
+def load_pipeline(name: str, sources: dict[str, str], scheduler: str | None = None) -> DiTMoEPipeline:
+    pipe = DiTMoEPipeline.from_pretrained(sources.get(name, name), scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def bench_digits(args, sources: dict[str, str]) -> None:
+def digits_judge(args):
+    """The digits judge, trained on the generator's training split, and the real data it is measured on."""
     data = DigitsDataModule(image_size=16, val_fraction=0.1, seed=0)
     data.setup()
     real = {split: (ds.images_N1HW, torch.tensor(ds.labels)) for split, ds in
@@ -140,7 +142,11 @@ def bench_digits(args, sources: dict[str, str]) -> None:
     judge = train_judge(real["train"][0], {"digit": real["train"][1]}, epochs=args.judge_epochs)
     print(f"judge: trained on {len(real['train'][1])} real digits; accuracy on {len(real['val'][1])} held-out real "
           f"digits: {judge_accuracy(judge, real['val'][0], {'digit': real['val'][1]})['digit']:.1%}\n")
-    real_features = judge_features(judge, real["val"][0])
+    return judge, real, judge_features(judge, real["val"][0])
+
+
+def bench_digits(args, sources: dict[str, str]) -> None:
+    judge, real, real_features = digits_judge(args)
 
     labels = [d for d in range(10) for _ in range(args.samples_per_class)]
     # The reference row: as many training digits per class as generated ones (a generator that copied its
@@ -167,6 +173,27 @@ def bench_digits(args, sources: dict[str, str]) -> None:
         sizes = "— | —" if total is None else f"{total:.2f} | {active:.2f}"
         print(f"| {name} | {sizes} | {accuracy:.1%} | {metric_cells(metrics)} | "
               f"{'—' if ms is None else f'{ms:.1f}'} |")
+    print()
+
+
+def sweep_digits(args, sources: dict[str, str]) -> None:
+    """Every digits model at every sampler x steps x guidance: accuracy, variety and fidelity, time."""
+    judge, real, real_features = digits_judge(args)
+    labels = [d for d in range(10) for _ in range(args.samples_per_class)]
+    print(f"{len(labels)} samples ({args.samples_per_class} per digit) per setting, fp32, 1 thread; FD, precision, "
+          f"recall (k = 3) and diversity against the {len(real['val'][1])} held-out real digits\n")
+    print(f"| model | sampler | steps | guidance | judged as their label | {METRICS_HEADER} | ms / image |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name in args.digits_models:
+        for sampler in args.samplers:
+            pipe = load_pipeline(name, sources, sampler)
+            for steps in args.step_counts:
+                for guidance in args.guidances:
+                    images, seconds = generate(pipe, steps, guidance, args.batch, args.seed, class_labels=labels)
+                    accuracy = judge_accuracy(judge, images, {"digit": torch.tensor(labels)})["digit"]
+                    metrics = measure(judge, real_features, real["val"][1], images, labels)
+                    print(f"| {name} | {sampler} | {steps} | {guidance:g} | {accuracy:.1%} | {metric_cells(metrics)} "
+                          f"| {seconds * 1e3:.1f} |", flush=True)
     print()
 
 
@@ -227,7 +254,7 @@ def bench_shapes(args, sources: dict[str, str]) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("task", choices=("digits", "shapes", "all"))
+    parser.add_argument("task", choices=("digits", "shapes", "all", "sweep"))
     parser.add_argument("--model", action="append", default=[], metavar="NAME=SOURCE",
                         help="load NAME from SOURCE (e.g. local-dir:runs/export) instead of its bundled weights")
     parser.add_argument("--digits-models", nargs="+", default=["dit_moe_digits", "dit_dense_digits"])
@@ -241,6 +268,9 @@ def main(argv=None) -> None:
     parser.add_argument("--judge-epochs", type=int, default=15)
     parser.add_argument("--judge-train", type=int, default=6000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--samplers", nargs="+", default=["flow_match_euler", "flow_match_heun"], help="sweep")
+    parser.add_argument("--step-counts", nargs="+", type=int, default=[10, 25, 50], help="sweep")
+    parser.add_argument("--guidances", nargs="+", type=float, default=[1.0, 1.5, 2.0, 3.0, 4.0], help="sweep")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()))
     if parser.parse_known_args(argv)[0].quick:  # a first pass, so the quick sizes become mere defaults
@@ -258,6 +288,8 @@ def main(argv=None) -> None:
         bench_digits(args, sources)
     if args.task in ("shapes", "all"):
         bench_shapes(args, sources)
+    if args.task == "sweep":
+        sweep_digits(args, sources)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ and pipelines.
 from __future__ import annotations
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 OBJECTIVES = ("rf", "ddpm")
@@ -67,13 +67,14 @@ def training_pair(x0: torch.Tensor, objective: str, *, time_shift: float = 1.0,
 
 
 def make_scheduler(objective: str, name: str | None = None, shift: float = 1.0):
-    """The diffusers scheduler for a training objective: rectified flow -> flow-match Euler (``shift``: the
-    model's ``config.time_shift``; 1 gives DiT-MoE's uniform Euler steps); DDPM epsilon -> DDIM (default) or
-    ancestral DDPM on DiT's linear betas."""
+    """The diffusers scheduler for a training objective: rectified flow -> flow-match Euler (default) or Heun
+    (second order: two model calls per step but the last; ``shift``: the model's ``config.time_shift``; 1 gives
+    DiT-MoE's uniform steps); DDPM epsilon -> DDIM (default) or ancestral DDPM on DiT's linear betas."""
     if objective == "rf":
-        if name not in (None, "flow_match_euler"):
-            raise ValueError(f"a rectified-flow model samples with 'flow_match_euler', not {name!r}")
-        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=DDPM_NUM_TIMESTEPS, shift=shift)
+        flow = {"flow_match_euler": FlowMatchEulerDiscreteScheduler, "flow_match_heun": FlowMatchHeunDiscreteScheduler}
+        if name not in (None, *flow):
+            raise ValueError(f"a rectified-flow model samples with 'flow_match_euler' or 'flow_match_heun', not {name!r}")
+        return flow[name or "flow_match_euler"](num_train_timesteps=DDPM_NUM_TIMESTEPS, shift=shift)
     check_objective(objective)
     betas = dict(num_train_timesteps=DDPM_NUM_TIMESTEPS, **DDPM_BETAS, clip_sample=False, prediction_type="epsilon")
     if name in (None, "ddim"):

@@ -191,6 +191,28 @@ def test_rectified_flow_sampling_is_euler_on_the_model_velocity(digits_pipe):
     torch.testing.assert_close(out.images, expected, atol=1e-5, rtol=1e-4)
 
 
+def test_heun_sampling_is_the_trapezoid_rule_on_the_model_velocity(digits_pipe):
+    # Reference: Heun's method on dx/dt = v(x, t) over diffusers' flow-match grid: an Euler predictor to the
+    # next time, then the step with the mean of the two slopes; the last step (to t = 0) is plain Euler.
+    model, steps = digits_pipe.transformer, 3
+    x = torch.randn((1, 1, 16, 16), generator=torch.Generator().manual_seed(7))
+    v = lambda x_, t: model(x_, torch.full((1,), t), torch.tensor([5]))  # noqa: E731
+    grid = [*np.linspace(1.0, 1e-3, steps).tolist(), 0.0]
+    for t, t_next in zip(grid[:-1], grid[1:]):
+        slope = v(x, t)
+        if t_next == 0.0:
+            x = x + (t_next - t) * slope
+        else:
+            predicted = x + (t_next - t) * slope
+            x = x + (t_next - t) * (slope + v(predicted, t_next)) / 2
+    expected = (x.clamp(-1, 1) + 1) / 2
+    pipe = DiTMoEPipeline(model, scheduler=make_scheduler("rf", "flow_match_heun"))
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(class_labels=[5], num_inference_steps=steps, guidance_scale=1.0,
+               generator=torch.Generator().manual_seed(7), output_type="pt")
+    torch.testing.assert_close(out.images, expected, atol=1e-5, rtol=1e-4)
+
+
 @torch.no_grad()
 def test_a_time_shifted_model_samples_on_the_shifted_grid(tmp_path):
     # Reference: Euler steps on the grid t' = s t / (1 + (s - 1) t) of evenly spaced t; diffusers spaces
@@ -278,7 +300,7 @@ def test_from_pretrained_reads_an_exported_folder_with_its_label_names(tmp_path)
     x, t, y = torch.randn(2, 1, 16, 16), torch.rand(2), torch.tensor([1, 2])
     with torch.no_grad():
         torch.testing.assert_close(pipe.transformer(x, t, y), model(x, t, y))
-    with pytest.raises(ValueError, match="samples with .flow_match_euler., not .ddim."):
+    with pytest.raises(ValueError, match="samples with .flow_match_euler. or .flow_match_heun., not .ddim."):
         DiTMoEPipeline.from_pretrained(f"local-dir:{tmp_path}", scheduler="ddim")
 
 
