@@ -2,9 +2,12 @@
 the yes/no confusion of the existence questions, on test scenes no training used.
 
     python bench/vqa_probe.py local-dir:runs/moe_vlm_dense/export [more sources] --per-kind 120
+    python bench/vqa_probe.py local-dir:runs/moe_vlm_text/export --text --kinds exists   # stage 1's LM on captions
 
 Each source is scored on the same ``--per-kind`` test scenes per kind (``SceneQADataset("test", ...)``, greedy
-answers), one thread unless ``--threads``.
+answers), one thread unless ``--threads``. ``--text`` asks as stage 1 trains: the scene's caption written before
+the question, no picture. Existence questions are split by what the scene holds: the pair itself, its colour on
+another shape (the case that needs colour and shape bound together), or not its colour at all.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from collections import Counter
 
 import torch
 
-from moezoo.training.datasets.scenes import SceneQADataset
+from moezoo.training.datasets.scenes import SceneQADataset, caption_pairs
 from moezoo.zoo import create_model
 
 KINDS = ("shape", "colour", "count", "relation", "exists")
@@ -27,16 +30,24 @@ def wording(item: dict) -> str:
         return words[4]  # what colour is the <leftmost> object
     if item["kind"] == "relation":
         return "left of" if "left" in words else " ".join(words[5:7])  # the object <closest to> the ...
+    if item["kind"] == "exists":  # is there a <colour> <shape>
+        pairs = caption_pairs(item["caption"])
+        if (words[-2], words[-1]) in pairs:
+            return "pair present"
+        return "colour on another shape" if words[-2] in {c for c, _ in pairs} else "colour absent"
     return ""
 
 
-def probe(source: str, items: list[dict], batch: int = 60) -> tuple[Counter, Counter, Counter]:
+def probe(source: str, items: list[dict], text: bool = False, batch: int = 60) -> tuple[Counter, Counter, Counter]:
     model = create_model(source, pretrained=True).eval()
     right, total, exists = Counter(), Counter(), Counter()
     with torch.no_grad():
         for start in range(0, len(items), batch):
             rows = items[start:start + batch]
-            out = model.generate(torch.stack([r["image"] for r in rows]), None, [r["prompt"] for r in rows])
+            if text:
+                out = model.generate(None, None, [f"{r['caption']}. {r['prompt']}" for r in rows])
+            else:
+                out = model.generate(torch.stack([r["image"] for r in rows]), None, [r["prompt"] for r in rows])
             for row, answer in zip(rows, out.text):
                 key = (row["kind"], wording(row))
                 total[key] += 1
@@ -52,13 +63,14 @@ def main() -> None:
     parser.add_argument("--per-kind", type=int, default=120)
     parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated, in the order items cycle through")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--text", action="store_true", help="the caption in the prompt instead of the picture")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     kinds = args.kinds.split(",")
     data = SceneQADataset("test", args.per_kind * len(kinds), kinds=kinds)
     items = [data[i] for i in range(len(data))]
     for source in args.sources:
-        right, total, exists = probe(source, items)
+        right, total, exists = probe(source, items, args.text)
         print(f"\n{source}\n\n| kind | wording | questions | accuracy |\n|---|---|---:|---:|")
         for key in sorted(total):
             print(f"| {key[0]} | {key[1] or '-'} | {total[key]} | {right[key] / total[key]:.2f} |")
