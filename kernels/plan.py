@@ -11,10 +11,15 @@ how capacity drops a token. Such slots contribute nothing to the output.
 
 For the Triton kernels the plan can also be padded so every block of ``block_size`` rows belongs to one
 expert (vLLM's ``moe_align_block_size`` in index space: only indices are padded, never activations).
+
+The kept slots and the sort are made when first read, not by ``build_plan``: the torch backend's few-token path
+(decoding) reads only the ids (``DispatchPlan.kept_ids``), and at one token the sort would cost as much as the
+experts' arithmetic.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,29 +35,87 @@ class DispatchPlan:
         num_tokens: T, the number of tokens routed.
         top_k: k, the number of slots per token (columns of the router's ids).
         num_experts: E, the number of computed experts.
+        ids_TK: int64 [T, k], the router's expert ids as given.
+        capacity: at most this many slots per expert (None: no limit).
+        block_size: the Triton row-block size the padded fields are built for, or None.
+
+    Made on first read (and kept), from ``ids_TK`` and ``capacity``:
+        kept_TK: bool [T, k], which slots are dispatched (ids in ``[0, E)``, within capacity).
         sorted_slots_S: int64 [S], flat slot index ``t * k + j`` of each dispatched slot, grouped by expert.
         sorted_tokens_S: int64 [S], the token of each dispatched slot (``sorted_slots_S // k``).
         counts_E: int64 [E], dispatched slots per expert (after capacity).
         offsets_E1: int64 [E + 1], ``offsets_E1[e]`` is where expert e's rows start in the sorted order.
-        ids_TK: int64 [T, k], the router's expert ids as given.
-        kept_TK: bool [T, k], which slots were dispatched.
-        block_size: the Triton row-block size the padded fields were built for, or None.
-        padded_rows_P: int64 [P], for each padded row the index into the sorted order, or -1 for padding.
-        block_experts_B: int64 [P // block_size], the expert that owns each block of padded rows.
+        padded_rows_P: int64 [P], for each padded row the index into the sorted order, or -1 for padding
+            (None without ``block_size``).
+        block_experts_B: int64 [P // block_size], the expert that owns each block of padded rows (None
+            without ``block_size``).
     """
 
     num_tokens: int
     top_k: int
     num_experts: int
-    sorted_slots_S: torch.Tensor
-    sorted_tokens_S: torch.Tensor
-    counts_E: torch.Tensor
-    offsets_E1: torch.Tensor
     ids_TK: torch.Tensor
-    kept_TK: torch.Tensor
+    capacity: int | None = None
     block_size: int | None = None
-    padded_rows_P: torch.Tensor | None = None
-    block_experts_B: torch.Tensor | None = None
+
+    @functools.cached_property
+    def kept_TK(self) -> torch.Tensor:
+        kept_TK = (self.ids_TK >= 0) & (self.ids_TK < self.num_experts)
+        if self.capacity is not None:
+            kept_TK = kept_TK & _within_capacity(self.ids_TK, kept_TK, self.num_experts, self.capacity)
+        return kept_TK
+
+    def kept_ids(self) -> list[list[int]]:
+        """Every token's slots' experts on the host, -1 for a slot not dispatched: one copy of the ids (without
+        a capacity, which slots are kept is read off the ids here), no sort."""
+        if self.capacity is None:
+            num_experts = self.num_experts
+            return [[e if 0 <= e < num_experts else -1 for e in row] for row in self.ids_TK.tolist()]
+        return torch.where(self.kept_TK, self.ids_TK, -1).tolist()
+
+    @functools.cached_property
+    def _sorted(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sorted_slots_S, counts_E, offsets_E1): the stable sort of the kept slots by expert."""
+        num_experts = self.num_experts
+        flat_ids = torch.where(self.kept_TK, self.ids_TK, num_experts).reshape(-1)
+        # A stable sort keeps slots of one expert in token order: deterministic, and the order every backend uses.
+        order = torch.sort(flat_ids, stable=True).indices
+        counts_E = torch.bincount(flat_ids, minlength=num_experts + 1)[:num_experts]
+        sorted_slots_S = order[:int(counts_E.sum())]
+        offsets_E1 = torch.zeros(num_experts + 1, dtype=torch.long, device=flat_ids.device)
+        torch.cumsum(counts_E, 0, out=offsets_E1[1:])
+        return sorted_slots_S, counts_E, offsets_E1
+
+    @property
+    def sorted_slots_S(self) -> torch.Tensor:
+        return self._sorted[0]
+
+    @functools.cached_property
+    def sorted_tokens_S(self) -> torch.Tensor:
+        slots = self.sorted_slots_S
+        return torch.div(slots, self.top_k, rounding_mode="floor") if self.top_k else slots
+
+    @property
+    def counts_E(self) -> torch.Tensor:
+        return self._sorted[1]
+
+    @property
+    def offsets_E1(self) -> torch.Tensor:
+        return self._sorted[2]
+
+    @functools.cached_property
+    def _padded(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self.block_size is None:
+            return None, None
+        return pad_to_blocks(self.counts_E, self.offsets_E1, self.block_size)
+
+    @property
+    def padded_rows_P(self) -> torch.Tensor | None:
+        return self._padded[0]
+
+    @property
+    def block_experts_B(self) -> torch.Tensor | None:
+        return self._padded[1]
 
     @property
     def num_dispatched(self) -> int:
@@ -77,7 +140,8 @@ def build_plan(
     capacity: int | None = None,
     block_size: int | None = None,
 ) -> DispatchPlan:
-    """Sort the router's slots by expert.
+    """The router's slots to dispatch by expert, checked; which are kept (ids in range, within ``capacity``) and
+    their sort by expert are made when first read (see ``DispatchPlan``).
 
     Args:
         ids_TK: integer [T, k] expert ids; ids outside ``[0, num_experts)`` are not dispatched.
@@ -93,47 +157,16 @@ def build_plan(
         raise TypeError(f"ids_TK must be an integer tensor, got {ids_TK.dtype}")
     if num_experts < 1:
         raise ValueError(f"num_experts must be >= 1, got {num_experts}")
-    num_tokens, top_k = ids_TK.shape
-    device = ids_TK.device
-    ids_TK = ids_TK.long()
-    kept_TK = (ids_TK >= 0) & (ids_TK < num_experts)
-
-    if capacity is not None:
-        kept_TK = kept_TK & _within_capacity(ids_TK, kept_TK, num_experts, capacity)
-
-    flat_ids = torch.where(kept_TK, ids_TK, num_experts).reshape(-1)
-    # A stable sort keeps slots of one expert in token order: deterministic, and the order every backend uses.
-    order = torch.sort(flat_ids, stable=True).indices
-    counts_E = torch.bincount(flat_ids, minlength=num_experts + 1)[:num_experts]
-    num_kept = int(counts_E.sum())
-    sorted_slots_S = order[:num_kept]
-    offsets_E1 = torch.zeros(num_experts + 1, dtype=torch.long, device=device)
-    torch.cumsum(counts_E, 0, out=offsets_E1[1:])
-
-    padded_rows_P = block_experts_B = None
-    if block_size is not None:
-        padded_rows_P, block_experts_B = pad_to_blocks(counts_E, offsets_E1, block_size)
-
-    return DispatchPlan(
-        num_tokens=num_tokens,
-        top_k=top_k,
-        num_experts=num_experts,
-        sorted_slots_S=sorted_slots_S,
-        sorted_tokens_S=torch.div(sorted_slots_S, top_k, rounding_mode="floor") if top_k else sorted_slots_S,
-        counts_E=counts_E,
-        offsets_E1=offsets_E1,
-        ids_TK=ids_TK,
-        kept_TK=kept_TK,
-        block_size=block_size,
-        padded_rows_P=padded_rows_P,
-        block_experts_B=block_experts_B,
-    )
+    if block_size is not None and block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    if capacity is not None and capacity < 0:
+        raise ValueError(f"capacity must be >= 0, got {capacity}")
+    return DispatchPlan(num_tokens=ids_TK.shape[0], top_k=ids_TK.shape[1], num_experts=num_experts, ids_TK=ids_TK.long(),
+                        capacity=capacity, block_size=block_size)
 
 
 def _within_capacity(ids_TK: torch.Tensor, kept_TK: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
     """True for slots whose position among their expert's slots (rank-major, then token order) < capacity."""
-    if capacity < 0:
-        raise ValueError(f"capacity must be >= 0, got {capacity}")
     one_hot_KTE = torch.nn.functional.one_hot(
         torch.where(kept_TK, ids_TK, num_experts).t(), num_experts + 1
     )[..., :num_experts]
