@@ -80,7 +80,9 @@ def _check_logits(logits_TE: torch.Tensor, name: str = "logits_TE") -> None:
         raise ValueError(f"{name} must be 2-D [T, E] (tokens x experts), got shape {tuple(logits_TE.shape)}")
     if logits_TE.shape[1] < 1:
         raise ValueError(f"{name} must have at least one expert column, got shape {tuple(logits_TE.shape)}")
-    if logits_TE.numel() and not bool(torch.isfinite(logits_TE).all()):
+    # A finite sum means every logit is finite (a NaN or an infinity makes the sum NaN or infinite): one reduction,
+    # where the elementwise test costs two ops and a larger temporary; only a sum that overflowed is looked at again.
+    if logits_TE.numel() and not math.isfinite(logits_TE.sum().item()) and not bool(torch.isfinite(logits_TE).all()):
         raise ValueError(f"{name} contains NaN or infinite values; router logits must be finite")
 
 
@@ -196,17 +198,19 @@ def topk_route(
         if allowed_TE is not None:
             scores_TE = scores_TE.masked_fill(~allowed_TE, 0.0)
 
-    choice_TE = scores_TE.detach()
-    if score_bias_E is not None:
-        choice_TE = choice_TE + _check_bias(score_bias_E, num_experts, logits_TE.device).to(dtype)
-    if allowed_TE is not None:
-        choice_TE = choice_TE.masked_fill(~allowed_TE, float("-inf"))
-
-    if grouped is not None:
-        choice_TE = _restrict_to_groups(choice_TE, *grouped, allowed_TE, k)
-
-    ids_TK = torch.topk(choice_TE, k, dim=-1, sorted=True).indices
-    weights_TK = scores_TE.gather(1, ids_TK)
+    if score_bias_E is None and allowed_TE is None and grouped is None:
+        # chosen by the scores themselves: topk's values are the weights (differentiable, as gather's would be)
+        weights_TK, ids_TK = torch.topk(scores_TE, k, dim=-1, sorted=True)
+    else:
+        choice_TE = scores_TE.detach()
+        if score_bias_E is not None:
+            choice_TE = choice_TE + _check_bias(score_bias_E, num_experts, logits_TE.device).to(dtype)
+        if allowed_TE is not None:
+            choice_TE = choice_TE.masked_fill(~allowed_TE, float("-inf"))
+        if grouped is not None:
+            choice_TE = _restrict_to_groups(choice_TE, *grouped, allowed_TE, k)
+        ids_TK = torch.topk(choice_TE, k, dim=-1, sorted=True).indices
+        weights_TK = scores_TE.gather(1, ids_TK)
     if renormalize:
         weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
     if scaling != 1.0:
