@@ -4,7 +4,8 @@ Per expert: gather its rows, two GEMMs and the activation, and ``index_add_`` th
 output, with a hand-written backward that reuses the forward's buffers (``_TorchExpertMLP``). Around that walk:
 which GEMM library runs a product (oneDNN's linear for large fp32 products, ``torch.mm`` below
 ``ONEDNN_MIN_MACS``), parallel single-threaded streams of rows with several threads, a padded batched path for
-few rows per expert without autograd (``PADDED_MAX_MACS``), and oneDNN-prepacked weights for inference.
+few rows per expert without autograd (``PADDED_MAX_MACS``), oneDNN-prepacked weights for inference, and for a
+few tokens without autograd (decoding) a path that never sorts (``FEW_TOKENS_MAX_SLOTS``).
 Shape checks are the caller's (``moezoo.kernels.experts.expert_mlp``).
 """
 
@@ -19,7 +20,7 @@ import torch
 from .activations import activation_fn, activation_grad
 from .plan import DispatchPlan, expert_slices
 
-__all__ = ["PackedExpertWeights", "pack_expert_weights", "torch_expert_mlp"]
+__all__ = ["PackedExpertWeights", "few_tokens_pay", "pack_expert_weights", "torch_expert_mlp"]
 
 
 def torch_expert_mlp(x_TD, weights_TK, plan: DispatchPlan, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, activation: str,
@@ -33,6 +34,9 @@ def torch_expert_mlp(x_TD, weights_TK, plan: DispatchPlan, w_in_ENK, w_out_EDF, 
     tensors = (x_TD, weights_TK, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, *shared_tensors)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _TorchExpertMLP.apply(*tensors, plan, activation, gated, shared_activation)
+    if few_tokens_pay(plan.num_tokens, plan.top_k):
+        return _few_tokens_forward(x_TD, weights_TK, plan, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, activation, gated,
+                                   shared_tensors, shared_activation)
     tables = _expert_tables(*tensors, plan, activation, gated, shared_activation)
     if _padded_pays(tables[0]):
         out_TD = _padded_forward(x_TD, tables[0], plan)
@@ -316,11 +320,11 @@ def _run_streams(work, groups: list, accumulators: list[torch.Tensor]) -> None:
         accumulators[0].add_(acc)
 
 
-def _activated(act, h_CN: torch.Tensor, hidden: int, gated: bool, out_CF: torch.Tensor) -> torch.Tensor:
-    """``act(gate) * up`` for gated experts, ``act(h)`` otherwise, written into ``out_CF``."""
+def _activated(act, h_CN: torch.Tensor, hidden: int, gated: bool, out_CF: torch.Tensor | None) -> torch.Tensor:
+    """``act(gate) * up`` for gated experts, ``act(h)`` otherwise, written into ``out_CF`` (None: a new tensor)."""
     if gated:
         return torch.mul(act(h_CN[:, :hidden]), h_CN[:, hidden:], out=out_CF)
-    return out_CF.copy_(act(h_CN))
+    return act(h_CN) if out_CF is None else out_CF.copy_(act(h_CN))
 
 
 @dataclasses.dataclass
@@ -469,14 +473,21 @@ def _padded_pays(table: _ExpertTable) -> bool:
 
 def _padded_forward(x_TD: torch.Tensor, table: _ExpertTable, plan: DispatchPlan) -> torch.Tensor:
     """The routed experts' (``table``, laid out by ``plan``) weighted sum with every expert's rows padded to the
-    largest count ``C``: gather into [E, C, D], two ``torch.bmm``, then each real row weighted and added to its
-    token (in sorted order, so the sums are deterministic). Padding rows are zeros and are never read back."""
-    device, (num_tokens, dim) = x_TD.device, x_TD.shape
-    num_experts, widest = len(table.counts), max(table.counts)
-    expert_S = torch.repeat_interleave(torch.arange(num_experts, device=device), plan.counts_E)
+    largest count: the padded row of every sorted row, then ``_padded_experts``."""
+    device = x_TD.device
+    expert_S = torch.repeat_interleave(torch.arange(len(table.counts), device=device), plan.counts_E)
     # padded row of every sorted row: its expert's block of C rows, then its rank within the expert
     rank_S = torch.arange(len(expert_S), device=device) - plan.offsets_E1[expert_S]
-    padded_S = expert_S * widest + rank_S
+    widest = max(table.counts)
+    return _padded_experts(x_TD, table, expert_S * widest + rank_S, widest)
+
+
+def _padded_experts(x_TD: torch.Tensor, table: _ExpertTable, padded_S: torch.Tensor, widest: int) -> torch.Tensor:
+    """``table``'s sorted rows at rows ``padded_S`` of an [E x ``widest``] padded layout: gather into [E, C, D],
+    two ``torch.bmm``, then each real row weighted and added to its token (in sorted order, so the sums are
+    deterministic). Padding rows are zeros and are never read back."""
+    num_tokens, dim = x_TD.shape
+    num_experts = len(table.counts)
     x_PD = x_TD.new_zeros(num_experts * widest, dim)
     x_PD[padded_S] = x_TD.index_select(0, table.tokens_S)
     h_ECN = torch.bmm(x_PD.view(num_experts, widest, dim), table.w_in_ENK.transpose(1, 2))
@@ -491,6 +502,95 @@ def _padded_forward(x_TD: torch.Tensor, table: _ExpertTable, plan: DispatchPlan)
     out_dim = y_ECD.shape[2]
     y_SD = y_ECD.view(-1, out_dim).index_select(0, padded_S).mul_(table.w_S[:, None])
     return x_TD.new_zeros(num_tokens, out_dim).index_add_(0, table.tokens_S, y_SD)
+
+
+# ------------------------------------------------------------------ few tokens (decoding): no sort
+# A decoding step runs a MoE layer on 1-16 tokens. There the paths above cost more in fixed work than in
+# arithmetic: the plan's sort, per-expert gathers into buffers, the padded layout's index bookkeeping, a sync for
+# the counts (at one token of the bundled DiT-MoE digits layer, 8 experts of 128 x 128, ~140 us against ~25 us
+# for the whole dense MLP of the same active width). Without autograd and with at most ``FEW_TOKENS_MAX_SLOTS``
+# slots, the slots are grouped by expert on the host from one copy of the ids and weights (no sort), and then:
+# - small experts (all E together at most ``FEW_TOKENS_PADDED_MAX_WEIGHTS`` weights, so they stay in cache) hit
+#   by more than one token's worth of experts run padded, as two ``torch.bmm`` over all experts: a fixed number
+#   of ops whatever the number of experts hit;
+# - otherwise each chosen expert runs on views of its own weights with ``torch.mm`` (no weight is copied: at one
+#   token the layer reads the same weight bytes as the dense MLP of its active width), on the tokens themselves
+#   when it takes every token in order (one token: always), else on its gathered rows.
+# oneDNN is not used: at a few rows MKL's GEMMs are as fast or faster. Experts are summed in increasing id order,
+# as the walk sums them.
+FEW_TOKENS_MAX_SLOTS = 16
+FEW_TOKENS_PADDED_MAX_WEIGHTS = 1 << 20
+
+
+def few_tokens_pay(num_tokens: int, top_k: int) -> bool:
+    """Whether a no-grad call of ``num_tokens`` tokens of ``top_k`` slots runs the few-token path."""
+    return num_tokens * top_k <= FEW_TOKENS_MAX_SLOTS
+
+
+def _few_tokens_forward(x_TD, weights_TK, plan: DispatchPlan, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, activation,
+                        gated, shared_tensors, shared_activation) -> torch.Tensor:
+    """``torch_expert_mlp`` without autograd for few tokens: the chosen experts, then the shared one."""
+    weights = weights_TK.to(x_TD.dtype).tolist()
+    rows_of: dict[int, list[tuple[int, float]]] = {}  # expert -> its (token, weight) rows, in token order
+    for token, (ids, row_weights) in enumerate(zip(plan.kept_ids(), weights)):
+        for expert, weight in zip(ids, row_weights):
+            if expert >= 0:
+                rows_of.setdefault(expert, []).append((token, weight))
+    if len(rows_of) > plan.top_k and w_in_ENK.numel() + w_out_EDF.numel() <= FEW_TOKENS_PADDED_MAX_WEIGHTS:
+        out_TD = _few_tokens_padded(x_TD, rows_of, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, activation, gated)
+    else:
+        out_TD = x_TD.new_zeros(plan.num_tokens, w_out_EDF.shape[1])
+        for e in sorted(rows_of):
+            tokens, row_weights = zip(*rows_of[e])
+            _add_expert_rows(out_TD, x_TD, tokens, row_weights, w_in_ENK[e], w_out_EDF[e],
+                             None if b_in_EN is None else b_in_EN[e], None if b_out_ED is None else b_out_ED[e],
+                             activation, gated)
+    w_in_NK, w_out_DF, scale_T = shared_tensors
+    if w_in_NK is not None:
+        _add_expert_rows(out_TD, x_TD, None, scale_T, w_in_NK, w_out_DF, None, None, shared_activation, gated)
+    return out_TD
+
+
+def _few_tokens_padded(x_TD, rows_of: dict, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, activation, gated):
+    """The padded layout of ``rows_of`` (expert -> (token, weight) rows) made on the host: ``_padded_experts``."""
+    counts = [len(rows_of.get(e, ())) for e in range(w_in_ENK.shape[0])]
+    widest = max(counts)
+    tokens_S, padded_S, w_S = [], [], []
+    for e in sorted(rows_of):
+        for rank, (token, weight) in enumerate(rows_of[e]):
+            tokens_S.append(token)
+            padded_S.append(e * widest + rank)
+            w_S.append(weight)
+    indices = torch.tensor(tokens_S + padded_S, device=x_TD.device)
+    table = _ExpertTable(w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, indices[:len(tokens_S)],
+                         torch.tensor(w_S, dtype=x_TD.dtype, device=x_TD.device), counts, activation, gated)
+    return _padded_experts(x_TD, table, indices[len(tokens_S):], widest)
+
+
+def _add_expert_rows(out_TD, x_TD, tokens: tuple[int, ...] | None, weights, w_in_NK, w_out_DF, b_in_N, b_out_D,
+                     activation, gated) -> None:
+    """``out[t] += w * expert(x[t])`` for the expert's ``tokens`` (None: every token in order) with their
+    ``weights`` (floats; a [T] tensor or None (1) when ``tokens`` is None)."""
+    whole = tokens is None or tokens == tuple(range(len(out_TD)))
+    index = None if whole else torch.tensor(tokens, device=x_TD.device)
+    x_CD = x_TD if index is None else x_TD.index_select(0, index)
+    h_CN = torch.mm(x_CD, w_in_NK.t()) if b_in_N is None else torch.addmm(b_in_N, x_CD, w_in_NK.t())
+    a_CF = _activated(activation_fn(activation), h_CN, w_out_DF.shape[1], gated, None)
+    if isinstance(weights, tuple) and len(weights) == 1 and index is None:  # one token: its weight as a scalar
+        out_TD.addmm_(a_CF, w_out_DF.t(), alpha=weights[0])
+        if b_out_D is not None:
+            out_TD.add_(b_out_D, alpha=weights[0])
+        return
+    y_CD = torch.mm(a_CF, w_out_DF.t())
+    if b_out_D is not None:
+        y_CD += b_out_D
+    if weights is not None:
+        w_C = torch.as_tensor(weights, dtype=y_CD.dtype, device=y_CD.device)
+        y_CD.mul_(w_C[:, None])
+    if index is None:
+        out_TD += y_CD
+    else:
+        out_TD.index_add_(0, index, y_CD)
 
 
 class _TableGrads:
