@@ -6,7 +6,8 @@ its constructor. The base owns what all of them share:
 
 - the routing record: after every forward, ``block.routing`` is a :class:`RoutingRecord` (ids, weights,
   scores, per-expert load, dropped slots, the weighted aux loss and its unweighted terms, the input's token
-  layout), made by :meth:`RoutedBlock.record_routing` from the router's :class:`RouterOutput`;
+  layout), made by :meth:`RoutedBlock.record_routing` from the router's :class:`RouterOutput` (without autograd its
+  counts and losses are computed when first read: a decoding step nobody asks about costs none of them);
 - the auxiliary losses: ``aux_loss_coefs`` maps names of :data:`AUX_LOSSES` (one table from loss name to the
   kernels' loss function) to coefficients;
 - the per-token expert map in the input's layout (:meth:`RoutedBlock.expert_map`), which a family only
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -35,7 +35,6 @@ from moezoo.kernels.experts import BACKENDS
 from moezoo.kernels.routing import RouterOutput
 
 
-@dataclass
 class RoutingRecord:
     """What one routed block routed in its last forward.
 
@@ -49,16 +48,46 @@ class RoutingRecord:
         aux_loss: the weighted sum of the configured auxiliary losses (keeps its graph: add it to the loss).
         aux_terms: each configured auxiliary loss by name, unweighted and detached, for logging.
         tokens_shape: the leading shape of the input, so ids can be reshaped to e.g. [B, H/p, W/p, k].
+
+    ``load_E``, ``dropped``, ``aux_loss`` and ``aux_terms`` come from ``summarize``, a function of what the
+    forward routed (never of state the block changes later), called once: at once when the forward had
+    autograd (``aux_loss`` keeps its graph), else when one of them is first read. A decoding step without grad
+    that nobody asks about therefore costs no counts, no losses and no device sync; a caller that reads them
+    (validation logging, the app's load charts) gets the same values as an eager record.
     """
 
-    ids_TK: torch.Tensor
-    weights_TK: torch.Tensor
-    probs_TE: torch.Tensor
-    load_E: torch.Tensor
-    dropped: int
-    aux_loss: torch.Tensor
-    aux_terms: dict[str, torch.Tensor] = field(default_factory=dict)
-    tokens_shape: tuple[int, ...] = ()
+    def __init__(self, ids_TK: torch.Tensor, weights_TK: torch.Tensor, probs_TE: torch.Tensor,
+                 tokens_shape: tuple[int, ...], summarize: Callable[[], tuple], *, now: bool):
+        self.ids_TK, self.weights_TK, self.probs_TE = ids_TK, weights_TK, probs_TE
+        self.tokens_shape = tokens_shape
+        self._summarize, self._summary = summarize, None
+        if now:
+            self._summarized()
+
+    def _summarized(self) -> tuple:
+        if self._summary is None:
+            self._summary, self._summarize = self._summarize(), None
+        return self._summary
+
+    @property
+    def load_E(self) -> torch.Tensor:
+        return self._summarized()[0]
+
+    @property
+    def dropped(self) -> int:
+        return self._summarized()[1]
+
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        return self._summarized()[2]
+
+    @property
+    def aux_terms(self) -> dict[str, torch.Tensor]:
+        return self._summarized()[3]
+
+    def __repr__(self) -> str:
+        return (f"RoutingRecord(tokens_shape={self.tokens_shape}, ids_TK={tuple(self.ids_TK.shape)}, "
+                f"summarized={self._summary is not None})")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -179,38 +208,47 @@ class RoutedBlock(nn.Module):
 
     # ------------------------------------------------------------------------------------------ record
 
-    def aux_terms(self, routed: RouterOutput, tokens_shape: Sequence[int] = ()) -> dict[str, torch.Tensor]:
-        """Each configured auxiliary loss of ``routed`` (tokens of leading shape ``tokens_shape``) by name,
-        unweighted, with its graph."""
+    def aux_terms(self, routed: RouterOutput, tokens_shape: Sequence[int] = (),
+                  names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Each configured auxiliary loss of ``routed`` (tokens of leading shape ``tokens_shape``) by name (or
+        those of ``names``), unweighted, with its graph."""
         shape = tuple(tokens_shape)
         return {name: self.OWN_AUX_LOSSES[name](self, routed, shape) if name in self.OWN_AUX_LOSSES
-                else AUX_LOSSES[name](routed, self.num_routable, shape) for name in self.aux_loss_coefs}
+                else AUX_LOSSES[name](routed, self.num_routable, shape)
+                for name in (self.aux_loss_coefs if names is None else names)}
 
     def record_routing(
         self,
         routed: RouterOutput,
         tokens_shape: Sequence[int],
         *,
-        load_E: torch.Tensor | None = None,
-        dropped: int = 0,
+        load_E: torch.Tensor | Callable[[], torch.Tensor] | None = None,
+        dropped: int | Callable[[], int] = 0,
     ) -> RoutingRecord:
         """Make and keep ``self.routing`` from the router's output for tokens of leading shape
         ``tokens_shape``. ``load_E`` (default: the chosen slots per routable expert) and ``dropped`` come from
-        blocks that drop slots by capacity."""
-        if load_E is None:
-            load_E = losses.expert_counts(routed.ids_TK, self.num_routable).float()
-        terms = self.aux_terms(routed, tokens_shape)
-        aux_loss = sum((self.aux_loss_coefs[n] * v for n, v in terms.items()), routed.probs_TE.new_zeros(()))
-        self.routing = RoutingRecord(
-            ids_TK=routed.ids_TK.detach(),
-            weights_TK=routed.weights_TK.detach(),
-            probs_TE=routed.probs_TE.detach(),
-            load_E=load_E,
-            dropped=dropped,
-            aux_loss=aux_loss,
-            aux_terms={n: v.detach() for n, v in terms.items()},
-            tokens_shape=tuple(tokens_shape),
-        )
+        blocks that drop slots by capacity, as values or as functions that compute them (called when the record
+        is summarized: see :class:`RoutingRecord`).
+
+        Without autograd the counts and the configured losses of :data:`AUX_LOSSES` are computed when first read;
+        the block's ``OWN_AUX_LOSSES`` at once, as they may read state the block's next forward replaces."""
+        shape, coefs = tuple(tokens_shape), dict(self.aux_loss_coefs)
+        routed_tensors = (routed.weights_TK, routed.probs_TE, routed.logits_TE, routed.load_E)
+        now = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in routed_tensors)
+        own = {} if now else self.aux_terms(routed, shape, [n for n in coefs if n in self.OWN_AUX_LOSSES])
+
+        def summarize() -> tuple:
+            counts_E = load_E() if callable(load_E) else load_E
+            if counts_E is None:
+                counts_E = losses.expert_counts(routed.ids_TK, self.num_routable).float()
+            computed = self.aux_terms(routed, shape, [n for n in coefs if n not in own])
+            terms = {n: own[n] if n in own else computed[n] for n in coefs}
+            aux_loss = sum((coefs[n] * v for n, v in terms.items()), routed.probs_TE.new_zeros(()))
+            return (counts_E, dropped() if callable(dropped) else dropped, aux_loss,
+                    {n: v.detach() for n, v in terms.items()})
+
+        self.routing = RoutingRecord(routed.ids_TK.detach(), routed.weights_TK.detach(), routed.probs_TE.detach(),
+                                     shape, summarize, now=now)
         return self.routing
 
     # ------------------------------------------------------------------------------------------ pictures
