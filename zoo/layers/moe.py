@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from moezoo.kernels import expert_parallel as ep
 from moezoo.kernels import losses
-from moezoo.kernels import SharedExpert, activation_fn, expert_mlp, pack_expert_weights
+from moezoo.kernels import SharedExpert, activation_fn, expert_mlp, pack_expert_weights, resolve_backend
+from moezoo.kernels.cpu_backend import few_tokens_pay
 from moezoo.kernels.plan import build_plan, capacity_for
 from moezoo.kernels.routing import (
     RouterOutput,
@@ -294,16 +295,27 @@ class MoE(RoutedBlock):
             return self._forward_expert_parallel(x_TD, allowed_TE, lead_shape).reshape(x.shape)
         routed = self.router(x_TD, allowed_TE)
         ids_TK, weights_TK = routed.ids_TK, routed.weights_TK.to(x.dtype)
-        capacity = self._capacity(x_TD.shape[0], ids_TK.shape[1])
+        num_tokens, top_k = ids_TK.shape
+        capacity = self._capacity(num_tokens, top_k)
+        if capacity is not None and capacity >= num_tokens:
+            # Every router here gives a token distinct experts, so an expert receives at most one slot per token:
+            # with room for every token nothing can drop, and the plan need not count (decoding's case).
+            capacity = None
         plan = build_plan(ids_TK, self.num_experts, capacity=capacity)
         if self.router.kind == "gshard_top2":  # DeepSpeed renormalises the two gates after the drop
             weights_TK = renormalize_kept(weights_TK, plan.kept_TK)
+        # On the torch backend's few-token path (decoding) the shared expert runs as its own dense MLP: packing
+        # it for the kernel would copy its gate and up weights into one tensor at every step.
+        shared_apart = self.shared is not None and self._few_tokens(x_TD, top_k)
         y_TD = expert_mlp(
             x_TD, weights_TK, plan, *self._expert_weights(), b_in_EN=self.b_in, b_out_ED=self.b_out,
-            activation=self.activation, gated=self.gated, backend=self.backend, shared=self._shared_expert(x_TD),
-            packed=self._live_packed(),
+            activation=self.activation, gated=self.gated, backend=self.backend,
+            shared=None if shared_apart else self._shared_expert(x_TD), packed=self._live_packed(),
         )
-        y_TD = y_TD + self._special_experts(x_TD, ids_TK, weights_TK)
+        if shared_apart:
+            y_TD = y_TD + self._shared_output(x_TD)
+        if self.num_copy_experts or self.num_constant_experts:
+            y_TD = y_TD + self._special_experts(x_TD, ids_TK, weights_TK)
         self._record(routed, plan, lead_shape)
         return y_TD.reshape(x.shape)
 
@@ -315,6 +327,13 @@ class MoE(RoutedBlock):
         if not self.training and self.eval_capacity_factor is not None:
             factor = self.eval_capacity_factor
         return max(self.min_capacity, capacity_for(num_tokens, top_k, self.num_experts, factor))
+
+    def _few_tokens(self, x_TD: torch.Tensor, top_k: int) -> bool:
+        """Whether ``expert_mlp`` takes the torch backend's few-token path for this call: no autograd, the torch
+        backend, at most ``FEW_TOKENS_MAX_SLOTS`` slots."""
+        if torch.is_grad_enabled() and (x_TD.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return False
+        return resolve_backend(self.backend, x_TD.device) == "torch" and few_tokens_pay(x_TD.shape[0], top_k)
 
     # ------------------------------------------------------------------------------------------ expert parallelism
 
@@ -371,8 +390,7 @@ class MoE(RoutedBlock):
             x_TD, weights_TK, plan, *self._expert_weights(), par.shard, b_in_LN=self.b_in, b_out_LD=self.b_out,
             activation=self.activation, gated=self.gated, backend=self.backend, pad_to=pad_to)
         if self.shared is not None:
-            shared_TD = self.shared(x_TD)
-            y_TD = y_TD + (shared_TD if self.shared_gate is None else torch.sigmoid(self.shared_gate(x_TD)) * shared_TD)
+            y_TD = y_TD + self._shared_output(x_TD)
         y_TD = y_TD + self._special_experts(x_TD, routed.ids_TK, weights_TK)
         ranks = group_tokens // max(num_tokens, 1)
         group_shape = (ranks * lead_shape[0], *lead_shape[1:]) if len(lead_shape) else (ranks,)
@@ -435,6 +453,11 @@ class MoE(RoutedBlock):
         scale_T = None if self.shared_gate is None else torch.sigmoid(self.shared_gate(x_TD)).squeeze(-1)
         return self.shared.as_shared_expert(scale_T)
 
+    def _shared_output(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """The shared experts' output computed apart from the routed ones (their own dense MLP), gated or not."""
+        shared_TD = self.shared(x_TD)
+        return shared_TD if self.shared_gate is None else torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
+
     def _expert_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.expert_kind == "ternary":
             return ternary_ste(self.w_in), ternary_ste(self.w_out)
@@ -460,11 +483,19 @@ class MoE(RoutedBlock):
         return out_TD
 
     def _record(self, routed: RouterOutput, plan, lead_shape) -> None:
-        """The routing record, with the computed experts' load after capacity and the slots it dropped."""
-        load_E = losses.expert_counts(routed.ids_TK, self.num_routable).float()
-        load_E[: self.num_experts] = plan.counts_E.float()
-        chosen = int(((routed.ids_TK >= 0) & (routed.ids_TK < self.num_experts)).sum())
-        self.record_routing(routed, lead_shape, load_E=load_E, dropped=chosen - plan.num_dispatched)
+        """The routing record, with the computed experts' load after capacity and the slots it dropped (counted
+        when the record is summarized: see ``RoutingRecord``)."""
+        num_experts, num_routable = self.num_experts, self.num_routable
+
+        def load() -> torch.Tensor:
+            load_E = losses.expert_counts(routed.ids_TK, num_routable).float()
+            load_E[:num_experts] = plan.counts_E.float()
+            return load_E
+
+        def dropped() -> int:
+            return int(((routed.ids_TK >= 0) & (routed.ids_TK < num_experts)).sum()) - plan.num_dispatched
+
+        self.record_routing(routed, lead_shape, load_E=load, dropped=dropped)
 
     def special_labels(self) -> list[str]:
         kinds = [("null", self.num_null_experts), ("copy", self.num_copy_experts), ("constant", self.num_constant_experts)]
