@@ -518,7 +518,7 @@ def _padded_experts(x_TD: torch.Tensor, table: _ExpertTable, padded_S: torch.Ten
 #   when it takes every token in order (one token: always), else on its gathered rows.
 # oneDNN is not used: at a few rows MKL's GEMMs are as fast or faster. Experts are summed in increasing id order,
 # as the walk sums them.
-FEW_TOKENS_MAX_SLOTS = 16
+FEW_TOKENS_MAX_SLOTS = 32  # 16 tokens of top-2: faster than the sorted paths on all of bench/decode.py's layers
 FEW_TOKENS_PADDED_MAX_WEIGHTS = 1 << 20
 
 

@@ -169,6 +169,25 @@ def test_few_token_path_only_without_autograd_and_for_few_slots(few_token_calls,
     assert few_token_calls == {"views": 0, "padded": 0}  # the reference backend is never replaced
 
 
+@pytest.mark.parametrize("few_slots", [0, 1 << 10])
+def test_shared_expert_on_the_sorted_padded_path_and_the_few_token_path(monkeypatch, few_slots):
+    """The sorted padded path with a shared expert (the path of calls too large for the few-token one) and the
+    few-token path, on one case: both equal the loop."""
+    monkeypatch.setattr(cpu_backend, "FEW_TOKENS_MAX_SLOTS", few_slots)
+    monkeypatch.setattr(cpu_backend, "PADDED_MAX_MACS", 1 << 40)
+    case = make_case(13, 2, 6, seed=15)
+    case["ids"] = case["ids"] % 3  # experts 3..5 get nothing (and a token may pick one expert twice)
+    g = torch.Generator().manual_seed(16)
+    shared = SharedExpert(torch.randn(10, 8, generator=g) * 0.3, torch.randn(8, 5, generator=g) * 0.4,
+                          torch.rand(13, generator=g))
+    y, _ = no_grad_call(case, shared=shared)
+    shared_rows = torch.stack([expert_on_token(x, 0, shared.w_in_NK[None], shared.w_out_DF[None], None, None, "silu",
+                                               True) for x in case["x"]])
+    expected = loop_moe(case["x"], case["weights"], case["ids"], case["w_in"], case["w_out"]) + \
+        shared.scale_T[:, None] * shared_rows
+    torch.testing.assert_close(y, expected, **output_tol(torch.float32, 10))
+
+
 # ------------------------------------------------------------------------------------------- the lazy plan
 
 
