@@ -42,7 +42,7 @@ from moezoo.training.vqa import answer_score
 from moezoo.zoo import create_model
 from moezoo.zoo.models.moe_vlm import MODALITIES, MoEVLM
 
-LAYOUTS = ("dense", "dense_wide", "moe_llava", "moiie", "moma", "mot")
+LAYOUTS = ("dense", "dense_more", "dense_wide", "moe_llava", "moiie", "moma", "mot")  # dense_more: stage 3b
 SCENE_KINDS = ("shape", "colour", "count", "relation", "exists", "caption")
 SOUND_KINDS = ("word", "note")
 
