@@ -322,6 +322,22 @@ def test_a_blocks_own_losses_are_those_of_its_forward():
     assert not torch.allclose(block.routing.aux_terms["modality_balance"], eager)
 
 
+def test_losses_that_communicate_are_computed_in_the_forward(monkeypatch):
+    """A loss that all-reduces across processes is computed during the forward on every rank, never lazily (a
+    rank that did not read its record would leave the others waiting in the collective)."""
+    import moezoo.kernels.losses as losses
+
+    calls = []
+    real = losses.switch_load_balance_loss
+    monkeypatch.setattr(losses, "switch_load_balance_loss", lambda *a, **k: calls.append(k) or real(*a, **k))
+    moe = make_moe(16, 12, 4, 2, aux_loss_coefs={"global_load_balance": 0.1, "load_balance": 0.1})
+    with torch.no_grad():
+        moe(torch.randn(3, 16))
+    assert calls == [{"global_batch": True}]  # the collective one only
+    moe.routing.aux_terms
+    assert calls == [{"global_batch": True}, {}]
+
+
 # ---------------------------------------------------------------------------------------------------- router
 
 

@@ -131,6 +131,11 @@ AUX_LOSSES: dict[str, Callable[[RouterOutput, int, tuple[int, ...]], torch.Tenso
 }
 
 
+# Losses that communicate across processes (an all-reduce): a record computes them at once, so that every rank
+# calls the collective in forward order whether or not it reads the record.
+COLLECTIVE_AUX_LOSSES = ("global_load_balance",)
+
+
 def check_aux_loss_coefs(aux_loss_coefs: dict[str, float] | None, own: Sequence[str] = ()) -> dict[str, float]:
     """The coefficients by name, checked: names of :data:`AUX_LOSSES` or of the block's ``own`` losses."""
     coefs = dict(aux_loss_coefs or {})
@@ -231,18 +236,20 @@ class RoutedBlock(nn.Module):
         is summarized: see :class:`RoutingRecord`).
 
         Without autograd the counts and the configured losses of :data:`AUX_LOSSES` are computed when first read;
-        the block's ``OWN_AUX_LOSSES`` at once, as they may read state the block's next forward replaces."""
+        the block's ``OWN_AUX_LOSSES`` (they may read state the block's next forward replaces) and the
+        :data:`COLLECTIVE_AUX_LOSSES` at once."""
         shape, coefs = tuple(tokens_shape), dict(self.aux_loss_coefs)
         routed_tensors = (routed.weights_TK, routed.probs_TE, routed.logits_TE, routed.load_E)
         now = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in routed_tensors)
-        own = {} if now else self.aux_terms(routed, shape, [n for n in coefs if n in self.OWN_AUX_LOSSES])
+        at_once = [n for n in coefs if n in self.OWN_AUX_LOSSES or n in COLLECTIVE_AUX_LOSSES]
+        early = {} if now else self.aux_terms(routed, shape, at_once)
 
         def summarize() -> tuple:
             counts_E = load_E() if callable(load_E) else load_E
             if counts_E is None:
                 counts_E = losses.expert_counts(routed.ids_TK, self.num_routable).float()
-            computed = self.aux_terms(routed, shape, [n for n in coefs if n not in own])
-            terms = {n: own[n] if n in own else computed[n] for n in coefs}
+            computed = self.aux_terms(routed, shape, [n for n in coefs if n not in early])
+            terms = {n: early[n] if n in early else computed[n] for n in coefs}
             aux_loss = sum((coefs[n] * v for n, v in terms.items()), routed.probs_TE.new_zeros(()))
             return (counts_E, dropped() if callable(dropped) else dropped, aux_loss,
                     {n: v.detach() for n, v in terms.items()})
