@@ -83,20 +83,34 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 class LayerCase:
-    """One layer at its T tokens: ``calls`` maps column name -> zero-argument call (``HF eager`` may be absent)."""
+    """One routed ``block`` called as ``call(inputs(T))``, its ``dense`` counterpart (called on the first input)
+    and, where transformers has one, its ``hf`` eager counterpart."""
 
-    def __init__(self, label: str, moezoo, dense, hf=None, inputs=None):
-        self.label, self.moezoo, self.dense, self.hf, self.inputs = label, moezoo, dense, hf, inputs
+    def __init__(self, label: str, block, call, dense, hf=None, inputs=None):
+        self.label, self.block, self.call, self.dense, self.hf, self.inputs = label, block, call, dense, hf, inputs
 
-    def calls(self, tokens: int) -> tuple[dict, float | None]:
+    def calls(self, tokens: int) -> tuple[dict, float | None, float]:
+        """The timed calls at ``tokens`` tokens, HF's relative difference from moezoo, and the weights the MoE
+        call reads over the dense MLP's (experts hit, shared experts)."""
         x = self.inputs(tokens)
-        ours = lambda: self.moezoo(x)  # noqa: E731
+        ours = lambda: self.call(x)  # noqa: E731
         calls = {"moezoo": ours, "no few-token path": without_few_tokens(ours), "dense": lambda: self.dense(x[0])}
         check = None
         if self.hf is not None:
             calls["HF eager"] = lambda: self.hf(x)
             check = rel_diff(self.hf(x), ours())
-        return calls, check
+        ours()
+        return calls, check, weights_read(self.block, self.dense)
+
+
+def weights_read(block, dense) -> float:
+    """Weights a call of ``block`` reads (the routed experts its last forward hit, the shared experts; routers
+    left out) over those of ``dense``: at one token the two are equal, the lower bound of a call that
+    streams its weights from memory."""
+    ids = block.routing.ids_TK
+    hit = ids[(ids >= 0) & (ids < block.num_experts)].unique().numel()
+    shared = sum(p.numel() for name, p in block.named_parameters() if name.startswith("shared"))
+    return (hit * (block.w_in[0].numel() + block.w_out[0].numel()) + shared) / sum(p.numel() for p in dense.parameters())
 
 
 def hf_eager_moe(moe: MoE):
@@ -123,7 +137,7 @@ def random_layer_cases() -> list[LayerCase]:
         def inputs(tokens, dim=dim):
             return (torch.randn(tokens, dim, generator=torch.Generator().manual_seed(tokens)),)
 
-        cases.append(LayerCase(label, lambda x, moe=moe: moe(x[0]), dense, hf_eager_moe(moe), inputs))
+        cases.append(LayerCase(label, moe, lambda x, moe=moe: moe(x[0]), dense, hf_eager_moe(moe), inputs))
     return cases
 
 
@@ -164,7 +178,7 @@ def vlm_layer_case(pipe, images) -> LayerCase:
         return experts(x_TD, columns[local], weights / weights.sum(-1, keepdim=True))[None]
 
     dense = GatedMLP(block.dim, block.top_k * block.hidden_dim).eval()
-    return LayerCase("moe_vlm_tiny MoIIE layer (text)", lambda x: block(*x), dense, hf,
+    return LayerCase("moe_vlm_tiny MoIIE layer (text)", block, lambda x: block(*x), dense, hf,
                      lambda t: (rows[t], modality[t]))
 
 
@@ -177,7 +191,7 @@ def audio_layer_case(pipe) -> tuple[LayerCase, float]:
         block(rows[TOKENS[-1]])
     routed = block.experts_per_token(count_null=False).float().mean().item()
     dense = GatedMLP(block.dim, round(routed) * block.hidden_dim + block.num_shared_experts * block.shared_hidden_dim)
-    return LayerCase("unimoe_audio_tiny DCMoE layer", lambda x: block(x[0]), dense.eval(), None,
+    return LayerCase("unimoe_audio_tiny DCMoE layer", block, lambda x: block(x[0]), dense.eval(), None,
                      lambda t: (rows[t],)), routed
 
 
@@ -186,9 +200,9 @@ def layer_rows(cases: list[LayerCase], repeats: int) -> list[tuple]:
     for case in cases:
         for tokens in TOKENS:
             with torch.no_grad():
-                calls, check = case.calls(tokens)
+                calls, check, weights = case.calls(tokens)
                 ms = interleaved_ms(calls, repeats)
-            rows.append((case.label, tokens, ms, check))
+            rows.append((case.label, tokens, ms, check, weights))
     return rows
 
 
@@ -292,13 +306,13 @@ def main(argv: list[str] | None = None) -> None:
     audio_case, audio_routed = audio_layer_case(audio_pipe)
     cases = random_layer_cases() + [vlm_layer_case(vlm_pipe, images), audio_case]
 
-    print("\n| layer | T | moezoo | no few-token path | dense | HF eager | moezoo / dense | HF eager / moezoo "
-          "| rel. diff HF |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for label, tokens, ms, check in layer_rows(cases, args.calls):
+    print("\n| layer | T | moezoo ms | no few-token path | dense | HF eager | moezoo / dense | weights read / dense "
+          "| HF eager / moezoo | rel. diff HF |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for label, tokens, ms, check, weights in layer_rows(cases, args.calls):
         hf = ms.get("HF eager")
         print(f"| {label} | {tokens} | {ms['moezoo']:.3f} | {ms['no few-token path']:.3f} | {ms['dense']:.3f} | "
-              + (f"{hf:.3f}" if hf else "-") + f" | {ms['moezoo'] / ms['dense']:.2f} | "
+              + (f"{hf:.3f}" if hf else "-") + f" | {ms['moezoo'] / ms['dense']:.2f} | {weights:.2f} | "
               + (f"{hf / ms['moezoo']:.2f} | {check:.1e} |" if hf else "- | - |"))
     print(f"\n(unimoe_audio_tiny's layer used {audio_routed:.2f} routed experts per token on these inputs: its dense "
           f"counterpart has {round(audio_routed)} experts' width plus the shared experts')")
