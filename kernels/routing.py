@@ -341,17 +341,16 @@ def top_p_route(
     probs_TE = _masked_softmax(logits_TE, allowed_TE)
     sorted_TE, order_TE = torch.sort(probs_TE.detach(), dim=-1, descending=True, stable=True)
     # Mass strictly before each sorted position, summed in float64 so the p boundary is not blurred by
-    # float32 rounding. Position j is needed iff the mass before it is still below p.
-    before_TE = torch.cumsum(sorted_TE.double(), dim=-1) - sorted_TE.double()
-    keep_TE = (before_TE < p) & (sorted_TE > 0)
-    keep_TE[:, :1] = True
+    # float32 rounding. Position j is needed iff the mass before it is still below p. The first position always
+    # is: nothing comes before it (0 < p) and the largest probability is at least 1 / (allowed experts) > 0.
+    sorted64_TE = sorted_TE.double()
+    keep_TE = (torch.cumsum(sorted64_TE, dim=-1) - sorted64_TE < p) & (sorted_TE > 0)
     if max_k is not None:
         keep_TE[:, max_k:] = False
-    sizes_T = keep_TE.sum(-1)
-    cols = int(sizes_T.max()) if num_tokens else 0
+    cols = int(keep_TE.sum(-1).max()) if num_tokens else 0
 
     keep_TK = keep_TE[:, :cols]
-    ids_TK = torch.where(keep_TK, order_TE[:, :cols], torch.full_like(order_TE[:, :cols], -1)).long()
+    ids_TK = torch.where(keep_TK, order_TE[:, :cols], -1)
     weights_TK = probs_TE.gather(1, order_TE[:, :cols]) * keep_TK
     if renormalize:
         weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
@@ -395,18 +394,19 @@ def top_p_near_tie_route(
     ids_TK, used_TK = chosen.ids_TK, chosen.ids_TK >= 0
     num_experts = logits_TE.shape[1]
     logits_TE_ = logits_TE.to(chosen.probs_TE.dtype)
-    slot_logit_TK = logits_TE_.gather(1, ids_TK.clamp(min=0))
+    placeholder_TK = ids_TK.clamp(min=0)
+    slot_logit_TK = logits_TE_.gather(1, placeholder_TK)
 
-    own_TKE = torch.nn.functional.one_hot(ids_TK.clamp(min=0), num_experts).bool()
-    taken_TKE = (own_TKE & used_TK[..., None]).long()
-    taken_before_TKE = (taken_TKE.cumsum(1) - taken_TKE) > 0
+    own_TKE = placeholder_TK[..., None] == torch.arange(num_experts, device=ids_TK.device)
+    taken_TKE = own_TKE & used_TK[..., None]
+    taken_before_TKE = taken_TKE.cumsum(1) > taken_TKE  # taken by an earlier slot
     with torch.no_grad():
         lead_TK1, others_T1E = slot_logit_TK[..., None], logits_TE_[:, None, :]
         gap_TKE = (lead_TK1 - others_T1E) / torch.maximum(others_T1E.abs(), lead_TK1.abs())
-        near_TKE = ~(gap_TKE > 2 * tie_tolerance) & ~taken_before_TKE
+        far_TKE = (gap_TKE > 2 * tie_tolerance) | taken_before_TKE  # a NaN gap (0/0) is not far: a tie
     # An unused slot looks only at its placeholder expert (multiplier 1, then zeroed): no -inf rows, no NaN grads.
-    near_TKE = torch.where(used_TK[..., None], near_TKE, own_TKE)
-    near_logits_TKE = logits_TE_[:, None, :].masked_fill(~near_TKE, float("-inf"))
+    far_TKE = torch.where(used_TK[..., None], far_TKE, ~own_TKE)
+    near_logits_TKE = logits_TE_[:, None, :].masked_fill(far_TKE, float("-inf"))
     multiplier_TK = torch.exp(slot_logit_TK - torch.logsumexp(near_logits_TKE, dim=-1)) * used_TK
     weights_TK = multiplier_TK / (multiplier_TK.sum(-1, keepdim=True) + renorm_eps)
     return RouterOutput(ids_TK=ids_TK, weights_TK=weights_TK, probs_TE=chosen.probs_TE, logits_TE=logits_TE)
