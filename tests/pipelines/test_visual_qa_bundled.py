@@ -6,7 +6,9 @@ import pytest
 
 from moezoo.pipelines import VisualQAPipeline
 from moezoo.training.datasets.audio import espeak_unavailable_reason, speak, speech_speakers
-from moezoo.training.datasets.scenes import caption_f1, render_scene, sample_scene, scene_caption, scene_rng
+from moezoo.training.datasets.scenes import (
+    COUNT_WORDS, caption_f1, render_scene, sample_scene, scene_caption, scene_rng,
+)
 from moezoo.zoo import create_model
 from moezoo.zoo.hub import WEIGHTS_DIR
 from moezoo.zoo.registry import get_pretrained_cfg
@@ -35,6 +37,26 @@ def test_it_names_the_shape_of_an_object_and_describes_the_scene(pipe):
     captions = pipe(images=images, prompt="describe the picture.").text
     f1 = [caption_f1(caption, scene_caption(objects)) for caption, objects in zip(captions, scenes)]
     assert sum(f1) / len(f1) >= 0.85
+
+
+def test_it_answers_existence_counting_and_extremes(pipe):
+    scenes = [sample_scene(scene_rng("test", 0, i), "test") for i in SCENES]
+    images = [render_scene(objects) for objects in scenes]
+    # one present pair and one pair whose colour is in the scene on another shape (binding colour to shape)
+    present = [f"is there {'an' if o.colour[0] in 'aeiou' else 'a'} {o.colour} {o.shape}?" for o in (s[0] for s in scenes)]
+    other = {"circle": "square", "square": "triangle", "triangle": "circle"}
+    swapped = [(o.colour, other[o.shape]) for o in (s[0] for s in scenes)]
+    absent = [f"is there {'an' if c[0] in 'aeiou' else 'a'} {c} {shape}?" for c, shape in swapped]
+    truth_absent = ["yes" if any((o.colour, o.shape) == pair for o in objects) else "no"
+                    for pair, objects in zip(swapped, scenes)]
+    answers = pipe(images=images + images, prompt=present + absent).text
+    right = sum(a == "yes" for a in answers[:20]) + sum(a == t for a, t in zip(answers[20:], truth_absent))
+    assert right >= 38  # of 40
+    counts = pipe(images=images, prompt="how many objects are there?").text
+    assert sum(c == COUNT_WORDS[len(objects)] for c, objects in zip(counts, scenes)) >= 18  # of 20
+    rightmost = pipe(images=images, prompt="what colour is the rightmost object?").text
+    truth = [max(objects, key=lambda o: o.cx).colour for objects in scenes]
+    assert sum(a == t for a, t in zip(rightmost, truth)) >= 17  # of 20
 
 
 def test_it_hears_words_said_by_voices_it_never_trained_on(pipe):
