@@ -43,10 +43,13 @@ def test_it_answers_existence_counting_and_extremes(pipe):
     scenes = [sample_scene(scene_rng("test", 0, i), "test") for i in SCENES]
     images = [render_scene(objects) for objects in scenes]
     # one present pair and one pair whose colour is in the scene on another shape (binding colour to shape)
-    present = [f"is there {'an' if o.colour[0] in 'aeiou' else 'a'} {o.colour} {o.shape}?" for o in (s[0] for s in scenes)]
+    def question(colour, shape):
+        return f"is there {'an' if colour[0] in 'aeiou' else 'a'} {colour} {shape}?"
+
     other = {"circle": "square", "square": "triangle", "triangle": "circle"}
-    swapped = [(o.colour, other[o.shape]) for o in (s[0] for s in scenes)]
-    absent = [f"is there {'an' if c[0] in 'aeiou' else 'a'} {c} {shape}?" for c, shape in swapped]
+    present = [question(objects[0].colour, objects[0].shape) for objects in scenes]
+    swapped = [(objects[0].colour, other[objects[0].shape]) for objects in scenes]
+    absent = [question(colour, shape) for colour, shape in swapped]
     truth_absent = ["yes" if any((o.colour, o.shape) == pair for o in objects) else "no"
                     for pair, objects in zip(swapped, scenes)]
     answers = pipe(images=images + images, prompt=present + absent).text

@@ -398,9 +398,12 @@ class MoEVLM(nn.Module):
         ids.append(torch.arange(next_id, next_id + words).expand(3, -1))
         return torch.cat(ids, dim=1)[:, None]
 
-    def rotary(self, position_ids_3BS: torch.Tensor) -> Rotary | None:
+    def rotary(self, position_ids_3BS: torch.Tensor | None) -> Rotary | None:
+        """The M-RoPE tables of these position ids (None with learned positions)."""
         if self.config.positions != "mrope":
             return None
+        if position_ids_3BS is None:
+            raise ValueError("a model with M-RoPE positions needs the position ids (MoEVLM.sequence gives them)")
         return multimodal_rotary(position_ids_3BS, self.config.dim // self.config.num_heads)
 
     # ------------------------------------------------------------------------------------------ training
@@ -408,11 +411,7 @@ class MoEVLM(nn.Module):
     def run_blocks(self, x_BSD, modality_BS, caches: list[KVCache] | None = None,
                    position_ids_3BS: torch.Tensor | None = None) -> torch.Tensor:
         """The decoder over ``x``; ``position_ids`` (from :meth:`sequence`) are needed with M-RoPE."""
-        rotary = None
-        if self.config.positions == "mrope":
-            if position_ids_3BS is None:
-                raise ValueError("a model with M-RoPE positions needs the position ids (MoEVLM.sequence gives them)")
-            rotary = self.rotary(position_ids_3BS)
+        rotary = self.rotary(position_ids_3BS)
         for i, block in enumerate(self.blocks):
             x_BSD = block(x_BSD, modality_BS, None if caches is None else caches[i], rotary)
         return self.norm(x_BSD)
