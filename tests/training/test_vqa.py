@@ -104,8 +104,43 @@ def test_encoder_patch_targets_are_the_colour_shape_and_object_centre_under_each
     centres = torch.stack([i["centres"] for i in edges])
     colours = module._patch_colours(images, side * side)
     assert ((colours > 0) & module._patch_centres(colours, centres).isnan().any(-1)).any()
-    losses = module._image_losses({"image": images, "caption": [i["caption"] for i in edges], "centres": centres})
-    assert all(torch.isfinite(loss) for loss in losses)
+    module.hparams.relation_weight = 1.0
+    scores = module._image_losses({"image": images, "caption": [i["caption"] for i in edges], "centres": centres})
+    assert set(scores) == {"pair_loss", "patch_loss", "pairs_exact", "relations"}
+    assert all(torch.isfinite(value) for value in scores.values())
+
+
+def test_encoder_relational_targets_are_each_objects_nearest_furthest_and_extremes():
+    """Per object patch: the pair of the nearest and of the furthest other object and the extreme flags,
+    against distances and coordinates computed object by object from the scene."""
+    from moezoo.training.datasets.scenes import EXTREMES, SCENE_COLOURS
+
+    module = EncoderPretrainModule(image_encoder_args=dict(embed_dim=32, depth=1, num_heads=2), audio_depth=0)
+    scenes = SceneQADataset("train", 6, kinds=["caption"])
+    items = [scenes[i] for i in range(6)]
+    colours = module._patch_colours(torch.stack([i["image"] for i in items]), 64)
+    captions = [i["caption"] for i in items]
+    near, far, flags = module._patch_relations(colours, module._colour_shapes(captions),
+                                               torch.stack([i["centres"] for i in items]))
+    palette = list(SCENE_COLOURS)
+    checked = 0
+    for row in range(6):
+        objects, _ = scenes.scene(row)
+        by_colour = {o.colour: o for o in objects}
+        for token in range(64):
+            colour = colours[row, token].item()
+            if colour == 0 or palette[colour - 1] not in by_colour:
+                assert near[row, token] == far[row, token] == -1 and not flags[row, token].any()
+                continue
+            me = by_colour[palette[colour - 1]]
+            others = sorted((math.dist((me.cx, me.cy), (o.cx, o.cy)), o.colour, o.shape) for o in objects if o is not me)
+            assert PAIRS[near[row, token]] == others[0][1:]
+            assert PAIRS[far[row, token]] == others[-1][1:]
+            for flag, (axis, sign) in zip(flags[row, token].tolist(), EXTREMES.values()):
+                best = max(objects, key=lambda o: sign * (o.cx, o.cy)[axis])
+                assert flag == float(best is me)
+            checked += 1
+    assert checked >= 20
 
 
 def test_answer_scores():
