@@ -19,6 +19,7 @@ any gradient.
 Routing over a group (:func:`gather_router_output`, :func:`all_gather_rows`): the router's output of every rank
 of a routing group, gathered with autograd, so capacity, expert-choice picks, the routing record and every aux
 loss are those of the group's whole batch, as one process would compute them (the layer: ``MoE.shard_experts``).
+Ranks may hold different numbers of tokens, none included (:func:`gather_token_shapes` exchanges them first).
 
 Gradients (:func:`reduce_gradients`): expert parameters are marked (:func:`mark_expert_parameter`) and
 all-reduced only over the expert-data-parallel group (the ranks that hold the same experts); all other
@@ -30,6 +31,8 @@ group only would make it R times too large.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from collections.abc import Iterable, Sequence
 
@@ -46,16 +49,18 @@ __all__ = [
     "ExpertShard",
     "all_gather_rows",
     "all_to_all",
-    "check_equal_tokens",
+    "concatenated_shape",
     "dispatch",
     "expert_parallel_groups",
     "expert_parallel_mlp",
     "expert_shard",
     "gather_router_output",
+    "gather_token_shapes",
     "is_expert_parameter",
     "largest_count",
     "local_experts",
     "mark_expert_parameter",
+    "pad_slots",
     "reduce_gradients",
     "return_results",
     "router_output_rows",
@@ -174,11 +179,19 @@ class _AllGatherRows(torch.autograd.Function):
         return received.view(world_size, -1, *grad_out.shape[1:]).sum(0), None
 
 
-def all_gather_rows(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """``[R * n, ...]``: every rank's ``x [n, ...]`` in rank order (all ranks must give the same n).
-    Differentiable: a loss computed from the gathered rows on every rank sends each rank's share of the
-    gradient back to the rank the rows came from."""
-    return _AllGatherRows.apply(x, group)
+def all_gather_rows(x: torch.Tensor, group: dist.ProcessGroup | None = None,
+                    sizes: Sequence[int] | None = None) -> torch.Tensor:
+    """``[sum(sizes), ...]``: every rank's ``x [n_r, ...]`` in rank order. ``sizes``: every rank's n_r (from
+    :func:`gather_token_shapes`); None: all ranks give the same n. Differentiable: a loss computed from the
+    gathered rows on every rank sends each rank's share of the gradient back to the rank the rows came from.
+    Unequal sizes go by one ``all_to_all_single`` of R copies of ``x`` (an all-gather needs equal pieces);
+    its backward is the reverse exchange and the copies' gradients summed in a fixed order."""
+    if sizes is None or len(set(sizes)) == 1:
+        return _AllGatherRows.apply(x, group)
+    world_size = len(sizes)
+    if x.shape[0] != sizes[dist.get_rank(group)]:
+        raise ValueError(f"this rank gives {x.shape[0]} rows, sizes says {sizes[dist.get_rank(group)]}")
+    return all_to_all(x.repeat(world_size, *[1] * (x.dim() - 1)), list(sizes), [x.shape[0]] * world_size, group)
 
 
 # ---------------------------------------------------------------------------------------------- dispatch
@@ -331,29 +344,63 @@ def reduce_gradients(parameters: Iterable[torch.Tensor], *, data_group: dist.Pro
 # ---------------------------------------------------------------------------------------------- routing
 
 
-def check_equal_tokens(num_tokens: int, group: dist.ProcessGroup | None = None,
-                       device: torch.device | str = "cpu") -> int:
-    """The ranks of ``group`` must route equally many tokens (the gathers below need equal rows): returns R * T,
-    or a ValueError that lists every rank's count. ``device``: where the group's backend takes tensors (the
-    tokens' device: NCCL needs CUDA tensors)."""
-    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(sizes, torch.tensor([num_tokens], device=device), group=group)
-    sizes = [int(s) for s in sizes]
-    if len(set(sizes)) > 1:
-        raise ValueError(f"expert parallelism needs the same number of tokens on every rank of the routing group, "
-                         f"got {sizes} (use equal batches, e.g. drop_last=True)")
-    return sum(sizes)
+# Leading dims of the token shapes exchanged by gather_token_shapes (a deeper shape is sent as its size only).
+MAX_TOKEN_DIMS = 8
 
 
-def gather_router_output(routed: RouterOutput, group: dist.ProcessGroup | None = None) -> RouterOutput:
+def gather_token_shapes(tokens_shape: Sequence[int], group: dist.ProcessGroup | None = None,
+                        device: torch.device | str = "cpu") -> list[tuple[int, tuple[int, ...] | None]]:
+    """Every rank's ``(tokens, leading shape)`` of its input, in rank order (one all-gather of a few integers):
+    ranks may route different numbers of tokens, none included. A shape of more than ``MAX_TOKEN_DIMS`` dims
+    comes as None. ``device``: where the group's backend takes tensors (the tokens' device: NCCL needs CUDA)."""
+    shape = tuple(int(d) for d in tokens_shape)
+    row = [math.prod(shape), len(shape), *(shape if len(shape) <= MAX_TOKEN_DIMS else ())]
+    mine = torch.tensor(row + [0] * (2 + MAX_TOKEN_DIMS - len(row)), dtype=torch.long, device=device)
+    rows = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(rows, mine, group=group)
+    out = []
+    for row in (r.tolist() for r in rows):
+        tokens, ndim = row[0], row[1]
+        out.append((tokens, tuple(row[2:2 + ndim]) if ndim <= MAX_TOKEN_DIMS else None))
+    return out
+
+
+def concatenated_shape(shapes: Sequence[tuple[int, tuple[int, ...] | None]]) -> tuple[int, ...]:
+    """The leading shape one process would see for the ranks' inputs concatenated along their first dim (e.g.
+    ``[B_r, N]`` -> ``[sum B_r, N]``), from :func:`gather_token_shapes`; ranks without tokens do not count. When
+    the ranks' other dims differ (no such concatenation exists), the flat ``[sum tokens]``."""
+    total = sum(tokens for tokens, _ in shapes)
+    kept = [shape for tokens, shape in shapes if tokens] or [shape for _, shape in shapes]
+    if all(shape is not None and len(shape) >= 1 and shape[1:] == kept[0][1:] for shape in kept):
+        return (sum(shape[0] for shape in kept), *kept[0][1:])
+    return (total,)
+
+
+def gather_router_output(routed: RouterOutput, group: dist.ProcessGroup | None = None,
+                         sizes: Sequence[int] | None = None) -> RouterOutput:
     """The router's output for every rank's tokens, in rank order, so the routing record, capacity and every
-    aux loss see the whole batch as one process would. Scores, weights and logits keep their graph (each rank's
-    share of an aux loss's gradient goes back to it); the smooth load of noisy top-k is summed over ranks."""
+    aux loss see the whole batch as one process would (``sizes``: every rank's tokens; None: equal). Scores,
+    weights and logits keep their graph (each rank's share of an aux loss's gradient goes back to it); the
+    smooth load of noisy top-k is summed over ranks. A router whose slots per token depend on its tokens (top-p:
+    as many as the most any token used) gets its unused slots (id -1, weight 0) padded to the group's widest, as
+    one process's would be (one all-reduce of one number)."""
     load_E = None if routed.load_E is None else all_gather_rows(routed.load_E[None], group).sum(0)
-    return RouterOutput(ids_TK=all_gather_rows(routed.ids_TK, group),
-                        weights_TK=all_gather_rows(routed.weights_TK, group),
-                        probs_TE=all_gather_rows(routed.probs_TE, group),
-                        logits_TE=all_gather_rows(routed.logits_TE, group), load_E=load_E)
+    width = torch.tensor([routed.ids_TK.shape[1]], device=routed.ids_TK.device)
+    dist.all_reduce(width, op=dist.ReduceOp.MAX, group=group)
+    routed = pad_slots(routed, int(width))
+    return RouterOutput(ids_TK=all_gather_rows(routed.ids_TK, group, sizes),
+                        weights_TK=all_gather_rows(routed.weights_TK, group, sizes),
+                        probs_TE=all_gather_rows(routed.probs_TE, group, sizes),
+                        logits_TE=all_gather_rows(routed.logits_TE, group, sizes), load_E=load_E)
+
+
+def pad_slots(routed: RouterOutput, width: int) -> RouterOutput:
+    """``routed`` with unused slots (id -1, weight 0) appended up to ``width`` slots per token."""
+    pad = width - routed.ids_TK.shape[1]
+    if pad == 0:
+        return routed
+    return dataclasses.replace(routed, ids_TK=torch.nn.functional.pad(routed.ids_TK, (0, pad), value=-1),
+                               weights_TK=torch.nn.functional.pad(routed.weights_TK, (0, pad)))
 
 
 def router_output_rows(routed: RouterOutput, rows: slice) -> RouterOutput:

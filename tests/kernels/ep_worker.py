@@ -32,13 +32,13 @@ def run_case(case: dict, groups: dict) -> dict:
     moe.train(case["train"])
     routing_group = dist.group.WORLD if case["routing"] == "world" else None
     moe.shard_experts(ep_group, routing_group=routing_group, pad_to_capacity=case["pad"])
-    batch = case["x"].shape[0] // world_size  # samples per rank, rank-major
-    mine = slice(rank * batch, (rank + 1) * batch)
+    mine = case["rows"][rank]  # this rank's rows of the global batch (the test's split; maybe none)
     x = case["x"][mine].clone().requires_grad_()
     y = moe(x)
-    # Each rank's loss is the mean over its own tokens (the DDP convention) plus the layer's aux loss, which
-    # already is the routing group's; reduce_gradients averages, so the reduced gradients are one process's.
-    loss = (y * case["g"][mine]).sum() / y[..., 0].numel() + moe.routing.aux_loss
+    # Each rank's loss is its share of its routing group's mean (with equal splits: the mean over its own
+    # tokens, the DDP convention) plus the layer's aux loss, which already is the routing group's;
+    # reduce_gradients averages, so the reduced gradients are one process's.
+    loss = (y * case["g"][mine]).sum() * case["loss_scale"][rank] + moe.routing.aux_loss
     loss.backward()
     reduce_gradients(moe.parameters(), expert_data_group=edp_group)
     record = moe.routing

@@ -8,7 +8,8 @@ losses, for top-k, top-p, expert-choice, noisy and GShard top-2 routers, shared,
 experts, a capacity that drops slots, an expert (and with 4 ranks a whole rank) that receives no tokens, exact
 and capacity-padded splits, and with 4 ranks a 2 x 2 mesh (expert-parallel groups of 2, expert-data-parallel
 groups of 2), routing over all ranks or over each expert-parallel group (then one process per group's batch,
-the data-parallel gradients the mean of theirs). Plus Megatron's round trip: dispatch + combine with
+the data-parallel gradients the mean of theirs), and ranks holding different numbers of tokens (samples or flat
+tokens cut unevenly, e.g. 5 and 7 tokens; a rank with none). Plus Megatron's round trip: dispatch + combine with
 weights 1/k returns the input.
 """
 
@@ -68,11 +69,46 @@ MESH_CASES = {  # 4 ranks: expert-parallel groups {0, 1}, {2, 3}; expert-data-pa
         n: c for n, c in CASES["top_k"]["kwargs"]["aux_loss_coefs"].items() if n != "global_load_balance"}},
         ep_size=2),
     "mesh_capacity_group_routing": dict(kwargs=CASES["capacity_drops"]["kwargs"], ep_size=2),
+    "mesh_uneven_top_k": dict(kwargs=CASES["top_k"]["kwargs"], ep_size=2, routing="world", split="uneven"),
+}
+# Ranks holding different numbers of tokens, one of them none: the global batch cut unevenly. "uneven" and
+# "empty_rank": samples per rank of the [R * BATCH, SEQ] batch; "flat": tokens per rank of it flattened to
+# [R * BATCH * SEQ] (e.g. 5 and 7 tokens).
+SPLITS = {
+    2: {"uneven": [1, 3], "empty_rank": [0, 4], "flat": [5, 7]},
+    4: {"uneven": [3, 1, 2, 2], "empty_rank": [0, 5, 0, 3], "flat": [5, 11, 0, 8]},
+}
+UNEVEN_CASES = {
+    "uneven_top_k": dict(kwargs=CASES["top_k"]["kwargs"], split="uneven"),
+    "empty_rank_top_k": dict(kwargs=CASES["top_k"]["kwargs"], split="empty_rank"),
+    "uneven_expert_choice": dict(kwargs=CASES["expert_choice"]["kwargs"], split="uneven"),
+    "empty_rank_expert_choice": dict(kwargs=CASES["expert_choice"]["kwargs"], split="empty_rank"),
+    "empty_rank_capacity_padded": dict(kwargs=CASES["capacity_drops"]["kwargs"], split="empty_rank", pad=True),
+    "uneven_shared_special": dict(kwargs=CASES["shared_null_copy_constant"]["kwargs"], split="uneven"),
+    "flat_top_p": dict(kwargs=CASES["top_p"]["kwargs"], split="flat"),
+    "flat_capacity_drops": dict(kwargs=CASES["capacity_drops"]["kwargs"], split="flat"),
 }
 
 
 def cases_for(world_size: int) -> dict:
-    return {**CASES, **(MESH_CASES if world_size == 4 else {})}
+    return {**CASES, **UNEVEN_CASES, **(MESH_CASES if world_size == 4 else {})}
+
+
+def layout(case: dict, world_size: int) -> tuple[torch.Tensor, torch.Tensor, list[slice]]:
+    """``(x, g, rows)``: the case's global batch and each rank's rows of it (equal, or the case's split)."""
+    x, g = batch(world_size)
+    split = case.get("split")
+    if split == "flat":
+        x, g = x.reshape(-1, DIM), g.reshape(-1, DIM)
+    counts = SPLITS[world_size][split] if split else [x.shape[0] // world_size] * world_size
+    assert sum(counts) == x.shape[0]
+    starts = [sum(counts[:rank]) for rank in range(world_size)]
+    return x, g, [slice(start, start + count) for start, count in zip(starts, counts)]
+
+
+def routing_size(case: dict, world_size: int) -> int:
+    """The ranks of one routing group: all of them, or the case's expert-parallel group."""
+    return world_size if case.get("routing") == "world" else case.get("ep_size") or world_size
 
 
 def tolerance(world_size: int) -> dict:
@@ -122,14 +158,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def loss_scales(case: dict, world_size: int) -> list[float]:
+    """Each rank's loss is the sum over its tokens times this: its routing group's size over the group's tokens
+    (with equal splits 1 / its own tokens, the DDP convention), so that the ranks' losses averaged over the
+    group, as reduce_gradients does, are one process's mean over the group's tokens."""
+    x, _, rows = layout(case, world_size)
+    size, per_token = routing_size(case, world_size), x[0, ..., 0].numel()
+    group_tokens = [sum(r.stop - r.start for r in rows[first:first + size]) * per_token
+                    for first in range(0, world_size, size)]
+    return [size / group_tokens[rank // size] for rank in range(world_size)]
+
+
 def run_ranks(world_size: int, tmp_path: Path) -> list[dict]:
     """Run ``world_size`` ranks on the cases (at most TIMEOUT_S; on a timeout every rank is killed) and return
     each rank's results."""
-    x, g = batch(world_size)
-    spec = [dict(name=name, kwargs=dict(dim=DIM, hidden_dim=HIDDEN, num_experts=EXPERTS, **case["kwargs"]),
-                 state=build(case).state_dict(), train=case.get("train", True), ep_size=case.get("ep_size"),
-                 routing=case.get("routing", "ep"), pad=case.get("pad", False), x=x, g=g)
-            for name, case in cases_for(world_size).items()]
+    spec = []
+    for name, case in cases_for(world_size).items():
+        x, g, rows = layout(case, world_size)
+        spec.append(dict(name=name, kwargs=dict(dim=DIM, hidden_dim=HIDDEN, num_experts=EXPERTS, **case["kwargs"]),
+                         state=build(case).state_dict(), train=case.get("train", True), ep_size=case.get("ep_size"),
+                         routing=case.get("routing", "ep"), pad=case.get("pad", False), x=x, g=g, rows=rows,
+                         loss_scale=loss_scales(case, world_size)))
     torch.save({"cases": spec}, tmp_path / "cases.pt")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     # One launcher that forks the ranks, in its own session: on a timeout the whole group is killed.
@@ -166,30 +215,31 @@ def test_sharding_needs_a_process_group():
         MoE(DIM, HIDDEN, EXPERTS).shard_experts()
 
 
-def references(case: dict, world_size: int, x: torch.Tensor, g: torch.Tensor) -> tuple[int, list[dict]]:
+def references(case: dict, world_size: int) -> tuple[int, list[dict]]:
     """``(ranks per routing group, one process's run of each routing group's batch)``. Routing over all ranks:
     one run of the whole batch; over expert-parallel groups smaller than the world: one run per group, whose
     data-parallel gradients are then the mean of the runs'."""
-    ep_size = case.get("ep_size") or world_size
-    size = world_size if case.get("routing") == "world" else ep_size
-    rows = x.shape[0] // (world_size // size)
-    return size, [one_process(case, x[i:i + rows], g[i:i + rows]) for i in range(0, x.shape[0], rows)]
+    x, g, rows = layout(case, world_size)
+    size = routing_size(case, world_size)
+    groups = [slice(rows[first].start, rows[first + size - 1].stop) for first in range(0, world_size, size)]
+    return size, [one_process(case, x[group], g[group]) for group in groups]
 
 
 def test_matches_one_process(parallel_run):
     world_size, ranks = parallel_run
-    x, g = batch(world_size)
     tol = tolerance(world_size)
     for name, case in cases_for(world_size).items():
-        group_size, refs = references(case, world_size, x, g)
+        group_size, refs = references(case, world_size)
         mean_grads = {n: None if refs[0]["grads"][n] is None else torch.stack([r["grads"][n] for r in refs]).mean(0)
                       for n in refs[0]["grads"]}  # None: a parameter the loss does not reach (noisy router in eval)
         ep_size = case.get("ep_size") or world_size
-        per_rank = x.shape[0] // world_size
+        rows = layout(case, world_size)[2]
         for rank, result in enumerate(ranks):
             got, ref = result["cases"][name], refs[rank // group_size]
-            mine = slice(rank % group_size * per_rank, (rank % group_size + 1) * per_rank)
+            start = rows[rank - rank % group_size].start  # the first row of this rank's routing group
+            mine = slice(rows[rank].start - start, rows[rank].stop - start)
             where = f"{name}, rank {rank} of {world_size}"
+            assert got["y"].shape == ref["y"][mine].shape, where
             torch.testing.assert_close(got["y"], ref["y"][mine], **tol, msg=lambda m: f"{where}: output\n{m}")
             # x's gradient is of the sum of its routing group's losses, and one process's loss is their mean
             torch.testing.assert_close(got["x_grad"] / group_size, ref["x_grad"][mine], **tol,
@@ -223,11 +273,15 @@ def test_cases_cover_what_they_claim(parallel_run):
     """Drops happened where capacity is set, the empty expert got nothing, and with 4 ranks of one expert each
     a whole rank received no rows."""
     world_size, ranks = parallel_run
-    x, g = batch(world_size)
-    for name in ("capacity_drops", "gshard_top2_eval"):
-        assert one_process(CASES[name], x, g)["moe"].routing.dropped > 0, name
+    for name in ("capacity_drops", "gshard_top2_eval", "empty_rank_capacity_padded", "flat_capacity_drops"):
+        assert ranks[0]["cases"][name]["record"]["dropped"] > 0, name
     assert ranks[0]["cases"]["empty_expert"]["record"]["load_E"][EXPERTS - 1] == 0
     assert ranks[0]["cases"]["top_p"]["record"]["ids_TK"].eq(-1).any()  # top-p used fewer than 3 experts somewhere
+    for name, case in cases_for(world_size).items():  # the uneven cases' ranks did hold what the split says
+        if case.get("split"):
+            got = [len(result["cases"][name]["y"]) for result in ranks]
+            assert got == SPLITS[world_size][case["split"]] and len(set(got)) > 1, name
+            assert case["split"] != "empty_rank" or 0 in got, name
 
 
 def test_round_trip_returns_the_input(parallel_run):

@@ -341,7 +341,8 @@ class MoE(RoutedBlock):
         """Expert parallelism: keep only this rank's ``num_experts / R`` experts of the R-rank ``group`` (None:
         the default group; rank r keeps experts ``r*E/R .. (r+1)*E/R - 1``), and from now on send each token's
         slots to the rank that owns its expert (``moezoo.kernels.expert_parallel``). Every rank of ``group``
-        must call it, and then call ``forward`` together, each with its own tokens (equally many per rank).
+        must call it, and then call ``forward`` together, each with its own tokens (any number per rank, none
+        included).
 
         ``routing_group`` (default ``group``): the ranks whose tokens routing treats as one batch, as one process
         would: the capacity, expert-choice picks, the routing record and the aux losses (their tensors are
@@ -367,16 +368,18 @@ class MoE(RoutedBlock):
         decide capacity over the routing group's tokens as one process would, exchange the rows, add the shared
         and special experts locally, and record the routing group's routing."""
         par, num_tokens = self._expert_parallel, x_TD.shape[0]
-        group_tokens = ep.check_equal_tokens(num_tokens, par.routing_group, x_TD.device)
-        first = torch.distributed.get_rank(par.routing_group) * num_tokens  # this rank's rows of the gathered batch
-        mine = slice(first, first + num_tokens)
+        shapes = ep.gather_token_shapes(lead_shape, par.routing_group, x_TD.device)  # ranks may differ, even 0
+        sizes = [tokens for tokens, _ in shapes]
+        group_tokens, first = sum(sizes), sum(sizes[:torch.distributed.get_rank(par.routing_group)])
+        mine = slice(first, first + num_tokens)  # this rank's rows of the gathered batch
         if self.router.kind == "expert_choice":  # picks tokens over the whole batch
-            logits_TE = ep.all_gather_rows(self.router.logits(x_TD), par.routing_group)
+            logits_TE = ep.all_gather_rows(self.router.logits(x_TD), par.routing_group, sizes)
             routed_all = self.router.route(logits_TE, None, allowed_TE)  # refuses a mask, as forward does
             routed = ep.router_output_rows(routed_all, mine)
         else:
             routed = self.router(x_TD, allowed_TE)
-            routed_all = ep.gather_router_output(routed, par.routing_group)
+            routed_all = ep.gather_router_output(routed, par.routing_group, sizes)
+            routed = ep.pad_slots(routed, routed_all.ids_TK.shape[1])  # top-p: as wide as the group's widest
         weights_TK = routed.weights_TK.to(x_TD.dtype)
         capacity = self._capacity(group_tokens, routed.ids_TK.shape[1])
         plan_all = build_plan(routed_all.ids_TK, self.num_experts, capacity=capacity)
@@ -392,9 +395,7 @@ class MoE(RoutedBlock):
         if self.shared is not None:
             y_TD = y_TD + self._shared_output(x_TD)
         y_TD = y_TD + self._special_experts(x_TD, routed.ids_TK, weights_TK)
-        ranks = group_tokens // max(num_tokens, 1)
-        group_shape = (ranks * lead_shape[0], *lead_shape[1:]) if len(lead_shape) else (ranks,)
-        self._record(routed_all, plan_all, group_shape)
+        self._record(routed_all, plan_all, ep.concatenated_shape(shapes))
         return y_TD
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
