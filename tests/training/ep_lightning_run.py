@@ -1,16 +1,21 @@
 """A tiny MoE model trained by Lightning, for tests/training/test_expert_parallel_training.py.
 
-``python ep_lightning_run.py RANKS STEPS OUT_DIR [CKPT]``: RANKS 1 trains in one process (Lightning's single
-device), RANKS 2 on two CPU ranks with ``ExpertParallelStrategy`` (Lightning's own launcher starts rank 1 by
-running this script again); STEPS optimizer steps of SGD with momentum, a checkpoint every 3 steps into
-OUT_DIR, resuming from CKPT if given. One process's batch is the two ranks' batches together, so both settings
-train the same model on the same data.
+``python ep_lightning_run.py RANKS STEPS OUT_DIR [--ckpt CKPT] [--strategy ddp|fsdp] [--stall-after N]``: RANKS
+1 trains in one process (Lightning's single device), RANKS 2 on two CPU ranks with ``ExpertParallelStrategy``
+(``ddp``) or ``ExpertParallelFSDPStrategy`` (``fsdp``: the module's ``configure_model`` calls
+``fully_shard_moe``), Lightning's own launcher starting rank 1 by running this script again; STEPS optimizer
+steps of SGD with momentum, a checkpoint every 3 steps into OUT_DIR, resuming from CKPT if given. One process's
+batch is the two ranks' batches together, so every setting trains the same model on the same data.
+``--stall-after N``: rank 0 writes the step reached to OUT_DIR/progress after every step, and every step after
+step N takes a second more (a run to kill mid-training).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
-import sys
+import time
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -53,16 +58,56 @@ def data(ranks: int) -> DataLoader:
     return DataLoader(dataset, batch_size=BATCH_PER_RANK, sampler=sampler)
 
 
-def main(ranks: int, steps: int, out_dir: str, ckpt: str | None) -> None:
-    from moezoo.training.expert_parallel import ExpertParallelStrategy
+class TinyMoEFSDPModule(TinyMoEModule):
+    """The same model, parallelised by itself as Lightning's ModelParallelStrategy asks."""
 
-    strategy = ExpertParallelStrategy(routing="data") if ranks > 1 else "auto"
+    def configure_model(self):
+        from moezoo.training.expert_parallel import fully_shard_moe
+
+        fully_shard_moe(self, routing="data")
+
+
+class Stall(pl.Callback):
+    """After every step rank 0 writes the step reached to ``progress`` (atomically); steps after ``after`` take
+    a second more, so a run can be killed while it trains."""
+
+    def __init__(self, out_dir: str, after: int):
+        self.path, self.after = Path(out_dir) / "progress", after
+
+    def on_train_batch_end(self, trainer, *_):
+        if trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.with_suffix(".tmp").write_text(str(trainer.global_step))
+            self.path.with_suffix(".tmp").replace(self.path)
+        if trainer.global_step > self.after:
+            time.sleep(1.0)
+
+
+def main(ranks: int, steps: int, out_dir: str, ckpt: str | None, strategy: str, stall_after: int | None) -> None:
+    from moezoo.training.expert_parallel import ExpertParallelFSDPStrategy, ExpertParallelStrategy
+
+    module = TinyMoEFSDPModule() if strategy == "fsdp" else TinyMoEModule()
+    if ranks == 1:
+        strategy = "auto"
+    else:
+        strategy = ExpertParallelFSDPStrategy() if strategy == "fsdp" else ExpertParallelStrategy(routing="data")
+    callbacks = [pl.callbacks.ModelCheckpoint(dirpath=out_dir, every_n_train_steps=3, save_top_k=-1,
+                                              filename="{step}")]
+    if stall_after is not None:
+        callbacks.append(Stall(out_dir, stall_after))
     trainer = pl.Trainer(accelerator="cpu", devices=ranks, strategy=strategy, max_steps=steps, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
-                         callbacks=[pl.callbacks.ModelCheckpoint(dirpath=out_dir, every_n_train_steps=3,
-                                                                 save_top_k=-1, filename="{step}")])
-    trainer.fit(TinyMoEModule(), data(ranks), ckpt_path=ckpt)
+                         callbacks=callbacks)
+    trainer.fit(module, data(ranks), ckpt_path=ckpt)
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else None)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("ranks", type=int)
+    parser.add_argument("steps", type=int)
+    parser.add_argument("out_dir")
+    parser.add_argument("--ckpt")
+    parser.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp")
+    parser.add_argument("--stall-after", type=int)
+    args = parser.parse_args()
+    main(args.ranks, args.steps, args.out_dir, args.ckpt, args.strategy, args.stall_after)

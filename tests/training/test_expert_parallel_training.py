@@ -1,10 +1,14 @@
-"""ExpertParallelStrategy (moezoo.training.expert_parallel) against Lightning in one process.
+"""ExpertParallelStrategy and ExpertParallelFSDPStrategy (moezoo.training.expert_parallel) against Lightning in
+one process.
 
 A tiny MoE model (``ep_lightning_run.py``) is trained for 3 + 3 steps of SGD with momentum: in one process, on
 two CPU ranks with the experts sharded (DDP for the rest), and resumed across the two: from the one-process
-checkpoint on two ranks, from the two-rank checkpoint in one process. Every run must end with the same weights
-and optimizer state as the one-process run: the gradient reduction (experts over the expert-data-parallel
-group, the rest by DDP) and the checkpoints (experts gathered whole; re-sharded on load, optimizer state too).
+checkpoint on two ranks, from the two-rank checkpoint in one process; and on two ranks with FSDP2 for the rest
+(Lightning's ModelParallelStrategy), resumed from the one-process checkpoint. The two-rank run goes on past its
+step-3 checkpoint until its whole process group is killed (SIGKILL) mid-training, and is resumed from that
+checkpoint. Every run must end with the same weights and optimizer state as the one-process run: the gradient
+reduction (experts over the expert-data-parallel group, the rest by DDP or FSDP2) and the checkpoints (experts
+gathered whole; re-sharded on load, optimizer state too).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,32 +30,88 @@ TIMEOUT_S = 180
 TOKENS_PER_STEP = 4 * 3  # the global batch of ep_lightning_run.py: 4 samples of 3 tokens
 
 
-def start(ranks: int, steps: int, out_dir: Path, ckpt: Path | None = None) -> subprocess.Popen:
-    args = [sys.executable, str(SCRIPT), str(ranks), str(steps), str(out_dir)] + ([str(ckpt)] if ckpt else [])
+def start(ranks: int, steps: int, out_dir: Path, ckpt: Path | None = None, *args: str) -> subprocess.Popen:
+    args = [sys.executable, str(SCRIPT), str(ranks), str(steps), str(out_dir), *args]
+    args += ["--ckpt", str(ckpt)] if ckpt else []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    # its own session: Lightning's launcher starts rank 1 as a child, and a timeout must end both
-    return subprocess.Popen(args, env=env, cwd=SCRIPT.parent, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    # its own session: Lightning's launcher starts rank 1 as a child, and a timeout must end both; the output
+    # to a file (a pipe nobody reads while the run is polled could fill and block it)
+    log = open(f"{out_dir}.log", "w")
+    try:
+        return subprocess.Popen(args, env=env, cwd=SCRIPT.parent, start_new_session=True, stdout=log,
+                                stderr=subprocess.STDOUT)
+    finally:
+        log.close()
+
+
+def kill_group(run: subprocess.Popen) -> None:
+    """SIGKILL the run's whole process group (every rank) and wait until none of its processes is left."""
+    try:
+        os.killpg(run.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    run.wait()
+    deadline = time.monotonic() + 10
+    while group_alive(run.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs (zombies waiting for their parent do not count)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
 def finish(*runs: subprocess.Popen) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
     try:
-        outputs = [run.communicate(timeout=TIMEOUT_S)[0] for run in runs]
+        for run in runs:
+            run.wait(timeout=max(deadline - time.monotonic(), 0.1))
     finally:
         for run in runs:
             if run.poll() is None:
-                os.killpg(run.pid, signal.SIGKILL)
-                run.wait()
-    for run, output in zip(runs, outputs):
-        assert run.returncode == 0, f"{' '.join(run.args[1:])} failed:\n{output[-4000:]}"
+                kill_group(run)
+    for run in runs:
+        assert run.returncode == 0, f"{' '.join(run.args[1:])} failed:\n{log_tail(run)}"
+
+
+def log_tail(run: subprocess.Popen) -> str:
+    return Path(f"{run.args[4]}.log").read_text()[-4000:]
+
+
+def kill_after(run: subprocess.Popen, out_dir: Path, step: int) -> None:
+    """Kill the run (all its ranks, SIGKILL) as soon as it reports ``step`` done (``--stall-after``)."""
+    deadline = time.monotonic() + TIMEOUT_S
+    progress = out_dir / "progress"
+    try:
+        while not (progress.exists() and int(progress.read_text()) >= step):
+            assert run.poll() is None, f"the run to kill ended on its own:\n{log_tail(run)}"
+            assert time.monotonic() < deadline, f"no step {step} within {TIMEOUT_S} s:\n{log_tail(run)}"
+            time.sleep(0.05)
+    finally:
+        kill_group(run)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ep_training")
-    finish(start(1, 6, root / "one"), start(2, 3, root / "two"))
+    one, two = start(1, 6, root / "one"), start(2, 30, root / "two", None, "--stall-after", "3")
+    try:
+        kill_after(two, root / "two", 4)  # steps after 3 take a second more: killed after step 4
+    finally:
+        finish(one)
+    assert two.returncode == -signal.SIGKILL and not group_alive(two.pid), "the killed run"
+    assert (root / "two" / "step=3.ckpt").exists() and not (root / "two" / "step=6.ckpt").exists()
     finish(start(2, 6, root / "two_from_one", root / "one" / "step=3.ckpt"),
-           start(1, 6, root / "one_from_two", root / "two" / "step=3.ckpt"))
+           start(1, 6, root / "one_from_two", root / "two" / "step=3.ckpt"),
+           start(2, 6, root / "two_resumed", root / "two" / "step=3.ckpt"),
+           start(2, 6, root / "fsdp_from_one", root / "one" / "step=3.ckpt", "--strategy", "fsdp"))
     return root
 
 
@@ -81,13 +142,29 @@ def test_resume_across_settings(runs):
     assert_same_training(load(runs / "one_from_two" / "step=6.ckpt"), want, 6, "1 process from a 2-rank checkpoint")
 
 
+def test_resume_after_kill(runs):
+    """Two ranks killed mid-training (SIGKILL of the process group after the step-3 checkpoint) and resumed
+    from that checkpoint end where one uninterrupted process does."""
+    assert_same_training(load(runs / "two_resumed" / "step=6.ckpt"), load(runs / "one" / "step=6.ckpt"), 6,
+                         "2 ranks resumed after a kill")
+
+
+def test_fsdp2_trains_as_one_process(runs):
+    """ExpertParallelFSDPStrategy (Lightning's ModelParallelStrategy, FSDP2 for the dense parameters on CPU/gloo)
+    resumed from the one-process checkpoint: its 3 steps and its checkpoint (one file, one process's keys and
+    shapes) are one process's."""
+    assert_same_training(load(runs / "fsdp_from_one" / "step=6.ckpt"), load(runs / "one" / "step=6.ckpt"), 6,
+                         "2 ranks with FSDP2 from a 1-process checkpoint")
+
+
 def test_two_rank_checkpoint_loads_in_one_process(runs):
-    """The experts of a checkpoint saved by two ranks are whole: a plain module loads it strictly."""
+    """The experts of a checkpoint saved by two ranks (DDP or FSDP2) are whole: a plain module loads it strictly."""
     sys.path.insert(0, str(SCRIPT.parent))
     try:
         from ep_lightning_run import TinyMoEModule
     finally:
         sys.path.remove(str(SCRIPT.parent))
-    module = TinyMoEModule()
-    module.load_state_dict(load(runs / "two" / "step=3.ckpt")["state_dict"], strict=True)
-    assert module.moe.w_in.shape[0] == module.moe.num_experts
+    for saved in (runs / "two" / "step=3.ckpt", runs / "fsdp_from_one" / "step=6.ckpt"):
+        module = TinyMoEModule()
+        module.load_state_dict(load(saved)["state_dict"], strict=True)
+        assert module.moe.w_in.shape[0] == module.moe.num_experts, saved
