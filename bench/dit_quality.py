@@ -4,13 +4,17 @@
     python bench/dit_quality.py shapes     # dit_moe_shapes: prompted shape+colour (and position) accuracy
     python bench/dit_quality.py all
     python bench/dit_quality.py all --quick   # a ~1 minute smoke run (5 per digit, 60 prompts, 5 steps)
-    python bench/dit_quality.py sweep      # the digits models over samplers x steps x guidance: choosing defaults
+    python bench/dit_quality.py sweep      # the digits and shapes models over samplers x steps x guidance:
+                                           # choosing defaults (--digits-models / --shapes-models with no
+                                           # names skip a family; --guidances / --shapes-guidances per family)
 
 How: a small CNN ("the judge") is trained here on real pictures — scikit-learn's digits (the generator's
 training split) or freshly rendered shapes from a different seed than the generator saw — and its accuracy
 on held-out real pictures is printed first, so you can see how far to trust it. Then each model generates
-images for given labels / prompts and the judge says whether they show what was asked for. Sampling time is
-the wall-clock of the pipeline call divided by the number of images, in one run for every model.
+images for given labels / prompts and the judge says whether they show what was asked for, by default at each
+model's pipeline defaults (the sampling its metadata recommends; --steps, --guidance, --shapes-guidance override
+them). Sampling time is the wall-clock of the pipeline call divided by the number of images, in one run for
+every model.
 
 Variety and fidelity (``moezoo.training.generation_metrics``), in the judge's feature space: the 512 features
 its CNN trunk feeds to the heads (the penultimate layer), of generated images and of held-out real images the
@@ -133,6 +137,18 @@ def load_pipeline(name: str, sources: dict[str, str], scheduler: str | None = No
     return pipe
 
 
+SCHEDULER_NAMES = {"FlowMatchEulerDiscreteScheduler": "Euler", "FlowMatchHeunDiscreteScheduler": "Heun",
+                   "DDIMScheduler": "DDIM", "DDPMScheduler": "DDPM"}
+
+
+def sampling_of(pipe: DiTMoEPipeline, steps: int | None, guidance: float | None) -> tuple[int, float, str]:
+    """The steps and guidance a run uses (None: the pipeline's default for the model), and a table cell."""
+    steps = pipe.default_num_inference_steps if steps is None else steps
+    guidance = pipe.default_guidance_scale if guidance is None else guidance
+    scheduler = type(pipe.scheduler).__name__
+    return steps, guidance, f"{SCHEDULER_NAMES.get(scheduler, scheduler)}, {steps} steps, guidance {guidance:g}"
+
+
 def digits_judge(args):
     """The digits judge, trained on the generator's training split, and the real data it is measured on."""
     data = DigitsDataModule(image_size=16, val_fraction=0.1, seed=0)
@@ -153,25 +169,25 @@ def bench_digits(args, sources: dict[str, str]) -> None:
     # training set would score about this).
     train_images, train_labels = real["train"]
     copied = torch.cat([torch.nonzero(train_labels == d).flatten()[:args.samples_per_class] for d in range(10)])
-    rows = [("real training digits (the judge trained on these)", None, None,
+    rows = [("real training digits (the judge trained on these)", None, None, "—",
              judge_accuracy(judge, train_images[copied], {"digit": train_labels[copied]})["digit"],
              measure(judge, real_features, real["val"][1], train_images[copied], train_labels[copied]), None)]
     for name in args.digits_models:
         pipe = load_pipeline(name, sources)
-        images, seconds = generate(pipe, args.steps, args.guidance, args.batch, args.seed, class_labels=labels)
+        steps, guidance, sampling = sampling_of(pipe, args.steps, args.guidance)
+        images, seconds = generate(pipe, steps, guidance, args.batch, args.seed, class_labels=labels)
         accuracy = judge_accuracy(judge, images, {"digit": torch.tensor(labels)})["digit"]
         model = pipe.transformer
-        rows.append((name, model.num_parameters() / 1e6, model.num_parameters(active=True) / 1e6, accuracy,
-                     measure(judge, real_features, real["val"][1], images, labels), seconds * 1e3))
-    print(f"{len(labels)} samples ({args.samples_per_class} per digit), {args.steps} flow-match Euler steps, "
-          f"guidance {args.guidance}, fp32, 1 thread; FD, precision, recall (k = 3) and diversity in the judge's "
-          f"features against the {len(real['val'][1])} held-out real digits\n")
-    print(f"| model | params (M) | active (M) | generated digits judged as their label | {METRICS_HEADER} "
+        rows.append((name, model.num_parameters() / 1e6, model.num_parameters(active=True) / 1e6, sampling,
+                     accuracy, measure(judge, real_features, real["val"][1], images, labels), seconds * 1e3))
+    print(f"{len(labels)} samples ({args.samples_per_class} per digit), fp32, 1 thread; FD, precision, recall "
+          f"(k = 3) and diversity in the judge's features against the {len(real['val'][1])} held-out real digits\n")
+    print(f"| model | params (M) | active (M) | sampling | generated digits judged as their label | {METRICS_HEADER} "
           "| ms / image |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for name, total, active, accuracy, metrics, ms in rows:
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+    for name, total, active, sampling, accuracy, metrics, ms in rows:
         sizes = "— | —" if total is None else f"{total:.2f} | {active:.2f}"
-        print(f"| {name} | {sizes} | {accuracy:.1%} | {metric_cells(metrics)} | "
+        print(f"| {name} | {sizes} | {sampling} | {accuracy:.1%} | {metric_cells(metrics)} | "
               f"{'—' if ms is None else f'{ms:.1f}'} |")
     print()
 
@@ -205,7 +221,9 @@ def shape_targets(attributes: list[dict[str, str]]) -> dict[str, torch.Tensor]:
     }
 
 
-def bench_shapes(args, sources: dict[str, str]) -> None:
+def shapes_judge(args):
+    """The shapes judge (trained on renders of seed 1, tested on seed 2), the prompts (captions of seed 3), and a
+    ``score(images)`` that returns per attribute the share judged right, "shape + colour", and the metrics."""
     # The judge sees renders from seeds the generator never trained on (it trained on seed 0).
     train = ShapesDataset(args.judge_train, image_size=32, seed=1)
     test = ShapesDataset(1000, image_size=32, seed=2)
@@ -229,26 +247,62 @@ def bench_shapes(args, sources: dict[str, str]) -> None:
     (prompt_x, _), (fresh_x, fresh_t) = real(prompts_from), real(ShapesDataset(args.prompts, image_size=32, seed=4))
     real_features = judge_features(judge, fresh_x)
     real_classes = (fresh_t["shape"] * len(COLOURS) + fresh_t["colour"]).tolist()  # label_for's numbering
-    print(f"{len(prompts)} prompts, e.g. {prompts[0]!r}; {args.steps} steps, guidance {args.shapes_guidance}; FD, "
-          f"precision, recall (k = 3) and diversity in the judge's features against {len(fresh_x)} fresh real "
-          f"renders (seed 4)\n")
-    print(f"| model | shape | colour | shape + colour | position | {METRICS_HEADER} | ms / image |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
-    def row(name: str, images: torch.Tensor, ms: str) -> None:
+    def score(images: torch.Tensor) -> dict:
         with torch.no_grad():
             logits = judge(images)
         right = {k: logits[k].argmax(1) == t for k, t in targets.items()}
-        both = (right["shape"] & right["colour"]).float().mean()
-        metrics = measure(judge, real_features, real_classes, images, classes)
-        print(f"| {name} | {right['shape'].float().mean():.1%} | {right['colour'].float().mean():.1%} | "
-              f"{both:.1%} | {right['position'].float().mean():.1%} | {metric_cells(metrics)} | {ms} |")
+        scores = {k: float(r.float().mean()) for k, r in right.items()}
+        scores["shape + colour"] = float((right["shape"] & right["colour"]).float().mean())
+        scores["metrics"] = measure(judge, real_features, real_classes, images, classes)
+        return scores
 
-    row("real renders of the prompts (reference)", prompt_x, "—")
+    return prompts, prompt_x, score
+
+
+def bench_shapes(args, sources: dict[str, str]) -> None:
+    prompts, prompt_x, score = shapes_judge(args)
+    print(f"{len(prompts)} prompts, e.g. {prompts[0]!r}; fp32, 1 thread; FD, precision, recall (k = 3) and "
+          f"diversity in the judge's features against {len(prompts)} fresh real renders (seed 4)\n")
+    print(f"| model | sampling | shape | colour | shape + colour | position | {METRICS_HEADER} | ms / image |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+    def row(name: str, sampling: str, images: torch.Tensor, ms: str) -> None:
+        s = score(images)
+        print(f"| {name} | {sampling} | {s['shape']:.1%} | {s['colour']:.1%} | {s['shape + colour']:.1%} | "
+              f"{s['position']:.1%} | {metric_cells(s['metrics'])} | {ms} |")
+
+    row("real renders of the prompts (reference)", "—", prompt_x, "—")
     for name in args.shapes_models:
         pipe = load_pipeline(name, sources)
-        images, seconds = generate(pipe, args.steps, args.shapes_guidance, args.batch, args.seed, prompt=prompts)
-        row(name, images, f"{seconds * 1e3:.1f}")
+        steps, guidance, sampling = sampling_of(pipe, args.steps, args.shapes_guidance)
+        images, seconds = generate(pipe, steps, guidance, args.batch, args.seed, prompt=prompts)
+        row(name, sampling, images, f"{seconds * 1e3:.1f}")
+    print()
+
+
+def sweep_shapes(args, sources: dict[str, str]) -> None:
+    """Every shapes model at every sampler x steps x guidance (``--shapes-guidances``): accuracy, variety and
+    fidelity, time."""
+    prompts, prompt_x, score = shapes_judge(args)
+    print(f"{len(prompts)} prompts per setting, fp32, 1 thread; FD, precision, recall (k = 3) and diversity against "
+          f"{len(prompts)} fresh real renders (seed 4)\n")
+    print(f"| model | sampler | steps | guidance | shape + colour | shape | colour | position | {METRICS_HEADER} "
+          "| ms / image |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    s = score(prompt_x)  # what a perfect generator scores at these counts
+    print(f"| real renders of the prompts (reference) | — | — | — | {s['shape + colour']:.1%} | {s['shape']:.1%} | "
+          f"{s['colour']:.1%} | {s['position']:.1%} | {metric_cells(s['metrics'])} | — |", flush=True)
+    for name in args.shapes_models:
+        for sampler in args.samplers:
+            pipe = load_pipeline(name, sources, sampler)
+            for steps in args.step_counts:
+                for guidance in args.shapes_guidances:
+                    images, seconds = generate(pipe, steps, guidance, args.batch, args.seed, prompt=prompts)
+                    s = score(images)
+                    print(f"| {name} | {sampler} | {steps} | {guidance:g} | {s['shape + colour']:.1%} | "
+                          f"{s['shape']:.1%} | {s['colour']:.1%} | {s['position']:.1%} | {metric_cells(s['metrics'])} "
+                          f"| {seconds * 1e3:.1f} |", flush=True)
     print()
 
 
@@ -257,20 +311,26 @@ def main(argv=None) -> None:
     parser.add_argument("task", choices=("digits", "shapes", "all", "sweep"))
     parser.add_argument("--model", action="append", default=[], metavar="NAME=SOURCE",
                         help="load NAME from SOURCE (e.g. local-dir:runs/export) instead of its bundled weights")
-    parser.add_argument("--digits-models", nargs="+", default=["dit_moe_digits", "dit_dense_digits"])
-    parser.add_argument("--shapes-models", nargs="+", default=["dit_moe_shapes"])
+    parser.add_argument("--digits-models", nargs="*", default=["dit_moe_digits", "dit_dense_digits"])
+    parser.add_argument("--shapes-models", nargs="*", default=["dit_moe_shapes"])
     parser.add_argument("--samples-per-class", type=int, default=50)
     parser.add_argument("--prompts", type=int, default=300)
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance", type=float, default=2.0)
-    parser.add_argument("--shapes-guidance", type=float, default=3.0)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="digits, shapes, all: denoising steps (default: each model's pipeline default)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="digits, all: the digits models' guidance (default: each model's pipeline default)")
+    parser.add_argument("--shapes-guidance", type=float, default=None,
+                        help="shapes, all: the shapes models' guidance (default: each model's pipeline default)")
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--judge-epochs", type=int, default=15)
     parser.add_argument("--judge-train", type=int, default=6000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samplers", nargs="+", default=["flow_match_euler", "flow_match_heun"], help="sweep")
     parser.add_argument("--step-counts", nargs="+", type=int, default=[10, 25, 50], help="sweep")
-    parser.add_argument("--guidances", nargs="+", type=float, default=[1.0, 1.5, 2.0, 3.0, 4.0], help="sweep")
+    parser.add_argument("--guidances", nargs="+", type=float, default=[1.0, 1.5, 2.0, 3.0, 4.0],
+                        help="sweep: the digits models' guidance scales")
+    parser.add_argument("--shapes-guidances", nargs="+", type=float, default=[2.0, 3.0, 4.0, 5.0, 6.0],
+                        help="sweep: the shapes models' guidance scales")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()))
     if parser.parse_known_args(argv)[0].quick:  # a first pass, so the quick sizes become mere defaults
@@ -284,12 +344,18 @@ def main(argv=None) -> None:
         sources[name] = source
     torch.set_num_threads(1)
     np.random.seed(args.seed)
-    if args.task in ("digits", "all"):
+    if args.task in ("digits", "all", "sweep") and not args.digits_models:
+        print("no --digits-models: the digits models are skipped\n")
+    if args.task in ("shapes", "all", "sweep") and not args.shapes_models:
+        print("no --shapes-models: the shapes models are skipped\n")
+    if args.task in ("digits", "all") and args.digits_models:
         bench_digits(args, sources)
-    if args.task in ("shapes", "all"):
+    if args.task in ("shapes", "all") and args.shapes_models:
         bench_shapes(args, sources)
-    if args.task == "sweep":
+    if args.task == "sweep" and args.digits_models:
         sweep_digits(args, sources)
+    if args.task == "sweep" and args.shapes_models:
+        sweep_shapes(args, sources)
 
 
 if __name__ == "__main__":
