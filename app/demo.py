@@ -49,9 +49,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from moezoo.encoders.audio import F_MAX, denormalize_log_mel
 from moezoo.pipelines import AudioPipeline, DiTMoEPipeline, DiTMoEVideoPipeline, export_to_video, export_to_wav
 from moezoo.pipelines.deweather import DeweatherPipeline
+from moezoo.pipelines.dit_moe import recommended_sampling
 from moezoo.pipelines.fusion import FusionPipeline
 from moezoo.pipelines.visual_qa import VisualQAPipeline
 from moezoo.training.datasets.audio import caption_words, parse_audio_caption
+from moezoo.zoo import get_pretrained_cfg
 from moezoo.zoo.layers import routed_blocks
 
 from .pictures import (
@@ -437,7 +439,7 @@ def seed_input() -> gr.Number:
 
 
 def guidance_input(default: float) -> gr.Slider:
-    return gr.Slider(0, MAX_GUIDANCE, value=default, step=0.5, label="Guidance",
+    return gr.Slider(0, MAX_GUIDANCE, value=default, step=0.25, label="Guidance",
                      info="classifier-free guidance; 1 = none")
 
 
@@ -950,23 +952,30 @@ class Tab:
     unit: str = "patches"
 
 
+def pipeline_defaults(model: str) -> dict:
+    """A diffusion tab's ``steps`` and ``guidance``: what the pipeline uses for ``model`` when given none (the
+    sampling its metadata recommends, measured: README "Measured"), read without loading its weights."""
+    sampling = recommended_sampling(get_pretrained_cfg(model).metadata)
+    return dict(steps=sampling["num_inference_steps"], guidance=sampling["guidance_scale"])
+
+
 TABS: list[Tab] = [
     Tab("Digits: class → image", "dit_moe_digits", ClassToImage, "digits",
         "A class-conditional **DiT-MoE** (8 experts, top-2, plus shared experts) draws a 16×16 digit in pixel "
         "space. Pick a digit.",
-        examples=[(3, 0), (7, 1), (0, 2), (8, 3)], steps=20, guidance=2.0),
+        examples=[(3, 0), (7, 1), (0, 2), (8, 3)], **pipeline_defaults("dit_moe_digits")),
     Tab("Shapes: text → image", "dit_moe_shapes", TextToImage, "shapes",
         "A text-conditioned **DiT-MoE** with its own tiny CLIP text tower draws 32×32 shapes: "
         "*a [small|large] [red|green|blue|yellow] [circle|square|triangle] [on the left|on the right|at the top|"
         "at the bottom|in the center]*.",
         examples=[("a large red circle on the left", 0), ("a small blue square at the top", 1),
                   ("a large yellow triangle in the center", 2), ("a small green circle on the right", 3)],
-        steps=20, guidance=3.0),
+        **pipeline_defaults("dit_moe_shapes")),
     Tab("Moving shapes: text → video", "dit_moe_shapes_video", TextToVideo, "shapes_video",
         "A spatio-temporal **DiT-MoE** makes an 8-frame clip: *a [red|green|blue|yellow] [circle|square|triangle] "
         "moving [left|right|up|down]*. The routing map has one panel per frame.",
         examples=[("a red square moving left", 0), ("a blue circle moving up", 1), ("a yellow triangle moving right", 2)],
-        steps=20, guidance=3.0),
+        **pipeline_defaults("dit_moe_shapes_video")),
     Tab("Deweather: restoration", "mofme_weather", Restore, "deweather",
         "**MoFME** removes rain streaks, raindrops, snow and haze; its experts are feature-wise modulations of one "
         "shared FFN. The photo is restored in 256 px tiles; compare before and after with the slider.",

@@ -85,6 +85,14 @@ def check_generators(generator, batch_size: int) -> None:
         )
 
 
+def checked_num_inference_steps(num_inference_steps) -> int:
+    """A number of denoising steps: a positive integer (bool and floats refused)."""
+    if (isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral)
+            or num_inference_steps < 1):
+        raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+    return int(num_inference_steps)
+
+
 def checked_guidance_scale(guidance_scale) -> float:
     """A classifier-free guidance scale: a finite real number >= 0 (bool, strings, None, NaN and inf refused)."""
     if (isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real)

@@ -2,18 +2,23 @@
 
     from moezoo.pipelines import DiTMoEPipeline
     pipe = DiTMoEPipeline.from_pretrained("dit_moe_digits")
-    out = pipe(class_labels=[3, 7], num_inference_steps=30, generator=torch.Generator().manual_seed(0))
+    out = pipe(class_labels=[3, 7], generator=torch.Generator().manual_seed(0))  # the model's recommended sampling
     out.images[0].save("three.png")
 
 Sampling uses diffusers' schedulers (:func:`moezoo.zoo.diffusion.make_scheduler`): flow-match Euler for
 rectified-flow models (the model predicts ``v = noise - x0``; diffusers' sigmas are DiT-MoE's ``t``), DDIM (or
 DDPM) for epsilon models on DiT's linear schedule. Pixel-space models decode directly; latent models decode with
 a diffusers ``AutoencoderKL`` the caller supplies (latents scaled by its ``config.scaling_factor``).
+
+Defaults per model: a pretrained model's metadata may recommend its sampling, ``"sampling": {"scheduler":
+"flow_match_euler", "num_inference_steps": 25, "guidance_scale": 1.25}`` (any of the three; the bundled models'
+values come from ``bench/dit_quality.py sweep``, see the README's "Measured"). The pipeline samples with that
+scheduler unless given another, and ``__call__`` uses those steps and guidance when they are not passed (or
+passed as None); without a recommendation: :data:`DEFAULT_SAMPLING`.
 """
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +32,7 @@ from .base import (
     check_output_type,
     checked_guidance_scale,
     checked_max_batch_size,
+    checked_num_inference_steps,
     chunk_slices,
     generator_part,
     randn,
@@ -45,10 +51,34 @@ class DiTMoEPipelineOutput:
     routing_maps: list[np.ndarray] | None = None
 
 
+# The sampling of a model whose metadata recommends none (DiT's usual settings; scheduler None: the objective's
+# first, flow-match Euler or DDIM). The keys are the names of the arguments they default.
+DEFAULT_SAMPLING = {"scheduler": None, "num_inference_steps": 30, "guidance_scale": 4.0}
+
+
 def scheduler_for(transformer, name: str | None = None):
     """:func:`make_scheduler` for what ``transformer`` was trained for (its config's objective and time shift)."""
     config = transformer.config
     return make_scheduler(getattr(config, "objective", "rf"), name, getattr(config, "time_shift", 1.0))
+
+
+def recommended_sampling(metadata: dict | None) -> dict:
+    """The sampling a model's pretrained metadata recommends (its ``"sampling"`` entry) over
+    :data:`DEFAULT_SAMPLING`: ``{"scheduler": name or None, "num_inference_steps": int, "guidance_scale":
+    float}``. Readable without loading weights: ``recommended_sampling(get_pretrained_cfg(name).metadata)``."""
+    given = (metadata or {}).get("sampling", {})
+    if not isinstance(given, dict) or set(given) - set(DEFAULT_SAMPLING):
+        raise ValueError(f"the model's metadata \"sampling\" must be an object with any of the keys "
+                         f"{', '.join(DEFAULT_SAMPLING)}; got {given!r}")
+    sampling = {**DEFAULT_SAMPLING, **given}
+    try:
+        if sampling["scheduler"] is not None and not isinstance(sampling["scheduler"], str):
+            raise ValueError(f"scheduler must be a scheduler name, got {sampling['scheduler']!r}")
+        sampling["num_inference_steps"] = checked_num_inference_steps(sampling["num_inference_steps"])
+        sampling["guidance_scale"] = checked_guidance_scale(sampling["guidance_scale"])
+    except ValueError as err:
+        raise ValueError(f"the model's metadata \"sampling\" {given!r} is invalid: {err}") from None
+    return sampling
 
 
 class DiTMoEPipeline(Pipeline):
@@ -57,6 +87,10 @@ class DiTMoEPipeline(Pipeline):
     A request for more than ``max_batch_size`` images is generated in chunks of that many (noise, text
     encoding, denoising and decoding alike), so memory stays bounded however many labels or prompts are
     asked for. Set it per pipeline (``pipe.max_batch_size = 8``) or per call.
+
+    ``default_num_inference_steps`` and ``default_guidance_scale`` are what a call without those arguments uses:
+    the model's recommended sampling (:func:`recommended_sampling`), else 30 steps at guidance 4. Set them per
+    pipeline too; an argument passed to the call wins.
     """
 
     _modules = ("transformer", "vae")
@@ -70,6 +104,14 @@ class DiTMoEPipeline(Pipeline):
         super().__init__()
         self.transformer = transformer.eval()
         self.objective = getattr(transformer.config, "objective", "rf")
+        sampling = recommended_sampling(getattr(getattr(transformer, "pretrained_cfg", None), "metadata", None))
+        self.default_num_inference_steps = sampling["num_inference_steps"]
+        self.default_guidance_scale = sampling["guidance_scale"]
+        if scheduler is None and sampling["scheduler"] is not None:
+            try:
+                scheduler = scheduler_for(transformer, sampling["scheduler"])
+            except ValueError as err:
+                raise ValueError(f"the model's metadata \"sampling\" recommends an unusable scheduler: {err}") from None
         self.scheduler = scheduler if scheduler is not None else scheduler_for(transformer)
         self.vae = vae
         num_classes = transformer.config.num_classes
@@ -91,14 +133,17 @@ class DiTMoEPipeline(Pipeline):
         torch_dtype: torch.dtype | None = None,
         **model_overrides,
     ) -> "DiTMoEPipeline":
-        """Load a zoo model with its weights (``name``, ``name.tag``, ``local-dir:PATH`` or ``hf-hub:org/repo``)."""
+        """Load a zoo model with its weights (``name``, ``name.tag``, ``local-dir:PATH`` or ``hf-hub:org/repo``).
+        ``scheduler``: a scheduler name (``"flow_match_euler"``, ``"flow_match_heun"``; ``"ddim"``, ``"ddpm"``);
+        default: the one the model's metadata recommends, else the objective's first."""
         from moezoo.zoo import create_model
 
         transformer = create_model(
             name, pretrained=True, cache_dir=cache_dir, local_files_only=local_files_only, **model_overrides
         )
         metadata = getattr(getattr(transformer, "pretrained_cfg", None), "metadata", None) or {}
-        pipe = cls(transformer, scheduler_for(transformer, scheduler), vae, metadata.get("label_names"))
+        pipe = cls(transformer, None if scheduler is None else scheduler_for(transformer, scheduler), vae,
+                   metadata.get("label_names"))
         return pipe.to(device, torch_dtype)
 
     def get_label_ids(self, labels: list[str | int] | str | int) -> list[int]:
@@ -118,7 +163,8 @@ class DiTMoEPipeline(Pipeline):
 
     def _check_call(self, class_labels, prompt, num_inference_steps, guidance_scale, output_type,
                     max_batch_size) -> tuple[int, float, int]:
-        """Check the arguments every generation call shares; returns (steps, guidance scale, chunk size)."""
+        """Check the arguments every generation call shares; returns (steps, guidance scale, chunk size), None
+        steps or guidance being the pipeline's defaults."""
         config = self.transformer.config
         if (class_labels is None) == (prompt is None):
             raise ValueError("pass exactly one of class_labels (class-conditional models) or prompt (text models)")
@@ -133,13 +179,15 @@ class DiTMoEPipeline(Pipeline):
                 raise ValueError("prompt is an empty list; pass at least one prompt")
             if not all(isinstance(p, str) for p in prompts):
                 raise ValueError("prompt must be a string or a list of strings")
-        if (isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral)
-                or num_inference_steps < 1):
-            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+        if num_inference_steps is None:
+            num_inference_steps = self.default_num_inference_steps
+        if guidance_scale is None:
+            guidance_scale = self.default_guidance_scale
+        num_inference_steps = checked_num_inference_steps(num_inference_steps)
         check_output_type(output_type)
         guidance_scale = checked_guidance_scale(guidance_scale)
         max_batch_size = self.max_batch_size if max_batch_size is None else max_batch_size
-        return int(num_inference_steps), guidance_scale, checked_max_batch_size(max_batch_size)
+        return num_inference_steps, guidance_scale, checked_max_batch_size(max_batch_size)
 
     def denoise(self, sample, y, text_emb, num_inference_steps: int, guidance_scale: float, generator):
         """Run the scheduler from the noise ``sample`` to a clean sample, with classifier-free guidance when
@@ -185,8 +233,8 @@ class DiTMoEPipeline(Pipeline):
         self,
         class_labels: list[int | str] | int | str | None = None,
         prompt: list[str] | str | None = None,
-        num_inference_steps: int = 30,
-        guidance_scale: float = 4.0,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
@@ -198,8 +246,10 @@ class DiTMoEPipeline(Pipeline):
         Args:
             class_labels: class ids or names (class-conditional models).
             prompt: a prompt or a list of prompts (text-conditioned models).
-            num_inference_steps: denoising steps.
-            guidance_scale: classifier-free guidance scale; 1 disables guidance (one forward per step).
+            num_inference_steps: denoising steps (default: ``default_num_inference_steps``, the model's
+                recommendation).
+            guidance_scale: classifier-free guidance scale; 1 disables guidance (one forward per step) (default:
+                ``default_guidance_scale``, the model's recommendation).
             generator: a torch.Generator, or one per image, for reproducible noise. With one generator per
                 image the result does not depend on ``max_batch_size`` (nor on the other images asked for);
                 with a single one, only ancestral DDPM sampling changes with the chunking (its per-step noise).

@@ -74,8 +74,8 @@ class DiTMoEVideoPipeline(DiTMoEPipeline):
         num_frames: int | None = None,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 30,
-        guidance_scale: float = 4.0,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "np",
         return_dict: bool = True,
@@ -89,8 +89,10 @@ class DiTMoEVideoPipeline(DiTMoEPipeline):
             prompt: a prompt or a list of prompts (text-conditioned models).
             num_frames: frames per clip (default: the model's ``config.num_frames``).
             height, width: frame size; must be divisible by the patch size and equal the model's input size.
-            num_inference_steps: denoising steps.
-            guidance_scale: classifier-free guidance scale; 1 disables guidance (one forward per step).
+            num_inference_steps: denoising steps (default: ``default_num_inference_steps``, the model's
+                recommendation).
+            guidance_scale: classifier-free guidance scale; 1 disables guidance (one forward per step) (default:
+                ``default_guidance_scale``, the model's recommendation).
             generator: a torch.Generator, or one per clip, for reproducible noise.
             output_type: "np" (default, as diffusers' video pipelines), "pt" or "pil".
             return_dict: return a :class:`DiTMoEVideoPipelineOutput` (else a tuple).

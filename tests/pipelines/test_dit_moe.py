@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from moezoo.pipelines import DiTMoEPipeline, make_scheduler
-from moezoo.zoo import create_model, save_pretrained
+from moezoo.pipelines.dit_moe import DEFAULT_SAMPLING
+from moezoo.zoo import create_model, get_pretrained_cfg, save_pretrained
 from helpers import randomise
 from tolerance import fp_tolerance
 
@@ -65,7 +66,9 @@ def test_bad_arguments_fail_before_any_compute(digits_pipe, kwargs, message):
     assert forwards == []
 
 
-BAD_GUIDANCE = [float("nan"), float("inf"), -float("inf"), -0.5, "3", None, True, [2.0], torch.tensor(2.0)]
+# None is not here: it means the pipeline's default (test_none_means_the_pipelines_default), as height=None does
+# in diffusers.
+BAD_GUIDANCE = [float("nan"), float("inf"), -float("inf"), -0.5, "3", True, [2.0], torch.tensor(2.0)]
 
 
 @pytest.mark.parametrize("guidance_scale", BAD_GUIDANCE, ids=repr)
@@ -302,6 +305,114 @@ def test_from_pretrained_reads_an_exported_folder_with_its_label_names(tmp_path)
         torch.testing.assert_close(pipe.transformer(x, t, y), model(x, t, y))
     with pytest.raises(ValueError, match="samples with .flow_match_euler. or .flow_match_heun., not .ddim."):
         DiTMoEPipeline.from_pretrained(f"local-dir:{tmp_path}", scheduler="ddim")
+
+
+# ------------------------------------------------------------------------------------------ default sampling
+
+
+@contextlib.contextmanager
+def recorded_sampling(model):
+    """What the denoising loop asked of ``model`` while the block runs: "forwards", the number of model
+    evaluations (a guided step is one forward of both halves), and "scales", the guidance scale of every guided
+    one (unguided steps call ``model(...)`` directly)."""
+    seen = {"forwards": 0, "scales": []}
+    forward, forward_with_cfg = model.forward, model.forward_with_cfg
+
+    def counted(*args, **kwargs):
+        seen["forwards"] += 1
+        return forward(*args, **kwargs)
+
+    def guided(x, t, y, scale, **kwargs):
+        seen["scales"].append(scale)
+        return forward_with_cfg(x, t, y, scale, **kwargs)
+
+    model.forward, model.forward_with_cfg = counted, guided
+    try:
+        yield seen
+    finally:
+        del model.forward, model.forward_with_cfg
+
+
+def evaluations(scheduler: str, steps: int) -> int:
+    """Model evaluations of a sampling run: Euler one per step; Heun two per step but the last (to t = 0)."""
+    return {"flow_match_euler": steps, "flow_match_heun": 2 * steps - 1}[scheduler]
+
+
+def assert_sampled_with(pipe, request: dict, scheduler: str, steps: int, guidance: float, **arguments):
+    with recorded_sampling(pipe.transformer) as seen:
+        pipe(**request, output_type="pt", generator=torch.Generator().manual_seed(0), **arguments)
+    assert type(pipe.scheduler) is type(make_scheduler("rf", scheduler))
+    assert seen["forwards"] == evaluations(scheduler, steps)
+    assert seen["scales"] == ([] if guidance == 1 else [guidance] * evaluations(scheduler, steps))
+
+
+BUNDLED_IMAGES = {"dit_moe_digits": dict(class_labels=[7]), "dit_dense_digits": dict(class_labels=["3"]),
+                  "dit_moe_shapes": dict(prompt="a large red circle on the left")}
+
+
+@pytest.mark.parametrize("name", BUNDLED_IMAGES)
+def test_a_bundled_model_samples_as_its_metadata_recommends_unless_told_otherwise(name):
+    # The recommendation is the bundled model's own metadata (from the README's sweep), not the fallback.
+    recommended = get_pretrained_cfg(name).metadata["sampling"]
+    assert set(recommended) == set(DEFAULT_SAMPLING) and recommended != DEFAULT_SAMPLING
+    pipe = DiTMoEPipeline.from_pretrained(name)
+    pipe.set_progress_bar_config(disable=True)
+    request = BUNDLED_IMAGES[name]
+    assert_sampled_with(pipe, request, recommended["scheduler"], recommended["num_inference_steps"],
+                        recommended["guidance_scale"])
+    # None is "not passed"; explicit arguments win, one at a time or all together.
+    assert_sampled_with(pipe, request, recommended["scheduler"], recommended["num_inference_steps"],
+                        recommended["guidance_scale"], num_inference_steps=None, guidance_scale=None)
+    assert_sampled_with(pipe, request, recommended["scheduler"], 3, recommended["guidance_scale"],
+                        num_inference_steps=3)
+    assert_sampled_with(pipe, request, recommended["scheduler"], recommended["num_inference_steps"], 1.0,
+                        guidance_scale=1)
+    other = "flow_match_heun" if recommended["scheduler"] == "flow_match_euler" else "flow_match_euler"
+    heun = DiTMoEPipeline.from_pretrained(name, scheduler=other)
+    heun.set_progress_bar_config(disable=True)
+    assert_sampled_with(heun, request, other, 2, 2.5, num_inference_steps=2, guidance_scale=2.5)
+
+
+def test_the_bundled_image_models_recommend_the_swept_settings():
+    # README "Measured", the defaults sweep. Digits: Euler, 25 steps, guidance 1.25 (both models 99.2% right,
+    # recall 83-86%, diversity 0.95x real). Shapes: Euler, 25 steps, guidance 3 (95.1% of 1000 prompts right).
+    for name, guidance in (("dit_moe_digits", 1.25), ("dit_dense_digits", 1.25), ("dit_moe_shapes", 3.0)):
+        assert get_pretrained_cfg(name).metadata["sampling"] == {
+            "scheduler": "flow_match_euler", "num_inference_steps": 25, "guidance_scale": guidance}
+
+
+def test_an_exported_models_metadata_sets_the_defaults_and_a_bad_one_is_refused(tmp_path):
+    model = randomise(create_model("dit_moe_digits", **TINY), seed=5).eval()
+    sampling = {"scheduler": "flow_match_heun", "num_inference_steps": 3, "guidance_scale": 1.5}
+    save_pretrained(model, tmp_path, "dit_moe_digits", TINY, {"objective": "rf", "sampling": sampling})
+    pipe = DiTMoEPipeline.from_pretrained(f"local-dir:{tmp_path}")
+    pipe.set_progress_bar_config(disable=True)
+    assert (pipe.default_num_inference_steps, pipe.default_guidance_scale) == (3, 1.5)
+    assert_sampled_with(pipe, dict(class_labels=[2]), "flow_match_heun", 3, 1.5)
+    pipe.default_num_inference_steps, pipe.default_guidance_scale = 2, 1.0  # per pipeline, as max_batch_size
+    assert_sampled_with(pipe, dict(class_labels=[2]), "flow_match_heun", 2, 1.0)
+    # Only some keys: the others fall back to DEFAULT_SAMPLING.
+    save_pretrained(model, tmp_path, "dit_moe_digits", TINY, {"objective": "rf", "sampling": {"guidance_scale": 2}})
+    partial = DiTMoEPipeline.from_pretrained(f"local-dir:{tmp_path}")
+    assert (partial.default_num_inference_steps, partial.default_guidance_scale) == (30, 2.0)
+    assert type(partial.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+
+    for bad, message in [
+        ({"guidance_scale": -1}, r"metadata \"sampling\" \{'guidance_scale': -1\} is invalid: guidance_scale must "),
+        ({"num_inference_steps": 2.5}, "is invalid: num_inference_steps must be a positive integer, got 2.5"),
+        ({"scheduler": 3}, "is invalid: scheduler must be a scheduler name, got 3"),
+        ({"steps": 20}, "must be an object with any of the keys scheduler, num_inference_steps, guidance_scale"),
+        ({"scheduler": "ddim"}, "recommends an unusable scheduler: a rectified-flow model samples with"),
+    ]:
+        save_pretrained(model, tmp_path, "dit_moe_digits", TINY, {"objective": "rf", "sampling": bad})
+        with pytest.raises(ValueError, match=message):
+            DiTMoEPipeline.from_pretrained(f"local-dir:{tmp_path}")
+
+
+def test_none_means_the_pipelines_default(digits_pipe):
+    # A model without a recommendation (no pretrained metadata): DEFAULT_SAMPLING.
+    assert (digits_pipe.default_num_inference_steps, digits_pipe.default_guidance_scale) == (30, 4.0)
+    assert_sampled_with(digits_pipe, dict(class_labels=[1]), "flow_match_euler", 30, 4.0, guidance_scale=None)
 
 
 # ----------------------------------------------------------------------------------------------- freezing, VAE

@@ -101,7 +101,7 @@ def test_output_types_routing_and_per_clip_generators(pipe, model):
     (dict(output_type="gif"), "unknown output_type"),
     (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number >= 0"),
     (dict(guidance_scale="3"), "guidance_scale must be a finite number >= 0"),
-    (dict(guidance_scale=None), "guidance_scale must be a finite number >= 0"),
+    (dict(guidance_scale=True), "guidance_scale must be a finite number >= 0"),
     (dict(max_batch_size=0), "max_batch_size must be a positive integer"),
 ])
 def test_bad_arguments_fail_before_any_compute(pipe, monkeypatch, bad, message):
@@ -147,6 +147,38 @@ def test_from_pretrained_loads_a_saved_video_model(tmp_path, model):
     assert type(pipe.transformer).__name__ == "DiTMoEVideo"
     w = pipe.transformer.blocks[0].moe.w_in
     torch.testing.assert_close(w, model.blocks[0].moe.w_in.half().float())
+
+
+def test_the_video_pipeline_samples_as_the_models_metadata_recommends(tmp_path, model):
+    sampling = {"scheduler": "flow_match_heun", "num_inference_steps": 2, "guidance_scale": 1.5}
+    save_pretrained(model, tmp_path, "test_dit_moe_video", {}, {"objective": "rf", "sampling": sampling})
+    pipe = DiTMoEVideoPipeline.from_pretrained(f"local-dir:{tmp_path}")
+    pipe.set_progress_bar_config(disable=True)
+    scales, forwards = [], []
+    forward, forward_with_cfg = pipe.transformer.forward, pipe.transformer.forward_with_cfg
+    pipe.transformer.forward = lambda x, *a, **k: forwards.append(x.shape[0]) or forward(x, *a, **k)
+    pipe.transformer.forward_with_cfg = lambda x, t, y, scale, **k: scales.append(scale) or forward_with_cfg(
+        x, t, y, scale, **k)
+    try:
+        pipe(prompt=PROMPTS[:1], generator=torch.Generator().manual_seed(0))
+        assert forwards == [2, 2, 2] and scales == [1.5] * 3  # Heun, 2 steps: 3 guided evaluations
+        forwards.clear()
+        pipe(prompt=PROMPTS[:1], num_inference_steps=1, guidance_scale=1.0, generator=torch.Generator().manual_seed(0))
+        assert forwards == [1] and scales == [1.5] * 3  # explicit arguments win: one unguided evaluation
+    finally:
+        del pipe.transformer.forward, pipe.transformer.forward_with_cfg
+    assert type(pipe.scheduler).__name__ == "FlowMatchHeunDiscreteScheduler"
+
+
+def test_the_bundled_video_model_recommends_the_measured_setting():
+    from moezoo.zoo import get_pretrained_cfg
+
+    # README "Measured": bench/video_quality.py's setting, 30 Euler steps at guidance 4.
+    recommended = get_pretrained_cfg("dit_moe_shapes_video").metadata["sampling"]
+    assert recommended == {"scheduler": "flow_match_euler", "num_inference_steps": 30, "guidance_scale": 4.0}
+    pipe = DiTMoEVideoPipeline.from_pretrained("dit_moe_shapes_video")
+    assert (pipe.default_num_inference_steps, pipe.default_guidance_scale) == (30, 4.0)
+    assert type(pipe.scheduler) is FlowMatchEulerDiscreteScheduler
 
 
 def gradient_clip(frames=5, size=16) -> np.ndarray:
