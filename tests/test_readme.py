@@ -157,6 +157,7 @@ def test_limits_the_readme_quotes_are_the_code_s():
     """The numbers the README promises users (limits, chunk sizes, timeouts) are the ones the code uses."""
     from moezoo.app.demo import MAX_PIXELS
     from moezoo.pipelines import DiTMoEPipeline, DiTMoEVideoPipeline, FusionPipeline
+    from moezoo.pipelines.dit_moe import DEFAULT_SAMPLING
     from moezoo.zoo.hub import DOWNLOAD_TIMEOUT_S
     from moezoo.zoo.registry import MAX_MODEL_PARTS, MAX_PARAMETERS
 
@@ -168,6 +169,8 @@ def test_limits_the_readme_quotes_are_the_code_s():
         f"more than {MAX_MODEL_PARTS:,} modules and parameter tensors",
         (f"({DiTMoEPipeline.max_batch_size} images; {DiTMoEVideoPipeline.max_batch_size} clips; "
          f"{FusionPipeline.max_batch_size} fusion pairs)"),
+        (f"Without a recommendation: flow-match Euler or DDIM, {DEFAULT_SAMPLING['num_inference_steps']} steps, "
+         f"guidance {DEFAULT_SAMPLING['guidance_scale']:g}."),
     ]
     missing = [phrase for phrase in quoted if phrase not in text]
     assert not missing, f"the README does not quote the code's values: {missing}"
