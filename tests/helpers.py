@@ -113,3 +113,42 @@ def randomise(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 def files_under(root: Path) -> set[Path]:
     """Every file below ``root`` (folders left out)."""
     return {p for p in root.rglob("*") if not p.is_dir()}
+
+
+_GIVEN_PORTS: set[int] = set()
+
+
+def rendezvous_ports(count: int) -> list[int]:
+    """``count`` ports for torch.distributed rendezvous (TCPStore) servers that may run at the same time: none
+    given before in this test session.
+
+    Chosen outside the kernel's ephemeral range, where the OS hands out ports for outgoing connections (the ranks'
+    store clients and gloo pairs of runs already going), so such a connection cannot take a port between this
+    check and the server's bind; each is checked free by binding it, and all are held until every one is found so
+    none repeats. Asking the OS for port 0 instead would give ports inside that range, and concurrent runs that
+    each ask can get the same one (the failure seen on CI: EADDRINUSE at init_process_group)."""
+    import random
+    import socket
+
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    outside = [*range(1025, low), *range(high + 1, 65536)]
+    pool = outside if len(outside) >= 1000 else range(1025, 65536)  # a machine that gives all ports out
+    candidates = random.Random().sample(pool, 200)
+    held: list[socket.socket] = []
+    try:
+        for port in (p for p in candidates if p not in _GIVEN_PORTS):
+            sock = socket.socket()
+            try:
+                sock.bind(("", port))  # all addresses, as the store server binds
+            except OSError:
+                sock.close()
+                continue
+            held.append(sock)
+            if len(held) == count:
+                ports = [s.getsockname()[1] for s in held]
+                _GIVEN_PORTS.update(ports)
+                return ports
+    finally:
+        for sock in held:
+            sock.close()
+    raise AssertionError(f"no {count} free ports outside {low}-{high}")

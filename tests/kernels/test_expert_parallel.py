@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 
 from moezoo.kernels.expert_parallel import local_experts
 from moezoo.zoo.layers import MoE
+from helpers import rendezvous_ports
 from tolerance import fp_tolerance
 
 WORKER = Path(__file__).with_name("ep_worker.py")
@@ -152,12 +152,6 @@ def one_process(case: dict, x: torch.Tensor, g: torch.Tensor) -> dict:
 # ----------------------------------------------------------------------------------------------- R processes
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def loss_scales(case: dict, world_size: int) -> list[float]:
     """Each rank's loss is the sum over its tokens times this: its routing group's size over the group's tokens
     (with equal splits 1 / its own tokens, the DDP convention), so that the ranks' losses averaged over the
@@ -182,7 +176,7 @@ def run_ranks(world_size: int, tmp_path: Path) -> list[dict]:
     torch.save({"cases": spec}, tmp_path / "cases.pt")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     # One launcher that forks the ranks, in its own session: on a timeout the whole group is killed.
-    launcher = subprocess.Popen([sys.executable, str(WORKER), str(world_size), str(free_port()),
+    launcher = subprocess.Popen([sys.executable, str(WORKER), str(world_size), str(rendezvous_ports(1)[0]),
                                  str(tmp_path / "cases.pt"), str(tmp_path)], env=env, start_new_session=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import rendezvous_ports
 from tolerance import fp_tolerance
 
 SCRIPT = Path(__file__).with_name("ep_lightning_run.py")
@@ -33,7 +34,9 @@ TOKENS_PER_STEP = 4 * 3  # the global batch of ep_lightning_run.py: 4 samples of
 def start(ranks: int, steps: int, out_dir: Path, ckpt: Path | None = None, *args: str) -> subprocess.Popen:
     args = [sys.executable, str(SCRIPT), str(ranks), str(steps), str(out_dir), *args]
     args += ["--ckpt", str(ckpt)] if ckpt else []
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    # runs go on at the same time: each its own rendezvous port (Lightning's own pick can repeat between them)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path),
+           "MASTER_PORT": str(rendezvous_ports(1)[0])}
     # its own session: Lightning's launcher starts rank 1 as a child, and a timeout must end both; the output
     # to a file (a pipe nobody reads while the run is polled could fill and block it)
     log = open(f"{out_dir}.log", "w")
