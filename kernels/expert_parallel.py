@@ -38,6 +38,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from .experts import combine, expert_mlp
 from .plan import DispatchPlan, build_plan
@@ -49,6 +50,7 @@ __all__ = [
     "ExpertShard",
     "all_gather_rows",
     "all_to_all",
+    "clip_grad_norm_",
     "concatenated_shape",
     "dispatch",
     "expert_parallel_groups",
@@ -339,6 +341,63 @@ def reduce_gradients(parameters: Iterable[torch.Tensor], *, data_group: dist.Pro
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
         for g, piece in zip(grads, flat.split([g.numel() for g in grads])):
             g.copy_(piece.view_as(g))
+
+
+def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0, *,
+                    expert_group: dist.ProcessGroup | None = None, error_if_nonfinite: bool = False) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for a model whose experts are sharded over ``expert_group``: the
+    norm is that of the whole model's gradient, the same on every rank, as one process would compute it.
+
+    After :func:`reduce_gradients` every rank holds the same dense gradients (DDP) or its shard of them (FSDP2
+    DTensors, whose norm torch reduces over their mesh), and the gradients of its own experts, which the other
+    ranks of its expert-parallel group do not hold. So the experts' partial norms are summed over
+    ``expert_group`` (None: experts not sharded) and the dense part is counted once, as Megatron does; each rank
+    clipping by the norm of its own experts alone would scale the same model's gradient differently on each
+    rank. Returns the total norm (a 0-dim tensor); ``norm_type`` may be ``inf``."""
+    params = [p for p in parameters if p.grad is not None]
+    norm_type = float(norm_type)
+    parts = []  # each part's norm; the experts' is global once reduced over their group
+    for is_expert in (False, True):
+        grads = [p.grad for p in params if is_expert_parameter(p) == is_expert]
+        for kind in (False, True):  # plain tensors and DTensors: torch takes one kind per call
+            chosen = [g for g in grads if _is_dtensor(g) == kind]
+            if not chosen:
+                continue
+            norm = torch.nn.utils.get_total_norm(chosen, norm_type)
+            parts.append((is_expert, norm.full_tensor() if kind else norm))
+    total = _combine_norms(parts, norm_type, expert_group)
+    if error_if_nonfinite and not torch.isfinite(total):
+        raise RuntimeError(f"the total norm of order {norm_type} of the gradients is {total.item()}: "
+                           "not finite, so they were not clipped (error_if_nonfinite=True)")
+    # a Python float: it scales plain and DTensor gradients alike
+    scale = min(1.0, float(max_norm) / (total.item() + 1e-6))
+    if scale < 1.0:
+        grads = [p.grad for p in params]
+        for kind in (False, True):
+            chosen = [g for g in grads if _is_dtensor(g) == kind]
+            if chosen:
+                torch._foreach_mul_(chosen, scale)
+    return total
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    return isinstance(tensor, DTensor)
+
+
+def _combine_norms(parts: list[tuple[bool, torch.Tensor]], norm_type: float, expert_group) -> torch.Tensor:
+    """The norm of the concatenation from the norms of its parts: the max for inf, else the p-th root of the
+    sum of p-th powers; the experts' parts summed (inf: maxed) over ``expert_group`` first. On the gradients'
+    device: the group's backend takes tensors there (NCCL: CUDA)."""
+    infinite = math.isinf(norm_type)
+    device = parts[0][1].device if parts else torch.device("cpu")
+    sums = {False: torch.zeros((), device=device), True: torch.zeros((), device=device)}
+    for is_expert, norm in parts:
+        term = norm.detach().float() if infinite else norm.detach().float().pow(norm_type)
+        sums[is_expert] = torch.maximum(sums[is_expert], term) if infinite else sums[is_expert] + term
+    dense, experts = sums[False], sums[True]
+    if expert_group is not None and dist.get_world_size(expert_group) > 1:
+        dist.all_reduce(experts, op=dist.ReduceOp.MAX if infinite else dist.ReduceOp.SUM, group=expert_group)
+    return torch.maximum(dense, experts) if infinite else (dense + experts).pow(1.0 / norm_type)
 
 
 # ---------------------------------------------------------------------------------------------- routing

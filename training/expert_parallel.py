@@ -29,9 +29,9 @@ parameter gathered too. So a checkpoint saved by R ranks loads in one process, a
 by any ``ep_size`` that divides the experts, under either strategy) loads into R ranks, each keeping its own
 rows. Routing record and aux losses are those of the ``routing`` group's whole batch: ``"expert"`` (default:
 one expert-parallel group) or ``"data"`` (all ranks: R processes compute exactly what one process computes on
-their concatenated batch, at the cost of all-gathering the router outputs over all ranks). Not handled yet:
-gradient clipping by norm (Lightning's clips each rank by the norm of its own experts' gradients, so the ranks
-would clip differently; leave ``gradient_clip_val`` unset).
+their concatenated batch, at the cost of all-gathering the router outputs over all ranks). Gradient clipping
+by norm (``gradient_clip_val``) uses the norm of the whole model's gradient, every rank's experts counted once
+(Lightning's own would clip each rank by the norm of its own experts: the ranks would clip differently).
 
 CPU (gloo) and GPU (NCCL) take the same path (``moezoo-train ... --trainer.strategy expert_parallel``; the CLI
 imports this module).
@@ -45,6 +45,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, StrategyRegistry
 from lightning.pytorch.strategies.strategy import Strategy
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -52,7 +53,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from moezoo.kernels.expert_parallel import all_gather_rows, is_expert_parameter, reduce_gradients
+from moezoo.kernels.expert_parallel import all_gather_rows, clip_grad_norm_, is_expert_parameter, reduce_gradients
 from moezoo.zoo.layers import gather_expert_state_dict, routed_blocks
 from moezoo.zoo.layers.moe import MoE
 
@@ -118,6 +119,25 @@ class _ExpertGradientsAndCheckpoints:
     one process's checkpoints (experts gathered whole, FSDP's DTensors made whole; cut back on load)."""
 
     mesh: DeviceMesh | None
+
+    def setup(self, trainer) -> None:
+        self._clip_norms_over_all_experts()
+        super().setup(trainer)
+
+    def _clip_norms_over_all_experts(self) -> None:
+        """Lightning's clipping by norm (``gradient_clip_val``) made expert-aware: the precision plugin's
+        ``clip_grad_by_norm`` takes the norm of the whole model's gradient, every rank's experts included
+        (``moezoo.kernels.expert_parallel.clip_grad_norm_``), not the norm of this rank's experts only, which
+        would clip each rank differently. Only where the plugin clips as Lightning's base ``Precision`` does
+        (a plugin with its own clipping keeps it). Clipping by value is elementwise: the same everywhere."""
+        precision = self.precision_plugin
+        if type(precision).clip_grad_by_norm is not Precision.clip_grad_by_norm:
+            return
+
+        def clip_grad_by_norm(optimizer, clip_val) -> None:
+            clip_grad_norm_(precision.main_params(optimizer), clip_val, expert_group=self.mesh.get_group("expert"))
+
+        precision.clip_grad_by_norm = clip_grad_by_norm  # this plugin instance only
 
     def optimizer_step(self, optimizer, closure: Callable[[], Any], model=None, **kwargs: Any) -> Any:
         """The experts' gradients are reduced right after the closure's backward (the last of an accumulation),

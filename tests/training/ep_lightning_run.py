@@ -1,13 +1,13 @@
 """A tiny MoE model trained by Lightning, for tests/training/test_expert_parallel_training.py.
 
-``python ep_lightning_run.py RANKS STEPS OUT_DIR [--ckpt CKPT] [--strategy ddp|fsdp] [--stall-after N]``: RANKS
+``python ep_lightning_run.py RANKS STEPS OUT_DIR [--ckpt CKPT] [--strategy ddp|fsdp] [--stall-after N] [--clip C]``: RANKS
 1 trains in one process (Lightning's single device), RANKS 2 on two CPU ranks with ``ExpertParallelStrategy``
 (``ddp``) or ``ExpertParallelFSDPStrategy`` (``fsdp``: the module's ``configure_model`` calls
 ``fully_shard_moe``), Lightning's own launcher starting rank 1 by running this script again; STEPS optimizer
 steps of SGD with momentum, a checkpoint every 3 steps into OUT_DIR, resuming from CKPT if given. One process's
 batch is the two ranks' batches together, so every setting trains the same model on the same data.
 ``--stall-after N``: rank 0 writes the step reached to OUT_DIR/progress after every step, and every step after
-step N takes a second more (a run to kill mid-training).
+step N takes a second more (a run to kill mid-training). ``--clip C``: Lightning's gradient clipping by norm at C.
 """
 
 from __future__ import annotations
@@ -83,7 +83,8 @@ class Stall(pl.Callback):
             time.sleep(1.0)
 
 
-def main(ranks: int, steps: int, out_dir: str, ckpt: str | None, strategy: str, stall_after: int | None) -> None:
+def main(ranks: int, steps: int, out_dir: str, ckpt: str | None, strategy: str, stall_after: int | None,
+         clip: float | None) -> None:
     from moezoo.training.expert_parallel import ExpertParallelFSDPStrategy, ExpertParallelStrategy
 
     module = TinyMoEFSDPModule() if strategy == "fsdp" else TinyMoEModule()
@@ -97,7 +98,7 @@ def main(ranks: int, steps: int, out_dir: str, ckpt: str | None, strategy: str, 
         callbacks.append(Stall(out_dir, stall_after))
     trainer = pl.Trainer(accelerator="cpu", devices=ranks, strategy=strategy, max_steps=steps, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
-                         callbacks=callbacks)
+                         callbacks=callbacks, gradient_clip_val=clip)
     trainer.fit(module, data(ranks), ckpt_path=ckpt)
 
 
@@ -109,5 +110,6 @@ if __name__ == "__main__":
     parser.add_argument("--ckpt")
     parser.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp")
     parser.add_argument("--stall-after", type=int)
+    parser.add_argument("--clip", type=float)
     args = parser.parse_args()
-    main(args.ranks, args.steps, args.out_dir, args.ckpt, args.strategy, args.stall_after)
+    main(args.ranks, args.steps, args.out_dir, args.ckpt, args.strategy, args.stall_after, args.clip)

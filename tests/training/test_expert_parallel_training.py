@@ -8,7 +8,8 @@ checkpoint on two ranks, from the two-rank checkpoint in one process; and on two
 step-3 checkpoint until its whole process group is killed (SIGKILL) mid-training, and is resumed from that
 checkpoint. Every run must end with the same weights and optimizer state as the one-process run: the gradient
 reduction (experts over the expert-data-parallel group, the rest by DDP or FSDP2) and the checkpoints (experts
-gathered whole; re-sharded on load, optimizer state too).
+gathered whole; re-sharded on load, optimizer state too). With gradient clipping by norm, both strategies clip
+as one process does: by the norm of the whole model's gradient, every rank's experts included.
 """
 
 from __future__ import annotations
@@ -118,6 +119,17 @@ def runs(tmp_path_factory) -> Path:
     return root
 
 
+CLIP = 0.02  # below every step's gradient norm here: every step is clipped
+
+
+@pytest.fixture(scope="module")
+def clipped_runs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ep_clipping")
+    finish(*(start(ranks, 3, root / name, None, "--clip", str(CLIP), *args) for ranks, name, args in (
+        (1, "one", ()), (2, "two", ()), (2, "fsdp", ("--strategy", "fsdp")))))
+    return root
+
+
 def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -171,3 +183,54 @@ def test_two_rank_checkpoint_loads_in_one_process(runs):
         module = TinyMoEModule()
         module.load_state_dict(load(saved)["state_dict"], strict=True)
         assert module.moe.w_in.shape[0] == module.moe.num_experts, saved
+
+
+def test_clipping_by_norm_counts_every_ranks_experts(clipped_runs, runs):
+    """gradient_clip_val under both strategies: each rank holds half the experts, and the clip coefficient must
+    come from the norm of the whole model's gradient, as one process computes it (each rank clipping by its own
+    experts' norm would scale the ranks' gradients differently and end elsewhere)."""
+    want = load(clipped_runs / "one" / "step=3.ckpt")
+    unclipped = load(runs / "one" / "step=3.ckpt")["state_dict"]
+    moved = {key: (want["state_dict"][key] - unclipped[key]).abs().max().item() for key in unclipped}
+    assert max(moved.values()) > 1e-3, f"clipping at {CLIP} changed nothing: {moved}"
+    assert_same_training(load(clipped_runs / "two" / "step=3.ckpt"), want, 3, "2 ranks, clipped")
+    assert_same_training(load(clipped_runs / "fsdp" / "step=3.ckpt"), want, 3, "2 ranks with FSDP2, clipped")
+
+
+def test_cli_fit_on_two_ranks_with_the_expert_parallel_strategy(tmp_path):
+    """What a user types: ``moezoo-train fit --config training/configs/dit_moe_digits.yaml --trainer.devices 2
+    --trainer.strategy expert_parallel`` (with clipping by norm), a few steps. Its checkpoint holds every expert
+    whole (a one-process DiffusionModule loads it strictly, the EMA copy included) and exports to a zoo model."""
+    from moezoo.training.cli import export_main
+    from moezoo.training.diffusion import DiffusionModule
+    from moezoo.zoo import create_model
+
+    repo = Path(__file__).resolve().parents[2]
+    args = [str(Path(sys.executable).with_name("moezoo-train")), "fit",
+            "--config", str(repo / "training" / "configs" / "dit_moe_digits.yaml"),
+            "--trainer.devices", "2", "--trainer.strategy", "expert_parallel", "--trainer.max_steps", "3",
+            "--trainer.gradient_clip_val", "1.0", "--trainer.num_sanity_val_steps", "0",
+            "--trainer.default_root_dir", str(tmp_path), "--data.init_args.batch_size", "8"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(rendezvous_ports(1)[0])}
+    log = tmp_path / "fit.log"
+    with open(log, "w") as out:
+        run = subprocess.Popen(args, env=env, cwd=tmp_path, start_new_session=True, stdout=out,
+                               stderr=subprocess.STDOUT)
+    try:
+        run.wait(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        if run.poll() is None:
+            kill_group(run)
+    assert run.returncode == 0, f"moezoo-train failed:\n{log.read_text()[-4000:]}"
+
+    ckpt = tmp_path / "dit_moe_digits" / "checkpoints" / "last.ckpt"
+    saved = load(ckpt)
+    assert saved["global_step"] == 3
+    module = DiffusionModule(model="dit_moe_digits")
+    module.load_state_dict(saved["state_dict"], strict=True)  # shapes are one process's: experts gathered
+    export_main([str(ckpt), str(tmp_path / "export")])
+    model = create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True)
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, module.ema.state_dict()[name], rtol=0, atol=0, msg=name)
