@@ -351,7 +351,8 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, norm_ty
     After :func:`reduce_gradients` every rank holds the same dense gradients (DDP) or its shard of them (FSDP2
     DTensors, whose norm torch reduces over their mesh), and the gradients of its own experts, which the other
     ranks of its expert-parallel group do not hold. So the experts' partial norms are summed over
-    ``expert_group`` (None: experts not sharded) and the dense part is counted once, as Megatron does; each rank
+    ``expert_group``, the group they are sharded over (None: the default group, as for ``MoE.shard_experts``;
+    without torch.distributed nothing is sharded), and the dense part is counted once, as Megatron does; each rank
     clipping by the norm of its own experts alone would scale the same model's gradient differently on each
     rank. Returns the total norm (a 0-dim tensor); ``norm_type`` may be ``inf``."""
     params = [p for p in parameters if p.grad is not None]
@@ -395,7 +396,7 @@ def _combine_norms(parts: list[tuple[bool, torch.Tensor]], norm_type: float, exp
         term = norm.detach().float() if infinite else norm.detach().float().pow(norm_type)
         sums[is_expert] = torch.maximum(sums[is_expert], term) if infinite else sums[is_expert] + term
     dense, experts = sums[False], sums[True]
-    if expert_group is not None and dist.get_world_size(expert_group) > 1:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(expert_group) > 1:
         dist.all_reduce(experts, op=dist.ReduceOp.MAX if infinite else dist.ReduceOp.SUM, group=expert_group)
     return torch.maximum(dense, experts) if infinite else (dense + experts).pow(1.0 / norm_type)
 

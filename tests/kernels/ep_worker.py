@@ -19,7 +19,7 @@ torch.set_num_threads(1)  # 2 cores, R processes and other work on the machine
 
 
 def run_case(case: dict, groups: dict) -> dict:
-    from moezoo.kernels.expert_parallel import is_expert_parameter, reduce_gradients
+    from moezoo.kernels.expert_parallel import clip_grad_norm_, is_expert_parameter, reduce_gradients
     from moezoo.zoo.layers import MoE
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -42,7 +42,10 @@ def run_case(case: dict, groups: dict) -> dict:
     loss.backward()
     reduce_gradients(moe.parameters(), expert_data_group=edp_group)
     record = moe.routing
+    # the whole block's gradient norm (max_norm inf: nothing is scaled), as gradient clipping computes it
+    norms = {p: clip_grad_norm_(moe.parameters(), float("inf"), p, expert_group=ep_group) for p in (2.0, float("inf"))}
     return {
+        "norms": norms,
         "y": y.detach(), "x_grad": x.grad, "ep_rank": dist.get_rank(ep_group),
         "grads": {name: p.grad for name, p in moe.named_parameters()},
         "marked": [name for name, p in moe.named_parameters() if is_expert_parameter(p)],

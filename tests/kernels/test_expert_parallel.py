@@ -247,6 +247,9 @@ def test_matches_one_process(parallel_run):
                 assert (grad is None) == (want is None), f"{where}: gradient of {pname}"
                 torch.testing.assert_close(grad, want, **tol, msg=lambda m: f"{where}: gradient of {pname}\n{m}")
             check_record(got["record"], ref["moe"], tol, where)
+            for norm_type, norm in got["norms"].items():  # what clipping by norm scales by: the whole model's
+                want = torch.nn.utils.get_total_norm([g for g in mean_grads.values() if g is not None], norm_type)
+                torch.testing.assert_close(norm, want, **tol, msg=lambda m: f"{where}: {norm_type}-norm\n{m}")
 
 
 def check_record(got: dict, moe: MoE, tol: dict, where: str) -> None:
@@ -319,3 +322,26 @@ def test_checkpoints_gather_and_reshard(parallel_run):
                     experts = local_experts(EXPERTS, got["ep_rank"], case.get("ep_size") or world_size)
                     mine = tensor[experts.start:experts.stop]
                 assert torch.equal(got["reloaded"][key], mine), f"{name}: reloaded {key}"
+
+
+def test_clip_grad_norm_in_one_process_is_torchs():
+    """Without torch.distributed nothing is sharded: the norm and the clipped gradients are
+    torch.nn.utils.clip_grad_norm_'s, for the 2-norm and the inf-norm; a non-finite norm is refused when asked."""
+    from moezoo.kernels.expert_parallel import clip_grad_norm_
+
+    for norm_type in (2.0, float("inf")):
+        ours, theirs = MoE(DIM, HIDDEN, EXPERTS, 2), MoE(DIM, HIDDEN, EXPERTS, 2)
+        theirs.load_state_dict(ours.state_dict())
+        x = torch.randn(3, SEQ, DIM, generator=torch.Generator().manual_seed(2))
+        for moe in (ours, theirs):
+            (moe(x).square().sum() + moe.routing.aux_loss).backward()
+        want = torch.nn.utils.clip_grad_norm_(theirs.parameters(), 0.1, norm_type)
+        got = clip_grad_norm_(ours.parameters(), 0.1, norm_type)
+        tol = fp_tolerance(torch.float32, x[..., 0].numel())
+        torch.testing.assert_close(got, want, **tol)
+        assert want > 0.1  # the gradients were scaled
+        for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, **tol, msg=lambda m: f"{norm_type}-norm, {name}\n{m}")
+    next(ours.parameters()).grad[0] = float("nan")
+    with pytest.raises(RuntimeError, match="not finite"):
+        clip_grad_norm_(ours.parameters(), 0.1, error_if_nonfinite=True)
