@@ -1,13 +1,16 @@
 """A tiny MoE model trained by Lightning, for tests/training/test_expert_parallel_training.py.
 
-``python ep_lightning_run.py RANKS STEPS OUT_DIR [--ckpt CKPT] [--strategy ddp|fsdp] [--stall-after N] [--clip C]``: RANKS
+``python ep_lightning_run.py RANKS STEPS OUT_DIR [--ckpt CKPT] [--strategy ddp|fsdp] [--stall-after N] [--clip C]
+[--ep-size N]``: RANKS
 1 trains in one process (Lightning's single device), RANKS 2 on two CPU ranks with ``ExpertParallelStrategy``
 (``ddp``) or ``ExpertParallelFSDPStrategy`` (``fsdp``: the module's ``configure_model`` calls
 ``fully_shard_moe``), Lightning's own launcher starting rank 1 by running this script again; STEPS optimizer
 steps of SGD with momentum, a checkpoint every 3 steps into OUT_DIR, resuming from CKPT if given. One process's
 batch is the two ranks' batches together, so every setting trains the same model on the same data.
 ``--stall-after N``: rank 0 writes the step reached to OUT_DIR/progress after every step, and every step after
-step N takes a second more (a run to kill mid-training). ``--clip C``: Lightning's gradient clipping by norm at C.
+step N takes a second more (a run to kill mid-training). ``--clip C``: Lightning's gradient clipping by norm at C. RANKS 4 with ``--ep-size 2``:
+a 2 x 2 mesh, experts sharded over pairs of ranks and replicated over the pairs (HSDP under ``fsdp``), each rank
+a quarter of the global batch.
 """
 
 from __future__ import annotations
@@ -51,20 +54,25 @@ def data(ranks: int) -> DataLoader:
     dataset = TensorDataset(x, target)
     if ranks == 1:
         return DataLoader(dataset, batch_size=BATCH_PER_RANK * 2, shuffle=False)
-    # rank r takes the samples r, r + 2, ... in order, so one step of the two ranks sees the samples of one
+    per_rank = BATCH_PER_RANK * 2 // ranks  # the same global batch on 2 or 4 ranks
+    # rank r takes the samples r, r + R, ... in order, so one step of the R ranks sees the samples of one
     # step of one process (Lightning's own sampler shuffles; this one is given to it instead)
     rank = int(os.environ.get("LOCAL_RANK", 0))  # set by Lightning's launcher for the rank it starts
     sampler = DistributedSampler(dataset, num_replicas=ranks, rank=rank, shuffle=False)
-    return DataLoader(dataset, batch_size=BATCH_PER_RANK, sampler=sampler)
+    return DataLoader(dataset, batch_size=per_rank, sampler=sampler)
 
 
 class TinyMoEFSDPModule(TinyMoEModule):
     """The same model, parallelised by itself as Lightning's ModelParallelStrategy asks."""
 
+    def __init__(self, ep_size: int | None = None):
+        super().__init__()
+        self.ep_size = ep_size
+
     def configure_model(self):
         from moezoo.training.expert_parallel import fully_shard_moe
 
-        fully_shard_moe(self, routing="data")
+        fully_shard_moe(self, ep_size=self.ep_size, routing="data")
 
 
 class Stall(pl.Callback):
@@ -84,14 +92,16 @@ class Stall(pl.Callback):
 
 
 def main(ranks: int, steps: int, out_dir: str, ckpt: str | None, strategy: str, stall_after: int | None,
-         clip: float | None) -> None:
+         clip: float | None, ep_size: int | None) -> None:
     from moezoo.training.expert_parallel import ExpertParallelFSDPStrategy, ExpertParallelStrategy
 
-    module = TinyMoEFSDPModule() if strategy == "fsdp" else TinyMoEModule()
+    module = TinyMoEFSDPModule(ep_size) if strategy == "fsdp" else TinyMoEModule()
     if ranks == 1:
         strategy = "auto"
+    elif strategy == "fsdp":
+        strategy = ExpertParallelFSDPStrategy()
     else:
-        strategy = ExpertParallelFSDPStrategy() if strategy == "fsdp" else ExpertParallelStrategy(routing="data")
+        strategy = ExpertParallelStrategy(ep_size=ep_size, routing="data")
     callbacks = [pl.callbacks.ModelCheckpoint(dirpath=out_dir, every_n_train_steps=3, save_top_k=-1,
                                               filename="{step}")]
     if stall_after is not None:
@@ -111,5 +121,6 @@ if __name__ == "__main__":
     parser.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp")
     parser.add_argument("--stall-after", type=int)
     parser.add_argument("--clip", type=float)
+    parser.add_argument("--ep-size", type=int, help="ranks per expert-parallel group (default: all)")
     args = parser.parse_args()
-    main(args.ranks, args.steps, args.out_dir, args.ckpt, args.strategy, args.stall_after, args.clip)
+    main(args.ranks, args.steps, args.out_dir, args.ckpt, args.strategy, args.stall_after, args.clip, args.ep_size)

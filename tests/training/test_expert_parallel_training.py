@@ -125,8 +125,10 @@ CLIP = 0.02  # below every step's gradient norm here: every step is clipped
 @pytest.fixture(scope="module")
 def clipped_runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ep_clipping")
-    finish(*(start(ranks, 3, root / name, None, "--clip", str(CLIP), *args) for ranks, name, args in (
-        (1, "one", ()), (2, "two", ()), (2, "fsdp", ("--strategy", "fsdp")))))
+    for runs in (((1, "one", ()), (2, "two", ()), (2, "fsdp", ("--strategy", "fsdp"))),
+                 # 4 ranks as a 2 x 2 mesh: experts over pairs, the pairs data parallel (FSDP2: HSDP, 2 replicas)
+                 ((4, "ddp_2x2", ("--ep-size", "2")), (4, "fsdp_2x2", ("--strategy", "fsdp", "--ep-size", "2")))):
+        finish(*(start(ranks, 3, root / name, None, "--clip", str(CLIP), *args) for ranks, name, args in runs))
     return root
 
 
@@ -195,6 +197,14 @@ def test_clipping_by_norm_counts_every_ranks_experts(clipped_runs, runs):
     assert max(moved.values()) > 1e-3, f"clipping at {CLIP} changed nothing: {moved}"
     assert_same_training(load(clipped_runs / "two" / "step=3.ckpt"), want, 3, "2 ranks, clipped")
     assert_same_training(load(clipped_runs / "fsdp" / "step=3.ckpt"), want, 3, "2 ranks with FSDP2, clipped")
+
+
+def test_two_by_two_mesh_trains_as_one_process(clipped_runs):
+    """4 ranks, experts sharded over pairs and the pairs data parallel (DDP, and FSDP2 as HSDP with 2 replicas),
+    clipped by norm: one process's 3 steps, and a checkpoint in one process's shapes."""
+    want = load(clipped_runs / "one" / "step=3.ckpt")
+    assert_same_training(load(clipped_runs / "ddp_2x2" / "step=3.ckpt"), want, 3, "2 x 2 mesh, DDP, clipped")
+    assert_same_training(load(clipped_runs / "fsdp_2x2" / "step=3.ckpt"), want, 3, "2 x 2 mesh, FSDP2 (HSDP), clipped")
 
 
 def test_cli_fit_on_two_ranks_with_the_expert_parallel_strategy(tmp_path):
