@@ -478,6 +478,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# moezoo MoE layer benchmark, fp32, CPU  ({time.strftime('%Y-%m-%d %H:%M:%S %Z')})")
     print(f"# CPU: {cpu_model()}, {os.cpu_count()} logical cores; torch threads: {torch.get_num_threads()}")
     print(f"# torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}")
+    from moezoo.kernels import cpu_backend
+
+    print(f"# torch CPU capability {torch.backends.cpu.get_cpu_capability()}: moezoo's expert GEMMs on "
+          f"{'oneDNN' if cpu_backend.ONEDNN_GEMMS else 'torch.mm (MKL)'} (MOEZOO_CPU_GEMM="
+          f"{os.environ.get('MOEZOO_CPU_GEMM', 'auto')})")
     print(f"# load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"# {WARMUPS} warm-ups + median of {args.repeats} runs per cell, one subprocess per (shape, impl)"
           + (f"; {args.rounds} interleaved rounds, median over all their runs" if args.rounds > 1 else "")

@@ -12,6 +12,7 @@ Shape checks are the caller's (``moezoo.kernels.experts.expert_mlp``).
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 import weakref
 
@@ -55,11 +56,33 @@ def _onednn_linear_available() -> bool:
         return False
 
 
-# On x86 CPUs torch's fp32 ``mm`` calls MKL; oneDNN's linear (the kernel torch.compile uses for CPU linears)
-# runs the experts' forward and input-gradient products 1.1-1.2x faster on this AMD EPYC, single-threaded, alone or
-# two at once (``python bench/cpu_gemm.py``). The weight gradients stay on ``mm``: it writes them in place, and
-# there oneDNN is not faster everywhere. Switch off with ``ONEDNN_GEMMS = False`` (tests run both paths).
-ONEDNN_GEMMS = _onednn_linear_available()
+# On x86 CPUs torch's fp32 ``mm`` calls MKL; oneDNN's linear (the kernel torch.compile uses for CPU linears) is
+# the other choice, and which one wins depends on the CPU kind (``python bench/cpu_gemm.py``, the experts'
+# products single-threaded, alone or two at once): with AVX-512 (AMD Zen 4) oneDNN runs the forward and
+# input-gradient products 1.1-1.2x faster; on an AVX2-only CPU (AMD Zen 3) it is slower (0.89x, geometric mean),
+# and ``bench/moe_layer.py`` runs 7-20% faster on MKL. So oneDNN is used where torch's kernels run with AVX-512
+# (``torch.backends.cpu.get_cpu_capability()``, which ``ATEN_CPU_CAPABILITY=avx2`` lowers as on a Zen 3), and
+# ``MOEZOO_CPU_GEMM=mm`` / ``onednn`` overrides the choice. The weight gradients stay on ``mm`` everywhere: it
+# writes them in place, and there oneDNN is not faster. ``ONEDNN_GEMMS`` is the switch (tests run both paths).
+ONEDNN_CAPABILITIES = ("AVX512",)  # the torch CPU capabilities on which oneDNN's fp32 GEMMs were measured faster
+CPU_GEMM_CHOICES = ("auto", "mm", "onednn")
+
+
+def _onednn_gemms_chosen() -> bool:
+    """Whether the experts' fp32 products go to oneDNN on this CPU: ``MOEZOO_CPU_GEMM`` (auto, mm, onednn), auto
+    by the CPU kind; never where this torch has no oneDNN linear."""
+    choice = os.environ.get("MOEZOO_CPU_GEMM", "auto").strip().lower()
+    if choice not in CPU_GEMM_CHOICES:
+        raise ValueError(f"MOEZOO_CPU_GEMM={choice!r} is not one of {', '.join(CPU_GEMM_CHOICES)} (auto: oneDNN on "
+                         f"CPUs with {' / '.join(ONEDNN_CAPABILITIES)}, torch.mm elsewhere)")
+    if not _onednn_linear_available():
+        return False
+    if choice == "auto":
+        return torch.backends.cpu.get_cpu_capability() in ONEDNN_CAPABILITIES
+    return choice == "onednn"
+
+
+ONEDNN_GEMMS = _onednn_gemms_chosen()
 # Below this many multiply-adds a product is mostly call overhead, and oneDNN's (~20 us a call here) is about
 # three times MKL's: at 32 rows x 128 x 128 (DiT-MoE digits' experts at one image) torch.mm is 2-3x faster;
 # from ~2M multiply-adds up oneDNN wins (``python bench/cpu_gemm.py``, small products).

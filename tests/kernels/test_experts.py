@@ -40,7 +40,10 @@ def real_size_paths_for_tiny_shapes(monkeypatch):
     """These tests' products are tiny, which the torch backend hands to torch.mm (``ONEDNN_MIN_MACS``) and,
     without autograd, to padded batched GEMMs (``PADDED_MAX_MACS``); here they take the paths real-size
     products take, so that those are what is tested. ``ONEDNN_GEMMS = False`` tests cover torch.mm, the
-    ``padded`` tests the batched path, and ``test_small_products_*`` the size rules themselves."""
+    ``padded`` tests the batched path, and ``test_small_products_*`` the size rules themselves. oneDNN is on
+    wherever this torch has it, whichever library the CPU kind picks (``test_cpu_gemm_choice_*``), so its paths
+    are tested on every machine."""
+    monkeypatch.setattr(cpu_backend, "ONEDNN_GEMMS", cpu_backend._onednn_linear_available())
     monkeypatch.setattr(cpu_backend, "ONEDNN_MIN_MACS", 0)
     monkeypatch.setattr(cpu_backend, "PADDED_MAX_MACS", 0)
 
@@ -753,7 +756,7 @@ def test_backend_resolution_on_cpu(monkeypatch):
 def test_torch_backend_without_grad_matches_loop(monkeypatch, activation, gated, bias, capacity, onednn):
     """Inputs that need no grad (and under torch.no_grad) take the forward-only path (with oneDNN: the
     activation fused into the GEMM): same values."""
-    monkeypatch.setattr(cpu_backend, "ONEDNN_GEMMS", onednn and cpu_backend.ONEDNN_GEMMS)
+    monkeypatch.setattr(cpu_backend, "ONEDNN_GEMMS", onednn and cpu_backend._onednn_linear_available())
     case = make_case(13, 3, 5, gated=gated, bias=bias, seed=16)
     case["ids"][2, 0] = -1
     case["ids"][4, 2] = 7
@@ -1088,3 +1091,22 @@ def test_mismatched_output_bias_is_refused():
     with pytest.raises(ValueError, match=r"b_out must be \[E, D_out\] = \(2, 6\)"):
         expert_mlp(case["x"], case["weights"], build_plan(case["ids"], 2), case["w_in"], case["w_out"],
                    b_out_ED=torch.zeros(2, 8), backend="torch")
+
+
+@pytest.mark.parametrize("capability, setting, want", [
+    ("AVX512", "auto", True), ("AVX2", "auto", False), ("DEFAULT", "auto", False),
+    ("AVX2", "onednn", True), ("AVX512", "mm", False), ("AVX512", " MM ", False)])
+def test_cpu_gemm_choice_follows_the_cpu_kind(monkeypatch, capability, setting, want):
+    """oneDNN for the experts' products where torch's kernels run with AVX-512 (measured faster there, slower on
+    AVX2-only CPUs: bench/cpu_gemm.py), unless MOEZOO_CPU_GEMM says otherwise; never without oneDNN's linear."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setenv("MOEZOO_CPU_GEMM", setting)
+    assert cpu_backend._onednn_gemms_chosen() == (want and cpu_backend._onednn_linear_available())
+    monkeypatch.setattr(cpu_backend, "_onednn_linear_available", lambda: False)
+    assert not cpu_backend._onednn_gemms_chosen()
+
+
+def test_cpu_gemm_choice_refuses_unknown_settings(monkeypatch):
+    monkeypatch.setenv("MOEZOO_CPU_GEMM", "mkl")
+    with pytest.raises(ValueError, match=r"MOEZOO_CPU_GEMM='mkl' is not one of auto, mm, onednn"):
+        cpu_backend._onednn_gemms_chosen()

@@ -803,7 +803,11 @@ def test_unfrozen_layer_sees_a_data_edit():
 
 
 @torch.no_grad()
-def test_frozen_layer_computes_the_same_and_drops_stale_copies():
+def test_frozen_layer_computes_the_same_and_drops_stale_copies(monkeypatch):
+    from moezoo.kernels import cpu_backend
+
+    # packing is oneDNN's: on wherever this torch has it, whichever GEMM library the CPU kind picks by default
+    monkeypatch.setattr(cpu_backend, "ONEDNN_GEMMS", cpu_backend._onednn_linear_available())
     moe = make_moe(256, 512, 8, 2).eval()
     x = inputs(128, 256)
     plain = moe(x)
