@@ -418,9 +418,11 @@ def test_none_means_the_pipelines_default(digits_pipe):
 # ----------------------------------------------------------------------------------------------- freezing, VAE
 
 
-def test_pipeline_freezes_its_models_and_refreezes_after_to():
-    from moezoo.kernels import pack_expert_weights
+def test_pipeline_freezes_its_models_and_refreezes_after_to(monkeypatch):
+    from moezoo.kernels import cpu_backend, pack_expert_weights
 
+    # packing is oneDNN's: on wherever this torch has it, whichever GEMM library the CPU kind picks by default
+    monkeypatch.setattr(cpu_backend, "ONEDNN_GEMMS", cpu_backend._onednn_linear_available())
     model = randomise(create_model("dit_moe_digits", **TINY))
     if pack_expert_weights(model.blocks[0].moe.w_in, model.blocks[0].moe.w_out) is None:
         pytest.skip("no oneDNN packing in this torch build")
