@@ -264,10 +264,16 @@ class _Buffers:
 # expert on a cut is split between two streams). Each stream adds into its own output, and the outputs are
 # summed in a fixed order, so results are still deterministic. Measured (bench/moe_layer.py, 2 threads, MKL
 # GEMMs): E=64 fwd+bwd 1.21x -> 1.02x of dense; with whole experts per stream E=8 lost (halves of 4 experts
-# balanced poorly), with even row cuts it is level or better. The backward always streams; the forward does
-# only without oneDNN, whose own threading of each GEMM is faster there (see ``_forward_groups``).
+# balanced poorly), with even row cuts it is level or better. The backward streams; the forward does only
+# without oneDNN, whose own threading of each GEMM is faster there (see ``_forward_groups``). Both only on the
+# CPU kinds where streams were measured to pay (``PARALLEL_STREAMS``).
 
 MIN_STREAM_FLOPS = 2e8  # below this a call is too small to be worth handing to worker threads
+# Streams were measured to pay on an AVX-512 CPU (Zen 4, above). On an AVX2-only one (Zen 3), where the GEMMs run
+# on MKL, whole experts with MKL threading each GEMM were as fast or faster, forward and backward (2 threads,
+# interleaved: a digits-sized layer, 4096 tokens of width 128, fwd+bwd 76 vs 89 ms; DiT-MoE-S 531 vs 567 ms;
+# E64 level), so there the walk does not stream. By CPU kind, as the GEMM library (``ONEDNN_CAPABILITIES``).
+PARALLEL_STREAMS = torch.backends.cpu.get_cpu_capability() in ONEDNN_CAPABILITIES
 _stream_pool = None  # (ThreadPoolExecutor, its worker count)
 
 
@@ -307,11 +313,12 @@ def _stream_groups(counts: list[list[int]], flops_per_row: list[float], device: 
     """Every table's sorted rows (``counts[t]``: its rows per expert) cut into one contiguous range of equal
     length per CPU thread ("stream"), each stream as the (table, expert, row slice) pieces it covers: an expert
     on a cut is split between two streams. Equal cuts of every table give every stream the same work. One
-    group (no streams) when torch has one thread or the call is smaller than ``MIN_STREAM_FLOPS``."""
+    group (no streams) when torch has one thread, the call is smaller than ``MIN_STREAM_FLOPS`` or streams do not
+    pay on this CPU kind (``PARALLEL_STREAMS``)."""
     slices = [list(expert_slices(table_counts)) for table_counts in counts]
     threads = torch.get_num_threads() if device.type == "cpu" else 1
     flops = sum(sum(table_counts) * f for table_counts, f in zip(counts, flops_per_row))
-    if threads < 2 or flops < MIN_STREAM_FLOPS:
+    if threads < 2 or flops < MIN_STREAM_FLOPS or not PARALLEL_STREAMS:
         return _one_group(counts)
     groups = [[] for _ in range(threads)]
     for t, (table, table_counts) in enumerate(zip(slices, counts)):

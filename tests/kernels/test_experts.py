@@ -245,8 +245,10 @@ def test_deterministic_bitwise(backend):
 
 @pytest.fixture
 def expert_streams(monkeypatch):
-    """The torch backend's parallel expert streams switched on for tiny inputs (2 threads, no size floor)."""
+    """The torch backend's parallel expert streams switched on for tiny inputs (2 threads, no size floor), on
+    every CPU kind."""
     monkeypatch.setattr(cpu_backend, "MIN_STREAM_FLOPS", 0)
+    monkeypatch.setattr(cpu_backend, "PARALLEL_STREAMS", True)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     yield cpu_backend
@@ -1110,3 +1112,12 @@ def test_cpu_gemm_choice_refuses_unknown_settings(monkeypatch):
     monkeypatch.setenv("MOEZOO_CPU_GEMM", "mkl")
     with pytest.raises(ValueError, match=r"MOEZOO_CPU_GEMM='mkl' is not one of auto, mm, onednn"):
         cpu_backend._onednn_gemms_chosen()
+
+
+def test_streams_only_on_cpu_kinds_where_they_pay(monkeypatch, expert_streams):
+    """Without PARALLEL_STREAMS (AVX2-only CPUs: whole experts on MKL's own threads were as fast or faster) the
+    walk is one group of whole experts, forward and backward, whatever the size and thread count."""
+    counts, flops = [[40, 0, 25, 60]], [1e9]
+    assert len(expert_streams._stream_groups(counts, flops, torch.device("cpu"))) == 2
+    monkeypatch.setattr(expert_streams, "PARALLEL_STREAMS", False)
+    assert expert_streams._stream_groups(counts, flops, torch.device("cpu")) == expert_streams._one_group(counts)
