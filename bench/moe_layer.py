@@ -91,7 +91,7 @@ import time
 import torch
 import torch.nn as nn
 
-from moezoo.kernels import expert_mlp, pack_expert_weights
+from moezoo.kernels import cpu_backend, expert_mlp, pack_expert_weights
 from moezoo.kernels.plan import build_plan
 from moezoo.zoo.layers import GatedMLP
 
@@ -478,8 +478,6 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# moezoo MoE layer benchmark, fp32, CPU  ({time.strftime('%Y-%m-%d %H:%M:%S %Z')})")
     print(f"# CPU: {cpu_model()}, {os.cpu_count()} logical cores; torch threads: {torch.get_num_threads()}")
     print(f"# torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}")
-    from moezoo.kernels import cpu_backend
-
     print(f"# torch CPU capability {torch.backends.cpu.get_cpu_capability()}: moezoo's expert GEMMs on "
           f"{'oneDNN' if cpu_backend.ONEDNN_GEMMS else 'torch.mm (MKL)'} (MOEZOO_CPU_GEMM="
           f"{os.environ.get('MOEZOO_CPU_GEMM', 'auto')})")

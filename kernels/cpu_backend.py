@@ -68,6 +68,11 @@ ONEDNN_CAPABILITIES = ("AVX512",)  # the torch CPU capabilities on which oneDNN'
 CPU_GEMM_CHOICES = ("auto", "mm", "onednn")
 
 
+def _onednn_cpu_kind() -> bool:
+    """Whether this CPU is of a kind where oneDNN's GEMMs (and the parallel streams) were measured to pay."""
+    return torch.backends.cpu.get_cpu_capability() in ONEDNN_CAPABILITIES
+
+
 def _onednn_gemms_chosen() -> bool:
     """Whether the experts' fp32 products go to oneDNN on this CPU: ``MOEZOO_CPU_GEMM`` (auto, mm, onednn), auto
     by the CPU kind; never where this torch has no oneDNN linear."""
@@ -78,7 +83,7 @@ def _onednn_gemms_chosen() -> bool:
     if not _onednn_linear_available():
         return False
     if choice == "auto":
-        return torch.backends.cpu.get_cpu_capability() in ONEDNN_CAPABILITIES
+        return _onednn_cpu_kind()
     return choice == "onednn"
 
 
@@ -271,9 +276,9 @@ class _Buffers:
 MIN_STREAM_FLOPS = 2e8  # below this a call is too small to be worth handing to worker threads
 # Streams were measured to pay on an AVX-512 CPU (Zen 4, above). On an AVX2-only one (Zen 3), where the GEMMs run
 # on MKL, whole experts with MKL threading each GEMM were as fast or faster, forward and backward (2 threads,
-# interleaved: a digits-sized layer, 4096 tokens of width 128, fwd+bwd 76 vs 89 ms; DiT-MoE-S 531 vs 567 ms;
+# interleaved: a digits-sized layer, 4096 tokens of width 128, fwd+bwd 53 vs 82 ms; DiT-MoE-S 531 vs 567 ms;
 # E64 level), so there the walk does not stream. By CPU kind, as the GEMM library (``ONEDNN_CAPABILITIES``).
-PARALLEL_STREAMS = torch.backends.cpu.get_cpu_capability() in ONEDNN_CAPABILITIES
+PARALLEL_STREAMS = _onednn_cpu_kind()
 _stream_pool = None  # (ThreadPoolExecutor, its worker count)
 
 

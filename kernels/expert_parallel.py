@@ -357,15 +357,12 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, norm_ty
     rank. Returns the total norm (a 0-dim tensor); ``norm_type`` may be ``inf``."""
     params = [p for p in parameters if p.grad is not None]
     norm_type = float(norm_type)
-    parts = []  # each part's norm; the experts' is global once reduced over their group
+    parts = []  # (is expert, norm) per part; the experts' is global once reduced over their group
     for is_expert in (False, True):
         grads = [p.grad for p in params if is_expert_parameter(p) == is_expert]
-        for kind in (False, True):  # plain tensors and DTensors: torch takes one kind per call
-            chosen = [g for g in grads if _is_dtensor(g) == kind]
-            if not chosen:
-                continue
+        for chosen in _plain_and_dtensors(grads):  # torch takes one kind per call
             norm = torch.nn.utils.get_total_norm(chosen, norm_type)
-            parts.append((is_expert, norm.full_tensor() if kind else norm))
+            parts.append((is_expert, norm.full_tensor() if isinstance(norm, DTensor) else norm))
     total = _combine_norms(parts, norm_type, expert_group)
     if error_if_nonfinite and not torch.isfinite(total):
         raise RuntimeError(f"the total norm of order {norm_type} of the gradients is {total.item()}: "
@@ -373,16 +370,16 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, norm_ty
     # a Python float: it scales plain and DTensor gradients alike
     scale = min(1.0, float(max_norm) / (total.item() + 1e-6))
     if scale < 1.0:
-        grads = [p.grad for p in params]
-        for kind in (False, True):
-            chosen = [g for g in grads if _is_dtensor(g) == kind]
-            if chosen:
-                torch._foreach_mul_(chosen, scale)
+        for chosen in _plain_and_dtensors([p.grad for p in params]):
+            torch._foreach_mul_(chosen, scale)
     return total
 
 
-def _is_dtensor(tensor: torch.Tensor) -> bool:
-    return isinstance(tensor, DTensor)
+def _plain_and_dtensors(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """The plain tensors and the DTensors among ``tensors``, each a list, the empty ones left out."""
+    dtensors = [t for t in tensors if isinstance(t, DTensor)]
+    plain = [t for t in tensors if not isinstance(t, DTensor)]
+    return [kind for kind in (plain, dtensors) if kind]
 
 
 def _combine_norms(parts: list[tuple[bool, torch.Tensor]], norm_type: float, expert_group) -> torch.Tensor:
