@@ -3,17 +3,23 @@
 The three models (``mofme_weather``, ``mofme_conventional_weather``, ``mofme_dense_weather``; see
 ``zoo/models/mofme.py``) differ only in the FFN of their transformer layers and share everything else:
 the network around it, the uncertainty router (both MoE kinds), the data, the steps, the seed. Each is
-trained by its config ``training/configs/<name>.yaml`` (1000 steps of 16 crops 64x64 from the 12 training
-photos, one weather kind per crop) and exported to ``runs/<name>/export``.
+trained by its config ``training/configs/<name>.yaml`` (up to 4000 steps of 16 crops 64x64 from the 17
+training photos of ``moezoo.training.datasets.photos``, one weather kind per crop, stopped early on the 2
+"val" photos, the best validation's weights exported) and exported to ``runs/<name>/export``.
 
 What is measured
 ----------------
-Quality: every held-out photograph (chelsea, coffee, camera — whole photos, never seen in training) with each
-weather kind, ``--seeds`` different weather draws per photo, restored by ``DeweatherPipeline`` (tiles of 256
-with 32 px overlap, the pipeline's default for mofme_weather; ``--tile-size 64 --tile-overlap 16`` tiles at
-the training crop size, which scores about 2.4 dB lower for every model: a 64 px tile of clean bright sky
-looks like haze); PSNR and SSIM (torchmetrics, data range 1) per image against the clean photo, averaged
-per weather kind. The "input" row scores the degraded photos themselves.
+Quality, twice: every held-out test photograph (chelsea, coffee, camera — whole photos, never trained on and
+never used to choose anything) with each weather kind, ``--seeds`` different weather draws per photo,
+
+- drawn by the training renderer (``moezoo.training.datasets.weather``, new draws on new photos), and
+- drawn by a second renderer that training never imports (``bench/unseen_weather.py``: other methods for
+  every kind, see its docstring): does the model generalise past its own renderer?
+
+restored by ``DeweatherPipeline`` (tiles of 256 with 32 px overlap, the pipeline's default for mofme_weather;
+``--tile-size 64 --tile-overlap 16`` tiles at the training crop size); PSNR and SSIM (torchmetrics, data
+range 1) per image against the clean photo, averaged per weather kind. The "input" row scores the degraded
+photos themselves; "gain" is a model's mean PSNR minus the input's.
 
 Parameters: all parameters of the model.
 
@@ -25,7 +31,7 @@ what the model costs. The timing-only rows time untrained models of other (E, k)
 Usage::
 
     python bench/mofme_compare.py                  # evaluates runs/<name>/export, training what is missing
-    python bench/mofme_compare.py --train          # (re)train all three first (5-16 min each on one core)
+    python bench/mofme_compare.py --train          # (re)train all three first (25-65 min each on one core)
     python bench/mofme_compare.py --json out.json --timing-k 2 4 --tile-size 64 --tile-overlap 16
 """
 
@@ -43,6 +49,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 from moezoo.pipelines.deweather import DeweatherPipeline
 from moezoo.training.datasets.weather import WEATHER_TYPES, weather_test_set
 from moezoo.zoo import create_model
+from unseen_weather import unseen_weather_test_set  # bench/ is this script's folder
 
 MODELS = ("mofme_weather", "mofme_conventional_weather", "mofme_dense_weather")
 LABELS = {"mofme_weather": "MoFME", "mofme_conventional_weather": "conventional MoE", "mofme_dense_weather": "dense"}
@@ -112,7 +119,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", default=str(ROOT / "runs"), help="folder with <name>/export of each model")
     parser.add_argument("--train", action="store_true", help="retrain all three models first")
-    parser.add_argument("--seeds", type=int, default=2, help="weather draws per held-out photo")
+    parser.add_argument("--seeds", type=int, default=4, help="weather draws per held-out photo")
     parser.add_argument("--tile-size", type=int, default=256, help="pipeline tile side for the quality scores")
     parser.add_argument("--tile-overlap", type=int, default=32)
     parser.add_argument("--timing-tile", type=int, default=64, help="side of the 16 tiles of the timed batch")
@@ -124,13 +131,16 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
 
     models = {name: load(name, Path(args.runs), args.train) for name in MODELS}
-    test_sets = {w: [item for seed in range(args.seeds) for item in weather_test_set(w, seed)] for w in WEATHER_TYPES}
-    quality = {"input": evaluate(None, test_sets, args.tile_size, args.tile_overlap)}
-    for name, model in models.items():
-        pipe = DeweatherPipeline(model)
-        pipe.set_progress_bar_config(disable=True)
-        print(f"evaluating {name} ...", flush=True)
-        quality[name] = evaluate(pipe, test_sets, args.tile_size, args.tile_overlap)
+    renderers = {"training renderer": weather_test_set, "unseen renderer": unseen_weather_test_set}
+    quality = {}
+    for renderer, test_set in renderers.items():
+        test_sets = {w: [item for seed in range(args.seeds) for item in test_set(w, seed)] for w in WEATHER_TYPES}
+        quality[renderer] = {"input": evaluate(None, test_sets, args.tile_size, args.tile_overlap)}
+        for name, model in models.items():
+            pipe = DeweatherPipeline(model)
+            pipe.set_progress_bar_config(disable=True)
+            print(f"evaluating {name} on weather of the {renderer} ...", flush=True)
+            quality[renderer][name] = evaluate(pipe, test_sets, args.tile_size, args.tile_overlap)
 
     timed = dict(models)
     for k in args.timing_k:
@@ -142,35 +152,39 @@ def main(argv=None) -> None:
     params = {name: model.num_parameters() for name, model in timed.items()}
 
     E, k = models["mofme_weather"].config.num_experts, models["mofme_weather"].config.top_k
-    n_photos = len(next(iter(test_sets.values())))
-    print(f"\nHeld-out photos x {args.seeds} weather draws = {n_photos} images per kind; PSNR (dB) / SSIM; "
-          f"E={E}, k={k}; tiles {args.tile_size}/{args.tile_overlap}; time = fastest of {args.rounds}x{args.calls} "
-          f"calls, 16 tiles {args.timing_tile}x{args.timing_tile}, 1 thread.\n")
-    header = "| model | " + " | ".join(WEATHER_TYPES) + " | mean PSNR | params | ms / tile |"
-    print(header)
-    print("|" + "---|" * (header.count("|") - 1))
+    n_photos = len(weather_test_set(WEATHER_TYPES[0])) * args.seeds
     conv = "mofme_conventional_weather"
-    for name in ("input", *MODELS):
-        q = quality[name]
-        mean_psnr = np.mean([q[w][0] for w in WEATHER_TYPES])
-        row = [LABELS.get(name, "degraded input"), *[cell(q[w]) for w in WEATHER_TYPES], f"{mean_psnr:.2f}"]
-        if name == "input":
-            row += ["", ""]
-        else:
-            row += [f"{params[name] / 1e6:.3f} M", f"{ms[name]:.2f}"]
-            if name != conv:  # relative to the conventional MoE, the paper's reference point
-                row[-2] += f" ({params[name] / params[conv] - 1:+.0%})"
-                row[-1] += f" ({ms[name] / ms[conv] - 1:+.0%})"
-        print("| " + " | ".join(row) + " |")
+    mean_psnr = {r: {name: float(np.mean([q[w][0] for w in WEATHER_TYPES])) for name, q in quality[r].items()}
+                 for r in quality}
+    for renderer, scores in quality.items():
+        print(f"\nWeather of the {renderer}: held-out photos x {args.seeds} draws = {n_photos} images per kind; "
+              f"PSNR (dB) / SSIM; E={E}, k={k}; tiles {args.tile_size}/{args.tile_overlap}; time = fastest of "
+              f"{args.rounds}x{args.calls} calls, 16 tiles {args.timing_tile}x{args.timing_tile}, 1 thread.\n")
+        header = "| model | " + " | ".join(WEATHER_TYPES) + " | mean PSNR | gain | params | ms / tile |"
+        print(header)
+        print("|" + "---|" * (header.count("|") - 1))
+        for name in ("input", *MODELS):
+            q, mean = scores[name], mean_psnr[renderer][name]
+            row = [LABELS.get(name, "degraded input"), *[cell(q[w]) for w in WEATHER_TYPES], f"{mean:.2f}"]
+            if name == "input":
+                row += ["", "", ""]
+            else:
+                row += [f"{mean - mean_psnr[renderer]['input']:+.2f}", f"{params[name] / 1e6:.3f} M", f"{ms[name]:.2f}"]
+                if name != conv:  # relative to the conventional MoE, the paper's reference point
+                    row[-2] += f" ({params[name] / params[conv] - 1:+.0%})"
+                    row[-1] += f" ({ms[name] / ms[conv] - 1:+.0%})"
+            print("| " + " | ".join(row) + " |")
     extra = [n for n in timed if "@" in n]
     if extra:
         print("\nTiming only (untrained, same code):\n\n| model | params | ms / tile |\n|---|---|---|")
         for name in extra:
             print(f"| {name} | {params[name] / 1e6:.3f} M | {ms[name]:.2f} |")
-    fme, conv_q = quality["mofme_weather"], quality[conv]
-    gap = np.mean([fme[w][0] for w in WEATHER_TYPES]) - np.mean([conv_q[w][0] for w in WEATHER_TYPES])
     print(f"\nMoFME vs conventional MoE: {1 - params['mofme_weather'] / params[conv]:.1%} fewer parameters, "
-          f"{1 - ms['mofme_weather'] / ms[conv]:.1%} less time per tile, mean PSNR {gap:+.2f} dB.")
+          f"{1 - ms['mofme_weather'] / ms[conv]:.1%} less time per tile.")
+    for renderer, mean in mean_psnr.items():
+        gains = ", ".join(f"{LABELS[n]} {mean[n] - mean['input']:+.2f} dB" for n in MODELS)
+        print(f"{renderer}: mean PSNR gain over the input {gains}; MoFME - conventional "
+              f"{mean['mofme_weather'] - mean[conv]:+.2f} dB")
     if args.json:
         Path(args.json).write_text(json.dumps({"quality": quality, "params": params, "ms_per_tile": ms}, indent=2))
 

@@ -1,4 +1,5 @@
-"""Callbacks: training progress as plain lines, and a sample grid saved while a diffusion model trains."""
+"""Callbacks: training progress as plain lines, a sample grid saved while a diffusion model trains, and the
+weights of the best validation kept for the end of fit."""
 
 from __future__ import annotations
 
@@ -98,6 +99,59 @@ class ProgressLog(ProgressBar):
     @staticmethod
     def _clock(seconds: float) -> str:
         return str(datetime.timedelta(seconds=round(seconds)))
+
+
+class BestWeights(pl.Callback):
+    """Keeps a copy of the module's weights (all of its state, EMA included) at its best validation score and
+    puts them back when fitting ends, before the module's own ``on_fit_end`` exports them.
+
+    Early stopping's partner: Lightning's ``EarlyStopping`` ends a run some validations after the best one, and
+    a cosine schedule's last steps may also be worse than an earlier point; with this callback what is exported
+    is what validated best, not what came after. The copy travels in checkpoints (``state_dict``), so a resumed
+    run still knows its best. It costs one copy of the weights in memory and in each checkpoint.
+
+    Args:
+        monitor: the logged metric to follow, e.g. "val/psnr".
+        mode: "max" (higher is better) or "min".
+    """
+
+    def __init__(self, monitor: str = "val/psnr", mode: str = "max"):
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+        self.monitor, self.mode = monitor, mode
+        self.best_score: float | None = None
+        self.best_step: int | None = None
+        self.weights: dict[str, torch.Tensor] | None = None
+
+    def _better(self, score: float) -> bool:
+        if self.best_score is None:
+            return True
+        return score > self.best_score if self.mode == "max" else score < self.best_score
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        if self.monitor not in trainer.callback_metrics:
+            raise KeyError(f"BestWeights follows {self.monitor!r}, which the module did not log; logged: "
+                           f"{', '.join(sorted(trainer.callback_metrics)) or 'nothing'}")
+        score = float(trainer.callback_metrics[self.monitor])
+        if math.isfinite(score) and self._better(score):
+            self.best_score, self.best_step = score, trainer.global_step
+            self.weights = {name: value.detach().to("cpu", copy=True) for name, value in pl_module.state_dict().items()}
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module) -> None:
+        if self.weights is None:
+            return
+        pl_module.load_state_dict(self.weights)
+        if trainer.is_global_zero:
+            print(f"restored the weights of step {self.best_step}, the best {self.monitor} ({self.best_score:.4f})")
+
+    def state_dict(self) -> dict:
+        return {"best_score": self.best_score, "best_step": self.best_step, "weights": self.weights}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.best_score, self.best_step = state_dict["best_score"], state_dict["best_step"]
+        self.weights = state_dict["weights"]
 
 
 class SampleGrid(pl.Callback):

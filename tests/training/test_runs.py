@@ -1,4 +1,5 @@
 """One resumable folder per run: when RunCheckpoint saves, what RunLogger keeps on resume, the progress lines,
+the best validation's weights kept for the end (BestWeights, with and without early stopping),
 --trainer.default_root_dir, the shipped configs and their headers, and real kills: SIGKILL then resume, SIGTERM
 then resume, in subprocesses running moezoo-train on a tiny model."""
 
@@ -14,10 +15,12 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
+import torch
 import yaml
+from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from moezoo.training.callbacks import ProgressLog
+from moezoo.training.callbacks import BestWeights, ProgressLog
 from moezoo.training.checkpoints import load_checkpoint
 from moezoo.training.cli import main
 from moezoo.training.runs import RunCheckpoint, RunLogger
@@ -92,6 +95,66 @@ def test_progress_log_prints_steps_and_validations_as_lines(tmp_path, capsys):
     assert all(re.search(r"\d+\.\d\d it/s  elapsed \d+:\d\d:\d\d  left \d+:\d\d:\d\d$", line) for line in train)
     assert "step 4/6  epoch 0  (validation)" in lines  # the validation closing epoch 0 (4 batches)
     assert lines[0] == "training from step 0 to step 6" and lines[-1].startswith("training done at step 6")
+
+
+class ScriptedScores(BoringModel):
+    """Logs the next of ``scores`` as "val/score" at each validation and keeps a copy of its weights there."""
+
+    def __init__(self, scores):
+        super().__init__()
+        self.scores, self.weights_at_validation = list(scores), []
+
+    def on_validation_epoch_end(self):
+        if not self.trainer.sanity_checking:
+            self.log("val/score", self.scores[len(self.weights_at_validation)])
+            self.weights_at_validation.append({k: v.clone() for k, v in self.state_dict().items()})
+
+
+def assert_same_weights(got: dict, expected: dict) -> None:
+    assert got.keys() == expected.keys()
+    for name in got:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode, best", [("max", 1), ("min", 3)])
+def test_best_weights_puts_back_the_best_validation_at_the_end(tmp_path, mode, best):
+    model = ScriptedScores([1.0, 3.0, 2.0, 0.5])
+    keep = BestWeights(monitor="val/score", mode=mode)
+    trainer = boring_trainer(tmp_path, [keep, RunCheckpoint(0)], max_steps=8, limit_train_batches=2,
+                             limit_val_batches=1, num_sanity_val_steps=0)
+    trainer.fit(model)
+    assert len(model.weights_at_validation) == 4
+    assert not torch.equal(model.weights_at_validation[1]["layer.weight"], model.weights_at_validation[3]["layer.weight"])
+    assert_same_weights(model.state_dict(), model.weights_at_validation[best])
+    assert keep.best_step == 2 * (best + 1) and keep.best_score == model.scores[best]
+    # last.ckpt (saved before fit ends) has the last weights and carries the best ones for a resumed run
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert_same_weights(ckpt["state_dict"], model.weights_at_validation[3])
+    state = next(v for k, v in ckpt["callbacks"].items() if k.startswith("BestWeights"))
+    assert state["best_step"] == keep.best_step
+    assert_same_weights(state["weights"], model.weights_at_validation[best])
+    resumed = BestWeights(monitor="val/score", mode=mode)
+    resumed.load_state_dict(state)
+    assert resumed.best_score == keep.best_score
+
+
+def test_best_weights_with_early_stopping_exports_the_best_not_the_last(tmp_path):
+    model = ScriptedScores([1.0, 3.0, 2.0, 2.5, 2.9, 4.0])
+    trainer = boring_trainer(tmp_path, [EarlyStopping("val/score", mode="max", patience=3),
+                                        BestWeights("val/score", mode="max")],
+                             max_steps=12, limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=0)
+    trainer.fit(model)
+    assert len(model.weights_at_validation) == 5  # stopped 3 validations after the best, before the 4.0
+    assert_same_weights(model.state_dict(), model.weights_at_validation[1])
+
+
+def test_best_weights_refuses_bad_settings(tmp_path):
+    with pytest.raises(ValueError, match="'max' or 'min'"):
+        BestWeights(mode="highest")
+    trainer = boring_trainer(tmp_path, [BestWeights(monitor="val/psnr")], max_steps=2, limit_train_batches=2,
+                             limit_val_batches=1, num_sanity_val_steps=0)
+    with pytest.raises(KeyError, match="'val/psnr', which the module did not log; logged: val/score"):
+        trainer.fit(ScriptedScores([1.0]))
 
 
 def test_default_root_dir_moves_logs_checkpoints_and_export(tmp_path, monkeypatch, capsys):

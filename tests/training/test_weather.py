@@ -1,20 +1,36 @@
-"""Synthetic weather, the photo-split datasets and the paired-folder DataModule."""
+"""Synthetic weather (the training renderer's variety, and the benchmark's second renderer that training never
+imports), the packaged photographs and their splits, the photo-split datasets and the paired-folder DataModule."""
+
+import importlib.util
+import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy import ndimage
 
 from moezoo.training.datamodules.weather import PairedFolderDataModule, SyntheticWeatherDataModule
-from moezoo.training.datasets.photos import TEST_PHOTOS, TRAIN_PHOTOS, load_photo
+from moezoo.training.datasets.photos import PHOTO_NAMES, TEST_PHOTOS, TRAIN_PHOTOS, VAL_PHOTOS, load_photo, photos
 from moezoo.training.datasets.weather import (
     WEATHER_TYPES,
     SyntheticWeatherDataset,
     add_haze,
+    add_raindrops,
     add_rain_streaks,
     add_weather,
     weather_test_set,
 )
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_bench_module(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def clean_crop(size=48):
@@ -55,6 +71,45 @@ def test_haze_follows_the_scattering_model():
     assert np.allclose(airlight, airlight.mean(0), atol=1e-3)  # one airlight colour
 
 
+def streak_angle(clean: np.ndarray, rainy: np.ndarray) -> float:
+    """The streaks' direction in degrees from vertical (rows pointing down, so the sign is the mirror of the
+    renderer's wind), from the structure tensor of the added light: a line's gradients are across it."""
+    layer = (rainy - clean).mean(-1)
+    gy, gx = np.gradient(layer)
+    jxx, jyy, jxy = (gx * gx).sum(), (gy * gy).sum(), (gx * gy).sum()
+    across = 0.5 * math.degrees(math.atan2(2 * jxy, jxx - jyy))  # from the x axis, of the gradients
+    return (across + 90) % 180 - 90 if abs(across) < 90 else across  # along = across rotated by 90 degrees
+
+
+def test_rain_streaks_vary_in_direction_and_amount_between_images():
+    clean = np.full((96, 96, 3), 0.3, np.float32)
+    rainy = [add_rain_streaks(clean, np.random.default_rng(seed)) for seed in range(12)]
+    angles = [streak_angle(clean, r) for r in rainy]
+    assert max(angles) - min(angles) > 25  # the wind is drawn per image (-30..30 degrees)
+    covered = [float(((r - clean).mean(-1) > 0.05).mean()) for r in rainy]
+    assert max(covered) > 3 * min(covered)  # layers, densities and lengths drawn per image
+
+
+def test_raindrops_come_in_several_sizes():
+    clean = np.full((160, 160, 3), 0.3, np.float32)
+    drops = add_raindrops(clean, np.random.default_rng(1))
+    labels, count = ndimage.label(np.abs(drops - clean).max(-1) > 0.02)
+    areas = np.bincount(labels.ravel())[1:]
+    assert count > 20 and areas.max() > 15 * np.median(areas)  # many small drops, a few large ones
+
+
+def test_haze_depth_varies_across_the_image_and_rises_up_the_frame():
+    # With two flat scenes J1, J2 the scattering model gives t exactly at every pixel: t = (I1 - I2) / (J1 - J2).
+    dark, light = np.full((64, 48, 3), 0.2, np.float32), np.full((64, 48, 3), 0.8, np.float32)
+    tops, bottoms, spreads = [], [], []
+    for seed in range(16):
+        t = (add_haze(dark, np.random.default_rng(seed)) - add_haze(light, np.random.default_rng(seed)))[..., 0] / -0.6
+        tops.append(t[:8].mean()), bottoms.append(t[-8:].mean()), spreads.append(t.std())
+    assert np.mean(bottoms) - np.mean(tops) > 0.03  # on average the top of the frame is farther (hazier)
+    assert max(spreads) > 0.05  # density maps, not one haze level per image
+    assert np.ptp([np.mean(t) for t in tops]) > 0.2  # and the level itself varies between images
+
+
 def test_unknown_weather_and_bad_images_raise():
     with pytest.raises(ValueError, match="accepted: rain_streaks"):
         add_weather(clean_crop(), "fog", np.random.default_rng(0))
@@ -75,16 +130,33 @@ def find_crop(photo, crop):
     return [(y, x) for y, x in zip(ys, xs) if np.array_equal(photo[y : y + s, x : x + s], crop)]
 
 
-def test_train_and_test_crops_come_from_different_photos():
-    train = SyntheticWeatherDataset("train", crop_size=32, length=8, augment=False)
-    test = SyntheticWeatherDataset("test", crop_size=32, length=8, augment=False)
-    assert set(train.photo_names) == set(TRAIN_PHOTOS) and set(test.photo_names) == set(TEST_PHOTOS)
-    assert not set(train.photo_names) & set(test.photo_names)
-    for dataset, own, other in ((train, TRAIN_PHOTOS, TEST_PHOTOS), (test, TEST_PHOTOS, TRAIN_PHOTOS)):
+def test_packaged_photos_load_and_split_by_photograph():
+    assert len(PHOTO_NAMES) == len(set(PHOTO_NAMES)) == 22
+    assert set(TRAIN_PHOTOS) | set(VAL_PHOTOS) | set(TEST_PHOTOS) == set(PHOTO_NAMES)
+    assert len(TRAIN_PHOTOS) + len(VAL_PHOTOS) + len(TEST_PHOTOS) == len(PHOTO_NAMES)  # disjoint
+    for name, image in photos("all"):
+        assert image.dtype == np.float32 and image.ndim == 3 and image.shape[2] == 3, name
+        assert 0 <= image.min() and image.max() <= 1 and image.std() > 0.05, name
+        assert min(image.shape[:2]) >= 256, name
+    # scikit-learn's and gradio's files are the photos they are, not a stand-in: their known sizes
+    assert load_photo("china").shape == (427, 640, 3) and load_photo("tower").shape == (600, 377, 3)
+    with pytest.raises(ValueError, match="accepted: astronaut"):
+        load_photo("lena")
+    with pytest.raises(ValueError, match="accepted: train, val, test, all"):
+        photos("validation")
+
+
+def test_train_val_and_test_crops_come_from_different_photos():
+    sets = {split: SyntheticWeatherDataset(split, crop_size=32, length=8, augment=False)
+            for split in ("train", "val", "test")}
+    names = {"train": TRAIN_PHOTOS, "val": VAL_PHOTOS, "test": TEST_PHOTOS}
+    for split, dataset in sets.items():
+        assert set(dataset.photo_names) == set(names[split])
+        others = [n for other, own in names.items() if other != split for n in own]
         for i in range(2):
             crop = dataset[i]["target"].permute(1, 2, 0).numpy()
-            assert any(find_crop(load_photo(n), crop) for n in own)
-            assert not any(find_crop(load_photo(n), crop) for n in other)
+            assert any(find_crop(load_photo(n), crop) for n in names[split])
+            assert not any(find_crop(load_photo(n), crop) for n in others)
 
 
 def test_dataset_items_are_reproducible_and_cycle_weather():
@@ -106,6 +178,7 @@ def test_datamodule_batches():
     assert set(batch["weather"].tolist()) <= {0, 1}
     val = next(iter(dm.val_dataloader()))
     assert val["weather"].tolist() == [0, 1, 0, 1]
+    assert dm.val_set.photo_names == list(VAL_PHOTOS)  # early stopping never looks at the benchmark's photos
 
 
 def test_weather_test_set_uses_whole_held_out_photos():
@@ -113,6 +186,47 @@ def test_weather_test_set_uses_whole_held_out_photos():
     assert [name for name, _, _ in items] == list(TEST_PHOTOS)
     for name, degraded, clean in items:
         assert degraded.shape == clean.shape == load_photo(name).shape
+
+
+# ------------------------------------------------------------------ the benchmark's second renderer
+
+
+@pytest.mark.parametrize("weather", WEATHER_TYPES)
+def test_unseen_renderer_is_a_seeded_visible_degradation_unlike_training(weather):
+    unseen = load_bench_module("unseen_weather")
+    clean = clean_crop(64)
+    a = unseen.add_unseen_weather(clean, weather, np.random.default_rng(3))
+    assert a.dtype == np.float32 and a.shape == clean.shape and a.min() >= 0 and a.max() <= 1
+    assert np.array_equal(a, unseen.add_unseen_weather(clean, weather, np.random.default_rng(3)))
+    assert not np.array_equal(a, unseen.add_unseen_weather(clean, weather, np.random.default_rng(4)))
+    psnr = -10 * np.log10(np.mean((a - clean) ** 2))
+    assert 8 < psnr < 40
+    assert not np.allclose(a, add_weather(clean, weather, np.random.default_rng(3)), atol=0.02)
+
+
+def test_unseen_haze_scatters_blue_more_than_red():
+    # the training haze has one transmission for all channels; this one's is per channel (t_blue < t_red)
+    unseen = load_bench_module("unseen_weather")
+    dark, light = np.full((32, 32, 3), 0.2, np.float32), np.full((32, 32, 3), 0.8, np.float32)
+    t = (unseen.haze(dark, np.random.default_rng(5)) - unseen.haze(light, np.random.default_rng(5))) / -0.6
+    assert (t[..., 2] < t[..., 0] - 0.005).all() and ((0 < t) & (t < 1)).all()
+
+
+def test_unseen_test_set_and_errors():
+    unseen = load_bench_module("unseen_weather")
+    items = unseen.unseen_weather_test_set("snow", seed=1)
+    assert [name for name, _, _ in items] == list(TEST_PHOTOS)
+    assert all(d.shape == c.shape == load_photo(n).shape for n, d, c in items)
+    with pytest.raises(ValueError, match="accepted: rain_streaks"):
+        unseen.add_unseen_weather(clean_crop(), "hail", np.random.default_rng(0))
+    with pytest.raises(ValueError, match=r"\[H, W, 3\]"):
+        unseen.add_unseen_weather(np.zeros((8, 8)), "haze", np.random.default_rng(0))
+
+
+def test_training_never_imports_the_unseen_renderer():
+    sources = [p for p in (ROOT / "training").rglob("*.py")]
+    assert len(sources) > 20
+    assert not [p for p in sources if "unseen_weather" in p.read_text()]
 
 
 def write_pairs(root, names, size=(20, 24), input_dir="input", target_dir="gt"):

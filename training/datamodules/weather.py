@@ -6,7 +6,7 @@ weather on the bundled photographs, and paired folders of real benchmarks. Both 
      "weather": int64 [B] (index into the module's ``weather_types``; -1: unknown)}
 
 - :class:`SyntheticWeatherDataModule`: crops of the "train" photos with one weather kind each, validated on
-  crops of the held-out "test" photos.
+  crops of the held-out "val" photos (the "test" photos are the benchmark's, never used to choose anything).
 - :class:`PairedFolderDataModule`: ``root/input/*`` + ``root/gt/*`` matched by file name — the layout of
   Allweather, Outdoor-Rain and Snow100K (folder names are arguments).
 """
@@ -34,8 +34,8 @@ class _RestorationDataModule(SplitDataModule):
 
 
 class SyntheticWeatherDataModule(_RestorationDataModule):
-    """Multi-weather training on scikit-image photos: training crops from the "train" photos, validation
-    crops from the held-out "test" photos (split by photograph).
+    """Multi-weather training on the packaged photos: training crops from the "train" photos, validation crops
+    from the held-out "val" photos (split by photograph; the "test" photos are left to the benchmark).
 
     Args:
         crop_size: side of the square training and validation crops.
@@ -57,7 +57,7 @@ class SyntheticWeatherDataModule(_RestorationDataModule):
     def make_splits(self) -> tuple[SyntheticWeatherDataset, SyntheticWeatherDataset]:
         return (SyntheticWeatherDataset("train", self.crop_size, self.train_length, self.weather_types,
                                         seed=self.seed, augment=True),
-                SyntheticWeatherDataset("test", self.crop_size, self.val_length, self.weather_types,
+                SyntheticWeatherDataset("val", self.crop_size, self.val_length, self.weather_types,
                                         seed=self.seed + 1, augment=False))
 
 

@@ -3,7 +3,8 @@ share them.
 
 - :mod:`.images`: digits, generated shapes (and their captions), image folders.
 - :mod:`.video`: generated moving shapes, video folders.
-- :mod:`.photos`: the photographs bundled with scikit-image, split by photograph into train and test.
+- :mod:`.photos`: real photographs shipped by scikit-image, scikit-learn and gradio, split by photograph into
+  train, val and test.
 - :mod:`.weather`: synthetic weather on the photos, paired deweathering folders.
 - :mod:`.fusion_pairs`: synthetic infrared/visible pairs from the photos, paired fusion folders.
 - :mod:`.audio`: eSpeak NG words, synthesised notes and chords (captions read back), sound folders.

@@ -7,7 +7,7 @@ Every batch of these datasets (default collate) is a dict::
     {"ir": float32 [B, 1, H, W] in [0, 1], "vis": float32 [B, 1, H, W] in [0, 1] (luminance),
      "mask": float32 [B, 1, H, W] in {0, 1} (warm objects; synthetic data only), "name": list[str]}
 
-Synthetic pairs (:func:`synthesize_pair`) start from a crop of one of scikit-image's photographs
+Synthetic pairs (:func:`synthesize_pair`) start from a crop of one of the packaged photographs
 (:mod:`moezoo.training.datasets.photos`, split by photo, so test pairs are scenes never trained on):
 
 - warm objects: one to three segments of the photo (Felzenszwalb's graph segmentation of the whole photo) of a

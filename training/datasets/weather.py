@@ -1,5 +1,6 @@
 """Weather data for deweathering (MoFME), as plain numpy/torch code (no Lightning): synthetic rain streaks,
-raindrops, snow and haze on the photographs bundled with scikit-image, and paired folders of real benchmarks.
+raindrops, snow and haze on the photographs that installed packages ship (:mod:`.photos`), and paired folders of
+real benchmarks.
 The DataModules that wrap them are in :mod:`moezoo.training.datamodules.weather`.
 
 Every item is a dict (:class:`RestorationSample`); :func:`collate_restoration_batch` stacks items into the
@@ -16,7 +17,9 @@ defined on that range.
   of the image, so 64x64 training crops and whole test photos see weather at the same scale.
 - :class:`SyntheticWeatherDataset`: crops of :mod:`moezoo.training.datasets.photos` with one weather kind
   each; train and validation use different photographs (split by photo, never by crop). Item ``i`` of seed
-  ``s`` is always the same pair, and the weather kinds take turns (``i mod K``).
+  ``s`` is always the same pair, and the weather kinds take turns (``i mod K``). Every kind draws its look
+  (angles, lengths, widths, opacities, sizes, densities, depth maps) per image from wide ranges, so a model
+  meets many weathers of one kind, not one.
 - :func:`weather_test_set`: whole held-out photographs with each weather, for the benchmark and the app.
 - :class:`PairedFolderDataset`: ``root/input/*`` + ``root/gt/*`` matched by file name — the layout of
   Allweather, Outdoor-Rain and Snow100K (folder names are arguments).
@@ -113,42 +116,58 @@ def _line_kernel(length: float, angle_deg: float) -> np.ndarray:
     return kernel / kernel.sum()
 
 
-def add_rain_streaks(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Rain streaks: sparse seeds motion-blurred along one slanted direction, screen-blended.
+def _log_uniform(rng: np.random.Generator, low: float, high: float, size=None):
+    """Log-uniform draws in [low, high]: as many small values as large ones per octave."""
+    return np.exp(rng.uniform(math.log(low), math.log(high), size))
 
-    Random per image: seed density 0.4-1.5% of pixels, streak length 6-16 px, angle -25..25 degrees from
-    vertical, brightness 0.5-0.9.
+
+def add_rain_streaks(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Rain streaks: 1-3 layers of sparse seeds motion-blurred along slanted directions, screen-blended.
+
+    Random per image: a wind angle -30..30 degrees from vertical. Random per layer (near drops are long, wide
+    and faint, far ones short and thin): the angle within a few degrees of the wind's, length 4-32 px
+    (log-uniform), width (a blur of 0.3-1.2 px across), seed density 0.2-2% of pixels (fewer for longer
+    streaks), opacity 0.3-0.9; per streak, brightness 0.5-1.
     """
     _check_image(image)
     H, W, _ = image.shape
-    length = rng.uniform(6, 16)
-    seeds = (rng.random((H, W)) < rng.uniform(0.004, 0.015)) * rng.uniform(0.6, 1.0, (H, W))
-    streaks = ndimage.convolve(seeds.astype(np.float32), _line_kernel(length, rng.uniform(-25, 25)), mode="wrap")
-    streaks = ndimage.gaussian_filter(streaks, 0.5) * length * rng.uniform(0.5, 0.9)
-    return _screen(image, streaks)
+    wind = rng.uniform(-30, 30)
+    layers = np.zeros((H, W), np.float32)
+    for _ in range(int(rng.integers(1, 4))):
+        length = float(_log_uniform(rng, 4, 32))
+        density = float(_log_uniform(rng, 0.002, 0.02)) * min(1.0, 12.0 / length)
+        seeds = (rng.random((H, W)) < density) * rng.uniform(0.5, 1.0, (H, W))
+        kernel = _line_kernel(length, wind + rng.normal(0, 4))
+        streaks = ndimage.convolve(seeds.astype(np.float32), kernel, mode="wrap")
+        width = rng.uniform(0.3, 1.2)
+        layers += ndimage.gaussian_filter(streaks, width) * length * width / 0.5 * rng.uniform(0.3, 0.9)
+    return _screen(image, layers)
 
 
 def add_raindrops(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Raindrops on the lens: discs that show a blurred, inverted (refracted) view of what is behind them.
+    """Raindrops on the lens: ellipses that show a blurred, inverted (refracted) view of what is behind them.
 
-    Each drop of radius 2.5-9 px at a random place takes the blurred image mirrored through its centre and
-    shrunk 2-4x (a water lens flips and minifies), slightly brightened, blended in with a soft edge. About
-    one drop per 250-700 pixels.
+    Radii 1.5-14 px, log-uniform (many small drops, a few large ones), aspect 0.7-1.3, covering 5-25% of the
+    image. Each drop takes the image blurred by 0.5-2.5 px, mirrored through its centre and shrunk 2-4x (a
+    water lens flips and minifies), slightly brightened, blended in with a soft edge.
     """
     _check_image(image)
     H, W, _ = image.shape
-    blurred = ndimage.gaussian_filter(image, sigma=(1.5, 1.5, 0))
+    blurred = ndimage.gaussian_filter(image, sigma=(rng.uniform(0.5, 2.5),) * 2 + (0,))
     out = image.copy()
-    count = rng.poisson(H * W / rng.uniform(250, 700))
+    low, high = 1.5, 14.0
+    mean_r2 = (high**2 - low**2) / (2 * math.log(high / low))  # E[r^2] of the log-uniform radius
+    count = rng.poisson(rng.uniform(0.05, 0.25) * H * W / (math.pi * mean_r2))
     for _ in range(count):
-        r = rng.uniform(2.5, 9.0)
+        r, aspect = float(_log_uniform(rng, low, high)), rng.uniform(0.7, 1.3)
+        ry, rx = r * math.sqrt(aspect), r / math.sqrt(aspect)
         cy, cx = rng.uniform(0, H), rng.uniform(0, W)
-        y0, y1 = max(0, int(cy - r - 1)), min(H, int(cy + r + 2))
-        x0, x1 = max(0, int(cx - r - 1)), min(W, int(cx + r + 2))
+        y0, y1 = max(0, int(cy - ry - 1)), min(H, int(cy + ry + 2))
+        x0, x1 = max(0, int(cx - rx - 1)), min(W, int(cx + rx + 2))
         if y0 >= y1 or x0 >= x1:
             continue
         yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
-        dist = np.hypot(yy - cy, xx - cx) / r
+        dist = np.hypot((yy - cy) / ry, (xx - cx) / rx)
         alpha = np.clip((1.0 - dist) * r / 1.5, 0.0, 1.0) * rng.uniform(0.75, 0.95)  # ~1.5 px soft edge
         shrink = rng.uniform(0.25, 0.5)
         src_y = np.clip(cy - (yy - cy) * shrink, 0, H - 1)
@@ -167,15 +186,17 @@ def _flakes(shape: tuple[int, int], rng: np.random.Generator, density: float, si
 
 
 def add_snow(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Snow: a light veil, many small flakes and a few large near ones, optionally motion-blurred by wind."""
+    """Snow: a light veil and three depths of flakes (many small far ones, fewer medium, a few large near
+    ones, each depth's size and density drawn), motion-blurred by wind half the time."""
     _check_image(image)
     H, W, _ = image.shape
-    veil = rng.uniform(0.0, 0.15)
-    out = image * (1 - veil) + veil * 0.9
-    layer = _flakes((H, W), rng, rng.uniform(0.004, 0.015), rng.uniform(0.5, 1.0))
-    layer = layer + _flakes((H, W), rng, rng.uniform(0.0005, 0.002), rng.uniform(1.2, 2.2))
+    veil = rng.uniform(0.0, 0.2)
+    out = image * (1 - veil) + veil * rng.uniform(0.8, 0.95)
+    layer = _flakes((H, W), rng, rng.uniform(0.004, 0.02), rng.uniform(0.4, 0.8))
+    layer = layer + _flakes((H, W), rng, rng.uniform(0.001, 0.005), rng.uniform(0.9, 1.6))
+    layer = layer + _flakes((H, W), rng, rng.uniform(0.0001, 0.001), rng.uniform(1.8, 3.0))
     if rng.random() < 0.5:
-        layer = ndimage.convolve(layer, _line_kernel(rng.uniform(2, 5), rng.uniform(-60, 60)), mode="wrap")
+        layer = ndimage.convolve(layer, _line_kernel(rng.uniform(2, 8), rng.uniform(-60, 60)), mode="wrap")
     return _screen(out, layer)
 
 
@@ -189,14 +210,17 @@ def _smooth_noise(shape: tuple[int, int], rng: np.random.Generator, scale: float
 def add_haze(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Haze by the atmospheric scattering model ``I = J t + A (1 - t)``, ``t = exp(-beta d)``.
 
-    Depth ``d`` is a random level plus smooth variation (correlation length 40 px); ``beta`` 0.6-1.6;
-    airlight ``A`` a light grey 0.7-0.95 with a slight random tint.
+    The depth map ``d`` is a random level, plus a ramp up the image (outdoors the far scene is higher in the
+    frame), plus smooth variation of a random correlation length (8-80 px, log-uniform) and strength;
+    ``beta`` 0.4-1.8; airlight ``A`` a light grey 0.6-0.98 with a random tint.
     """
     _check_image(image)
     H, W, _ = image.shape
-    depth = np.clip(rng.uniform(0.3, 1.0) + 0.15 * _smooth_noise((H, W), rng, 40.0), 0.05, 1.5)
-    transmission = np.exp(-rng.uniform(0.6, 1.6) * depth)[..., None]
-    airlight = np.clip(rng.uniform(0.7, 0.95) + rng.uniform(-0.03, 0.03, 3), 0.0, 1.0).astype(np.float32)
+    ramp = np.linspace(1.0, 0.0, H, dtype=np.float32)[:, None] * rng.uniform(0.0, 0.6)
+    variation = rng.uniform(0.0, 0.3) * _smooth_noise((H, W), rng, float(_log_uniform(rng, 8, 80)))
+    depth = np.clip(rng.uniform(0.2, 1.0) + ramp + variation, 0.05, 2.0)
+    transmission = np.exp(-rng.uniform(0.4, 1.8) * depth)[..., None]
+    airlight = np.clip(rng.uniform(0.6, 0.98) + rng.uniform(-0.05, 0.05, 3), 0.0, 1.0).astype(np.float32)
     return image * transmission + airlight * (1 - transmission)
 
 
@@ -250,8 +274,9 @@ class SyntheticWeatherDataset(Dataset):
     ``augment`` a random flip / 90-degree rotation, and adds weather ``weather_types[i % K]``.
 
     Args:
-        split: "train", "test" or "all" (see :mod:`moezoo.training.datasets.photos`).
-        crop_size: side of the square crops in pixels (at most the smallest photo side, 300).
+        split: "train", "val", "test" or "all" (see :mod:`moezoo.training.datasets.photos`).
+        crop_size: side of the square crops in pixels (at most the split's smallest photo side: 256 for
+            "train" and "val", 300 for "test").
         length: number of items.
         weather_types: which kinds, in turn.
         seed: makes the items reproducible; use different seeds for different sets.
