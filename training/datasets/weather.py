@@ -126,7 +126,7 @@ def add_rain_streaks(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
     Random per image: a wind angle -30..30 degrees from vertical. Random per layer (near drops are long, wide
     and faint, far ones short and thin): the angle within a few degrees of the wind's, length 4-32 px
-    (log-uniform), width (a blur of 0.3-1.2 px across), seed density 0.2-2% of pixels (fewer for longer
+    (log-uniform), width (a blur of 0.3-1.2 px across), seed density 0.4-2% of pixels (fewer for longer
     streaks), opacity 0.3-0.9; per streak, brightness 0.5-1.
     """
     _check_image(image)
@@ -135,7 +135,7 @@ def add_rain_streaks(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     layers = np.zeros((H, W), np.float32)
     for _ in range(int(rng.integers(1, 4))):
         length = float(_log_uniform(rng, 4, 32))
-        density = float(_log_uniform(rng, 0.002, 0.02)) * min(1.0, 12.0 / length)
+        density = float(_log_uniform(rng, 0.004, 0.02)) * min(1.0, 12.0 / length)
         seeds = (rng.random((H, W)) < density) * rng.uniform(0.5, 1.0, (H, W))
         kernel = _line_kernel(length, wind + rng.normal(0, 4))
         streaks = ndimage.convolve(seeds.astype(np.float32), kernel, mode="wrap")
@@ -148,7 +148,7 @@ def add_raindrops(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Raindrops on the lens: ellipses that show a blurred, inverted (refracted) view of what is behind them.
 
     Radii 1.5-14 px, log-uniform (many small drops, a few large ones), aspect 0.7-1.3, covering 5-25% of the
-    image. Each drop takes the image blurred by 0.5-2.5 px, mirrored through its centre and shrunk 2-4x (a
+    image (at least one drop). Each drop takes the image blurred by 0.5-2.5 px, mirrored through its centre and shrunk 2-4x (a
     water lens flips and minifies), slightly brightened, blended in with a soft edge.
     """
     _check_image(image)
@@ -157,7 +157,8 @@ def add_raindrops(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     out = image.copy()
     low, high = 1.5, 14.0
     mean_r2 = (high**2 - low**2) / (2 * math.log(high / low))  # E[r^2] of the log-uniform radius
-    count = rng.poisson(rng.uniform(0.05, 0.25) * H * W / (math.pi * mean_r2))
+    # at least one drop: a 64 px training crop would otherwise often get none, an undegraded "degraded" input
+    count = max(1, rng.poisson(rng.uniform(0.05, 0.25) * H * W / (math.pi * mean_r2)))
     for _ in range(count):
         r, aspect = float(_log_uniform(rng, low, high)), rng.uniform(0.7, 1.3)
         ry, rx = r * math.sqrt(aspect), r / math.sqrt(aspect)
