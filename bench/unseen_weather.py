@@ -28,6 +28,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from moezoo.training.datasets.photos import photos
+from moezoo.training.datasets.weather import ellipse_window  # geometry only: the look is this file's own
 
 UNSEEN_WEATHER = ("rain_streaks", "raindrops", "snow", "haze")
 
@@ -72,12 +73,10 @@ def raindrops(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         r = rng.gamma(4.0, mean_radius / 4.0) + 1.0
         ry, rx = r * rng.uniform(0.9, 1.3), r  # drops run down: a little taller than wide
         cy, cx = rng.uniform(0, H), rng.uniform(0, W)
-        y0, y1 = max(0, int(cy - ry - 2)), min(H, int(cy + ry + 3))
-        x0, x1 = max(0, int(cx - rx - 2)), min(W, int(cx + rx + 3))
-        if y0 >= y1 or x0 >= x1:
+        window = ellipse_window((H, W), cy, cx, ry, rx, margin=2)
+        if window is None:
             continue
-        yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
-        dist = np.hypot((yy - cy) / ry, (xx - cx) / rx)
+        (y0, y1, x0, x1), yy, xx, dist = window
         inside = np.clip((1.0 - dist) * r, 0.0, 1.0)[..., None]  # a 1 px soft edge
         rim = 0.3 * np.exp(-(((dist - 0.9) / 0.12) ** 2))[..., None]
         glint = 0.35 * np.exp(-((yy - cy + 0.45 * ry) ** 2 + (xx - cx + 0.35 * rx) ** 2) / (2 * (0.15 * r + 0.5) ** 2))

@@ -144,6 +144,19 @@ def add_rain_streaks(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return _screen(image, layers)
 
 
+def ellipse_window(shape: tuple[int, int], cy: float, cx: float, ry: float, rx: float, margin: int):
+    """The pixels around an ellipse centred at (cy, cx) with radii (ry, rx), ``margin`` px beyond it, cut to the
+    image: ``((y0, y1, x0, x1), yy, xx, dist)`` with the pixel coordinates and each pixel's elliptic distance
+    from the centre (1 on the outline); None when none of it is inside the image."""
+    H, W = shape
+    y0, y1 = max(0, int(cy - ry - margin)), min(H, int(cy + ry + margin + 1))
+    x0, x1 = max(0, int(cx - rx - margin)), min(W, int(cx + rx + margin + 1))
+    if y0 >= y1 or x0 >= x1:
+        return None
+    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+    return (y0, y1, x0, x1), yy, xx, np.hypot((yy - cy) / ry, (xx - cx) / rx)
+
+
 def add_raindrops(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Raindrops on the lens: ellipses that show a blurred, inverted (refracted) view of what is behind them.
 
@@ -163,12 +176,10 @@ def add_raindrops(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         r, aspect = float(_log_uniform(rng, low, high)), rng.uniform(0.7, 1.3)
         ry, rx = r * math.sqrt(aspect), r / math.sqrt(aspect)
         cy, cx = rng.uniform(0, H), rng.uniform(0, W)
-        y0, y1 = max(0, int(cy - ry - 1)), min(H, int(cy + ry + 2))
-        x0, x1 = max(0, int(cx - rx - 1)), min(W, int(cx + rx + 2))
-        if y0 >= y1 or x0 >= x1:
+        window = ellipse_window((H, W), cy, cx, ry, rx, margin=1)
+        if window is None:
             continue
-        yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
-        dist = np.hypot((yy - cy) / ry, (xx - cx) / rx)
+        (y0, y1, x0, x1), yy, xx, dist = window
         alpha = np.clip((1.0 - dist) * r / 1.5, 0.0, 1.0) * rng.uniform(0.75, 0.95)  # ~1.5 px soft edge
         shrink = rng.uniform(0.25, 0.5)
         src_y = np.clip(cy - (yy - cy) * shrink, 0, H - 1)
