@@ -11,6 +11,10 @@ precision, recall and within-class diversity against the held-out real digits), 
 sampling (Euler, 25 steps, guidance 1.25). The table gives every run and, per model, the mean and the spread
 (half the range) over the seeds.
 
+The judged weights are the raw ones by default (``--weights raw``), not the configs' EMA: its decay of 0.998
+averages over ~500 steps, so after the few hundred steps of a short run the EMA is still about a third the
+random initialisation (0.998^600 = 0.30) and draws noise for both models.
+
     python bench/dit_moe_vs_dense.py                        # 2 seeds x 12 minutes a pair, then the judging
     python bench/dit_moe_vs_dense.py --budget-minutes 4 --seeds 0 --samples-per-class 10   # a quick look
     python bench/dit_moe_vs_dense.py --skip-training        # judge the runs already in --runs
@@ -19,7 +23,6 @@ sampling (Euler, 25 steps, guidance 1.25). The table gives every run and, per mo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -29,12 +32,13 @@ import numpy as np
 import torch
 
 import dit_quality  # bench/ is this script's folder
-from moezoo.training.checkpoints import load_checkpoint
-from moezoo.training.cli import export_main
+from moezoo.training.checkpoints import load_checkpoint, safe_checkpoint_globals
+from moezoo.training.diffusion import DiffusionModule
+from moezoo.zoo import save_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = {"MoE": "dit_moe_digits", "dense": "dit_dense_digits"}
-LABEL_NAMES = json.dumps({"label_names": [str(d) for d in range(10)]})
+LABEL_NAMES = {"label_names": [str(d) for d in range(10)]}
 
 
 def run_name(kind: str, seed: int) -> str:
@@ -61,11 +65,14 @@ def train_pair(seed: int, minutes: float, runs: Path) -> None:
         log.close()
 
 
-def export(kind: str, seed: int, runs: Path) -> tuple[Path, int]:
-    """The run's EMA weights in the zoo format, and the steps it trained."""
+def export(kind: str, seed: int, runs: Path, weights: str) -> tuple[Path, int]:
+    """The run's raw or EMA weights in the zoo format, and the steps it trained."""
     ckpt = runs / run_name(kind, seed) / "checkpoints" / "last.ckpt"
-    out = runs / run_name(kind, seed) / "export"
-    export_main([str(ckpt), str(out), "--metadata", LABEL_NAMES])
+    out = runs / run_name(kind, seed) / f"export_{weights}"
+    with safe_checkpoint_globals():
+        module = DiffusionModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+    model = module.sampling_model if weights == "ema" else module.model
+    save_pretrained(model, out, module.model_name, module.model_args, {"objective": module.objective, **LABEL_NAMES})
     return out, int(load_checkpoint(ckpt)["global_step"])
 
 
@@ -75,6 +82,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--budget-minutes", type=float, default=12.0)
     parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--weights", choices=("raw", "ema"), default="raw", help="which weights of each run to judge")
     parser.add_argument("--samples-per-class", type=int, default=50)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=1.25)
@@ -93,7 +101,7 @@ def main(argv=None) -> None:
     results = {}
     for kind in KINDS:
         for seed in args.seeds:
-            path, steps = export(kind, seed, runs)
+            path, steps = export(kind, seed, runs, args.weights)
             pipe = dit_quality.load_pipeline(str(path), {str(path): f"local-dir:{path}"})
             images, _ = dit_quality.generate(pipe, args.steps, args.guidance, args.batch, 0, class_labels=labels)
             accuracy = dit_quality.judge_accuracy(judge, images, {"digit": torch.tensor(labels)})["digit"]
@@ -112,7 +120,7 @@ def main(argv=None) -> None:
                        else f" ± {spread:.2f}")
 
     budget = "the runs found in --runs" if args.skip_training else f"{args.budget_minutes:g} min a run"
-    print(f"\nEqual training time ({budget}, MoE and dense at once, 1 thread each); "
+    print(f"\nEqual training time ({budget}, MoE and dense at once, 1 thread each), {args.weights} weights; "
           f"{len(labels)} samples, Euler {args.steps} steps, guidance {args.guidance:g}; FD / precision / recall "
           f"(k = 3) / diversity (generated over real) in the judge's features against {len(real['val'][1])} "
           "held-out real digits\n")
