@@ -102,7 +102,7 @@ def main(argv=None) -> None:
     for kind in KINDS:
         for seed in args.seeds:
             path, steps = export(kind, seed, runs, args.weights)
-            pipe = dit_quality.load_pipeline(str(path), {str(path): f"local-dir:{path}"})
+            pipe = dit_quality.load_pipeline(f"local-dir:{path}", {})
             images, _ = dit_quality.generate(pipe, args.steps, args.guidance, args.batch, 0, class_labels=labels)
             accuracy = dit_quality.judge_accuracy(judge, images, {"digit": torch.tensor(labels)})["digit"]
             metrics = dit_quality.measure(judge, real_features, real["val"][1], images, labels)

@@ -47,6 +47,7 @@ import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from moezoo.pipelines.deweather import DeweatherPipeline
+from moezoo.training.datasets.photos import TEST_PHOTOS
 from moezoo.training.datasets.weather import WEATHER_TYPES, weather_test_set
 from moezoo.zoo import create_model
 from unseen_weather import unseen_weather_test_set  # bench/ is this script's folder
@@ -152,7 +153,7 @@ def main(argv=None) -> None:
     params = {name: model.num_parameters() for name, model in timed.items()}
 
     E, k = models["mofme_weather"].config.num_experts, models["mofme_weather"].config.top_k
-    n_photos = len(weather_test_set(WEATHER_TYPES[0])) * args.seeds
+    n_photos = len(TEST_PHOTOS) * args.seeds
     conv = "mofme_conventional_weather"
     mean_psnr = {r: {name: float(np.mean([q[w][0] for w in WEATHER_TYPES])) for name, q in quality[r].items()}
                  for r in quality}

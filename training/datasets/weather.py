@@ -124,8 +124,8 @@ def _log_uniform(rng: np.random.Generator, low: float, high: float, size=None):
 def add_rain_streaks(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Rain streaks: 1-3 layers of sparse seeds motion-blurred along slanted directions, screen-blended.
 
-    Random per image: a wind angle -30..30 degrees from vertical. Random per layer (near drops are long, wide
-    and faint, far ones short and thin): the angle within a few degrees of the wind's, length 4-32 px
+    Random per image: a wind angle -30..30 degrees from vertical. Random per layer, each drawn on its own:
+    the angle within a few degrees of the wind's, length 4-32 px
     (log-uniform), width (a blur of 0.3-1.2 px across), seed density 0.4-2% of pixels (fewer for longer
     streaks), opacity 0.3-0.9; per streak, brightness 0.5-1.
     """
