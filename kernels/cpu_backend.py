@@ -21,7 +21,7 @@ import torch
 from .activations import activation_fn, activation_grad
 from .plan import DispatchPlan, expert_slices
 
-__all__ = ["PackedExpertWeights", "few_tokens_pay", "pack_expert_weights", "torch_expert_mlp"]
+__all__ = ["PackedExpertWeights", "few_tokens_pay", "pack_expert_weights", "shared_apart_pays", "torch_expert_mlp"]
 
 
 def torch_expert_mlp(x_TD, weights_TK, plan: DispatchPlan, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, activation: str,
@@ -560,6 +560,15 @@ FEW_TOKENS_PADDED_MAX_WEIGHTS = 1 << 20
 def few_tokens_pay(num_tokens: int, top_k: int) -> bool:
     """Whether a no-grad call of ``num_tokens`` tokens of ``top_k`` slots runs the few-token path."""
     return num_tokens * top_k <= FEW_TOKENS_MAX_SLOTS
+
+
+def shared_apart_pays(num_tokens: int, top_k: int) -> bool:
+    """Whether a no-grad call should run the shared experts as their own dense MLP, outside the routed walk.
+    Inside, they cost a copy of their gate and up weights into one tensor per call, a gather and a scatter of
+    every row; that pays only through oneDNN's fused activations at many rows (``ONEDNN_GEMMS``, the AVX-512 CPUs
+    they were measured on). With MKL GEMMs (AVX2) apart was 0.70-0.91x the time at 32-2048 tokens on the
+    digits and DiT-MoE-S layers (AMD Zen 3), and the few-token path always runs them apart."""
+    return few_tokens_pay(num_tokens, top_k) or not ONEDNN_GEMMS
 
 
 def _few_tokens_forward(x_TD, weights_TK, plan: DispatchPlan, w_in_ENK, w_out_EDF, b_in_EN, b_out_ED, activation,

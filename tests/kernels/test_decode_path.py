@@ -259,6 +259,32 @@ def test_moe_block_at_few_tokens_matches_the_block_token_by_token(few_token_call
     torch.testing.assert_close(y, moe(x).detach(), **tol)  # with autograd: the plan's sort and the walk
 
 
+@pytest.mark.parametrize("onednn", [False, True])
+@pytest.mark.parametrize("config", [
+    dict(num_shared_experts=1, shared_hidden_dim=24),
+    dict(num_shared_experts=1, shared_gate=True, renormalize=True),
+])
+def test_shared_expert_apart_or_inside_at_many_tokens(monkeypatch, onednn, config):
+    """Above the few-token path (40 tokens of top-2), no grad: the shared MLP runs apart from the routed experts
+    with MKL's GEMMs and inside their walk with oneDNN's (``shared_apart_pays``); either way the block equals
+    the token-by-token loop, and with autograd it always goes inside."""
+    monkeypatch.setattr(cpu_backend, "ONEDNN_GEMMS", onednn)
+    moe = make_moe(16, 12, 6, 2, backend="torch", **config)
+    packed = []
+    as_shared_expert = type(moe.shared).as_shared_expert
+    monkeypatch.setattr(type(moe.shared), "as_shared_expert",
+                        lambda self, scale_T=None: packed.append(1) or as_shared_expert(self, scale_T))
+    x = torch.randn(40, 16, generator=torch.Generator().manual_seed(40))
+    with torch.no_grad():
+        y = moe(x)
+    assert bool(packed) == onednn
+    tol = fp_tolerance(torch.float32, 24, layers=3)
+    torch.testing.assert_close(y, moe_token_by_token(moe, x), **tol)
+    packed.clear()
+    torch.testing.assert_close(moe(x).detach(), y, **tol)
+    assert packed == [1]
+
+
 @pytest.mark.parametrize("T, capacity_factor, min_capacity", [(1, 1.0, 1), (3, 1.0, 4), (4, 1.0, 4), (6, 0.5, 1)])
 def test_capacity_dropping_router_at_few_tokens(few_token_calls, T, capacity_factor, min_capacity):
     """MoE-LLaVA's top-2 gating with a capacity: while every token fits (capacity >= T) nothing can drop and the

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from moezoo.kernels import expert_parallel as ep
 from moezoo.kernels import losses
 from moezoo.kernels import SharedExpert, activation_fn, expert_mlp, pack_expert_weights, resolve_backend
-from moezoo.kernels.cpu_backend import few_tokens_pay
+from moezoo.kernels.cpu_backend import shared_apart_pays
 from moezoo.kernels.plan import build_plan, capacity_for
 from moezoo.kernels.routing import (
     RouterOutput,
@@ -304,9 +304,9 @@ class MoE(RoutedBlock):
         plan = build_plan(ids_TK, self.num_experts, capacity=capacity)
         if self.router.kind == "gshard_top2":  # DeepSpeed renormalises the two gates after the drop
             weights_TK = renormalize_kept(weights_TK, plan.kept_TK)
-        # On the torch backend's few-token path (decoding) the shared expert runs as its own dense MLP: packing
-        # it for the kernel would copy its gate and up weights into one tensor at every step.
-        shared_apart = self.shared is not None and self._few_tokens(x_TD, top_k)
+        # Without autograd on the torch backend the shared expert mostly runs as its own dense MLP: packing it
+        # for the kernel would copy its gate and up weights into one tensor at every call (shared_apart_pays).
+        shared_apart = self.shared is not None and self._shared_apart(x_TD, top_k)
         y_TD = expert_mlp(
             x_TD, weights_TK, plan, *self._expert_weights(), b_in_EN=self.b_in, b_out_ED=self.b_out,
             activation=self.activation, gated=self.gated, backend=self.backend,
@@ -328,12 +328,12 @@ class MoE(RoutedBlock):
             factor = self.eval_capacity_factor
         return max(self.min_capacity, capacity_for(num_tokens, top_k, self.num_experts, factor))
 
-    def _few_tokens(self, x_TD: torch.Tensor, top_k: int) -> bool:
-        """Whether ``expert_mlp`` takes the torch backend's few-token path for this call: no autograd, the torch
-        backend, at most ``FEW_TOKENS_MAX_SLOTS`` slots."""
+    def _shared_apart(self, x_TD: torch.Tensor, top_k: int) -> bool:
+        """Whether the shared experts run apart from ``expert_mlp`` for this call: no autograd, the torch backend,
+        and ``shared_apart_pays`` (always at few tokens; at any size unless oneDNN's GEMMs are in use)."""
         if torch.is_grad_enabled() and (x_TD.requires_grad or any(p.requires_grad for p in self.parameters())):
             return False
-        return resolve_backend(self.backend, x_TD.device) == "torch" and few_tokens_pay(x_TD.shape[0], top_k)
+        return resolve_backend(self.backend, x_TD.device) == "torch" and shared_apart_pays(x_TD.shape[0], top_k)
 
     # ------------------------------------------------------------------------------------------ expert parallelism
 
