@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from moezoo.training.datasets.photos import photos
-from moezoo.training.datasets.weather import ellipse_window  # geometry only: the look is this file's own
+from moezoo.training.datasets.weather import check_image, ellipse_window  # input check and geometry only: the look is this file's own
 
 UNSEEN_WEATHER = ("rain_streaks", "raindrops", "snow", "haze")
 
@@ -126,8 +126,7 @@ def add_unseen_weather(image: np.ndarray, weather: str, rng: np.random.Generator
     if weather not in _RENDERERS:
         raise ValueError(f"unknown weather {weather!r}; accepted: {', '.join(UNSEEN_WEATHER)}")
     image = np.asarray(image, dtype=np.float32)
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"weather is added to float RGB arrays [H, W, 3] in [0, 1], got {image.shape}")
+    check_image(image)
     return np.clip(_RENDERERS[weather](image, rng), 0.0, 1.0).astype(np.float32)
 
 

@@ -51,6 +51,8 @@ __all__ = [
     "add_snow",
     "add_haze",
     "add_weather",
+    "check_image",
+    "ellipse_window",
     "check_weather_types",
     "weather_test_set",
     "SyntheticWeatherDataset",
@@ -89,7 +91,8 @@ def _to_tensor(image_HWC: np.ndarray) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _check_image(image: np.ndarray) -> None:
+def check_image(image: np.ndarray) -> None:
+    """Refuse anything but an RGB array [H, W, 3] (what every renderer of weather draws on), saying what came."""
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
         got = image.shape if isinstance(image, np.ndarray) else type(image).__name__
         raise ValueError(f"weather is added to float RGB arrays [H, W, 3] in [0, 1], got {got}")
@@ -129,7 +132,7 @@ def add_rain_streaks(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     (log-uniform), width (a blur of 0.3-1.2 px across), seed density 0.4-2% of pixels (fewer for longer
     streaks), opacity 0.3-0.9; per streak, brightness 0.5-1.
     """
-    _check_image(image)
+    check_image(image)
     H, W, _ = image.shape
     wind = rng.uniform(-30, 30)
     layers = np.zeros((H, W), np.float32)
@@ -164,7 +167,7 @@ def add_raindrops(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     image (at least one drop). Each drop takes the image blurred by 0.5-2.5 px, mirrored through its centre and shrunk 2-4x (a
     water lens flips and minifies), slightly brightened, blended in with a soft edge.
     """
-    _check_image(image)
+    check_image(image)
     H, W, _ = image.shape
     blurred = ndimage.gaussian_filter(image, sigma=(rng.uniform(0.5, 2.5),) * 2 + (0,))
     out = image.copy()
@@ -200,7 +203,7 @@ def _flakes(shape: tuple[int, int], rng: np.random.Generator, density: float, si
 def add_snow(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Snow: a light veil and three depths of flakes (many small far ones, fewer medium, a few large near
     ones, each depth's size and density drawn), motion-blurred by wind half the time."""
-    _check_image(image)
+    check_image(image)
     H, W, _ = image.shape
     veil = rng.uniform(0.0, 0.2)
     out = image * (1 - veil) + veil * rng.uniform(0.8, 0.95)
@@ -226,7 +229,7 @@ def add_haze(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     frame), plus smooth variation of a random correlation length (8-80 px, log-uniform) and strength;
     ``beta`` 0.4-1.8; airlight ``A`` a light grey 0.6-0.98 with a random tint.
     """
-    _check_image(image)
+    check_image(image)
     H, W, _ = image.shape
     ramp = np.linspace(1.0, 0.0, H, dtype=np.float32)[:, None] * rng.uniform(0.0, 0.6)
     variation = rng.uniform(0.0, 0.3) * _smooth_noise((H, W), rng, float(_log_uniform(rng, 8, 80)))
