@@ -191,11 +191,15 @@ class Layer:
         if self.impl == "dense":
             return self.dense(x_TD)
         if self.impl == "moezoo":
-            # as moezoo's MoE layer does: the shared expert goes into expert_mlp (GatedMLP.as_shared_expert)
+            # as moezoo's MoE layer does: the shared expert goes into expert_mlp (GatedMLP.as_shared_expert), or
+            # without autograd runs as its own dense MLP where cpu_backend.shared_apart_pays says so
             plan = build_plan(ids_TK, self.shape.E)
-            shared = None if self.shared is None else self.shared.as_shared_expert()
-            return expert_mlp(x_TD, weights_TK, plan, self.w_in_ENK, self.w_out_EDF, backend="torch", shared=shared,
+            apart = self.shared is not None and not torch.is_grad_enabled() and \
+                cpu_backend.shared_apart_pays(x_TD.shape[0], self.shape.k)
+            shared = None if self.shared is None or apart else self.shared.as_shared_expert()
+            y_TD = expert_mlp(x_TD, weights_TK, plan, self.w_in_ENK, self.w_out_EDF, backend="torch", shared=shared,
                               packed=self.packed)
+            return y_TD + self.shared(x_TD) if apart else y_TD
         y_TD = self.experts(x_TD, ids_TK, weights_TK)
         return y_TD if self.shared is None else y_TD + self.shared(x_TD)
 
