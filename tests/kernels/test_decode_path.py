@@ -331,19 +331,25 @@ def test_no_grad_record_is_summarized_when_read_with_an_eager_records_values(mon
     assert eager.aux_loss.requires_grad and not held.aux_loss.requires_grad
 
 
-def test_a_blocks_own_losses_are_those_of_its_forward():
-    """MoIIE's modality balance reads the block's modality ids of the forward: a record held across another
-    forward (other modalities) still gives its own forward's loss."""
+def test_a_blocks_own_losses_are_those_of_its_forward(monkeypatch):
+    """MoIIE's modality balance reads the block's modality ids of the forward: a no-grad record computes it
+    only when read, and a record held across another forward (other modalities) still gives its own forward's
+    loss."""
     torch.manual_seed(0)
     block = IntraInterMoE(16, 12, 5, num_modalities=3, top_k=2, num_intra=1, num_shared=2)
+    balance, calls = block.OWN_AUX_LOSSES["modality_balance"], []
+    monkeypatch.setattr(block, "OWN_AUX_LOSSES",
+                        {"modality_balance": lambda *args: calls.append(1) or balance(*args)})
     x = torch.randn(1, 6, 16)
     first, second = torch.tensor([[0, 0, 1, 1, 2, 0]]), torch.tensor([[2, 2, 2, 1, 1, 1]])
     block(x, first)
     eager = block.routing.aux_terms["modality_balance"]
+    assert calls == [1]
     with torch.no_grad():
         block(x, first)
         held = block.routing
         block(x, second)
+    assert calls == [1]  # neither no-grad forward computed it
     torch.testing.assert_close(held.aux_terms["modality_balance"], eager)
     assert not torch.allclose(block.routing.aux_terms["modality_balance"], eager)
 

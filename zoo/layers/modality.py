@@ -150,6 +150,7 @@ class IntraInterMoE(RoutedBlock):
     ``num_shared`` shared ones. ``forward(x [B, S, D], modality [B, S]) -> [B, S, D]``."""
 
     OWN_AUX_LOSSES = {"modality_balance": _modality_balance}
+    AUX_STATE = ("last_modality_T",)
 
     def __init__(self, dim: int, hidden_dim: int, num_experts: int, num_modalities: int = 2, top_k: int = 2, *,
                  num_intra: int | None = None, num_shared: int | None = None,
@@ -265,6 +266,7 @@ class ModalityGroupMoE(RoutedBlock):
     group's logsumexp)."""
 
     OWN_AUX_LOSSES = {"causal_router": _causal_router_loss}
+    AUX_STATE = ("last_causal_targets",)
 
     def __init__(self, dim: int, hidden_dim: int, experts_per_group: int | Sequence[int] = 4, num_modalities: int = 2,
                  top_k: float | int = 2, *, aux_router_hidden: int | None = None,

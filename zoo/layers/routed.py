@@ -154,6 +154,18 @@ def check_aux_loss_coefs(aux_loss_coefs: dict[str, float] | None, own: Sequence[
 # ----------------------------------------------------------------------------------------------------------
 
 
+class _AsRecorded:
+    """A block as one forward left it, for its own auxiliary losses computed later: the ``AUX_STATE``
+    attributes from that forward, everything else (configuration, weights, methods) from the block."""
+
+    def __init__(self, block: "RoutedBlock", state: dict):
+        self._block, self._state = block, state
+
+    def __getattr__(self, name: str):
+        state = self.__dict__["_state"]
+        return state[name] if name in state else getattr(self.__dict__["_block"], name)
+
+
 class RoutedBlock(nn.Module):
     """Base of every layer that routes tokens to experts.
 
@@ -169,10 +181,13 @@ class RoutedBlock(nn.Module):
 
     A subclass computes its experts, then calls :meth:`record_routing` with its router's output. A loss that
     needs what only the subclass knows (e.g. each token's modality) goes in its ``OWN_AUX_LOSSES``: name ->
-    ``fn(block, routed, tokens_shape)``, accepted in ``aux_loss_coefs`` beside :data:`AUX_LOSSES`.
+    ``fn(block, routed, tokens_shape)``, accepted in ``aux_loss_coefs`` beside :data:`AUX_LOSSES`; the
+    attributes such a loss reads that each forward replaces go in ``AUX_STATE``, so that a no-grad record can
+    compute the loss later, when read, on the state of its own forward.
     """
 
     OWN_AUX_LOSSES: dict[str, Callable[["RoutedBlock", RouterOutput, tuple[int, ...]], torch.Tensor]] = {}
+    AUX_STATE: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -214,11 +229,13 @@ class RoutedBlock(nn.Module):
     # ------------------------------------------------------------------------------------------ record
 
     def aux_terms(self, routed: RouterOutput, tokens_shape: Sequence[int] = (),
-                  names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+                  names: Sequence[str] | None = None, *, state: dict | None = None) -> dict[str, torch.Tensor]:
         """Each configured auxiliary loss of ``routed`` (tokens of leading shape ``tokens_shape``) by name (or
-        those of ``names``), unweighted, with its graph."""
+        those of ``names``), unweighted, with its graph; ``state``: the ``AUX_STATE`` attributes as the forward
+        of ``routed`` left them (default: as they are now)."""
         shape = tuple(tokens_shape)
-        return {name: self.OWN_AUX_LOSSES[name](self, routed, shape) if name in self.OWN_AUX_LOSSES
+        block = self if not state else _AsRecorded(self, state)
+        return {name: self.OWN_AUX_LOSSES[name](block, routed, shape) if name in self.OWN_AUX_LOSSES
                 else AUX_LOSSES[name](routed, self.num_routable, shape)
                 for name in (self.aux_loss_coefs if names is None else names)}
 
@@ -235,20 +252,20 @@ class RoutedBlock(nn.Module):
         blocks that drop slots by capacity, as values or as functions that compute them (called when the record
         is summarized: see :class:`RoutingRecord`).
 
-        Without autograd the counts and the configured losses of :data:`AUX_LOSSES` are computed when first read;
-        the block's ``OWN_AUX_LOSSES`` (they may read state the block's next forward replaces) and the
-        :data:`COLLECTIVE_AUX_LOSSES` at once."""
+        Without autograd the counts and the configured losses are computed when first read (the block's own
+        on its ``AUX_STATE`` as this forward left it), the :data:`COLLECTIVE_AUX_LOSSES` at once (every rank
+        must take part)."""
         shape, coefs = tuple(tokens_shape), dict(self.aux_loss_coefs)
         routed_tensors = (routed.weights_TK, routed.probs_TE, routed.logits_TE, routed.load_E)
         now = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in routed_tensors)
-        at_once = [n for n in coefs if n in self.OWN_AUX_LOSSES or n in COLLECTIVE_AUX_LOSSES]
-        early = {} if now else self.aux_terms(routed, shape, at_once)
+        early = {} if now else self.aux_terms(routed, shape, [n for n in coefs if n in COLLECTIVE_AUX_LOSSES])
+        state = {name: getattr(self, name) for name in self.AUX_STATE}
 
         def summarize() -> tuple:
             counts_E = load_E() if callable(load_E) else load_E
             if counts_E is None:
                 counts_E = losses.expert_counts(routed.ids_TK, self.num_routable).float()
-            computed = self.aux_terms(routed, shape, [n for n in coefs if n not in early])
+            computed = self.aux_terms(routed, shape, [n for n in coefs if n not in early], state=state)
             terms = {n: early[n] if n in early else computed[n] for n in coefs}
             aux_loss = sum((coefs[n] * v for n, v in terms.items()), routed.probs_TE.new_zeros(()))
             return (counts_E, dropped() if callable(dropped) else dropped, aux_loss,
