@@ -141,6 +141,31 @@ def test_moiie_routes_each_modality_over_its_intra_and_the_shared_experts(num_mo
         assert used <= set(layer.experts_of(m))
 
 
+@pytest.mark.parametrize("modality_id", [0, 2])
+def test_moiie_on_one_modality_routes_over_its_columns_only(modality_id):
+    """Every token of one modality (a decoding step) takes the single-modality router path: the same outputs,
+    balance loss, ids and [T, E] probabilities (zero outside the modality's experts) as by hand, and gradients
+    reach that modality's router only."""
+    torch.manual_seed(4)
+    layer = IntraInterMoE(8, 6, 7, 3, top_k=2, num_intra=1, num_shared=4).double()
+    x = torch.randn(1, 5, 8, dtype=torch.float64)
+    modality = torch.full((1, 5), modality_id)
+    expected, balance = moiie_by_hand(layer, x, modality)
+    tol = fp_tolerance(torch.float64, 8, layers=2)
+    y = layer(x, modality)
+    torch.testing.assert_close(y, expected, **tol)
+    torch.testing.assert_close(layer.routing.aux_terms["modality_balance"], balance, **tol)
+    columns = layer.experts_of(modality_id)
+    probs = (x[0] @ layer.routers[modality_id].weight.t()).softmax(-1)
+    torch.testing.assert_close(layer.routing.probs_TE[:, columns], probs.detach(), **tol)
+    others = [e for e in range(7) if e not in columns]
+    assert not layer.routing.probs_TE[:, others].any()
+    assert set(layer.routing.ids_TK.reshape(-1).tolist()) <= set(columns)
+    (y.sum() + layer.routing.aux_loss).backward()
+    assert layer.routers[modality_id].weight.grad.abs().sum() > 0
+    assert all(layer.routers[m].weight.grad is None for m in range(3) if m != modality_id)
+
+
 def test_moiie_paper_split_and_its_errors():
     layer = IntraInterMoE(8, 6, num_experts=8)
     assert layer.experts_of(0) == [0, 1, 4, 5, 6, 7] and layer.experts_of(1) == [2, 3, 4, 5, 6, 7]

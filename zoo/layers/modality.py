@@ -51,14 +51,18 @@ __all__ = ["ModalityUntiedAttention", "ModalityUntiedFeedForward", "IntraInterMo
            "check_modalities"]
 
 
-def check_modalities(modality_BS: torch.Tensor, shape: tuple[int, int], num_modalities: int) -> None:
-    """Modality ids must be integers ``[B, S]`` in ``[0, num_modalities)``."""
+def check_modalities(modality_BS: torch.Tensor, shape: tuple[int, int], num_modalities: int) -> tuple[int, int]:
+    """Modality ids must be integers ``[B, S]`` in ``[0, num_modalities)``; returns the lowest and highest id
+    ((0, 0) when there are none)."""
     if modality_BS.shape != shape or modality_BS.dtype.is_floating_point or modality_BS.dtype == torch.bool:
         raise ValueError(f"modality ids must be an integer tensor [B, S] = {tuple(shape)}, got "
                          f"{modality_BS.dtype} {tuple(modality_BS.shape)}")
-    if modality_BS.numel() and (int(modality_BS.min()) < 0 or int(modality_BS.max()) >= num_modalities):
-        raise ValueError(f"modality ids must be in [0, {num_modalities}), got values from {int(modality_BS.min())} "
-                         f"to {int(modality_BS.max())}")
+    if not modality_BS.numel():
+        return 0, 0
+    lowest, highest = (int(v) for v in modality_BS.aminmax())
+    if lowest < 0 or highest >= num_modalities:
+        raise ValueError(f"modality ids must be in [0, {num_modalities}), got values from {lowest} to {highest}")
+    return lowest, highest
 
 
 def _per_modality(layers, x_BS_: torch.Tensor, modality_BS: torch.Tensor, out_shape: tuple[int, ...]) -> torch.Tensor:
@@ -180,6 +184,8 @@ class IntraInterMoE(RoutedBlock):
         for m in range(num_modalities):
             allowed[m, self.experts_of(m)] = True
         self.register_buffer("allowed_ME", allowed, persistent=False)
+        self.register_buffer("columns_MG", torch.tensor([self.experts_of(m) for m in range(num_modalities)]),
+                             persistent=False)
         self.last_modality_T: torch.Tensor | None = None
 
     def experts_of(self, modality: int) -> list[int]:
@@ -189,21 +195,40 @@ class IntraInterMoE(RoutedBlock):
         return [*range(first, first + self.num_intra), *range(shared, shared + self.num_shared)]
 
     def forward(self, x_BSD: torch.Tensor, modality_BS: torch.Tensor) -> torch.Tensor:
-        check_modalities(modality_BS, tuple(x_BSD.shape[:2]), self.num_modalities)
+        lowest, highest = check_modalities(modality_BS, tuple(x_BSD.shape[:2]), self.num_modalities)
         x_TD, modality_T = x_BSD.reshape(-1, self.dim), modality_BS.reshape(-1)
-        dtype = torch.promote_types(x_TD.dtype, torch.float32)
-        logits_TE = x_TD.new_zeros(x_TD.shape[0], self.num_experts, dtype=dtype)
-        for m, router in enumerate(self.routers):  # each modality's router fills its own columns
-            rows = (modality_T == m).nonzero().squeeze(1)
-            if rows.numel():
-                own = F.linear(x_TD[rows].to(dtype), router.weight.to(dtype))
-                logits_TE = logits_TE.index_put((rows[:, None], torch.tensor(self.experts_of(m), device=rows.device)), own)
-        routed = topk_route(logits_TE, self.top_k, renormalize=True, allowed_TE=self.allowed_ME[modality_T])
+        if lowest == highest:  # one modality (a decoding step, a batch of one kind): route over its columns only
+            routed = self._route_one_modality(x_TD, lowest)
+        else:
+            routed = self._route_mixed(x_TD, modality_T)
         self.last_modality_T = modality_T
         self.record_routing(routed, x_BSD.shape[:2])
         plan = build_plan(routed.ids_TK, self.num_experts)
         y_TD = expert_mlp(x_TD, routed.weights_TK.to(x_TD.dtype), plan, self.w_in, self.w_out, backend=self.backend)
         return y_TD.view_as(x_BSD)
+
+    def _route_mixed(self, x_TD: torch.Tensor, modality_T: torch.Tensor) -> RouterOutput:
+        """Each modality's router fills its own columns of [T, E] logits; a softmax top-k over the allowed ones."""
+        dtype = torch.promote_types(x_TD.dtype, torch.float32)
+        logits_TE = x_TD.new_zeros(x_TD.shape[0], self.num_experts, dtype=dtype)
+        for m, router in enumerate(self.routers):
+            rows = (modality_T == m).nonzero().squeeze(1)
+            if rows.numel():
+                own = F.linear(x_TD[rows].to(dtype), router.weight.to(dtype))
+                logits_TE = logits_TE.index_put((rows[:, None], self.columns_MG[m]), own)
+        return topk_route(logits_TE, self.top_k, renormalize=True, allowed_TE=self.allowed_ME[modality_T])
+
+    def _route_one_modality(self, x_TD: torch.Tensor, modality: int) -> RouterOutput:
+        """``_route_mixed`` when every token is of ``modality``: the softmax top-k over its own G columns (the same
+        distribution as the masked one over E), then ids, probabilities and logits placed in the E columns."""
+        dtype = torch.promote_types(x_TD.dtype, torch.float32)
+        own_TG = F.linear(x_TD.to(dtype), self.routers[modality].weight.to(dtype))
+        local = topk_route(own_TG, self.top_k, renormalize=True)
+        columns_G = self.columns_MG[modality]
+        placed = [own_TG.new_zeros(x_TD.shape[0], self.num_experts).index_copy(1, columns_G, t)
+                  for t in (own_TG, local.probs_TE)]
+        return RouterOutput(ids_TK=columns_G[local.ids_TK], weights_TK=local.weights_TK, probs_TE=placed[1],
+                            logits_TE=placed[0])
 
 
 # ----------------------------------------------------------------------------------------------------------
