@@ -189,9 +189,10 @@ class DynamicCapacityMoE(RoutedBlock):
         if shares_TS is not None:
             y_TD = y_TD + self._shared_experts(x_TD, shares_TS.to(x.dtype))
 
-        load_E = losses.expert_counts(dispatch_TK, self.num_dynamic).float()
         record = RouterOutput(routed.ids_TK, weights_TK, routed.probs_TE, routed.logits_TE)
-        self.record_routing(record, x.shape[:-1], load_E=load_E, dropped=int((used_TK & ~kept_TK).sum()))
+        # the load and the drop count as functions: a no-grad record counts them only when read (no host sync)
+        self.record_routing(record, x.shape[:-1], load_E=lambda: losses.expert_counts(dispatch_TK, self.num_dynamic).float(),
+                            dropped=lambda: int((used_TK & ~kept_TK).sum()))
         return y_TD.reshape(x.shape)
 
     def _gate_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
