@@ -544,7 +544,7 @@ def _padded_experts(x_TD: torch.Tensor, table: _ExpertTable, padded_S: torch.Ten
 # arithmetic: the plan's sort, per-expert gathers into buffers, the padded layout's index bookkeeping, a sync for
 # the counts (at one token of the bundled DiT-MoE digits layer, 8 experts of 128 x 128, ~140 us against ~25 us
 # for the whole dense MLP of the same active width). Without autograd and with at most ``FEW_TOKENS_MAX_SLOTS``
-# slots, the slots are grouped by expert on the host from one copy of the ids and weights (no sort), and then:
+# slots, nothing is sorted:
 # - small experts (all E together at most ``FEW_TOKENS_ALL_EXPERTS_MAX_WEIGHTS`` weights, so they stay in cache) at
 #   more than one token all run on every token, with no host work at all: one GEMM over every expert's W_in,
 #   the activation, the routing weights as a dense [T, E] gate (zero for experts a token did not choose), one
@@ -552,11 +552,12 @@ def _padded_experts(x_TD: torch.Tensor, table: _ExpertTable, padded_S: torch.Ten
 #   no host copy of the ids, no per-expert row lists and no index tensors: the whole digits MoE layer (Zen 3,
 #   1 thread, interleaved against the padded layout built on the host that ran here before) took 0.91x the time
 #   at 2 and 4 tokens, 1.01x at 8, 1.05x at 16;
-# - otherwise each chosen expert runs on views of its own weights with ``torch.mm`` (no weight is copied: at one
-#   token the layer reads the same weight bytes as the dense MLP of its active width), on the tokens themselves
-#   when it takes every token in order (one token: always), else on its gathered rows.
-# oneDNN is not used: at a few rows MKL's GEMMs are as fast or faster. Experts are summed in increasing id order,
-# as the walk sums them.
+# - otherwise the slots are grouped by expert on the host from one copy of the ids and weights, and each chosen
+#   expert runs on views of its own weights with ``torch.mm`` (no weight is copied: at one token the layer reads
+#   the same weight bytes as the dense MLP of its active width), on the tokens themselves when it takes every
+#   token in order (one token: always), else on its gathered rows; experts are summed in increasing id order, as
+#   the walk sums them.
+# oneDNN is not used: at a few rows MKL's GEMMs are as fast or faster.
 FEW_TOKENS_MAX_SLOTS = 32  # 16 tokens of top-2: faster than the sorted paths on all of bench/decode.py's layers
 FEW_TOKENS_ALL_EXPERTS_MAX_WEIGHTS = 1 << 20
 

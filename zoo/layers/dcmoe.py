@@ -191,7 +191,8 @@ class DynamicCapacityMoE(RoutedBlock):
 
         record = RouterOutput(routed.ids_TK, weights_TK, routed.probs_TE, routed.logits_TE)
         # the load and the drop count as functions: a no-grad record counts them only when read (no host sync)
-        self.record_routing(record, x.shape[:-1], load_E=lambda: losses.expert_counts(dispatch_TK, self.num_dynamic).float(),
+        self.record_routing(record, x.shape[:-1],
+                            load_E=lambda: losses.expert_counts(dispatch_TK, self.num_dynamic).float(),
                             dropped=lambda: int((used_TK & ~kept_TK).sum()))
         return y_TD.reshape(x.shape)
 
