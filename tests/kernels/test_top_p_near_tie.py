@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from moezoo.kernels.losses import chosen_set_balance_loss
+from moezoo.kernels import routing
 from moezoo.kernels.routing import top_p_near_tie_route
 from helpers import unimoe_audio_route_token
 from tolerance import fp_tolerance
@@ -29,8 +30,14 @@ def logits_with_near_ties(num_tokens: int, num_experts: int, seed: int = 0) -> t
     return logits
 
 
+@pytest.mark.parametrize("on_host", [False, True])
 @pytest.mark.parametrize("p, tolerance", [(0.7, 0.01), (0.4, 0.01), (0.95, 0.05), (0.7, 0.0)])
-def test_ids_and_weights_follow_the_official_loop(p, tolerance):
+def test_ids_and_weights_follow_the_official_loop(monkeypatch, p, tolerance, on_host):
+    """The tensor form and (without autograd, few slots: decoding) the host form of the weights."""
+    monkeypatch.setattr(routing, "NEAR_TIE_HOST_MAX_SLOTS", 1 << 20 if on_host else 0)
+    host_calls = []
+    host_weights = routing._near_tie_weights_on_host
+    monkeypatch.setattr(routing, "_near_tie_weights_on_host", lambda *a: host_calls.append(1) or host_weights(*a))
     logits = logits_with_near_ties(48, 9)
     out = top_p_near_tie_route(logits, p, tie_tolerance=tolerance)
     torch.testing.assert_close(out.probs_TE, torch.softmax(logits, -1), **TOL)
@@ -44,6 +51,7 @@ def test_ids_and_weights_follow_the_official_loop(p, tolerance):
         ties_seen += bool((weights - weights.max()).abs().max() > 0.1)
     # the near ties did change weights for many tokens; with no tolerance every weight is 1/(k + 1e-6)
     assert ties_seen > 5 if tolerance else ties_seen == 0
+    assert host_calls == ([1] if on_host else [])
 
 
 def test_gradients_reach_the_logits_through_near_ties_only():
