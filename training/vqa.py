@@ -205,8 +205,9 @@ class EncoderPretrainModule(pl.LightningModule):
     nearest to it and of the one furthest from it (cross-entropy over the 18 pairs), and whether it is the
     leftmost, rightmost, topmost or bottommost object (binary cross-entropy). A 4-layer decoder given only each
     object's centre compared distances poorly (closest / furthest 0.73 however long it trained); the ViT's
-    global attention over every patch pair learns them here, and the decoder then reads them off the object the
-    question names.
+    global attention over every patch pair learns them here (relation_weight 1.0, 2400 steps: 89% of object
+    patches read both right on validation), but the decoder did not read them off the named object any better:
+    after stage 3b closest / furthest 0.73 / 0.71 and "left of" 0.64 (0.95 without them), so the configs keep 0.
     Batches: ``{"image": scene QA batch, "sound": sound QA batch}`` (the captions give the pairs).
     The encoders are saved as ``image_encoder.safetensors`` / ``audio_encoder.safetensors`` in ``save_dir``
     (relative: inside the run's folder) when fitting ends."""
