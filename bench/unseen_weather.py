@@ -28,7 +28,8 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from moezoo.training.datasets.photos import photos
-from moezoo.training.datasets.weather import check_image, ellipse_window  # input check and geometry only: the look is this file's own
+# the input check and the geometry only: the look of this renderer's weather is this file's own
+from moezoo.training.datasets.weather import check_image, ellipse_window
 
 UNSEEN_WEATHER = ("rain_streaks", "raindrops", "snow", "haze")
 

@@ -225,10 +225,10 @@ class IntraInterMoE(RoutedBlock):
         own_TG = F.linear(x_TD.to(dtype), self.routers[modality].weight.to(dtype))
         local = topk_route(own_TG, self.top_k, renormalize=True)
         columns_G = self.columns_MG[modality]
-        placed = [own_TG.new_zeros(x_TD.shape[0], self.num_experts).index_copy(1, columns_G, t)
-                  for t in (own_TG, local.probs_TE)]
-        return RouterOutput(ids_TK=columns_G[local.ids_TK], weights_TK=local.weights_TK, probs_TE=placed[1],
-                            logits_TE=placed[0])
+        empty_TE = own_TG.new_zeros(x_TD.shape[0], self.num_experts)
+        return RouterOutput(ids_TK=columns_G[local.ids_TK], weights_TK=local.weights_TK,
+                            probs_TE=empty_TE.index_copy(1, columns_G, local.probs_TE),
+                            logits_TE=empty_TE.index_copy(1, columns_G, own_TG))
 
 
 # ----------------------------------------------------------------------------------------------------------
