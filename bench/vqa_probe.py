@@ -8,6 +8,10 @@ Each source is scored on the same ``--per-kind`` test scenes per kind (``SceneQA
 answers), one thread unless ``--threads``. ``--text`` asks as stage 1 trains: the scene's caption written before
 the question, no picture. Existence questions are split by what the scene holds: the pair itself, its colour on
 another shape (the case that needs colour and shape bound together), or not its colour at all.
+
+For "closest to" / "furthest from" the probe also reports a shortcut that needs no distances: answer the shape most
+of the other objects have (``majority_other_shape``). On test scenes it is right about 70% of the time; a model
+that learnt it agrees with it even where it is wrong.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from collections import Counter
 
 import torch
 
-from moezoo.training.datasets.scenes import SceneQADataset, caption_pairs
+from moezoo.training.datasets.scenes import SceneQADataset, caption_pairs, majority_other_shape
 from moezoo.zoo import create_model
 
 KINDS = ("shape", "colour", "count", "relation", "exists")
@@ -38,23 +42,40 @@ def wording(item: dict) -> str:
     return ""
 
 
-def probe(source: str, items: list[dict], text: bool = False, batch: int = 60) -> tuple[Counter, Counter, Counter]:
+def shortcut_answer(item: dict, objects: list) -> str:
+    """:func:`majority_other_shape` for the object the question names (... the <colour> object?)."""
+    colour = item["prompt"].rstrip("?").split()[-2]
+    return majority_other_shape(next(o for o in objects if o.colour == colour), objects)
+
+
+def distance_kind(item: dict) -> bool:
+    return item["kind"] == "relation" and wording(item) in ("closest to", "furthest from")
+
+
+def probe(source: str, items: list[dict], scenes: list[list], text: bool = False,
+          batch: int = 60) -> tuple[Counter, Counter, Counter, Counter]:
     model = create_model(source, pretrained=True).eval()
-    right, total, exists = Counter(), Counter(), Counter()
+    right, total, exists, shortcut = Counter(), Counter(), Counter(), Counter()
     with torch.no_grad():
         for start in range(0, len(items), batch):
-            rows = items[start:start + batch]
+            rows, objects = items[start:start + batch], scenes[start:start + batch]
             if text:
                 out = model.generate(None, None, [f"{r['caption']}. {r['prompt']}" for r in rows])
             else:
                 out = model.generate(torch.stack([r["image"] for r in rows]), None, [r["prompt"] for r in rows])
-            for row, answer in zip(rows, out.text):
+            for row, answer, row_objects in zip(rows, out.text, objects):
                 key = (row["kind"], wording(row))
                 total[key] += 1
                 right[key] += answer == row["answer"]
                 if row["kind"] == "exists":
                     exists[(row["answer"], answer)] += 1
-    return right, total, exists
+                if distance_kind(row):
+                    guess = shortcut_answer(row, row_objects)
+                    case = "shortcut right" if guess == row["answer"] else "shortcut wrong"
+                    shortcut[case, "questions"] += 1
+                    shortcut[case, "model right"] += answer == row["answer"]
+                    shortcut[case, "model = shortcut"] += answer == guess
+    return right, total, exists, shortcut
 
 
 def main() -> None:
@@ -69,12 +90,18 @@ def main() -> None:
     kinds = args.kinds.split(",")
     data = SceneQADataset("test", args.per_kind * len(kinds), kinds=kinds)
     items = [data[i] for i in range(len(data))]
+    scenes = [data.scene(i)[0] for i in range(len(data))]
     for source in args.sources:
-        right, total, exists = probe(source, items, args.text)
+        right, total, exists, shortcut = probe(source, items, scenes, args.text)
         print(f"\n{source}\n\n| kind | wording | questions | accuracy |\n|---|---|---:|---:|")
         for key in sorted(total):
             print(f"| {key[0]} | {key[1] or '-'} | {total[key]} | {right[key] / total[key]:.2f} |")
         print("existence (truth -> answer): " + ", ".join(f"{t} -> {a}: {n}" for (t, a), n in sorted(exists.items())))
+        if shortcut:
+            cases = [f"{case} ({shortcut[case, 'questions']}): model right {shortcut[case, 'model right']}, "
+                     f"model = shortcut {shortcut[case, 'model = shortcut']}"
+                     for case in ("shortcut right", "shortcut wrong")]
+            print("closest / furthest against the majority-shape shortcut: " + "; ".join(cases))
 
 
 if __name__ == "__main__":

@@ -190,3 +190,48 @@ def test_several_questions_per_scene_ask_every_kind_of_one_picture_and_read_righ
         SceneQADataset(questions_per_scene=0)
     with pytest.raises(IndexError):
         kept[4 * q]
+
+
+def majority_of_others_from_picture(question: str, seen: dict[str, dict]) -> str:
+    """The shortcut read off the picture: the commonest shape among the objects the question does not name,
+    ties to the leftmost."""
+    anchor = question.rstrip("?").split()[-2]
+    counts: dict[str, int] = {}
+    for colour in sorted(seen, key=lambda c: seen[c]["x"]):
+        if colour != anchor:
+            counts[seen[colour]["shape"]] = counts.get(seen[colour]["shape"], 0) + 1
+    return max(counts, key=counts.get)  # max keeps the first of equal counts: the leftmost's
+
+
+def test_against_shortcut_asks_where_the_majority_shape_is_wrong_and_stays_right():
+    from moezoo.training.datasets.scenes import SceneQADataset
+
+    def distance_questions(against):
+        data = SceneQADataset("train", num_scenes=240, seed=2, kinds=["relation"], against_shortcut=against)
+        asked = []
+        for i in range(len(data)):
+            item = data[i]
+            if "left of" not in item["prompt"]:
+                pixels = ((item["image"].permute(1, 2, 0) + 1) * 127.5).round().numpy().astype(np.uint8)
+                asked.append((item["prompt"], item["answer"], read_picture(pixels)))
+        return asked
+
+    natural, against = distance_questions(0.0), distance_questions(1.0)
+    for prompt, answer, seen in natural + against:
+        assert answer == answer_from_picture(prompt, seen), (prompt, answer, seen)
+
+    def shortcut_right(asked):
+        return sum(majority_of_others_from_picture(p, seen) == a for p, a, seen in asked) / len(asked)
+
+    # natural scenes: the shortcut is right ~2/3 of the time; asked against it, only where every object's
+    # answer is the majority's (two-object scenes always are)
+    assert shortcut_right(natural) > 0.6 and shortcut_right(against) < 0.45
+    # only the distance questions change: every other item, and every picture, is the natural one
+    both = [SceneQADataset("train", num_scenes=60, seed=2, kinds=["relation", "colour"], against_shortcut=a)
+            for a in (0.0, 1.0)]
+    for plain, shifted in zip(*([d[i] for i in range(len(d))] for d in both)):
+        assert torch.equal(plain["image"], shifted["image"])
+        if "closest" not in plain["prompt"] and "furthest" not in plain["prompt"]:
+            assert (plain["prompt"], plain["answer"]) == (shifted["prompt"], shifted["answer"])
+    with pytest.raises(ValueError, match="against_shortcut is a probability"):
+        SceneQADataset("train", num_scenes=1, against_shortcut=1.5)

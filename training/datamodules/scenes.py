@@ -45,13 +45,15 @@ class ScenesQADataModule(SplitDataModule):
         cache: keep the scenes made in memory for the next epochs and questions (with ``num_workers=0``; each
             worker would keep its own).
         questions_per_scene: training questions asked about each training scene (validation and test: one).
+        against_shortcut: training's "closest to" / "furthest from" questions name, with this probability, an
+            object whose answer the majority-shape shortcut gets wrong (``ask``); validation and test stay natural.
     """
 
     collate_fn = staticmethod(collate_qa_batch)
 
     def __init__(self, num_train: int = 20000, num_val: int = 500, num_test: int = 1000, image_size: int = 64,
                  kinds: Sequence[str] = ANSWER_KINDS, batch_size: int = 64, num_workers: int = 0, seed: int = 0,
-                 cache: bool = False, questions_per_scene: int = 1) -> None:
+                 cache: bool = False, questions_per_scene: int = 1, against_shortcut: float = 0.0) -> None:
         check_sample_counts(num_train, num_val)
         if num_test < 0:
             raise ValueError(f"num_test must be >= 0, got {num_test}")
@@ -59,14 +61,16 @@ class ScenesQADataModule(SplitDataModule):
         self.save_hyperparameters()
         self.num_train, self.num_val, self.num_test = num_train, num_val, num_test
         self.image_size, self.kinds, self.cache = image_size, tuple(kinds), cache
-        self.questions_per_scene = questions_per_scene
+        self.questions_per_scene, self.against_shortcut = questions_per_scene, against_shortcut
 
-    def _split(self, split: str, count: int, questions_per_scene: int = 1, cache: bool = False) -> SceneQADataset:
+    def _split(self, split: str, count: int, questions_per_scene: int = 1, cache: bool = False,
+               against_shortcut: float = 0.0) -> SceneQADataset:
         return SceneQADataset(split, count, seed=self.seed, image_size=self.image_size, kinds=self.kinds,
-                              questions_per_scene=questions_per_scene, cache_scenes=cache)
+                              questions_per_scene=questions_per_scene, cache_scenes=cache,
+                              against_shortcut=against_shortcut)
 
     def make_splits(self) -> tuple[Dataset, Dataset | None]:
-        train = self._split("train", self.num_train, self.questions_per_scene, self.cache)
+        train = self._split("train", self.num_train, self.questions_per_scene, self.cache, self.against_shortcut)
         return train, (self._split("val", self.num_val, cache=self.cache) if self.num_val else None)
 
     def test_dataloader(self) -> list[DataLoader]:
@@ -118,9 +122,10 @@ class ScenesSoundsQADataModule(ScenesQADataModule):
     def __init__(self, num_train: int = 20000, num_val: int = 500, num_test: int = 1000, image_size: int = 64,
                  kinds: Sequence[str] = ANSWER_KINDS, batch_size: int = 32, num_workers: int = 0, seed: int = 0,
                  cache: bool = True, sounds: bool = True, sound_batch_size: int = 8, note_renditions: int = 27,
-                 num_test_sounds: int = 480, describe_sounds: bool = False, questions_per_scene: int = 1) -> None:
+                 num_test_sounds: int = 480, describe_sounds: bool = False, questions_per_scene: int = 1,
+                 against_shortcut: float = 0.0) -> None:
         super().__init__(num_train, num_val, num_test, image_size, kinds, batch_size, num_workers, seed, cache,
-                         questions_per_scene)
+                         questions_per_scene, against_shortcut)
         if sound_batch_size < 1 or note_renditions < 1 or num_test_sounds < 0:
             raise ValueError("sound_batch_size and note_renditions must be >= 1, num_test_sounds >= 0")
         self.sounds, self.sound_batch_size, self.note_renditions = sounds, sound_batch_size, note_renditions

@@ -187,9 +187,27 @@ def _by_distance(anchor: SceneObject, objects: list[SceneObject]) -> list[SceneO
     return sorted((o for o in objects if o is not anchor), key=lambda o: math.dist((anchor.cx, anchor.cy), (o.cx, o.cy)))
 
 
-def ask(objects: list[SceneObject], kind: str, rng: np.random.Generator, split: str = "train") -> QA:
+def majority_other_shape(anchor: SceneObject, objects: list[SceneObject]) -> str:
+    """The shape most objects other than ``anchor`` have (on a tie, the leftmost's): a guess at "what shape is the
+    object closest to / furthest from ..." that needs no distances. On natural scenes it is right ~71% of the
+    time, and a small LM learns it instead of comparing distances."""
+    others = [o.shape for o in sorted(objects, key=lambda o: o.cx) if o is not anchor]
+    return Counter(others).most_common(1)[0][0]
+
+
+def _distance_target(anchor: SceneObject, objects: list[SceneObject], relation: str) -> SceneObject:
+    ranked = _by_distance(anchor, objects)
+    return ranked[0] if relation == "closest to" else ranked[-1]
+
+
+def ask(objects: list[SceneObject], kind: str, rng: np.random.Generator, split: str = "train",
+        against_shortcut: float = 0.0) -> QA:
     """One question of type ``kind`` about the scene, with its answer. An ``exists`` question about an absent
-    pair names only pairs the split allows (training never hears of a held-out pair)."""
+    pair names only pairs the split allows (training never hears of a held-out pair).
+
+    ``against_shortcut``: the probability that a "closest to" / "furthest from" question names an object whose
+    answer is not :func:`majority_other_shape` (when the scene has one), so that training rewards comparing
+    distances over the shortcut. 0 (the default) asks about any object and draws nothing more from ``rng``."""
     pick = lambda seq: seq[int(rng.integers(len(seq)))]  # noqa: E731
     if kind == "shape":
         o = pick(objects)
@@ -208,8 +226,12 @@ def ask(objects: list[SceneObject], kind: str, rng: np.random.Generator, split: 
             other = pick([o for o in objects if o is not anchor])
             return QA(kind, f"is the {anchor.colour} object left of the {other.colour} object?",
                       "yes" if anchor.cx < other.cx else "no")
-        ranked = _by_distance(anchor, objects)
-        target = ranked[0] if relation == "closest to" else ranked[-1]
+        if against_shortcut > 0 and rng.random() < against_shortcut:
+            beaten = [o for o in objects
+                      if _distance_target(o, objects, relation).shape != majority_other_shape(o, objects)]
+            if beaten:
+                anchor = pick(beaten)
+        target = _distance_target(anchor, objects, relation)
         return QA(kind, f"what shape is the object {relation} the {anchor.colour} object?", target.shape)
     if kind == "exists":
         present = {(o.colour, o.shape) for o in objects}
@@ -257,10 +279,12 @@ class SceneQADataset(Dataset):
         questions_per_scene: items per scene (the dataset's length is ``num_scenes * questions_per_scene``).
         cache_scenes: keep every scene made (objects and uint8 pixels, 12 KB at 64 px) for the next reads, so
             its other questions and the next epochs skip the rejection sampling and the drawing.
+        against_shortcut: see :func:`ask` (in [0, 1]; 0 keeps the scenes' natural questions).
     """
 
     def __init__(self, split: str = "train", num_scenes: int = 1000, seed: int = 0, image_size: int = 64,
-                 kinds: Sequence[str] = ANSWER_KINDS, questions_per_scene: int = 1, cache_scenes: bool = False) -> None:
+                 kinds: Sequence[str] = ANSWER_KINDS, questions_per_scene: int = 1, cache_scenes: bool = False,
+                 against_shortcut: float = 0.0) -> None:
         _check_split(split)
         if num_scenes < 0:
             raise ValueError(f"num_scenes must be >= 0, got {num_scenes}")
@@ -271,6 +295,9 @@ class SceneQADataset(Dataset):
             raise ValueError(f"unknown or no question kinds {unknown or list(kinds)}; accepted: {', '.join(ANSWER_KINDS)}")
         if questions_per_scene < 1:
             raise ValueError(f"questions_per_scene must be >= 1, got {questions_per_scene}")
+        if not 0.0 <= against_shortcut <= 1.0:
+            raise ValueError(f"against_shortcut is a probability in [0, 1], got {against_shortcut}")
+        self.against_shortcut = against_shortcut
         self.split, self.num_scenes, self.seed = split, num_scenes, seed
         self.image_size, self.kinds, self.questions_per_scene = image_size, tuple(kinds), questions_per_scene
         self._scenes: dict[int, tuple[list[SceneObject], np.ndarray, dict]] | None = {} if cache_scenes else None
@@ -310,7 +337,7 @@ class SceneQADataset(Dataset):
         if kind == "caption":
             prompt, answer = CAPTION_PROMPT, scene_caption(objects)
         else:
-            _, prompt, answer = ask(objects, kind, rng, self.split)
+            _, prompt, answer = ask(objects, kind, rng, self.split, self.against_shortcut)
         image = torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1.0
         return QASample(image=image, prompt=prompt, answer=answer, kind=kind, caption=scene_caption(objects),
                         centres=colour_centres(objects))
