@@ -33,6 +33,11 @@ def read_picture(image: np.ndarray) -> dict[str, dict]:
     return found
 
 
+def item_pixels(item: dict) -> np.ndarray:
+    """A dataset item's image back as the uint8 [H, W, 3] picture it was made from."""
+    return np.round((item["image"].permute(1, 2, 0).numpy() + 1) * 127.5).astype(np.uint8)
+
+
 def answer_from_picture(question: str, seen: dict[str, dict]) -> str:
     words = question.rstrip("?").split()
     if question.startswith("what shape is the object"):
@@ -123,7 +128,7 @@ def test_qa_dataset_items_are_reproducible_balanced_and_read_right():
     for i in range(len(data)):
         item = data[i]
         assert item["image"].shape == (3, IMAGE_SIZE, IMAGE_SIZE) and -1 <= item["image"].min() < item["image"].max() <= 1
-        picture = np.round((item["image"].permute(1, 2, 0).numpy() + 1) * 127.5).astype(np.uint8)
+        picture = item_pixels(item)
         seen = read_picture(picture)
         if item["kind"] == "caption":
             assert item["prompt"] == CAPTION_PROMPT
@@ -176,7 +181,7 @@ def test_several_questions_per_scene_ask_every_kind_of_one_picture_and_read_righ
         items = [kept[scene * q + j] for j in range(q)]
         assert sorted(item["kind"] for item in items) == sorted(ANSWER_KINDS)
         assert all(torch.equal(item["image"], items[0]["image"]) for item in items)
-        seen = read_picture(np.round((items[0]["image"].permute(1, 2, 0).numpy() + 1) * 127.5).astype(np.uint8))
+        seen = read_picture(item_pixels(items[0]))
         for item in items:
             if item["kind"] != "caption":
                 assert item["answer"] == answer_from_picture(item["prompt"], seen)
@@ -212,8 +217,7 @@ def test_against_shortcut_asks_where_the_majority_shape_is_wrong_and_stays_right
         for i in range(len(data)):
             item = data[i]
             if "left of" not in item["prompt"]:
-                pixels = ((item["image"].permute(1, 2, 0) + 1) * 127.5).round().numpy().astype(np.uint8)
-                asked.append((item["prompt"], item["answer"], read_picture(pixels)))
+                asked.append((item["prompt"], item["answer"], read_picture(item_pixels(item))))
         return asked
 
     natural, against = distance_questions(0.0), distance_questions(1.0)

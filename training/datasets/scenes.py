@@ -189,8 +189,8 @@ def _by_distance(anchor: SceneObject, objects: list[SceneObject]) -> list[SceneO
 
 def majority_other_shape(anchor: SceneObject, objects: list[SceneObject]) -> str:
     """The shape most objects other than ``anchor`` have (on a tie, the leftmost's): a guess at "what shape is the
-    object closest to / furthest from ..." that needs no distances. On natural scenes it is right ~71% of the
-    time, and a small LM learns it instead of comparing distances."""
+    object closest to / furthest from ..." that needs no distances. On natural scenes it is right about 70% of
+    the time, and a small LM learns it instead of comparing distances."""
     others = [o.shape for o in sorted(objects, key=lambda o: o.cx) if o is not anchor]
     return Counter(others).most_common(1)[0][0]
 
