@@ -8,9 +8,10 @@ Part 1, one layer at T = 1 / 4 / 16 / 64 tokens, times interleaved call by call 
 (``few_tokens.interleaved_ms``; median ms):
 
 - ``moezoo``: the layer as the pipelines run it (frozen, ``torch.no_grad``): router, experts, shared experts and
-  the routing record included;
-- ``no few-token path``: the same with ``FEW_TOKENS_MAX_SLOTS = 0``: the sorted plan and the walk or padded
-  GEMMs that larger calls take;
+  the routing record included; where the layer is the decode kernel's (``kernels.cpu_decode``: MoE blocks with
+  top-k routers, MoIIE's one-modality calls) one native call;
+- ``no decode kernel``: the same with the kernel off (``cpu_decode.MAX_SLOTS = 0``): the eager few-token path
+  of the torch backend (no sort; views of the chosen experts' weights), as before the kernel;
 - ``dense``: a SwiGLU MLP (``GatedMLP``) of the same active parameters: hidden ``k * f + shared``;
 - ``HF eager``: transformers' ``MixtralExperts`` with ``experts_implementation="eager"`` (a Python loop over the
   experts hit, ``bench/moe_layer.py``'s ``hf_experts``) behind the same router (softmax top-k written out as
@@ -26,7 +27,7 @@ counterpart's hidden is the routed experts it used per token on these inputs, ro
 Part 2, the bundled generators: ``moe_vlm_tiny`` answering "describe the picture." about test scenes, and
 ``unimoe_audio_tiny`` saying "the word seven" (guidance 2: two rows per step), each with its KV cache. Timed:
 every ``run_blocks`` call of the generation (all decoder layers: attention with the cache, FFN, norms), by
-the number of new positions; a decode step is a call with one new position. The same with the few-token path
+the number of new positions; a decode step is a call with one new position. The same with the decode kernel
 off, and with every routed FFN replaced by a dense SwiGLU of the same active parameters (random weights: its
 tokens differ, its time per step does not depend on them).
 
@@ -48,7 +49,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-import moezoo.kernels.cpu_backend as cpu_backend
+import moezoo.kernels.cpu_decode as cpu_decode
 from few_tokens import LAYERS, interleaved_ms  # noqa: E402  (bench/ is not a package)
 from moe_layer import CpuShare, Shape, cpu_model, hf_experts  # noqa: E402
 from moezoo.zoo.layers import GatedMLP, MoE, freeze
@@ -57,20 +58,20 @@ TOKENS = (1, 4, 16, 64)
 
 
 @contextmanager
-def few_token_path(enabled: bool):
-    """The torch backend's few-token path on (the default) or off."""
-    saved = cpu_backend.FEW_TOKENS_MAX_SLOTS
+def decode_kernel(enabled: bool):
+    """The MoE blocks' native decode kernel on (the default) or off."""
+    saved = cpu_decode.MAX_SLOTS
     if not enabled:
-        cpu_backend.FEW_TOKENS_MAX_SLOTS = 0
+        cpu_decode.MAX_SLOTS = 0
     try:
         yield
     finally:
-        cpu_backend.FEW_TOKENS_MAX_SLOTS = saved
+        cpu_decode.MAX_SLOTS = saved
 
 
-def without_few_tokens(fn):
+def without_kernel(fn):
     def call():
-        with few_token_path(False):
+        with decode_kernel(False):
             return fn()
     return call
 
@@ -94,7 +95,7 @@ class LayerCase:
         call reads over the dense MLP's (experts hit, shared experts)."""
         x = self.inputs(tokens)
         ours = lambda: self.call(x)  # noqa: E731
-        calls = {"moezoo": ours, "no few-token path": without_few_tokens(ours), "dense": lambda: self.dense(x[0])}
+        calls = {"moezoo": ours, "no decode kernel": without_kernel(ours), "dense": lambda: self.dense(x[0])}
         check = None
         if self.hf is not None:
             calls["HF eager"] = lambda: self.hf(x)
@@ -266,7 +267,7 @@ def generator_rows(vlm_pipe, images, audio_pipe, audio_routed: float, repeats: i
     rows = []
     for label, (pipe, dense_pipe, run) in runs.items():
         timers = {"moezoo": StepTimer(pipe.model), "dense": StepTimer(dense_pipe.model)}
-        calls = {"moezoo": lambda: run(pipe), "no few-token path": without_few_tokens(lambda: run(pipe)),
+        calls = {"moezoo": lambda: run(pipe), "no decode kernel": without_kernel(lambda: run(pipe)),
                  "dense": lambda: run(dense_pipe)}
         per_step = {name: [] for name in calls}
         for _ in range(repeats):
@@ -306,22 +307,22 @@ def main(argv: list[str] | None = None) -> None:
     audio_case, audio_routed = audio_layer_case(audio_pipe)
     cases = random_layer_cases() + [vlm_layer_case(vlm_pipe, images), audio_case]
 
-    print("\n| layer | T | moezoo ms | no few-token path | dense | HF eager | moezoo / dense | weights read / dense "
+    print("\n| layer | T | moezoo ms | no decode kernel | dense | HF eager | moezoo / dense | weights read / dense "
           "| HF eager / moezoo | rel. diff HF |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for label, tokens, ms, check, weights in layer_rows(cases, args.calls):
         hf = ms.get("HF eager")
-        print(f"| {label} | {tokens} | {ms['moezoo']:.3f} | {ms['no few-token path']:.3f} | {ms['dense']:.3f} | "
+        print(f"| {label} | {tokens} | {ms['moezoo']:.3f} | {ms['no decode kernel']:.3f} | {ms['dense']:.3f} | "
               + (f"{hf:.3f}" if hf else "-") + f" | {ms['moezoo'] / ms['dense']:.2f} | {weights:.2f} | "
               + (f"{hf / ms['moezoo']:.2f} | {check:.1e} |" if hf else "- | - |"))
     print(f"\n(unimoe_audio_tiny's layer used {audio_routed:.2f} routed experts per token on these inputs: its dense "
           f"counterpart has {round(audio_routed)} experts' width plus the shared experts')")
 
-    print("\n| generator, one decode step (all layers) | steps | moezoo ms | no few-token path ms | dense ms | "
+    print("\n| generator, one decode step (all layers) | steps | moezoo ms | no decode kernel ms | dense ms | "
           "moezoo / dense |")
     print("|---|---:|---:|---:|---:|---:|")
     for label, steps, ms in generator_rows(vlm_pipe, images, audio_pipe, audio_routed, max(3, args.calls // 10)):
-        print(f"| {label} | {steps} | {ms['moezoo']:.2f} | {ms['no few-token path']:.2f} | {ms['dense']:.2f} | "
+        print(f"| {label} | {steps} | {ms['moezoo']:.2f} | {ms['no decode kernel']:.2f} | {ms['dense']:.2f} | "
               f"{ms['moezoo'] / ms['dense']:.2f} |")
     print(f"\n# CPU use during the run: {cpu_share.report()}")
 

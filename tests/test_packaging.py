@@ -45,7 +45,8 @@ def test_no_bare_top_level_packages(wheel_names):
 
 
 def test_package_data_ships(wheel_names):
-    for pattern_dir, suffix in (("moezoo/training/configs/", ".yaml"), ("moezoo/zoo/weights/", ".safetensors")):
+    for pattern_dir, suffix in (("moezoo/training/configs/", ".yaml"), ("moezoo/zoo/weights/", ".safetensors"),
+                                ("moezoo/kernels/", ".c")):
         local = ROOT / pattern_dir.removeprefix("moezoo/")
         for path in local.glob(f"*{suffix}") if local.exists() else ():
             assert pattern_dir + path.name in wheel_names

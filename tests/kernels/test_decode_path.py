@@ -1,6 +1,7 @@
 """The decoding paths (a MoE layer on a few tokens without grad) against independent references.
 
-- the torch backend's few-token path (no sort; the chosen experts on views of their weights, or small experts all
+- the torch backend's few-token path (the MoE block's native decode kernel off: its own tests are in
+  test_decode_kernel.py; no sort; the chosen experts on views of their weights, or small experts all
   on every token behind a dense gate) against the per-token loop of tests/helpers.py;
 - the plan: nothing but checks until a field is read, and what is read equals the slots counted by hand;
 - the MoE block at a few tokens against the block computed token by token from its raw parameters (router
@@ -18,6 +19,7 @@ from helpers import act_formula, expert_on_token, gshard_kept, loop_moe
 from tolerance import fp_tolerance
 
 import moezoo.kernels.cpu_backend as cpu_backend
+import moezoo.kernels.cpu_decode as cpu_decode
 from moezoo.kernels import SharedExpert, build_plan, expert_mlp, topk_route
 from moezoo.zoo.layers import MoE
 from moezoo.zoo.layers.modality import IntraInterMoE
@@ -42,9 +44,11 @@ def make_case(T, k, E, *, D=8, F=6, D_out=None, gated=True, bias=False, dtype=to
 
 @pytest.fixture
 def few_token_calls(monkeypatch):
-    """Every no-grad call below takes the few-token path (at most 2^10 slots); counts the calls that do, by
-    variant ('views' or 'all': every expert on every token)."""
+    """Every no-grad call below takes the few-token path (at most 2^10 slots; the MoE block's native decode kernel,
+    tests/kernels/test_decode_kernel.py, off); counts the calls that do, by variant ('views' or 'all': every
+    expert on every token)."""
     monkeypatch.setattr(cpu_backend, "FEW_TOKENS_MAX_SLOTS", 1 << 10)
+    monkeypatch.setattr(cpu_decode, "MAX_SLOTS", 0)
     calls = {"views": 0, "all": 0}
     forward, all_experts = cpu_backend._few_tokens_forward, cpu_backend._few_tokens_all_experts
 

@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moezoo.kernels import expert_mlp, losses, topk_route
+from moezoo.kernels import cpu_decode, expert_mlp, losses, topk_route
 from moezoo.kernels.plan import build_plan, capacity_for
 from moezoo.kernels.routing import RouterOutput, expert_choice_route
 
@@ -187,6 +187,7 @@ class IntraInterMoE(RoutedBlock):
         self.register_buffer("columns_MG", torch.tensor([self.experts_of(m) for m in range(num_modalities)]),
                              persistent=False)
         self.last_modality_T: torch.Tensor | None = None
+        self._decode_prepared: dict = {}  # the decode kernel's prepared call per modality, made on first use
 
     def experts_of(self, modality: int) -> list[int]:
         """The global ids of the experts modality ``modality`` routes over: its intra experts, then the shared."""
@@ -197,6 +198,14 @@ class IntraInterMoE(RoutedBlock):
     def forward(self, x_BSD: torch.Tensor, modality_BS: torch.Tensor) -> torch.Tensor:
         lowest, highest = check_modalities(modality_BS, tuple(x_BSD.shape[:2]), self.num_modalities)
         x_TD, modality_T = x_BSD.reshape(-1, self.dim), modality_BS.reshape(-1)
+        prepared = self._decode_kernel(x_TD, lowest) if lowest == highest else None
+        if prepared is not None:  # a decoding step: router, top-k and experts in one native call
+            out = prepared(x_TD if x_TD.is_contiguous() else x_TD.contiguous())
+            if out is not None:  # (None: a non-finite logit, which the eager path reports)
+                y_TD, ids_TK, weights_TK, probs_TE, logits_TE = out
+                self.last_modality_T = modality_T
+                self.record_routing(RouterOutput(ids_TK, weights_TK, probs_TE, logits_TE), x_BSD.shape[:2])
+                return y_TD.view_as(x_BSD)
         if lowest == highest:  # one modality (a decoding step, a batch of one kind): route over its columns only
             routed = self._route_one_modality(x_TD, lowest)
         else:
@@ -206,6 +215,20 @@ class IntraInterMoE(RoutedBlock):
         plan = build_plan(routed.ids_TK, self.num_experts)
         y_TD = expert_mlp(x_TD, routed.weights_TK.to(x_TD.dtype), plan, self.w_in, self.w_out, backend=self.backend)
         return y_TD.view_as(x_BSD)
+
+    def _decode_kernel(self, x_TD: torch.Tensor, modality: int) -> cpu_decode.PreparedLayer | None:
+        """The native call (``kernels.cpu_decode``) of ``_route_one_modality`` and the experts, when this call can
+        be one (``cpu_decode.fits``): the modality's router over its own experts, softmax top-k renormalised."""
+        params = self._parameters
+        tensors = (self.routers[modality]._parameters["weight"], params["w_in"], params["w_out"])
+        if not cpu_decode.fits(x_TD, self.top_k, self.training, self.backend, tensors):
+            return None
+        router_w, w_in, w_out = (t.detach() for t in tensors)
+        return cpu_decode.prepared_for(self._decode_prepared, modality, tensors,
+                                       lambda: cpu_decode.PreparedLayer(
+                                           router_w, None, None, w_in, w_out, None, top_k=self.top_k,
+                                           activation="silu", gated=True, renormalize=True,
+                                           expert_map_E=self.columns_MG[modality]))
 
     def _route_mixed(self, x_TD: torch.Tensor, modality_T: torch.Tensor) -> RouterOutput:
         """Each modality's router fills its own columns of [T, E] logits; a softmax top-k over the allowed ones."""

@@ -25,8 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moezoo.kernels import cpu_decode, losses
 from moezoo.kernels import expert_parallel as ep
-from moezoo.kernels import losses
 from moezoo.kernels import SharedExpert, activation_fn, expert_mlp, pack_expert_weights, resolve_backend
 from moezoo.kernels.cpu_backend import shared_apart_pays
 from moezoo.kernels.plan import build_plan, capacity_for
@@ -250,6 +250,7 @@ class MoE(RoutedBlock):
             self.constant_vectors = nn.Parameter(torch.zeros(num_constant_experts, dim))
             self.constant_mix = nn.Linear(dim, 2 * num_constant_experts, bias=False)
         self._packed = None  # set by freeze(): prepacked expert weights for no-grad CPU calls
+        self._decode_prepared: dict = {}  # the decode kernel's prepared call by router kind, made on first use
         self._expert_parallel: _ExpertParallel | None = None  # set by shard_experts()
         self.reset_expert_parameters()
 
@@ -293,6 +294,11 @@ class MoE(RoutedBlock):
 
         if self._expert_parallel is not None:
             return self._forward_expert_parallel(x_TD, allowed_TE, lead_shape).reshape(x.shape)
+        prepared = None if allowed_TE is not None else self._decode_kernel(x_TD)
+        if prepared is not None:
+            y_TD = self._forward_decode_kernel(prepared, x_TD, lead_shape)
+            if y_TD is not None:
+                return y_TD.reshape(x.shape)
         routed = self.router(x_TD, allowed_TE)
         ids_TK, weights_TK = routed.ids_TK, routed.weights_TK.to(x.dtype)
         num_tokens, top_k = ids_TK.shape
@@ -318,6 +324,59 @@ class MoE(RoutedBlock):
             y_TD = y_TD + self._special_experts(x_TD, ids_TK, weights_TK)
         self._record(routed, plan, lead_shape)
         return y_TD.reshape(x.shape)
+
+    def _decode_kernel(self, x_TD: torch.Tensor) -> cpu_decode.PreparedLayer | None:
+        """The prepared native call (``kernels.cpu_decode``) when this call can be one (``cpu_decode.fits``) and
+        the layer is the kernel's: a softmax/sigmoid top-k router without groups (DeepSpeed's top-2 gating in
+        eval is its softmax top-2 renormalised), plain experts without biases, a shared expert without gate, no
+        special experts, and nothing that capacity could drop. Read through the modules' dicts: at one token
+        every µs shows."""
+        router = self._modules["router"]
+        kind = router.kind
+        if (kind not in ("softmax", "sigmoid", "gshard_top2") or router.num_groups is not None or self.num_special
+                or self.expert_kind == "ternary" or self.shared_gate is not None):
+            return None
+        tensors = self._decode_tensors(router)
+        if not cpu_decode.fits(x_TD, self.top_k, self.training, self.backend, tensors):
+            return None
+        capacity = None if self.capacity_factor is None else self._capacity(x_TD.shape[0], self.top_k)
+        if capacity is not None and capacity < x_TD.shape[0]:
+            return None
+        return cpu_decode.prepared_for(self._decode_prepared, kind, tensors,
+                                       lambda: self._prepare_decode(router, tensors))
+
+    def _decode_tensors(self, router) -> tuple:
+        """Router weight, bias, score bias, w_in, w_out, shared gate, up, down (``PreparedLayer``'s order)."""
+        # dict lookups, not attribute access: nn.Module.__getattr__ costs about a µs (an unset one is a plain None)
+        params, shared = self._parameters, self._modules.get("shared")
+        gate = up = down = None
+        if shared is not None:
+            layers = shared._modules
+            gate = None if layers.get("gate_proj") is None else layers["gate_proj"]._parameters["weight"]
+            up, down = layers["up_proj"]._parameters["weight"], layers["down_proj"]._parameters["weight"]
+            if any(layer is not None and layer._parameters["bias"] is not None for layer in layers.values()):
+                return ()  # a shared MLP with biases: not the kernel's
+        if params.get("b_in") is not None or params.get("b_out") is not None:
+            return ()
+        return (router._parameters["weight"], router._parameters.get("bias"), router._buffers.get("score_bias"),
+                params["w_in"], params["w_out"], gate, up, down)
+
+    def _prepare_decode(self, router, tensors: tuple) -> cpu_decode.PreparedLayer:
+        router_w, router_b, score_bias, w_in, w_out, gate, up, down = (
+            None if t is None else t.detach() for t in tensors)
+        return cpu_decode.PreparedLayer(
+            router_w, router_b, score_bias, w_in, w_out, None if up is None else (gate, up, down), top_k=self.top_k,
+            activation=self.activation, gated=self.gated, sigmoid_scoring=router.kind == "sigmoid",
+            renormalize=router.renormalize or router.kind == "gshard_top2", scaling=float(router.routed_scaling))
+
+    def _forward_decode_kernel(self, prepared, x_TD: torch.Tensor, lead_shape) -> torch.Tensor | None:
+        """``forward`` as one native call; None when a router logit is not finite (the eager path says so)."""
+        out = prepared(x_TD if x_TD.is_contiguous() else x_TD.contiguous())
+        if out is None:
+            return None
+        y_TD, ids_TK, weights_TK, probs_TE, logits_TE = out
+        self.record_routing(RouterOutput(ids_TK, weights_TK, probs_TE, logits_TE), lead_shape)
+        return y_TD
 
     def _capacity(self, num_tokens: int, top_k: int) -> int | None:
         """Slots each computed expert may take for ``num_tokens`` tokens of ``top_k`` slots (None: no limit)."""

@@ -1,0 +1,193 @@
+/* moezoo's decode kernel: a whole top-k MoE layer on a few tokens in one call, for CPUs.
+ *
+ * At one to a few tokens a MoE layer is memory- and overhead-bound: each expert's weights are read once and the
+ * arithmetic is small, so the two dozen framework calls of the eager path (router, top-k, one GEMV pair per expert,
+ * the shared expert, the sums) cost more than the work. This file does the router, the top-k, the chosen experts
+ * and the shared expert in one C call (built by moezoo/kernels/cpu_decode.py with the machine's compiler, for the
+ * running CPU's vector ISA).
+ *
+ * Layouts (row-major fp32, as the moezoo MoE block stores them):
+ *   x [T, D]; router_w [E, D] (+ router_b [E] or NULL); score_bias [E] or NULL (chooses only);
+ *   w_in [E, G*H, D] (gated: the H gate rows, then the H up rows; G = 2, else G = 1); w_out [E, D, H];
+ *   shared: gate [HS, D] (NULL when not gated), up [HS, D], down [D, HS]; HS = 0: no shared expert.
+ * expert_map [E] (int64) or NULL: router row e scores the layer's expert expert_map[e] (MoIIE's one-modality
+ * routers over their own columns); the experts' tensors then hold E_out experts.
+ * Outputs: y [T, D]; ids [T, K] (int64 expert ids, by descending choice score); weights [T, K]; probs [T, E_out]
+ * (the scores; unrouted columns 0); logits [T, E_out]. scratch: at least T * (GH + 3 * D + 2 * E) floats with
+ * GH = G * max(H, HS); T at most MAX_TOKENS.
+ *
+ * Returns 0; 1 when a router logit is not finite (the caller then takes the eager path, which says so); 2 when T
+ * is more than MAX_TOKENS. */
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MAX_TOKENS 64
+
+enum { ACT_SILU = 0, ACT_GELU = 1, ACT_GELU_TANH = 2, ACT_RELU = 3 };
+
+static inline float activate(float v, int kind) {
+    switch (kind) {
+    case ACT_SILU: return v / (1.0f + expf(-v));
+    case ACT_GELU: return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+    case ACT_GELU_TANH: return 0.5f * v * (1.0f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
+    default: return v > 0.0f ? v : 0.0f;
+    }
+}
+
+/* out[m][n] = sum_d W[n][d] * X[m][d] for the M token rows of X (stride ldx) and the N weight rows of W (stride D);
+ * out rows of stride ldo. Each weight row is read once for all M tokens: the weights stream from memory once. */
+static void weight_rows_times(const float *W, int N, int D, const float *X, int M, int ldx, float *out, int ldo) {
+    int n = 0;
+    for (; n + 4 <= N; n += 4) {
+        const float *w0 = W + (int64_t)n * D, *w1 = w0 + D, *w2 = w1 + D, *w3 = w2 + D;
+        int m = 0;
+        for (; m + 2 <= M; m += 2) {  /* 4 rows x 2 tokens: 8 accumulators, each weight load used twice */
+            const float *x = X + (int64_t)m * ldx, *z = x + ldx;
+            float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f, b0 = 0.0f, b1 = 0.0f, b2 = 0.0f, b3 = 0.0f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3, b0, b1, b2, b3)
+            for (int d = 0; d < D; d++) {
+                a0 += w0[d] * x[d]; a1 += w1[d] * x[d]; a2 += w2[d] * x[d]; a3 += w3[d] * x[d];
+                b0 += w0[d] * z[d]; b1 += w1[d] * z[d]; b2 += w2[d] * z[d]; b3 += w3[d] * z[d];
+            }
+            float *o = out + (int64_t)m * ldo + n, *p = o + ldo;
+            o[0] = a0; o[1] = a1; o[2] = a2; o[3] = a3;
+            p[0] = b0; p[1] = b1; p[2] = b2; p[3] = b3;
+        }
+        for (; m < M; m++) {
+            const float *x = X + (int64_t)m * ldx;
+            float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+            for (int d = 0; d < D; d++) {
+                a0 += w0[d] * x[d]; a1 += w1[d] * x[d]; a2 += w2[d] * x[d]; a3 += w3[d] * x[d];
+            }
+            float *o = out + (int64_t)m * ldo + n;
+            o[0] = a0; o[1] = a1; o[2] = a2; o[3] = a3;
+        }
+    }
+    for (; n < N; n++) {
+        const float *w = W + (int64_t)n * D;
+        for (int m = 0; m < M; m++) {
+            const float *x = X + (int64_t)m * ldx;
+            float a = 0.0f;
+#pragma omp simd reduction(+ : a)
+            for (int d = 0; d < D; d++) a += w[d] * x[d];
+            out[(int64_t)m * ldo + n] = a;
+        }
+    }
+}
+
+/* acc[m] += scale[m] * FFN(X[m]) for M token rows: h = W_in X (gated: act(gate) * up, else act(h)), then W_out h. */
+static void add_mlp(const float *w_in, const float *w_gate, const float *w_out, int D, int H, int gated, int act,
+                    const float *X, int M, int ldx, const float *scale, float *acc, int ld_acc, float *h, float *y) {
+    int G = gated ? 2 : 1;
+    if (w_gate) {  /* separate gate and up matrices (the shared expert's nn.Linear pair) */
+        weight_rows_times(w_gate, H, D, X, M, ldx, h, G * H);
+        weight_rows_times(w_in, H, D, X, M, ldx, h + H, G * H);
+    } else {
+        weight_rows_times(w_in, G * H, D, X, M, ldx, h, G * H);
+    }
+    for (int m = 0; m < M; m++) {
+        float *hm = h + (int64_t)m * G * H;
+        if (gated)
+            for (int j = 0; j < H; j++) hm[j] = activate(hm[j], act) * hm[H + j];
+        else
+            for (int j = 0; j < H; j++) hm[j] = activate(hm[j], act);
+    }
+    weight_rows_times(w_out, D, H, h, M, G * H, y, D);
+    for (int m = 0; m < M; m++) {
+        float s = scale ? scale[m] : 1.0f, *a = acc + (int64_t)m * ld_acc;
+        const float *ym = y + (int64_t)m * D;
+        for (int d = 0; d < D; d++) a[d] += s * ym[d];
+    }
+}
+
+/* Scores, choice and weights of one token (topk_route's rule): softmax or sigmoid scores, the k best by score
+ * (+ score_bias if given), ties to the lower id; weights are the unbiased scores, renormalised and scaled. */
+static int route_token(const float *logits, int E, int K, int sigmoid_scoring, const float *score_bias,
+                       int renormalize, float scaling, float *probs, int64_t *ids, float *weights) {
+    for (int e = 0; e < E; e++)
+        if (!isfinite(logits[e])) return 1;
+    if (sigmoid_scoring) {
+        for (int e = 0; e < E; e++) probs[e] = 1.0f / (1.0f + expf(-logits[e]));
+    } else {
+        float top = logits[0], total = 0.0f;
+        for (int e = 1; e < E; e++) top = logits[e] > top ? logits[e] : top;
+        for (int e = 0; e < E; e++) total += probs[e] = expf(logits[e] - top);
+        for (int e = 0; e < E; e++) probs[e] /= total;
+    }
+    float sum = 0.0f;
+    for (int k = 0; k < K; k++) {
+        int best = -1;
+        float best_score = -INFINITY;
+        for (int e = 0; e < E; e++) {
+            int taken = 0;
+            for (int j = 0; j < k; j++) taken |= ids[j] == e;
+            float s = probs[e] + (score_bias ? score_bias[e] : 0.0f);
+            if (!taken && (best < 0 || s > best_score)) best = e, best_score = s;
+        }
+        ids[k] = best;
+        sum += weights[k] = probs[best];
+    }
+    for (int k = 0; k < K; k++) {
+        if (renormalize) weights[k] /= sum + 1e-20f;
+        weights[k] *= scaling;
+    }
+    return 0;
+}
+
+int moe_decode_f32(int T, int D, int E, int H, int K, int HS, int gated, int act, int sigmoid_scoring,
+                   int renormalize, float scaling, int E_out, const int64_t *expert_map, const float *x,
+                   const float *router_w, const float *router_b, const float *score_bias, const float *w_in,
+                   const float *w_out, const float *shared_gate, const float *shared_up, const float *shared_down,
+                   float *y, int64_t *ids, float *weights, float *probs, float *logits, float *scratch) {
+    int G = gated ? 2 : 1, GH = G * (H > HS ? H : HS);
+    if (T > MAX_TOKENS) return 2;
+    float *h = scratch, *x_rows = h + (int64_t)T * GH, *y_tmp = x_rows + (int64_t)T * D,
+          *acc = y_tmp + (int64_t)T * D, *local_logits = acc + (int64_t)T * D, *local_probs = local_logits + T * E;
+    weight_rows_times(router_w, E, D, x, T, D, local_logits, E);
+    for (int t = 0; t < T; t++) {
+        if (router_b)
+            for (int e = 0; e < E; e++) local_logits[t * E + e] += router_b[e];
+        if (route_token(local_logits + t * E, E, K, sigmoid_scoring, score_bias, renormalize, scaling,
+                        local_probs + t * E, ids + t * K, weights + t * K))
+            return 1;
+    }
+    memset(y, 0, sizeof(float) * T * D);
+    if (HS > 0)
+        add_mlp(shared_up, gated ? shared_gate : NULL, shared_down, D, HS, gated, act, x, T, D, NULL, y, D, h, y_tmp);
+    /* each chosen expert once, over the tokens that chose it (gathered into x_rows), so its weights stream once */
+    int rows[MAX_TOKENS];
+    float scale[MAX_TOKENS];
+    for (int e = 0; e < E; e++) {
+        int M = 0;
+        for (int t = 0; t < T; t++)
+            for (int k = 0; k < K; k++)
+                if (ids[t * K + k] == e) {
+                    rows[M] = t, scale[M] = weights[t * K + k];
+                    memcpy(x_rows + (int64_t)M * D, x + (int64_t)t * D, sizeof(float) * D);
+                    M++;
+                }
+        if (M == 0) continue;
+        int64_t expert = expert_map ? expert_map[e] : e;
+        memset(acc, 0, sizeof(float) * M * D);  /* the expert's weighted outputs, then added to their tokens' */
+        add_mlp(w_in + expert * G * H * D, NULL, w_out + expert * D * H, D, H, gated, act, x_rows, M, D, scale, acc,
+                D, h, y_tmp);
+        for (int m = 0; m < M; m++)
+            for (int d = 0; d < D; d++) y[(int64_t)rows[m] * D + d] += acc[(int64_t)m * D + d];
+    }
+    /* the record in the layer's expert ids: routed columns placed by expert_map, the others 0 */
+    memset(probs, 0, sizeof(float) * T * E_out);
+    memset(logits, 0, sizeof(float) * T * E_out);
+    for (int t = 0; t < T; t++) {
+        for (int e = 0; e < E; e++) {
+            int64_t column = expert_map ? expert_map[e] : e;
+            probs[t * E_out + column] = local_probs[t * E + e];
+            logits[t * E_out + column] = local_logits[t * E + e];
+        }
+        if (expert_map)
+            for (int k = 0; k < K; k++) ids[t * K + k] = expert_map[ids[t * K + k]];
+    }
+    return 0;
+}

@@ -1,0 +1,224 @@
+"""The decode kernel: a whole top-k MoE layer on a few tokens in one native call (CPU, fp32, no autograd).
+
+A KV-cached generation step runs each MoE layer on 1-16 new tokens. There the eager path's two dozen framework
+calls (router, top-k, a GEMV pair per expert, the shared expert, the sums; a few µs each) cost more than the
+arithmetic. ``cpu_decode.c`` does it all in one call: the router, softmax or sigmoid top-k (``topk_route``'s
+rule), each chosen expert once over the tokens that chose it, and the shared expert.
+
+The C file is compiled on first use with the machine's C compiler (``$CC``, else ``cc``) for the running CPU
+(``-march=native``: AVX2 on one CPU kind, AVX-512 on another) into the cache folder (``$MOEZOO_KERNEL_CACHE``,
+else ``$XDG_CACHE_HOME/moezoo/kernels``, else ``~/.cache/moezoo/kernels``), named by a hash of the source, the
+flags and the CPU's feature flags, so a cache shared between CPU kinds never runs code built for another; the
+library is written to a temporary name and renamed (never half-written). Without a compiler, or with
+``MOEZOO_DECODE_KERNEL=0``, :func:`available` is False and the MoE blocks take their eager few-token path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = ["MAX_TOKENS", "MAX_SLOTS", "ACTIVATION_CODES", "PreparedLayer", "available", "fits", "library_path",
+           "prepared_for"]
+
+MAX_TOKENS = 64  # the C file's MAX_TOKENS
+MAX_SLOTS = 32  # the MoE blocks call it up to this many token-expert slots (16 tokens of top-2): measured below
+ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
+SOURCE = Path(__file__).with_name("cpu_decode.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC")
+
+_state: dict = {}  # "function": the loaded C function, or None once building or loading failed
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (what ``-march=native`` builds for), or the machine name where /proc has none."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.machine() + platform.processor()
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("MOEZOO_KERNEL_CACHE"):
+        return Path(os.environ["MOEZOO_KERNEL_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "moezoo" / "kernels"
+
+
+def library_path() -> Path:
+    """Where the library for this source, compiler flags and CPU lives (built or not)."""
+    compiler = os.environ.get("CC", "cc")
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, *FLAGS, _cpu_flags()]).encode()).hexdigest()[:16]
+    return _cache_dir() / f"cpu_decode-{key}.so"
+
+
+def _build(path: Path) -> None:
+    """Compile the C file to ``path`` atomically: into a temporary file of the same folder, then renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        command = [os.environ.get("CC", "cc"), *FLAGS, "-o", tmp, str(SOURCE), "-lm"]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr.strip()}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load():
+    if "function" in _state:
+        return _state["function"]
+    _state["function"] = None
+    if os.environ.get("MOEZOO_DECODE_KERNEL", "1") == "0":
+        return None
+    try:
+        path = library_path()
+        if not path.exists():
+            _build(path)
+        function = ctypes.CDLL(str(path)).moe_decode_f32
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        warnings.warn(f"moezoo's decode kernel is unavailable ({error}); MoE layers use their eager few-token path",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    function.restype = ctypes.c_int
+    function.argtypes = [ctypes.c_int] * 10 + [ctypes.c_float, ctypes.c_int] + [ctypes.c_void_p] * 16
+    _state["function"] = function
+    return function
+
+
+def available() -> bool:
+    """Whether the decode kernel is built and loaded (it is built on the first call)."""
+    return _load() is not None
+
+
+class PreparedLayer:
+    """One MoE layer's weights and routing rule, checked once and kept as the C call's arguments.
+
+    The kernel reads the weights where they live, so in-place updates (optimizer steps, ``load_state_dict``,
+    ``.data`` edits) need nothing; :meth:`still_for` tells whether the layer still holds the same tensors on the
+    same storage (a new Parameter, ``.to()`` or ``.data = ...`` does not).
+
+    Args:
+        router_w_ED, router_b_E, score_bias_E: the router's weight, bias (or None) and choice-only bias (or None).
+        w_in_ENK, w_out_EDF: the routed experts ([E, G*H, D] gate rows then up rows when gated; [E, D, H]).
+        shared: ``(gate_HD or None, up_HD, down_DH)`` of a shared MLP, or None.
+        expert_map_E: int64 [E] or None: router row e scores expert ``expert_map_E[e]`` of ``w_in`` / ``w_out``
+            (MoIIE's per-modality routers over their own experts); ids and the record's columns are then those
+            experts'.
+        top_k, activation, gated, sigmoid_scoring, renormalize, scaling: the routing rule and experts
+            (``topk_route``'s and ``expert_mlp``'s meanings).
+    Raises ValueError when a tensor is not contiguous fp32 on the CPU or the shapes disagree.
+    """
+
+    def __init__(self, router_w_ED, router_b_E, score_bias_E, w_in_ENK, w_out_EDF, shared, *, top_k: int,
+                 activation: str, gated: bool, sigmoid_scoring: bool = False, renormalize: bool = False,
+                 scaling: float = 1.0, expert_map_E: torch.Tensor | None = None):
+        gate, up, down = shared if shared is not None else (None, None, None)
+        self.tensors = (router_w_ED, router_b_E, score_bias_E, w_in_ENK, w_out_EDF, gate, up, down)
+        num_experts = w_in_ENK.shape[0]
+        if expert_map_E is not None:
+            expert_map_E = expert_map_E.to(torch.long).contiguous()
+            if expert_map_E.shape != router_w_ED.shape[:1] or not bool(
+                    ((expert_map_E >= 0) & (expert_map_E < num_experts)).all()):
+                raise ValueError(f"expert_map_E must hold one expert id below {num_experts} per router row")
+        self.expert_map = expert_map_E
+        for t in self.tensors:
+            if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous()):
+                raise ValueError(f"the decode kernel needs contiguous fp32 CPU weights, got {t.dtype} on "
+                                 f"{t.device} (contiguous: {t.is_contiguous()})")
+        E, G = router_w_ED.shape[0], 2 if gated else 1
+        self.D, self.E, self.H, self.K = router_w_ED.shape[1], E, w_out_EDF.shape[2], top_k
+        self.E_out = E if expert_map_E is None else num_experts
+        self.HS = 0 if up is None else up.shape[0]
+        if (w_in_ENK.shape != (self.E_out, G * self.H, self.D) or w_out_EDF.shape != (self.E_out, self.D, self.H)
+                or (up is not None and (down.shape != (self.D, self.HS) or (gated and gate is None)))):
+            raise ValueError("the decode kernel's weights disagree in shape")
+        self.pointers = tuple(None if t is None else t.data_ptr() for t in self.tensors)
+        self.scratch_per_token = G * max(self.H, self.HS) + 3 * self.D + 2 * E
+        self.settings = (self.D, self.E, self.H, top_k, self.HS, int(gated), ACTIVATION_CODES[activation],
+                         int(sigmoid_scoring), int(renormalize), float(scaling), self.E_out,
+                         None if expert_map_E is None else expert_map_E.data_ptr())
+
+    def still_for(self, tensors: tuple) -> bool:
+        """Whether ``tensors`` (in the constructor's order) are the prepared ones, on the same storage."""
+        return all(a is b and (a is None or a.data_ptr() == p) for a, b, p in zip(tensors, self.tensors, self.pointers))
+
+    def __call__(self, x_TD: torch.Tensor):
+        """The layer on ``x_TD`` (contiguous fp32 CPU, at most :data:`MAX_TOKENS` rows): ``(y_TD, ids_TK,
+        weights_TK, probs_TE, logits_TE)``, or None when a router logit is not finite (the eager path then
+        raises its error)."""
+        function = _load()
+        if function is None:
+            raise RuntimeError("the decode kernel is unavailable: check cpu_decode.available() first")
+        T = x_TD.shape[0]
+        if T > MAX_TOKENS:
+            raise ValueError(f"the decode kernel takes at most {MAX_TOKENS} tokens, got {T}")
+        if x_TD.dtype != torch.float32 or x_TD.device.type != "cpu" or not x_TD.is_contiguous() \
+                or x_TD.shape[1] != self.D:
+            raise ValueError(f"the decode kernel needs contiguous fp32 CPU tokens of width {self.D}, got "
+                             f"{tuple(x_TD.shape)} {x_TD.dtype} on {x_TD.device}")
+        y = torch.empty(T, self.D)
+        ids = torch.empty(T, self.K, dtype=torch.long)
+        weights, probs, logits = torch.empty(T, self.K), torch.empty(T, self.E_out), torch.empty(T, self.E_out)
+        scratch = torch.empty(T * self.scratch_per_token)
+        code = function(T, *self.settings, x_TD.data_ptr(), *self.pointers, y.data_ptr(), ids.data_ptr(),
+                        weights.data_ptr(), probs.data_ptr(), logits.data_ptr(), scratch.data_ptr())
+        return None if code else (y, ids, weights, probs, logits)
+
+
+class _Refused:
+    """A layer the kernel cannot take (biases, another dtype or layout, no compiler): remembered, falsy, until
+    the layer's tensors change."""
+
+    def __init__(self, tensors: tuple):
+        self.tensors, self.pointers = tensors, tuple(None if t is None else t.data_ptr() for t in tensors)
+
+    def __bool__(self) -> bool:
+        return False
+
+    def still_for(self, tensors: tuple) -> bool:
+        return len(tensors) == len(self.tensors) and all(
+            a is b and (a is None or a.data_ptr() == p) for a, b, p in zip(tensors, self.tensors, self.pointers))
+
+
+def fits(x_TD: torch.Tensor, top_k: int, training: bool, backend: str, tensors: tuple) -> bool:
+    """Whether a routed block's call on ``x_TD`` may run here, before the layer itself is looked at: a few fp32
+    CPU tokens (at most :data:`MAX_SLOTS` slots), eval mode, the torch backend (or auto), and no autograd."""
+    num_tokens = x_TD.shape[0]
+    if (num_tokens * top_k > MAX_SLOTS or num_tokens > MAX_TOKENS or training or x_TD.dtype != torch.float32
+            or x_TD.device.type != "cpu" or backend not in ("auto", "torch")):
+        return False
+    return not (torch.is_grad_enabled()
+                and (x_TD.requires_grad or any(t is not None and t.requires_grad for t in tensors)))
+
+
+def prepared_for(cache: dict, key, tensors: tuple, make) -> PreparedLayer | None:
+    """``cache[key]`` while it was prepared for these very ``tensors`` (same objects, same storage), else
+    ``make()`` (which prepares from them) kept in its place; None when the kernel cannot take the layer (then
+    remembered until the tensors change). ``tensors``: the live Parameters, () when the block already knows the
+    kernel cannot take it."""
+    prepared = cache.get(key)
+    if prepared is None or not prepared.still_for(tensors):
+        prepared = _Refused(tensors)
+        if tensors and available():
+            try:
+                prepared = make()
+                prepared.tensors = tensors  # compared against the live Parameters, not detached views
+            except ValueError:
+                pass
+        cache[key] = prepared
+    return prepared or None
