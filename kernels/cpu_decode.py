@@ -33,7 +33,7 @@ MAX_TOKENS = 64  # the C file's MAX_TOKENS
 MAX_SLOTS = 32  # the MoE blocks call it up to this many token-expert slots (16 tokens of top-2): measured below
 ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 SOURCE = Path(__file__).with_name("cpu_decode.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC")
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-trapping-math", "-shared", "-fPIC")
 
 _state: dict = {}  # "function": the loaded C function, or None once building or loading failed
 
@@ -108,9 +108,9 @@ def available() -> bool:
 class PreparedLayer:
     """One MoE layer's weights and routing rule, checked once and kept as the C call's arguments.
 
-    The kernel reads the weights where they live, so in-place updates (optimizer steps, ``load_state_dict``,
-    ``.data`` edits) need nothing; :meth:`still_for` tells whether the layer still holds the same tensors on the
-    same storage (a new Parameter, ``.to()`` or ``.data = ...`` does not).
+    The kernel reads the weights where they live, so in-place updates (optimizer steps, ``load_state_dict``)
+    need nothing; a layer whose tensors are replaced (a new Parameter, ``.to()``, ``.data = ...``) is prepared
+    again (:func:`prepared_for`).
 
     Args:
         router_w_ED, router_b_E, score_bias_E: the router's weight, bias (or None) and choice-only bias (or None).
@@ -153,10 +153,6 @@ class PreparedLayer:
                          int(sigmoid_scoring), int(renormalize), float(scaling), self.E_out,
                          None if expert_map_E is None else expert_map_E.data_ptr())
 
-    def still_for(self, tensors: tuple) -> bool:
-        """Whether ``tensors`` (in the constructor's order) are the prepared ones, on the same storage."""
-        return all(a is b and (a is None or a.data_ptr() == p) for a, b, p in zip(tensors, self.tensors, self.pointers))
-
     def __call__(self, x_TD: torch.Tensor):
         """The layer on ``x_TD`` (contiguous fp32 CPU, at most :data:`MAX_TOKENS` rows): ``(y_TD, ids_TK,
         weights_TK, probs_TE, logits_TE)``, or None when a router logit is not finite (the eager path then
@@ -180,21 +176,6 @@ class PreparedLayer:
         return None if code else (y, ids, weights, probs, logits)
 
 
-class _Refused:
-    """A layer the kernel cannot take (biases, another dtype or layout, no compiler): remembered, falsy, until
-    the layer's tensors change."""
-
-    def __init__(self, tensors: tuple):
-        self.tensors, self.pointers = tensors, tuple(None if t is None else t.data_ptr() for t in tensors)
-
-    def __bool__(self) -> bool:
-        return False
-
-    def still_for(self, tensors: tuple) -> bool:
-        return len(tensors) == len(self.tensors) and all(
-            a is b and (a is None or a.data_ptr() == p) for a, b, p in zip(tensors, self.tensors, self.pointers))
-
-
 def fits(x_TD: torch.Tensor, top_k: int, training: bool, backend: str, tensors: tuple) -> bool:
     """Whether a routed block's call on ``x_TD`` may run here, before the layer itself is looked at: a few fp32
     CPU tokens (at most :data:`MAX_SLOTS` slots), eval mode, the torch backend (or auto), and no autograd."""
@@ -207,18 +188,20 @@ def fits(x_TD: torch.Tensor, top_k: int, training: bool, backend: str, tensors: 
 
 
 def prepared_for(cache: dict, key, tensors: tuple, make) -> PreparedLayer | None:
-    """``cache[key]`` while it was prepared for these very ``tensors`` (same objects, same storage), else
-    ``make()`` (which prepares from them) kept in its place; None when the kernel cannot take the layer (then
-    remembered until the tensors change). ``tensors``: the live Parameters, () when the block already knows the
-    kernel cannot take it."""
-    prepared = cache.get(key)
-    if prepared is None or not prepared.still_for(tensors):
-        prepared = _Refused(tensors)
-        if tensors and available():
-            try:
-                prepared = make()
-                prepared.tensors = tensors  # compared against the live Parameters, not detached views
-            except ValueError:
-                pass
-        cache[key] = prepared
-    return prepared or None
+    """The layer prepared for these very ``tensors`` (the same objects on the same storage), from ``cache[key]``
+    or else made by ``make()`` and kept there; None when the kernel cannot take the layer (remembered until the
+    tensors change). ``tensors``: the live Parameters the layer reads; () when the block already knows the
+    kernel cannot take it. In-place changes need nothing: the kernel reads the weights where they live."""
+    pointers = tuple(None if t is None else t.data_ptr() for t in tensors)
+    entry = cache.get(key)
+    if entry is not None and len(entry[0]) == len(tensors) and entry[1] == pointers \
+            and all(a is b for a, b in zip(entry[0], tensors)):
+        return entry[2]
+    prepared = None
+    if tensors and available():
+        try:
+            prepared = make()
+        except ValueError:  # another dtype or layout
+            pass
+    cache[key] = (tensors, pointers, prepared)
+    return prepared

@@ -125,7 +125,7 @@ def test_up_to_the_kernels_token_limit(kernel_calls, monkeypatch):
                                    **fp_tolerance(torch.float32, 24, layers=3, scale=float(y.abs().max())))
         moe(torch.randn(cpu_decode.MAX_TOKENS + 1, 24))  # one more token: the eager path
     assert kernel_calls["n"] == 1
-    prepared = moe._decode_prepared["softmax"]
+    prepared = moe._decode_prepared["softmax"][2]  # (tensors, pointers, prepared layer)
     with pytest.raises(ValueError, match="at most 64 tokens"):
         prepared(torch.randn(cpu_decode.MAX_TOKENS + 1, 24))
     with pytest.raises(ValueError, match="contiguous fp32 CPU tokens of width 24"):

@@ -223,12 +223,9 @@ class IntraInterMoE(RoutedBlock):
         tensors = (self.routers[modality]._parameters["weight"], params["w_in"], params["w_out"])
         if not cpu_decode.fits(x_TD, self.top_k, self.training, self.backend, tensors):
             return None
-        router_w, w_in, w_out = (t.detach() for t in tensors)
-        return cpu_decode.prepared_for(self._decode_prepared, modality, tensors,
-                                       lambda: cpu_decode.PreparedLayer(
-                                           router_w, None, None, w_in, w_out, None, top_k=self.top_k,
-                                           activation="silu", gated=True, renormalize=True,
-                                           expert_map_E=self.columns_MG[modality]))
+        return cpu_decode.prepared_for(self._decode_prepared, modality, tensors, lambda: cpu_decode.PreparedLayer(
+            tensors[0].detach(), None, None, tensors[1].detach(), tensors[2].detach(), None, top_k=self.top_k,
+            activation="silu", gated=True, renormalize=True, expert_map_E=self.columns_MG[modality]))
 
     def _route_mixed(self, x_TD: torch.Tensor, modality_T: torch.Tensor) -> RouterOutput:
         """Each modality's router fills its own columns of [T, E] logits; a softmax top-k over the allowed ones."""
