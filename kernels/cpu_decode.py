@@ -153,38 +153,39 @@ class PreparedLayer:
                          int(sigmoid_scoring), int(renormalize), float(scaling), self.E_out,
                          None if expert_map_E is None else expert_map_E.data_ptr())
 
-    def __call__(self, x_TD: torch.Tensor):
-        """The layer on ``x_TD`` (contiguous fp32 CPU, at most :data:`MAX_TOKENS` rows): ``(y_TD, ids_TK,
-        weights_TK, probs_TE, logits_TE)``, or None when a router logit is not finite (the eager path then
-        raises its error)."""
+    def __call__(self, x: torch.Tensor):
+        """The layer on the tokens ``x [..., D]`` (contiguous fp32 CPU, at most :data:`MAX_TOKENS` of them):
+        ``(y [..., D], ids_TK, weights_TK, probs_TE, logits_TE)``, or None when a router logit is not finite (the
+        eager path then raises its error)."""
         function = _load()
         if function is None:
             raise RuntimeError("the decode kernel is unavailable: check cpu_decode.available() first")
-        T = x_TD.shape[0]
+        if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous() or x.dim() < 1 \
+                or x.shape[-1] != self.D:
+            raise ValueError(f"the decode kernel needs contiguous fp32 CPU tokens of width {self.D}, got "
+                             f"{tuple(x.shape)} {x.dtype} on {x.device}")
+        T = x.numel() // self.D
         if T > MAX_TOKENS:
             raise ValueError(f"the decode kernel takes at most {MAX_TOKENS} tokens, got {T}")
-        if x_TD.dtype != torch.float32 or x_TD.device.type != "cpu" or not x_TD.is_contiguous() \
-                or x_TD.shape[1] != self.D:
-            raise ValueError(f"the decode kernel needs contiguous fp32 CPU tokens of width {self.D}, got "
-                             f"{tuple(x_TD.shape)} {x_TD.dtype} on {x_TD.device}")
-        y = torch.empty(T, self.D)
+        y = torch.empty(x.shape)
         ids = torch.empty(T, self.K, dtype=torch.long)
         weights, probs, logits = torch.empty(T, self.K), torch.empty(T, self.E_out), torch.empty(T, self.E_out)
         scratch = torch.empty(T * self.scratch_per_token)
-        code = function(T, *self.settings, x_TD.data_ptr(), *self.pointers, y.data_ptr(), ids.data_ptr(),
+        code = function(T, *self.settings, x.data_ptr(), *self.pointers, y.data_ptr(), ids.data_ptr(),
                         weights.data_ptr(), probs.data_ptr(), logits.data_ptr(), scratch.data_ptr())
         return None if code else (y, ids, weights, probs, logits)
 
 
-def fits(x_TD: torch.Tensor, top_k: int, training: bool, backend: str, tensors: tuple) -> bool:
-    """Whether a routed block's call on ``x_TD`` may run here, before the layer itself is looked at: a few fp32
-    CPU tokens (at most :data:`MAX_SLOTS` slots), eval mode, the torch backend (or auto), and no autograd."""
-    num_tokens = x_TD.shape[0]
-    if (num_tokens * top_k > MAX_SLOTS or num_tokens > MAX_TOKENS or training or x_TD.dtype != torch.float32
-            or x_TD.device.type != "cpu" or backend not in ("auto", "torch")):
+def fits(x: torch.Tensor, top_k: int, training: bool, backend: str, tensors: tuple) -> bool:
+    """Whether a routed block's call on the tokens ``x [..., D]`` may run here, before the layer itself is looked
+    at: a few fp32 CPU tokens (at most :data:`MAX_SLOTS` slots), eval mode, the torch backend (or auto), and no
+    autograd."""
+    num_tokens = x.numel() // x.shape[-1] if x.dim() else 0
+    if (num_tokens * top_k > MAX_SLOTS or num_tokens > MAX_TOKENS or training or x.dtype != torch.float32
+            or x.device.type != "cpu" or backend not in ("auto", "torch")):
         return False
     return not (torch.is_grad_enabled()
-                and (x_TD.requires_grad or any(t is not None and t.requires_grad for t in tensors)))
+                and (x.requires_grad or any(t is not None and t.requires_grad for t in tensors)))
 
 
 def prepared_for(cache: dict, key, tensors: tuple, make) -> PreparedLayer | None:

@@ -291,3 +291,18 @@ def test_gshard_top2_in_eval_is_softmax_top2_renormalised(kernel_calls):
     expected = block_token_by_token(moe, x)
     torch.testing.assert_close(y.double(), expected, **fp_tolerance(torch.float32, 16, layers=3,
                                                                      scale=float(y.abs().max())))
+
+
+def test_leading_dimensions_and_non_contiguous_tokens(kernel_calls):
+    """A decoding step's [B, S, D] (and a transposed, non-contiguous view of one) comes back in its own shape,
+    row for row the flattened tokens' outputs, with the record's tokens_shape the leading dims."""
+    moe = make_moe(16, 8, 6, 2, num_shared_experts=1)
+    x = torch.randn(3, 2, 16, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        y = moe(x)
+        assert y.shape == (3, 2, 16) and moe.routing.tokens_shape == (3, 2)
+        y_t = moe(x.transpose(0, 1))
+    assert kernel_calls["n"] == 2
+    tol = fp_tolerance(torch.float32, 16, layers=3, scale=float(y.abs().max()))
+    torch.testing.assert_close(y.reshape(6, 16).double(), block_token_by_token(moe, x.reshape(6, 16)), **tol)
+    torch.testing.assert_close(y_t, y.transpose(0, 1), **tol)

@@ -197,15 +197,15 @@ class IntraInterMoE(RoutedBlock):
 
     def forward(self, x_BSD: torch.Tensor, modality_BS: torch.Tensor) -> torch.Tensor:
         lowest, highest = check_modalities(modality_BS, tuple(x_BSD.shape[:2]), self.num_modalities)
-        x_TD, modality_T = x_BSD.reshape(-1, self.dim), modality_BS.reshape(-1)
-        prepared = self._decode_kernel(x_TD, lowest) if lowest == highest else None
+        prepared = self._decode_kernel(x_BSD, lowest) if lowest == highest else None
         if prepared is not None:  # a decoding step: router, top-k and experts in one native call
-            out = prepared(x_TD if x_TD.is_contiguous() else x_TD.contiguous())
+            out = prepared(x_BSD if x_BSD.is_contiguous() else x_BSD.contiguous())
             if out is not None:  # (None: a non-finite logit, which the eager path reports)
-                y_TD, ids_TK, weights_TK, probs_TE, logits_TE = out
-                self.last_modality_T = modality_T
+                y_BSD, ids_TK, weights_TK, probs_TE, logits_TE = out
+                self.last_modality_T = modality_BS.reshape(-1)
                 self.record_routing(RouterOutput(ids_TK, weights_TK, probs_TE, logits_TE), x_BSD.shape[:2])
-                return y_TD.view_as(x_BSD)
+                return y_BSD
+        x_TD, modality_T = x_BSD.reshape(-1, self.dim), modality_BS.reshape(-1)
         if lowest == highest:  # one modality (a decoding step, a batch of one kind): route over its columns only
             routed = self._route_one_modality(x_TD, lowest)
         else:
@@ -216,12 +216,12 @@ class IntraInterMoE(RoutedBlock):
         y_TD = expert_mlp(x_TD, routed.weights_TK.to(x_TD.dtype), plan, self.w_in, self.w_out, backend=self.backend)
         return y_TD.view_as(x_BSD)
 
-    def _decode_kernel(self, x_TD: torch.Tensor, modality: int) -> cpu_decode.PreparedLayer | None:
+    def _decode_kernel(self, x: torch.Tensor, modality: int) -> cpu_decode.PreparedLayer | None:
         """The native call (``kernels.cpu_decode``) of ``_route_one_modality`` and the experts, when this call can
         be one (``cpu_decode.fits``): the modality's router over its own experts, softmax top-k renormalised."""
         params = self._parameters
         tensors = (self.routers[modality]._parameters["weight"], params["w_in"], params["w_out"])
-        if not cpu_decode.fits(x_TD, self.top_k, self.training, self.backend, tensors):
+        if not cpu_decode.fits(x, self.top_k, self.training, self.backend, tensors):
             return None
         return cpu_decode.prepared_for(self._decode_prepared, modality, tensors, lambda: cpu_decode.PreparedLayer(
             tensors[0].detach(), None, None, tensors[1].detach(), tensors[2].detach(), None, top_k=self.top_k,
