@@ -24,6 +24,7 @@
 #include <string.h>
 
 #define MAX_TOKENS 64
+#define MAX_DYNAMIC 64  /* dynamic experts of dcmoe_decode_f32 */
 
 enum { ACT_SILU = 0, ACT_GELU = 1, ACT_GELU_TANH = 2, ACT_RELU = 3 };
 
@@ -224,6 +225,108 @@ int moe_decode_f32(int T, int D, int E, int H, int K, int HS, int gated, int act
         }
         if (expert_map)
             for (int k = 0; k < K; k++) ids[t * K + k] = expert_map[ids[t * K + k]];
+    }
+    return 0;
+}
+
+/* UniMoE-Audio's dynamic-capacity layer (moezoo.zoo.layers.dcmoe, without token dropping) on a few tokens.
+ * gate_w [N + S, D]: the N dynamic experts' rows (the E computed ones, then the null ones), then the S shared
+ * experts'. Per token (moezoo.kernels.routing.top_p_near_tie_route and DynamicCapacityMoE._gated_shares):
+ *   probs = softmax of the N dynamic logits; experts by descending probability (ties: lower id), each taken while
+ *   the mass before it (summed in double) is below top_p and its probability is positive;
+ *   multiplier of a chosen expert = 1 / sum of exp(l_j - l_i) over the experts j not taken before it whose logit is
+ *   not far from l_i (relative gap (l_i - l_j) / max(|l_i|, |l_j|) above 2 tie_tolerance; 0/0 is a tie), in double;
+ *   weights = multipliers / (their sum + renorm_eps);
+ *   with shared experts: g = softmax over the chosen dynamic and all shared logits, weights *= sum of g over the
+ *   chosen dynamic ones, shared expert s weighted by g_s.
+ * y = sum over chosen computed experts (id < E) of weight * SwiGLU_e(x) + sum_s g_s * SwiGLU_s(x).
+ * Outputs: ids [T, N] (-1 after a token's chosen ones), weights [T, N], probs [T, N], logits [T, N] (dynamic),
+ * *columns: the most experts a token chose. scratch: T * (2 * max(H, HS) + 3 * D + 2 * (N + S)) floats.
+ * Returns 0; 1 for a non-finite logit; 2 for more than MAX_TOKENS tokens or MAX_DYNAMIC dynamic experts. */
+int dcmoe_decode_f32(int T, int D, int N, int E, int S, int H, int HS, int act, double top_p,
+                     double tie_tolerance, double renorm_eps, const float *x, const float *gate_w, const float *w_in, const float *w_out,
+                     const float *shared_w_in, const float *shared_w_out, float *y, int64_t *ids, float *weights,
+                     float *probs, float *logits, int32_t *columns, float *scratch) {
+    if (T > MAX_TOKENS || N > MAX_DYNAMIC) return 2;
+    int G = N + S, GH = 2 * (H > HS ? H : HS);
+    float *h = scratch, *x_rows = h + (int64_t)T * GH, *y_tmp = x_rows + (int64_t)T * D,
+          *acc = y_tmp + (int64_t)T * D, *all_logits = acc + (int64_t)T * D, *shares = all_logits + T * G;
+    weight_rows_times(gate_w, G, D, x, T, D, all_logits, G);
+    *columns = 0;
+    for (int t = 0; t < T; t++) {
+        const float *l = all_logits + t * G;
+        float *p = probs + t * N, *w = weights + t * N;
+        int64_t *chosen = ids + t * N;
+        for (int j = 0; j < G; j++)
+            if (!isfinite(l[j])) return 1;
+        float top = l[0], total = 0.0f;
+        for (int j = 1; j < N; j++) top = l[j] > top ? l[j] : top;
+        for (int j = 0; j < N; j++) total += p[j] = expf(l[j] - top);
+        for (int j = 0; j < N; j++) p[j] /= total, logits[t * N + j] = l[j];
+        /* the top-p set, by descending probability */
+        int k = 0;
+        double before = 0.0;
+        for (; k < N; k++) {
+            int best = -1;
+            for (int j = 0; j < N; j++) {
+                int taken = 0;
+                for (int i = 0; i < k; i++) taken |= chosen[i] == j;
+                if (!taken && (best < 0 || p[j] > p[best])) best = j;
+            }
+            if (!(before < top_p) || !(p[best] > 0.0f)) break;
+            chosen[k] = best;
+            before += p[best];
+        }
+        for (int i = k; i < N; i++) chosen[i] = -1, w[i] = 0.0f;
+        if (k > *columns) *columns = k;
+        /* near-tie multipliers, then renormalised */
+        double sum = 0.0, m[MAX_DYNAMIC];
+        for (int i = 0; i < k; i++) {
+            double lead = l[chosen[i]], near = 0.0;
+            for (int j = 0; j < N; j++) {
+                int taken = 0;
+                for (int q = 0; q < i; q++) taken |= chosen[q] == j;
+                double other = l[j], scale = fabs(lead) > fabs(other) ? fabs(lead) : fabs(other);
+                int far = scale > 0.0 && (lead - other) / scale > 2.0 * tie_tolerance;
+                if (!taken && !far) near += exp(other - lead);
+            }
+            sum += m[i] = 1.0 / near;
+        }
+        for (int i = 0; i < k; i++) w[i] = (float)(m[i] / (sum + renorm_eps));
+        if (S > 0) {  /* the gated shares: a softmax over the chosen dynamic and the shared logits */
+            float g_top = l[N], g_total = 0.0f, dynamic = 0.0f;
+            for (int i = 0; i < k; i++) g_top = l[chosen[i]] > g_top ? l[chosen[i]] : g_top;
+            for (int s = 1; s < S; s++) g_top = l[N + s] > g_top ? l[N + s] : g_top;
+            for (int i = 0; i < k; i++) g_total += expf(l[chosen[i]] - g_top);
+            for (int s = 0; s < S; s++) g_total += shares[t * S + s] = expf(l[N + s] - g_top);
+            for (int i = 0; i < k; i++) dynamic += expf(l[chosen[i]] - g_top) / g_total;
+            for (int s = 0; s < S; s++) shares[t * S + s] /= g_total;
+            for (int i = 0; i < k; i++) w[i] *= dynamic;
+        }
+    }
+    memset(y, 0, sizeof(float) * T * D);
+    float scale[MAX_TOKENS];
+    for (int s = 0; s < S; s++) {
+        for (int t = 0; t < T; t++) scale[t] = shares[t * S + s];
+        add_mlp(shared_w_in + (int64_t)s * 2 * HS * D, NULL, shared_w_out + (int64_t)s * D * HS, D, HS, 1, act, x, T,
+                D, scale, y, D, h, y_tmp);
+    }
+    int rows[MAX_TOKENS];
+    for (int e = 0; e < E; e++) {
+        int M = 0;
+        for (int t = 0; t < T; t++)
+            for (int i = 0; i < N && ids[t * N + i] >= 0; i++)
+                if (ids[t * N + i] == e) {
+                    rows[M] = t, scale[M] = weights[t * N + i];
+                    memcpy(x_rows + (int64_t)M * D, x + (int64_t)t * D, sizeof(float) * D);
+                    M++;
+                }
+        if (M == 0) continue;
+        memset(acc, 0, sizeof(float) * M * D);
+        add_mlp(w_in + (int64_t)e * 2 * H * D, NULL, w_out + (int64_t)e * D * H, D, H, 1, act, x_rows, M, D, scale,
+                acc, D, h, y_tmp);
+        for (int m2 = 0; m2 < M; m2++)
+            for (int d = 0; d < D; d++) y[(int64_t)rows[m2] * D + d] += acc[(int64_t)m2 * D + d];
     }
     return 0;
 }

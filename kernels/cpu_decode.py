@@ -26,10 +26,11 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["MAX_TOKENS", "MAX_SLOTS", "ACTIVATION_CODES", "PreparedLayer", "available", "fits", "library_path",
-           "prepared_for"]
+__all__ = ["MAX_TOKENS", "MAX_SLOTS", "MAX_DYNAMIC", "ACTIVATION_CODES", "PreparedLayer", "PreparedDynamicLayer",
+           "available", "fits", "library_path", "prepared_for"]
 
 MAX_TOKENS = 64  # the C file's MAX_TOKENS
+MAX_DYNAMIC = 64  # the C file's MAX_DYNAMIC: a dynamic-capacity layer's routed + null experts
 MAX_SLOTS = 32  # the MoE blocks call it up to this many token-expert slots (16 tokens of top-2): measured below
 ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 SOURCE = Path(__file__).with_name("cpu_decode.c")
@@ -80,24 +81,27 @@ def _build(path: Path) -> None:
 
 
 def _load():
-    if "function" in _state:
-        return _state["function"]
-    _state["function"] = None
+    """The C functions by name (built and loaded on first use), or None when they cannot be."""
+    if "functions" in _state:
+        return _state["functions"]
+    _state["functions"] = None
     if os.environ.get("MOEZOO_DECODE_KERNEL", "1") == "0":
         return None
     try:
         path = library_path()
         if not path.exists():
             _build(path)
-        function = ctypes.CDLL(str(path)).moe_decode_f32
+        library = ctypes.CDLL(str(path))
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         warnings.warn(f"moezoo's decode kernel is unavailable ({error}); MoE layers use their eager few-token path",
                       RuntimeWarning, stacklevel=3)
         return None
-    function.restype = ctypes.c_int
-    function.argtypes = [ctypes.c_int] * 10 + [ctypes.c_float, ctypes.c_int] + [ctypes.c_void_p] * 16
-    _state["function"] = function
-    return function
+    topk, dynamic = library.moe_decode_f32, library.dcmoe_decode_f32
+    topk.restype = dynamic.restype = ctypes.c_int
+    topk.argtypes = [ctypes.c_int] * 10 + [ctypes.c_float, ctypes.c_int] + [ctypes.c_void_p] * 16
+    dynamic.argtypes = [ctypes.c_int] * 8 + [ctypes.c_double] * 3 + [ctypes.c_void_p] * 13
+    _state["functions"] = {"topk": topk, "dynamic": dynamic}
+    return _state["functions"]
 
 
 def available() -> bool:
@@ -157,8 +161,8 @@ class PreparedLayer:
         """The layer on the tokens ``x [..., D]`` (contiguous fp32 CPU, at most :data:`MAX_TOKENS` of them):
         ``(y [..., D], ids_TK, weights_TK, probs_TE, logits_TE)``, or None when a router logit is not finite (the
         eager path then raises its error)."""
-        function = _load()
-        if function is None:
+        functions = _load()
+        if functions is None:
             raise RuntimeError("the decode kernel is unavailable: check cpu_decode.available() first")
         if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous() or x.dim() < 1 \
                 or x.shape[-1] != self.D:
@@ -171,9 +175,68 @@ class PreparedLayer:
         ids = torch.empty(T, self.K, dtype=torch.long)
         weights, probs, logits = torch.empty(T, self.K), torch.empty(T, self.E_out), torch.empty(T, self.E_out)
         scratch = torch.empty(T * self.scratch_per_token)
-        code = function(T, *self.settings, x.data_ptr(), *self.pointers, y.data_ptr(), ids.data_ptr(),
+        code = functions["topk"](T, *self.settings, x.data_ptr(), *self.pointers, y.data_ptr(), ids.data_ptr(),
                         weights.data_ptr(), probs.data_ptr(), logits.data_ptr(), scratch.data_ptr())
         return None if code else (y, ids, weights, probs, logits)
+
+
+class PreparedDynamicLayer:
+    """UniMoE-Audio's dynamic-capacity layer (``zoo.layers.dcmoe``, without token dropping) as one C call: the
+    gate, top-p over the dynamic experts with the near-tie weights (``routing.top_p_near_tie_route``), the gated
+    shares of the shared experts, and the SwiGLU experts. Weights are read where they live (see
+    :class:`PreparedLayer`).
+
+    Args:
+        gate_GD: the gate [N + S, D] (dynamic experts' rows: the E computed ones, then the null ones; then the S
+            shared ones). w_in_ENK [E, 2H, D], w_out_EDF [E, D, H]: the computed experts.
+        shared_w_in_SNK [S, 2HS, D], shared_w_out_SDF [S, D, HS]: the shared experts, or None (S = 0).
+        num_dynamic: N; top_p, tie_tolerance, renorm_eps, activation: the layer's.
+    """
+
+    def __init__(self, gate_GD, w_in_ENK, w_out_EDF, shared_w_in_SNK, shared_w_out_SDF, *, num_dynamic: int,
+                 top_p: float, tie_tolerance: float, renorm_eps: float, activation: str):
+        self.tensors = (gate_GD, w_in_ENK, w_out_EDF, shared_w_in_SNK, shared_w_out_SDF)
+        for t in self.tensors:
+            if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous()):
+                raise ValueError(f"the decode kernel needs contiguous fp32 CPU weights, got {t.dtype} on {t.device}")
+        E, H = w_out_EDF.shape[0], w_out_EDF.shape[2]
+        S = 0 if shared_w_in_SNK is None else shared_w_in_SNK.shape[0]
+        HS = 0 if S == 0 else shared_w_out_SDF.shape[2]
+        self.D, self.N = gate_GD.shape[1], num_dynamic
+        if gate_GD.shape[0] != num_dynamic + S or num_dynamic > MAX_DYNAMIC or E > num_dynamic \
+                or w_in_ENK.shape != (E, 2 * H, self.D):
+            raise ValueError("the decode kernel's dynamic-capacity weights disagree in shape or are too many")
+        self.settings = (self.D, num_dynamic, E, S, H, HS, ACTIVATION_CODES[activation], float(top_p),
+                         float(tie_tolerance), float(renorm_eps))
+        self.pointers = tuple(None if t is None else t.data_ptr() for t in self.tensors)
+        self.scratch_per_token = 2 * max(H, HS) + 3 * self.D + 2 * (num_dynamic + S)
+
+    def __call__(self, x: torch.Tensor):
+        """The layer on the tokens ``x [..., D]`` (contiguous fp32 CPU, at most :data:`MAX_TOKENS`): ``(y [..., D],
+        ids_TK, weights_TK, probs_TN, logits_TN)`` with as many slot columns as the most experts a token chose
+        (-1 / 0 after a token's own), or None when a gate logit is not finite."""
+        functions = _load()
+        if functions is None:
+            raise RuntimeError("the decode kernel is unavailable: check cpu_decode.available() first")
+        if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous() or x.dim() < 1 \
+                or x.shape[-1] != self.D:
+            raise ValueError(f"the decode kernel needs contiguous fp32 CPU tokens of width {self.D}, got "
+                             f"{tuple(x.shape)} {x.dtype} on {x.device}")
+        T = x.numel() // self.D
+        if T > MAX_TOKENS:
+            raise ValueError(f"the decode kernel takes at most {MAX_TOKENS} tokens, got {T}")
+        y = torch.empty(x.shape)
+        ids = torch.empty(T, self.N, dtype=torch.long)
+        weights, probs, logits = torch.empty(T, self.N), torch.empty(T, self.N), torch.empty(T, self.N)
+        columns = ctypes.c_int32(0)
+        scratch = torch.empty(T * self.scratch_per_token)
+        code = functions["dynamic"](T, *self.settings, x.data_ptr(), *self.pointers, y.data_ptr(), ids.data_ptr(),
+                                    weights.data_ptr(), probs.data_ptr(), logits.data_ptr(), ctypes.addressof(columns),
+                                    scratch.data_ptr())
+        if code:
+            return None
+        k = columns.value
+        return y, ids[:, :k], weights[:, :k], probs, logits
 
 
 def fits(x: torch.Tensor, top_k: int, training: bool, backend: str, tensors: tuple) -> bool:

@@ -16,11 +16,11 @@ import warnings
 
 import pytest
 import torch
-from helpers import act_formula
+from helpers import act_formula, expert_on_token, unimoe_audio_route_token
 from tolerance import fp_tolerance
 
 import moezoo.kernels.cpu_decode as cpu_decode
-from moezoo.zoo.layers import MoE
+from moezoo.zoo.layers import DynamicCapacityMoE, MoE
 from moezoo.zoo.layers.modality import IntraInterMoE
 
 pytestmark = pytest.mark.skipif(not cpu_decode.available(), reason="no C compiler: the kernel cannot be built")
@@ -30,13 +30,12 @@ pytestmark = pytest.mark.skipif(not cpu_decode.available(), reason="no C compile
 def kernel_calls(monkeypatch):
     """Counts the calls that reach the C function."""
     calls = {"n": 0}
-    original = cpu_decode.PreparedLayer.__call__
+    for kind in (cpu_decode.PreparedLayer, cpu_decode.PreparedDynamicLayer):
+        def counting(self, x, original=kind.__call__):
+            calls["n"] += 1
+            return original(self, x)
 
-    def counting(self, x):
-        calls["n"] += 1
-        return original(self, x)
-
-    monkeypatch.setattr(cpu_decode.PreparedLayer, "__call__", counting)
+        monkeypatch.setattr(kind, "__call__", counting)
     return calls
 
 
@@ -306,3 +305,80 @@ def test_leading_dimensions_and_non_contiguous_tokens(kernel_calls):
     tol = fp_tolerance(torch.float32, 16, layers=3, scale=float(y.abs().max()))
     torch.testing.assert_close(y.reshape(6, 16).double(), block_token_by_token(moe, x.reshape(6, 16)), **tol)
     torch.testing.assert_close(y_t, y.transpose(0, 1), **tol)
+
+
+def dcmoe_block(seed=0, **kwargs):
+    """Random experts; gate row 1 is row 0 times 1.004, so experts 0 and 1 nearly tie for every token."""
+    torch.manual_seed(seed)
+    block = DynamicCapacityMoE(12, 8, 4, num_null_experts=1, shared_hidden_dim=6, **kwargs).eval()
+    with torch.no_grad():
+        block.gate.weight.normal_(0.0, 0.3)
+        block.gate.weight[1] = block.gate.weight[0] * 1.004
+        for weight in (block.w_in, block.w_out, block.shared_w_in, block.shared_w_out):
+            if weight is not None:
+                weight.normal_(0.0, 0.4)
+    return block
+
+
+def dcmoe_by_formula(block, x_TD):
+    """UniMoE-Audio's layer token by token (tests/helpers.py's official routing loop, the shared/dynamic
+    softmax, each SwiGLU expert written out): (outputs, chosen experts per token, their applied weights)."""
+    N, E, S = block.num_dynamic, block.num_experts, block.num_shared_experts
+    rows, chosen_all, weights_all = [], [], []
+    for x in x_TD.double():
+        logits = block.gate.weight.detach().double() @ x
+        chosen, w = unimoe_audio_route_token(logits[:N], block.top_p, block.router_jitter)
+        mass, shares = 1.0, []
+        if S:
+            g = torch.softmax(torch.stack([logits[i] for i in chosen + [N + s for s in range(S)]]), 0)
+            mass, shares = g[: len(chosen)].sum(), g[len(chosen):]
+        y = torch.zeros_like(x)
+        for e, we in zip(chosen, w):
+            if e < E:
+                y = y + we * mass * expert_on_token(x, e, block.w_in.detach().double(), block.w_out.detach().double(),
+                                                    None, None, "silu", True)
+        for s, share in enumerate(shares):
+            y = y + share * expert_on_token(x, s, block.shared_w_in.detach().double(),
+                                            block.shared_w_out.detach().double(), None, None, "silu", True)
+        rows.append(y)
+        chosen_all.append(chosen)
+        weights_all.append(w * mass)
+    return torch.stack(rows), chosen_all, weights_all
+
+
+@pytest.mark.parametrize("shared", [2, 0])
+@pytest.mark.parametrize("T", [1, 2, 7, 16])
+def test_dynamic_capacity_layer_matches_unimoe_audio_token_by_token(kernel_calls, T, shared):
+    block = dcmoe_block(num_shared_experts=shared)
+    x = torch.randn(T, 12, generator=torch.Generator().manual_seed(T))
+    with torch.no_grad():
+        y = block(x)
+    assert kernel_calls["n"] == 1
+    expected, chosen, weights = dcmoe_by_formula(block, x)
+    tol = fp_tolerance(torch.float32, 12, layers=4, scale=float(y.abs().max()))
+    torch.testing.assert_close(y.double(), expected, **tol)
+    record = block.routing
+    width = max(len(c) for c in chosen)
+    assert record.ids_TK.shape == (T, width)
+    for t in range(T):
+        k = len(chosen[t])
+        assert record.ids_TK[t, :k].tolist() == chosen[t] and (record.ids_TK[t, k:] == -1).all()
+        torch.testing.assert_close(record.weights_TK[t, :k].double(), weights[t].detach(), **tol)
+        assert (record.weights_TK[t, k:] == 0).all()
+    eager = dcmoe_block(num_shared_experts=shared, backend="reference")
+    with torch.no_grad():
+        eager(x)
+    assert torch.equal(record.load_E, eager.routing.load_E)
+    torch.testing.assert_close(record.probs_TE, eager.routing.probs_TE, **fp_tolerance(torch.float32, 12, layers=2))
+    torch.testing.assert_close(record.aux_loss, eager.routing.aux_loss, **fp_tolerance(torch.float32, 12, layers=3))
+    if T == 16 and shared:
+        assert len({len(c) for c in chosen}) > 1 and any(0 in c and 1 in c for c in chosen)  # varied k, near ties
+
+
+def test_dynamic_capacity_layer_where_the_kernel_does_not_apply(kernel_calls):
+    block = dcmoe_block(token_drop=True, capacity_factor=0.1, min_capacity=1)  # capacity 1 of 4 tokens: drops
+    with torch.no_grad():
+        block(torch.randn(4, 12))
+        block.train()
+        block(torch.randn(1, 12))
+    assert kernel_calls["n"] == 0

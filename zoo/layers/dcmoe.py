@@ -51,7 +51,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moezoo.kernels import activation_fn, expert_mlp, losses, pack_expert_weights
+from moezoo.kernels import activation_fn, cpu_decode, expert_mlp, losses, pack_expert_weights
 from moezoo.kernels.plan import build_plan
 from moezoo.kernels.routing import RouterOutput, top_p_near_tie_route
 
@@ -137,6 +137,7 @@ class DynamicCapacityMoE(RoutedBlock):
             self.shared_w_in = nn.Parameter(torch.empty(num_shared_experts, 2 * shared_hidden_dim, dim))
             self.shared_w_out = nn.Parameter(torch.empty(num_shared_experts, dim, shared_hidden_dim))
         self._packed = self._shared_packed = None  # set by freeze()
+        self._decode_prepared: dict = {}  # the decode kernel's prepared call, made on first use
         self.reset_parameters()
 
     @property
@@ -168,6 +169,11 @@ class DynamicCapacityMoE(RoutedBlock):
         if x.dim() < 1 or x.shape[-1] != self.dim:
             raise ValueError(f"DynamicCapacityMoE input must have last dimension {self.dim}, "
                              f"got shape {tuple(x.shape)}")
+        prepared = self._decode_kernel(x)
+        if prepared is not None:  # a decoding step in one native call (None back: a non-finite logit, said below)
+            out = prepared(x if x.is_contiguous() else x.contiguous())
+            if out is not None:
+                return self._record_decode(out, x.shape[:-1])
         x_TD = x.reshape(-1, self.dim)
         logits_TG = self._gate_logits(x_TD)
         routed = top_p_near_tie_route(logits_TG[:, : self.num_dynamic], self.top_p, tie_tolerance=self.router_jitter,
@@ -195,6 +201,28 @@ class DynamicCapacityMoE(RoutedBlock):
                             load_E=lambda: losses.expert_counts(dispatch_TK, self.num_dynamic).float(),
                             dropped=lambda: int((used_TK & ~kept_TK).sum()))
         return y_TD.reshape(x.shape)
+
+    def _decode_kernel(self, x: torch.Tensor):
+        """The prepared native call (``kernels.cpu_decode.PreparedDynamicLayer``) when this call can be one
+        (``cpu_decode.fits``, 16 tokens at most as for the top-2 layers) and nothing could be dropped."""
+        params = self._parameters
+        tensors = (self._modules["gate"]._parameters["weight"], params["w_in"], params["w_out"],
+                   params.get("shared_w_in"), params.get("shared_w_out"))
+        if not cpu_decode.fits(x, 2, self.training, self.backend, tensors):
+            return None
+        if self.token_drop and max(math.ceil(x.numel() // self.dim / self.num_dynamic * self.capacity_factor),
+                                   self.min_capacity) < x.numel() // self.dim:
+            return None
+        return cpu_decode.prepared_for(self._decode_prepared, "dynamic", tensors, lambda: cpu_decode.PreparedDynamicLayer(
+            *(None if t is None else t.detach() for t in tensors), num_dynamic=self.num_dynamic, top_p=self.top_p,
+            tie_tolerance=self.router_jitter, renorm_eps=RENORM_EPS, activation=self.activation))
+
+    def _record_decode(self, out: tuple, tokens_shape) -> torch.Tensor:
+        """The kernel's output returned, its routing recorded as ``forward`` records it (load: every chosen
+        dynamic slot, null ones included; nothing dropped)."""
+        y, ids_TK, weights_TK, probs_TN, logits_TN = out
+        self.record_routing(RouterOutput(ids_TK, weights_TK, probs_TN, logits_TN), tokens_shape)  # load: by default
+        return y
 
     def _gate_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         """float32 logits over the dynamic then shared experts; the input jittered in training."""
