@@ -79,35 +79,49 @@ static void activate_row(float *h, int H, int gated, int kind) {
     }
 }
 
+/* 8-float vectors (GCC/Clang vector extensions: AVX2 registers, or half an AVX-512 one); unaligned loads */
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v8f_unaligned __attribute__((vector_size(32), aligned(4)));
+
+static inline v8f load8(const float *p) { return *(const v8f_unaligned *)p; }
+
+static inline float sum8(v8f v) {
+    float s = 0.0f;
+    for (int i = 0; i < 8; i++) s += v[i];
+    return s;
+}
+
+/* out[m][r] = W[r] . X[m] for R = 4 weight rows and MT <= 3 tokens: 12 vector accumulators, so that each weight
+ * load feeds MT products and each token load R; the lanes are summed once at the end. */
+static inline __attribute__((always_inline)) void tile(const float *W, int D, const float *X, int ldx, int MT,
+                                                       float *out, int ldo) {
+    v8f acc[3][4] = {{{0}}};
+    int d = 0;
+    for (; d + 8 <= D; d += 8) {
+        v8f w0 = load8(W + d), w1 = load8(W + D + d), w2 = load8(W + 2 * D + d), w3 = load8(W + 3 * D + d);
+        for (int m = 0; m < MT; m++) {
+            v8f x = load8(X + (int64_t)m * ldx + d);
+            acc[m][0] += w0 * x; acc[m][1] += w1 * x; acc[m][2] += w2 * x; acc[m][3] += w3 * x;
+        }
+    }
+    for (int m = 0; m < MT; m++)
+        for (int r = 0; r < 4; r++) {
+            float s = sum8(acc[m][r]);
+            for (int e = d; e < D; e++) s += W[(int64_t)r * D + e] * X[(int64_t)m * ldx + e];
+            out[(int64_t)m * ldo + r] = s;
+        }
+}
+
 /* out[m][n] = sum_d W[n][d] * X[m][d] for the M token rows of X (stride ldx) and the N weight rows of W (stride D);
  * out rows of stride ldo. Each weight row is read once for all M tokens: the weights stream from memory once. */
 static void weight_rows_times(const float *W, int N, int D, const float *X, int M, int ldx, float *out, int ldo) {
     int n = 0;
     for (; n + 4 <= N; n += 4) {
-        const float *w0 = W + (int64_t)n * D, *w1 = w0 + D, *w2 = w1 + D, *w3 = w2 + D;
+        const float *w = W + (int64_t)n * D;
         int m = 0;
-        for (; m + 2 <= M; m += 2) {  /* 4 rows x 2 tokens: 8 accumulators, each weight load used twice */
-            const float *x = X + (int64_t)m * ldx, *z = x + ldx;
-            float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f, b0 = 0.0f, b1 = 0.0f, b2 = 0.0f, b3 = 0.0f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3, b0, b1, b2, b3)
-            for (int d = 0; d < D; d++) {
-                a0 += w0[d] * x[d]; a1 += w1[d] * x[d]; a2 += w2[d] * x[d]; a3 += w3[d] * x[d];
-                b0 += w0[d] * z[d]; b1 += w1[d] * z[d]; b2 += w2[d] * z[d]; b3 += w3[d] * z[d];
-            }
-            float *o = out + (int64_t)m * ldo + n, *p = o + ldo;
-            o[0] = a0; o[1] = a1; o[2] = a2; o[3] = a3;
-            p[0] = b0; p[1] = b1; p[2] = b2; p[3] = b3;
-        }
-        for (; m < M; m++) {
-            const float *x = X + (int64_t)m * ldx;
-            float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-            for (int d = 0; d < D; d++) {
-                a0 += w0[d] * x[d]; a1 += w1[d] * x[d]; a2 += w2[d] * x[d]; a3 += w3[d] * x[d];
-            }
-            float *o = out + (int64_t)m * ldo + n;
-            o[0] = a0; o[1] = a1; o[2] = a2; o[3] = a3;
-        }
+        for (; m + 3 <= M; m += 3) tile(w, D, X + (int64_t)m * ldx, ldx, 3, out + (int64_t)m * ldo + n, ldo);
+        if (M - m == 2) tile(w, D, X + (int64_t)m * ldx, ldx, 2, out + (int64_t)m * ldo + n, ldo);
+        if (M - m == 1) tile(w, D, X + (int64_t)m * ldx, ldx, 1, out + (int64_t)m * ldo + n, ldo);
     }
     for (; n < N; n++) {
         const float *w = W + (int64_t)n * D;
