@@ -10,6 +10,8 @@
  *   x [T, D]; router_w [E, D] (+ router_b [E] or NULL); score_bias [E] or NULL (chooses only);
  *   w_in [E, G*H, D] (gated: the H gate rows, then the H up rows; G = 2, else G = 1); w_out [E, D, H];
  *   shared: gate [HS, D] (NULL when not gated), up [HS, D], down [D, HS]; HS = 0: no shared expert.
+ * packed_in, packed_out, packed_shared_in, packed_shared_out: the same weights in the packed layout (panels, below)
+ * or NULL (then read as rows); packed_shared_in holds the gate rows then the up rows.
  * expert_map [E] (int64) or NULL: router row e scores the layer's expert expert_map[e] (MoIIE's one-modality
  * routers over their own columns); the experts' tensors then hold E_out experts.
  * Outputs: y [T, D]; ids [T, K] (int64 expert ids, by descending choice score); weights [T, K]; probs [T, E_out]
@@ -23,7 +25,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define MAX_TOKENS 64
+#define MAX_TOKENS 256
 #define MAX_DYNAMIC 64  /* dynamic experts of dcmoe_decode_f32 */
 
 enum { ACT_SILU = 0, ACT_GELU = 1, ACT_GELU_TANH = 2, ACT_RELU = 3 };
@@ -135,18 +137,82 @@ static void weight_rows_times(const float *W, int N, int D, const float *X, int 
     }
 }
 
+/* The packed layout of a frozen layer (cpu_decode.py's pack_panels): W [N, K] as ceil(N / 16) panels of 16 outputs,
+ * each [K][16] (zero rows past N). A token's product with a panel is a broadcast of its k-th input times the
+ * panel's k-th 16 weights: 6 tokens x 16 outputs = 12 vector accumulators, no lane sums, the panel read in order. */
+static inline __attribute__((always_inline)) void panel_block(const float *panel, int K, const float *X, int ldx,
+                                                              int MB, float *out, int ldo, int width) {
+    v8f acc[6][2] = {{{0}}};
+    for (int k = 0; k < K; k++) {
+        v8f w0 = load8(panel + (int64_t)k * 16), w1 = load8(panel + (int64_t)k * 16 + 8);
+        for (int m = 0; m < MB; m++) {
+            float x = X[(int64_t)m * ldx + k];
+            acc[m][0] += x * w0;
+            acc[m][1] += x * w1;
+        }
+    }
+    for (int m = 0; m < MB; m++) {
+        float *o = out + (int64_t)m * ldo;
+        if (width == 16) {
+            *(v8f_unaligned *)o = acc[m][0];
+            *(v8f_unaligned *)(o + 8) = acc[m][1];
+        } else {
+            for (int j = 0; j < width; j++) o[j] = j < 8 ? acc[m][0][j] : acc[m][1][j - 8];
+        }
+    }
+}
+
+static void panel_times(const float *WP, int N, int K, const float *X, int M, int ldx, float *out, int ldo) {
+    for (int p = 0; p * 16 < N; p++) {
+        const float *panel = WP + (int64_t)p * K * 16;
+        int width = N - 16 * p < 16 ? N - 16 * p : 16;
+        float *o = out + 16 * p;
+        int m = 0;
+        for (; m + 6 <= M; m += 6) panel_block(panel, K, X + (int64_t)m * ldx, ldx, 6, o + (int64_t)m * ldo, ldo, width);
+        const float *x = X + (int64_t)m * ldx;
+        float *om = o + (int64_t)m * ldo;
+        switch (M - m) {
+        case 5: panel_block(panel, K, x, ldx, 5, om, ldo, width); break;
+        case 4: panel_block(panel, K, x, ldx, 4, om, ldo, width); break;
+        case 3: panel_block(panel, K, x, ldx, 3, om, ldo, width); break;
+        case 2: panel_block(panel, K, x, ldx, 2, om, ldo, width); break;
+        case 1: panel_block(panel, K, x, ldx, 1, om, ldo, width); break;
+        default: break;
+        }
+    }
+}
+
+/* A weight matrix [N, K] as the layer holds it (rows) or packed (panels); exactly one is set. */
+typedef struct {
+    const float *rows, *panels;
+} Matrix;
+
+static inline Matrix offset(Matrix w, int64_t rows_offset, int64_t panels_offset) {
+    Matrix out = {w.rows ? w.rows + rows_offset : NULL, w.panels ? w.panels + panels_offset : NULL};
+    return out;
+}
+
+static void times(Matrix W, int N, int K, const float *X, int M, int ldx, float *out, int ldo) {
+    if (W.panels)
+        panel_times(W.panels, N, K, X, M, ldx, out, ldo);
+    else
+        weight_rows_times(W.rows, N, K, X, M, ldx, out, ldo);
+}
+
+static inline int64_t panel_floats(int N, int K) { return (int64_t)((N + 15) / 16) * 16 * K; }
+
 /* acc[m] += scale[m] * FFN(X[m]) for M token rows: h = W_in X (gated: act(gate) * up, else act(h)), then W_out h. */
-static void add_mlp(const float *w_in, const float *w_gate, const float *w_out, int D, int H, int gated, int act,
+static void add_mlp(Matrix w_in, const float *w_gate, Matrix w_out, int D, int H, int gated, int act,
                     const float *X, int M, int ldx, const float *scale, float *acc, int ld_acc, float *h, float *y) {
     int G = gated ? 2 : 1;
-    if (w_gate) {  /* separate gate and up matrices (the shared expert's nn.Linear pair) */
+    if (w_gate) {  /* separate gate and up matrices (the shared expert's nn.Linear pair, unpacked) */
         weight_rows_times(w_gate, H, D, X, M, ldx, h, G * H);
-        weight_rows_times(w_in, H, D, X, M, ldx, h + H, G * H);
+        times(w_in, H, D, X, M, ldx, h + H, G * H);
     } else {
-        weight_rows_times(w_in, G * H, D, X, M, ldx, h, G * H);
+        times(w_in, G * H, D, X, M, ldx, h, G * H);
     }
     for (int m = 0; m < M; m++) activate_row(h + (int64_t)m * G * H, H, gated, act);
-    weight_rows_times(w_out, D, H, h, M, G * H, y, D);
+    times(w_out, D, H, h, M, G * H, y, D);
     for (int m = 0; m < M; m++) {
         float s = scale ? scale[m] : 1.0f, *a = acc + (int64_t)m * ld_acc;
         const float *ym = y + (int64_t)m * D;
@@ -192,7 +258,9 @@ int moe_decode_f32(int T, int D, int E, int H, int K, int HS, int gated, int act
                    int renormalize, float scaling, int E_out, const int64_t *expert_map, const float *x,
                    const float *router_w, const float *router_b, const float *score_bias, const float *w_in,
                    const float *w_out, const float *shared_gate, const float *shared_up, const float *shared_down,
-                   float *y, int64_t *ids, float *weights, float *probs, float *logits, float *scratch) {
+                   const float *packed_in, const float *packed_out, const float *packed_shared_in,
+                   const float *packed_shared_out, float *y, int64_t *ids, float *weights, float *probs,
+                   float *logits, float *scratch) {
     int G = gated ? 2 : 1, GH = G * (H > HS ? H : HS);
     if (T > MAX_TOKENS) return 2;
     float *h = scratch, *x_rows = h + (int64_t)T * GH, *y_tmp = x_rows + (int64_t)T * D,
@@ -206,8 +274,13 @@ int moe_decode_f32(int T, int D, int E, int H, int K, int HS, int gated, int act
             return 1;
     }
     memset(y, 0, sizeof(float) * T * D);
-    if (HS > 0)
-        add_mlp(shared_up, gated ? shared_gate : NULL, shared_down, D, HS, gated, act, x, T, D, NULL, y, D, h, y_tmp);
+    Matrix expert_in = {packed_in ? NULL : w_in, packed_in}, expert_out = {packed_out ? NULL : w_out, packed_out};
+    if (HS > 0) {
+        Matrix s_in = {packed_shared_in ? NULL : shared_up, packed_shared_in};
+        Matrix s_out = {packed_shared_out ? NULL : shared_down, packed_shared_out};
+        add_mlp(s_in, gated && !packed_shared_in ? shared_gate : NULL, s_out, D, HS, gated, act, x, T, D, NULL, y, D,
+                h, y_tmp);
+    }
     /* each chosen expert once, over the tokens that chose it (gathered into x_rows), so its weights stream once */
     int rows[MAX_TOKENS];
     float scale[MAX_TOKENS];
@@ -223,8 +296,9 @@ int moe_decode_f32(int T, int D, int E, int H, int K, int HS, int gated, int act
         if (M == 0) continue;
         int64_t expert = expert_map ? expert_map[e] : e;
         memset(acc, 0, sizeof(float) * M * D);  /* the expert's weighted outputs, then added to their tokens' */
-        add_mlp(w_in + expert * G * H * D, NULL, w_out + expert * D * H, D, H, gated, act, x_rows, M, D, scale, acc,
-                D, h, y_tmp);
+        add_mlp(offset(expert_in, expert * G * H * D, expert * panel_floats(G * H, D)), NULL,
+                offset(expert_out, expert * D * H, expert * panel_floats(D, H)), D, H, gated, act, x_rows, M, D, scale,
+                acc, D, h, y_tmp);
         for (int m = 0; m < M; m++)
             for (int d = 0; d < D; d++) y[(int64_t)rows[m] * D + d] += acc[(int64_t)m * D + d];
     }
@@ -322,8 +396,8 @@ int dcmoe_decode_f32(int T, int D, int N, int E, int S, int H, int HS, int act, 
     float scale[MAX_TOKENS];
     for (int s = 0; s < S; s++) {
         for (int t = 0; t < T; t++) scale[t] = shares[t * S + s];
-        add_mlp(shared_w_in + (int64_t)s * 2 * HS * D, NULL, shared_w_out + (int64_t)s * D * HS, D, HS, 1, act, x, T,
-                D, scale, y, D, h, y_tmp);
+        Matrix s_in = {shared_w_in + (int64_t)s * 2 * HS * D, NULL}, s_out = {shared_w_out + (int64_t)s * D * HS, NULL};
+        add_mlp(s_in, NULL, s_out, D, HS, 1, act, x, T, D, scale, y, D, h, y_tmp);
     }
     int rows[MAX_TOKENS];
     for (int e = 0; e < E; e++) {
@@ -337,8 +411,8 @@ int dcmoe_decode_f32(int T, int D, int N, int E, int S, int H, int HS, int act, 
                 }
         if (M == 0) continue;
         memset(acc, 0, sizeof(float) * M * D);
-        add_mlp(w_in + (int64_t)e * 2 * H * D, NULL, w_out + (int64_t)e * D * H, D, H, 1, act, x_rows, M, D, scale,
-                acc, D, h, y_tmp);
+        Matrix e_in = {w_in + (int64_t)e * 2 * H * D, NULL}, e_out = {w_out + (int64_t)e * D * H, NULL};
+        add_mlp(e_in, NULL, e_out, D, H, 1, act, x_rows, M, D, scale, acc, D, h, y_tmp);
         for (int m2 = 0; m2 < M; m2++)
             for (int d = 0; d < D; d++) y[(int64_t)rows[m2] * D + d] += acc[(int64_t)m2 * D + d];
     }

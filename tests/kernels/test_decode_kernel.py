@@ -1,6 +1,6 @@
 """The MoE block's native decode kernel (moezoo.kernels.cpu_decode) against independent references.
 
-- the block at 1-16 tokens (and up to the kernel's 64 when allowed) against the block computed token by token
+- the block at 1-16 tokens (and up to the kernel's limit when allowed) against the block computed token by token
   from its raw parameters with the routing formulas written out (softmax / sigmoid scores, choice bias, router
   bias, renormalisation, scaling; SwiGLU, GeGLU, plain and ReLU experts; shared MLP or none; odd widths);
 - the routing record it leaves: ids, weights, scores and logits by the formulas, and the lazy load and losses;
@@ -124,8 +124,8 @@ def test_up_to_the_kernels_token_limit(kernel_calls, monkeypatch):
                                    **fp_tolerance(torch.float32, 24, layers=3, scale=float(y.abs().max())))
         moe(torch.randn(cpu_decode.MAX_TOKENS + 1, 24))  # one more token: the eager path
     assert kernel_calls["n"] == 1
-    prepared = moe._decode_prepared["softmax"][2]  # (tensors, pointers, prepared layer)
-    with pytest.raises(ValueError, match="at most 64 tokens"):
+    prepared = moe._decode_prepared["softmax"][2]  # (tensors, state, prepared layer)
+    with pytest.raises(ValueError, match=f"at most {cpu_decode.MAX_TOKENS} tokens"):
         prepared(torch.randn(cpu_decode.MAX_TOKENS + 1, 24))
     with pytest.raises(ValueError, match="contiguous fp32 CPU tokens of width 24"):
         prepared(torch.randn(2, 24, dtype=torch.float64))
@@ -164,14 +164,15 @@ def test_the_eager_path_where_the_kernel_does_not_apply(kernel_calls, case):
                    "null experts": dict(num_null_experts=1), "shared gate": dict(num_shared_experts=1, shared_gate=True),
                    "ternary": dict(expert="ternary")}.get(case, {}))
     moe = make_moe(16, 8, 6, 2, **kwargs)
-    x = torch.randn(4 if case != "too many tokens" else 17, 16, generator=torch.Generator().manual_seed(0))
+    tokens = cpu_decode.MAX_SLOTS // 2 + 1 if case == "too many tokens" else 4  # top-2: one slot over
+    x = torch.randn(tokens, 16, generator=torch.Generator().manual_seed(0))
     allowed = None
     if case == "training":
         moe.train()
     if case == "bfloat16":
         moe, x = moe.to(torch.bfloat16), x.to(torch.bfloat16)
     if case == "mask":
-        allowed = torch.ones(4, 6, dtype=torch.bool)
+        allowed = torch.ones(tokens, 6, dtype=torch.bool)
     if case == "reference backend":
         moe.backend = "reference"
     if case == "autograd":
@@ -382,3 +383,38 @@ def test_dynamic_capacity_layer_where_the_kernel_does_not_apply(kernel_calls):
         block.train()
         block(torch.randn(1, 12))
     assert kernel_calls["n"] == 0
+
+
+def test_pack_panels_layout():
+    """Panel p holds outputs 16p .. 16p+15 side by side for each k, zeros past N: read back by the definition."""
+    w = torch.randn(2, 37, 5)
+    panels = cpu_decode.pack_panels(w)
+    assert panels.shape == (2, 3, 5, 16)
+    for e, n, k in [(0, 0, 0), (1, 36, 4), (0, 17, 2), (1, 31, 3)]:
+        assert panels[e, n // 16, k, n % 16] == w[e, n, k]
+    assert (panels[:, 2, :, 5:] == 0).all()
+
+
+@pytest.mark.parametrize("T", [1, 5, 6, 7, 13, 64])
+@pytest.mark.parametrize("config", ["DiT-MoE (softmax top-2, shared)", "plain MLP experts and shared",
+                                    "Mixtral (renormalised, no shared)"])
+def test_frozen_layer_packs_its_weights_and_follows_their_updates(kernel_calls, config, T):
+    """A frozen block multiplies packed copies (token blocks of 6, panels of 16 outputs: T and the odd widths
+    leave remainders); a weight updated in place moves its version and is packed again; unfrozen, the kernel
+    reads the live weights."""
+    from moezoo.zoo.layers import freeze, unfreeze
+    moe = freeze(make_moe(19, 21, 7, 2, **CONFIGS[config]))
+    x = torch.randn(T, 19, generator=torch.Generator().manual_seed(T))
+    with torch.no_grad():
+        y = moe(x)
+        assert moe._decode_prepared["softmax"][2].panels[0] is not None
+        tol = fp_tolerance(torch.float32, 21, layers=3, scale=float(y.abs().max()))
+        torch.testing.assert_close(y.double(), block_token_by_token(moe, x), **tol)
+        moe.w_out.mul_(-0.5)  # in place: autograd's version counter moves
+        torch.testing.assert_close(moe(x).double(), block_token_by_token(moe, x), **tol)
+        assert moe._decode_prepared["softmax"][2].panels[0] is not None
+        unfreeze(moe)
+        moe.w_in.data.mul_(2.0)  # through .data: no version, but unfrozen blocks read the live weights
+        torch.testing.assert_close(moe(x).double(), block_token_by_token(moe, x), **tol)
+        assert moe._decode_prepared["softmax"][2].panels[0] is None
+    assert kernel_calls["n"] == 3

@@ -272,8 +272,10 @@ def test_moe_block_at_few_tokens_matches_the_block_token_by_token(few_token_call
 def test_shared_expert_apart_or_inside_at_many_tokens(monkeypatch, onednn, config):
     """Above the few-token path (40 tokens of top-2), no grad: the shared MLP runs apart from the routed experts
     with MKL's GEMMs and inside their walk with oneDNN's (``shared_apart_pays``); either way the block equals
-    the token-by-token loop, and with autograd it always goes inside."""
+    the token-by-token loop, and with autograd it always goes inside. (The decode kernel, which would take these
+    calls, is off: this is the eager path's test.)"""
     monkeypatch.setattr(cpu_backend, "ONEDNN_GEMMS", onednn)
+    monkeypatch.setattr(cpu_decode, "MAX_SLOTS", 0)
     moe = make_moe(16, 12, 6, 2, backend="torch", **config)
     packed = []
     as_shared_expert = type(moe.shared).as_shared_expert

@@ -251,6 +251,8 @@ class MoE(RoutedBlock):
             self.constant_mix = nn.Linear(dim, 2 * num_constant_experts, bias=False)
         self._packed = None  # set by freeze(): prepacked expert weights for no-grad CPU calls
         self._decode_prepared: dict = {}  # the decode kernel's prepared call by router kind, made on first use
+        # set by freeze(): the decode kernel may copy the weights into its panels (re-packed when a version moves)
+        self._decode_frozen = False
         self._expert_parallel: _ExpertParallel | None = None  # set by shard_experts()
         self.reset_expert_parameters()
 
@@ -344,8 +346,9 @@ class MoE(RoutedBlock):
             num_tokens = x.numel() // self.dim
             if self._capacity(num_tokens, self.top_k) < num_tokens:
                 return None
+        frozen = self._decode_frozen  # frozen weights are packed for the kernel too (freeze's contract)
         return cpu_decode.prepared_for(self._decode_prepared, kind, tensors,
-                                       lambda: self._prepare_decode(router, tensors))
+                                       lambda: self._prepare_decode(router, tensors, frozen), versions=frozen)
 
     def _decode_tensors(self, router) -> tuple:
         """Router weight, bias, score bias, w_in, w_out, shared gate, up, down (``PreparedLayer``'s order)."""
@@ -363,13 +366,14 @@ class MoE(RoutedBlock):
         return (router._parameters["weight"], router._parameters.get("bias"), router._buffers.get("score_bias"),
                 params["w_in"], params["w_out"], gate, up, down)
 
-    def _prepare_decode(self, router, tensors: tuple) -> cpu_decode.PreparedLayer:
+    def _prepare_decode(self, router, tensors: tuple, packed: bool) -> cpu_decode.PreparedLayer:
         router_w, router_b, score_bias, w_in, w_out, gate, up, down = (
             None if t is None else t.detach() for t in tensors)
         return cpu_decode.PreparedLayer(
             router_w, router_b, score_bias, w_in, w_out, None if up is None else (gate, up, down), top_k=self.top_k,
             activation=self.activation, gated=self.gated, sigmoid_scoring=router.kind == "sigmoid",
-            renormalize=router.renormalize or router.kind == "gshard_top2", scaling=float(router.routed_scaling))
+            renormalize=router.renormalize or router.kind == "gshard_top2", scaling=float(router.routed_scaling),
+            packed=packed)
 
     def _forward_decode_kernel(self, prepared, x: torch.Tensor, lead_shape) -> torch.Tensor | None:
         """``forward`` of ``x [..., D]`` as one native call; None when a router logit is not finite (the eager
@@ -490,13 +494,16 @@ class MoE(RoutedBlock):
         are the same tensors with the same storage and version counter: an in-place update, a new Parameter or
         ``load_state_dict`` drops it, and the layer computes on its live weights. Edits through ``.data``
         bypass the version counter: after one, call :meth:`unfreeze` (or ``freeze`` again). Ternary experts
-        (weights quantised per call) are not packed."""
+        (weights quantised per call) are not packed. The decode kernel (``kernels.cpu_decode``) of a frozen block
+        multiplies its own panel copies of the experts and shared MLP, packed again whenever a version moves."""
         self._packed = None
         if self.expert_kind != "ternary":
             self._packed = pack_expert_weights(self.w_in, self.w_out)
+        self._decode_frozen = True
 
     def unfreeze(self) -> None:
         self._packed = None
+        self._decode_frozen = False
 
     @property
     def frozen(self) -> bool:
