@@ -346,7 +346,9 @@ class MoE(RoutedBlock):
             num_tokens = x.numel() // self.dim
             if self._capacity(num_tokens, self.top_k) < num_tokens:
                 return None
-        frozen = self._decode_frozen  # frozen weights are packed for the kernel too (freeze's contract)
+        if self._packed is not None:
+            self._live_packed()  # an in-place update drops the oneDNN copy (``frozen`` says so), as the eager path does
+        frozen = self._decode_frozen  # frozen weights are packed for the kernel too, again when a version moves
         return cpu_decode.prepared_for(self._decode_prepared, kind, tensors,
                                        lambda: self._prepare_decode(router, tensors, frozen), versions=frozen)
 
@@ -500,10 +502,12 @@ class MoE(RoutedBlock):
         if self.expert_kind != "ternary":
             self._packed = pack_expert_weights(self.w_in, self.w_out)
         self._decode_frozen = True
+        self._decode_prepared.clear()  # packed again from the weights as they are now (.data edits included)
 
     def unfreeze(self) -> None:
         self._packed = None
         self._decode_frozen = False
+        self._decode_prepared.clear()
 
     @property
     def frozen(self) -> bool:
