@@ -328,13 +328,15 @@ int moe_decode_f32(int T, int D, int E, int H, int K, int HS, int gated, int act
  *   with shared experts: g = softmax over the chosen dynamic and all shared logits, weights *= sum of g over the
  *   chosen dynamic ones, shared expert s weighted by g_s.
  * y = sum over chosen computed experts (id < E) of weight * SwiGLU_e(x) + sum_s g_s * SwiGLU_s(x).
+ * packed_*: the experts' and shared experts' weights as panels (or NULL: read as rows), as for moe_decode_f32.
  * Outputs: ids [T, N] (-1 after a token's chosen ones), weights [T, N], probs [T, N], logits [T, N] (dynamic),
  * *columns: the most experts a token chose. scratch: T * (2 * max(H, HS) + 3 * D + 2 * (N + S)) floats.
  * Returns 0; 1 for a non-finite logit; 2 for more than MAX_TOKENS tokens or MAX_DYNAMIC dynamic experts. */
 int dcmoe_decode_f32(int T, int D, int N, int E, int S, int H, int HS, int act, double top_p,
-                     double tie_tolerance, double renorm_eps, const float *x, const float *gate_w, const float *w_in, const float *w_out,
-                     const float *shared_w_in, const float *shared_w_out, float *y, int64_t *ids, float *weights,
-                     float *probs, float *logits, int32_t *columns, float *scratch) {
+                     double tie_tolerance, double renorm_eps, const float *x, const float *gate_w, const float *w_in,
+                     const float *w_out, const float *shared_w_in, const float *shared_w_out, const float *packed_in,
+                     const float *packed_out, const float *packed_shared_in, const float *packed_shared_out, float *y,
+                     int64_t *ids, float *weights, float *probs, float *logits, int32_t *columns, float *scratch) {
     if (T > MAX_TOKENS || N > MAX_DYNAMIC) return 2;
     int G = N + S, GH = 2 * (H > HS ? H : HS);
     float *h = scratch, *x_rows = h + (int64_t)T * GH, *y_tmp = x_rows + (int64_t)T * D,
@@ -396,8 +398,11 @@ int dcmoe_decode_f32(int T, int D, int N, int E, int S, int H, int HS, int act, 
     float scale[MAX_TOKENS];
     for (int s = 0; s < S; s++) {
         for (int t = 0; t < T; t++) scale[t] = shares[t * S + s];
-        Matrix s_in = {shared_w_in + (int64_t)s * 2 * HS * D, NULL}, s_out = {shared_w_out + (int64_t)s * D * HS, NULL};
-        add_mlp(s_in, NULL, s_out, D, HS, 1, act, x, T, D, scale, y, D, h, y_tmp);
+        Matrix s_in = {packed_shared_in ? NULL : shared_w_in, packed_shared_in};
+        Matrix s_out = {packed_shared_out ? NULL : shared_w_out, packed_shared_out};
+        add_mlp(offset(s_in, (int64_t)s * 2 * HS * D, s * panel_floats(2 * HS, D)), NULL,
+                offset(s_out, (int64_t)s * D * HS, s * panel_floats(D, HS)), D, HS, 1, act, x, T, D, scale, y, D, h,
+                y_tmp);
     }
     int rows[MAX_TOKENS];
     for (int e = 0; e < E; e++) {
@@ -411,8 +416,10 @@ int dcmoe_decode_f32(int T, int D, int N, int E, int S, int H, int HS, int act, 
                 }
         if (M == 0) continue;
         memset(acc, 0, sizeof(float) * M * D);
-        Matrix e_in = {w_in + (int64_t)e * 2 * H * D, NULL}, e_out = {w_out + (int64_t)e * D * H, NULL};
-        add_mlp(e_in, NULL, e_out, D, H, 1, act, x_rows, M, D, scale, acc, D, h, y_tmp);
+        Matrix e_in = {packed_in ? NULL : w_in, packed_in}, e_out = {packed_out ? NULL : w_out, packed_out};
+        add_mlp(offset(e_in, (int64_t)e * 2 * H * D, e * panel_floats(2 * H, D)), NULL,
+                offset(e_out, (int64_t)e * D * H, e * panel_floats(D, H)), D, H, 1, act, x_rows, M, D, scale, acc, D,
+                h, y_tmp);
         for (int m2 = 0; m2 < M; m2++)
             for (int d = 0; d < D; d++) y[(int64_t)rows[m2] * D + d] += acc[(int64_t)m2 * D + d];
     }

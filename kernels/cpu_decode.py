@@ -104,7 +104,7 @@ def _load():
     topk, dynamic = library.moe_decode_f32, library.dcmoe_decode_f32
     topk.restype = dynamic.restype = ctypes.c_int
     topk.argtypes = [ctypes.c_int] * 10 + [ctypes.c_float, ctypes.c_int] + [ctypes.c_void_p] * 20
-    dynamic.argtypes = [ctypes.c_int] * 8 + [ctypes.c_double] * 3 + [ctypes.c_void_p] * 13
+    dynamic.argtypes = [ctypes.c_int] * 8 + [ctypes.c_double] * 3 + [ctypes.c_void_p] * 17
     _state["functions"] = {"topk": topk, "dynamic": dynamic}
     return _state["functions"]
 
@@ -212,10 +212,11 @@ class PreparedDynamicLayer:
             shared ones). w_in_ENK [E, 2H, D], w_out_EDF [E, D, H]: the computed experts.
         shared_w_in_SNK [S, 2HS, D], shared_w_out_SDF [S, D, HS]: the shared experts, or None (S = 0).
         num_dynamic: N; top_p, tie_tolerance, renorm_eps, activation: the layer's.
+        packed: also copy the experts' weights into panels (see :class:`PreparedLayer`; frozen layers only).
     """
 
     def __init__(self, gate_GD, w_in_ENK, w_out_EDF, shared_w_in_SNK, shared_w_out_SDF, *, num_dynamic: int,
-                 top_p: float, tie_tolerance: float, renorm_eps: float, activation: str):
+                 top_p: float, tie_tolerance: float, renorm_eps: float, activation: str, packed: bool = False):
         self.tensors = (gate_GD, w_in_ENK, w_out_EDF, shared_w_in_SNK, shared_w_out_SDF)
         for t in self.tensors:
             if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous()):
@@ -229,7 +230,11 @@ class PreparedDynamicLayer:
             raise ValueError("the decode kernel's dynamic-capacity weights disagree in shape or are too many")
         self.settings = (self.D, num_dynamic, E, S, H, HS, ACTIVATION_CODES[activation], float(top_p),
                          float(tie_tolerance), float(renorm_eps))
-        self.pointers = tuple(None if t is None else t.data_ptr() for t in self.tensors)
+        self.panels = (None,) * 4
+        if packed:
+            self.panels = (pack_panels(w_in_ENK), pack_panels(w_out_EDF),
+                           *((None, None) if S == 0 else (pack_panels(shared_w_in_SNK), pack_panels(shared_w_out_SDF))))
+        self.pointers = tuple(None if t is None else t.data_ptr() for t in (*self.tensors, *self.panels))
         self.scratch_per_token = 2 * max(H, HS) + 3 * self.D + 2 * (num_dynamic + S)
 
     def __call__(self, x: torch.Tensor):

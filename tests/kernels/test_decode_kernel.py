@@ -418,3 +418,28 @@ def test_frozen_layer_packs_its_weights_and_follows_their_updates(kernel_calls, 
         torch.testing.assert_close(moe(x).double(), block_token_by_token(moe, x), **tol)
         assert moe._decode_prepared["softmax"][2].panels[0] is None
     assert kernel_calls["n"] == 3
+
+
+def test_frozen_moiie_and_dynamic_capacity_layers_pack_too(kernel_calls):
+    """MoIIE's one-modality call and the dynamic-capacity layer, frozen: panel copies, the same outputs."""
+    from moezoo.zoo.layers import freeze
+    block = dcmoe_block()
+    x = torch.randn(9, 12, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        live = block(x)
+        freeze(block)
+        packed = block(x)
+    assert block._decode_prepared["dynamic"][2].panels[0] is not None
+    torch.testing.assert_close(packed.double(), dcmoe_by_formula(block, x)[0],
+                               **fp_tolerance(torch.float32, 12, layers=4, scale=float(packed.abs().max())))
+    torch.testing.assert_close(packed, live, **fp_tolerance(torch.float32, 12, layers=4, scale=float(live.abs().max())))
+    torch.manual_seed(0)
+    moiie = IntraInterMoE(16, 8, 5, num_modalities=3, num_intra=1, num_shared=2).eval()
+    x = torch.randn(1, 7, 16, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        live = moiie(x, torch.full((1, 7), 2))
+        freeze(moiie)
+        packed = moiie(x, torch.full((1, 7), 2))
+    assert moiie._decode_prepared[2][2].panels[0] is not None
+    torch.testing.assert_close(packed, live, **fp_tolerance(torch.float32, 16, layers=3, scale=float(live.abs().max())))
+    assert kernel_calls["n"] == 4

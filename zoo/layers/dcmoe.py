@@ -137,7 +137,6 @@ class DynamicCapacityMoE(RoutedBlock):
             self.shared_w_in = nn.Parameter(torch.empty(num_shared_experts, 2 * shared_hidden_dim, dim))
             self.shared_w_out = nn.Parameter(torch.empty(num_shared_experts, dim, shared_hidden_dim))
         self._packed = self._shared_packed = None  # set by freeze()
-        self._decode_prepared: dict = {}  # the decode kernel's prepared call, made on first use
         self.reset_parameters()
 
     @property
@@ -213,9 +212,11 @@ class DynamicCapacityMoE(RoutedBlock):
         if self.token_drop and max(math.ceil(x.numel() // self.dim / self.num_dynamic * self.capacity_factor),
                                    self.min_capacity) < x.numel() // self.dim:
             return None
+        frozen = self._decode_frozen
         return cpu_decode.prepared_for(self._decode_prepared, "dynamic", tensors, lambda: cpu_decode.PreparedDynamicLayer(
             *(None if t is None else t.detach() for t in tensors), num_dynamic=self.num_dynamic, top_p=self.top_p,
-            tie_tolerance=self.router_jitter, renorm_eps=RENORM_EPS, activation=self.activation))
+            tie_tolerance=self.router_jitter, renorm_eps=RENORM_EPS, activation=self.activation, packed=frozen),
+            versions=frozen)
 
     def _record_decode(self, out: tuple, tokens_shape) -> torch.Tensor:
         """The kernel's output returned, its routing recorded as ``forward`` records it (load: every chosen
@@ -283,9 +284,11 @@ class DynamicCapacityMoE(RoutedBlock):
         self._packed = pack_expert_weights(self.w_in, self.w_out)
         if self.num_shared_experts:
             self._shared_packed = pack_expert_weights(self.shared_w_in, self.shared_w_out)
+        super().freeze()
 
     def unfreeze(self) -> None:
         self._packed = self._shared_packed = None
+        super().unfreeze()
 
     @property
     def frozen(self) -> bool:

@@ -187,7 +187,6 @@ class IntraInterMoE(RoutedBlock):
         self.register_buffer("columns_MG", torch.tensor([self.experts_of(m) for m in range(num_modalities)]),
                              persistent=False)
         self.last_modality_T: torch.Tensor | None = None
-        self._decode_prepared: dict = {}  # the decode kernel's prepared call per modality, made on first use
 
     def experts_of(self, modality: int) -> list[int]:
         """The global ids of the experts modality ``modality`` routes over: its intra experts, then the shared."""
@@ -223,9 +222,11 @@ class IntraInterMoE(RoutedBlock):
         tensors = (self.routers[modality]._parameters["weight"], params["w_in"], params["w_out"])
         if not cpu_decode.fits(x, self.top_k, self.training, self.backend, tensors):
             return None
+        frozen = self._decode_frozen
         return cpu_decode.prepared_for(self._decode_prepared, modality, tensors, lambda: cpu_decode.PreparedLayer(
             tensors[0].detach(), None, None, tensors[1].detach(), tensors[2].detach(), None, top_k=self.top_k,
-            activation="silu", gated=True, renormalize=True, expert_map_E=self.columns_MG[modality]))
+            activation="silu", gated=True, renormalize=True, expert_map_E=self.columns_MG[modality], packed=frozen),
+            versions=frozen)
 
     def _route_mixed(self, x_TD: torch.Tensor, modality_T: torch.Tensor) -> RouterOutput:
         """Each modality's router fills its own columns of [T, E] logits; a softmax top-k over the allowed ones."""

@@ -250,9 +250,6 @@ class MoE(RoutedBlock):
             self.constant_vectors = nn.Parameter(torch.zeros(num_constant_experts, dim))
             self.constant_mix = nn.Linear(dim, 2 * num_constant_experts, bias=False)
         self._packed = None  # set by freeze(): prepacked expert weights for no-grad CPU calls
-        self._decode_prepared: dict = {}  # the decode kernel's prepared call by router kind, made on first use
-        # set by freeze(): the decode kernel may copy the weights into its panels (re-packed when a version moves)
-        self._decode_frozen = False
         self._expert_parallel: _ExpertParallel | None = None  # set by shard_experts()
         self.reset_expert_parameters()
 
@@ -501,13 +498,11 @@ class MoE(RoutedBlock):
         self._packed = None
         if self.expert_kind != "ternary":
             self._packed = pack_expert_weights(self.w_in, self.w_out)
-        self._decode_frozen = True
-        self._decode_prepared.clear()  # packed again from the weights as they are now (.data edits included)
+        super().freeze()
 
     def unfreeze(self) -> None:
         self._packed = None
-        self._decode_frozen = False
-        self._decode_prepared.clear()
+        super().unfreeze()
 
     @property
     def frozen(self) -> bool:

@@ -210,6 +210,10 @@ class RoutedBlock(nn.Module):
         self.backend = backend
         self.expert_names = tuple(expert_names) if expert_names is not None else None
         self.routing: RoutingRecord | None = None
+        # the decode kernel (moezoo.kernels.cpu_decode): its prepared calls, made on first use, and whether it may
+        # copy the weights into its panels (frozen blocks; copied again when a weight's version moves)
+        self._decode_prepared: dict = {}
+        self._decode_frozen = False
 
     @property
     def num_routable(self) -> int:
@@ -306,10 +310,16 @@ class RoutedBlock(nn.Module):
     # ------------------------------------------------------------------------------------------ inference
 
     def freeze(self) -> None:
-        """Prepare for inference on fixed weights (blocks with packable experts override; see MoE.freeze)."""
+        """Prepare for inference on fixed weights: the decode kernel multiplies panel copies of the experts (made
+        from the weights as they are now; again when a weight's version moves). Blocks with packable experts
+        extend it (see MoE.freeze)."""
+        self._decode_frozen = True
+        self._decode_prepared.clear()
 
     def unfreeze(self) -> None:
         """Undo :meth:`freeze`: compute on the live weights again."""
+        self._decode_frozen = False
+        self._decode_prepared.clear()
 
 
 # ----------------------------------------------------------------------------------------------------------
