@@ -21,6 +21,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -109,6 +110,13 @@ def _load():
     return _state["functions"]
 
 
+def _function(name: str):
+    functions = _load()
+    if functions is None:
+        raise RuntimeError("the decode kernel is unavailable: check cpu_decode.available() first")
+    return functions[name]
+
+
 def available() -> bool:
     """Whether the decode kernel is built and loaded (it is built on the first call)."""
     return _load() is not None
@@ -174,6 +182,7 @@ class PreparedLayer:
                            None if up is None else pack_panels(shared_in), None if up is None else pack_panels(down))
         self.pointers = tuple(None if t is None else t.data_ptr() for t in (*self.tensors, *self.panels))
         self.scratch_per_token = G * max(self.H, self.HS) + 3 * self.D + 2 * E
+        self.function = _function("topk")
         self.settings = (self.D, self.E, self.H, top_k, self.HS, int(gated), ACTIVATION_CODES[activation],
                          int(sigmoid_scoring), int(renormalize), float(scaling), self.E_out,
                          None if expert_map_E is None else expert_map_E.data_ptr())
@@ -182,22 +191,18 @@ class PreparedLayer:
         """The layer on the tokens ``x [..., D]`` (contiguous fp32 CPU, at most :data:`MAX_TOKENS` of them):
         ``(y [..., D], ids_TK, weights_TK, probs_TE, logits_TE)``, or None when a router logit is not finite (the
         eager path then raises its error)."""
-        functions = _load()
-        if functions is None:
-            raise RuntimeError("the decode kernel is unavailable: check cpu_decode.available() first")
-        if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous() or x.dim() < 1 \
-                or x.shape[-1] != self.D:
-            raise ValueError(f"the decode kernel needs contiguous fp32 CPU tokens of width {self.D}, got "
-                             f"{tuple(x.shape)} {x.dtype} on {x.device}")
+        _check_tokens(x, self.D)
+        return self.run(x)
+
+    def run(self, x: torch.Tensor):
+        """:meth:`__call__` without its checks, for the blocks, which made them already (``fits`` and their own)."""
         T = x.numel() // self.D
-        if T > MAX_TOKENS:
-            raise ValueError(f"the decode kernel takes at most {MAX_TOKENS} tokens, got {T}")
         y = torch.empty(x.shape)
         ids = torch.empty(T, self.K, dtype=torch.long)
         weights, probs, logits = torch.empty(T, self.K), torch.empty(T, self.E_out), torch.empty(T, self.E_out)
-        scratch = torch.empty(T * self.scratch_per_token)
-        code = functions["topk"](T, *self.settings, x.data_ptr(), *self.pointers, y.data_ptr(), ids.data_ptr(),
-                        weights.data_ptr(), probs.data_ptr(), logits.data_ptr(), scratch.data_ptr())
+        code = self.function(T, *self.settings, x.data_ptr(), *self.pointers, y.data_ptr(), ids.data_ptr(),
+                             weights.data_ptr(), probs.data_ptr(), logits.data_ptr(),
+                             _scratch(T * self.scratch_per_token))
         return None if code else (y, ids, weights, probs, logits)
 
 
@@ -236,33 +241,50 @@ class PreparedDynamicLayer:
                            *((None, None) if S == 0 else (pack_panels(shared_w_in_SNK), pack_panels(shared_w_out_SDF))))
         self.pointers = tuple(None if t is None else t.data_ptr() for t in (*self.tensors, *self.panels))
         self.scratch_per_token = 2 * max(H, HS) + 3 * self.D + 2 * (num_dynamic + S)
+        self.function = _function("dynamic")
 
     def __call__(self, x: torch.Tensor):
         """The layer on the tokens ``x [..., D]`` (contiguous fp32 CPU, at most :data:`MAX_TOKENS`): ``(y [..., D],
         ids_TK, weights_TK, probs_TN, logits_TN)`` with as many slot columns as the most experts a token chose
         (-1 / 0 after a token's own), or None when a gate logit is not finite."""
-        functions = _load()
-        if functions is None:
-            raise RuntimeError("the decode kernel is unavailable: check cpu_decode.available() first")
-        if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous() or x.dim() < 1 \
-                or x.shape[-1] != self.D:
-            raise ValueError(f"the decode kernel needs contiguous fp32 CPU tokens of width {self.D}, got "
-                             f"{tuple(x.shape)} {x.dtype} on {x.device}")
+        _check_tokens(x, self.D)
+        return self.run(x)
+
+    def run(self, x: torch.Tensor):
+        """:meth:`__call__` without its checks, for the block, which made them already."""
         T = x.numel() // self.D
-        if T > MAX_TOKENS:
-            raise ValueError(f"the decode kernel takes at most {MAX_TOKENS} tokens, got {T}")
         y = torch.empty(x.shape)
         ids = torch.empty(T, self.N, dtype=torch.long)
         weights, probs, logits = torch.empty(T, self.N), torch.empty(T, self.N), torch.empty(T, self.N)
         columns = ctypes.c_int32(0)
-        scratch = torch.empty(T * self.scratch_per_token)
-        code = functions["dynamic"](T, *self.settings, x.data_ptr(), *self.pointers, y.data_ptr(), ids.data_ptr(),
-                                    weights.data_ptr(), probs.data_ptr(), logits.data_ptr(), ctypes.addressof(columns),
-                                    scratch.data_ptr())
+        code = self.function(T, *self.settings, x.data_ptr(), *self.pointers, y.data_ptr(), ids.data_ptr(),
+                             weights.data_ptr(), probs.data_ptr(), logits.data_ptr(), ctypes.addressof(columns),
+                             _scratch(T * self.scratch_per_token))
         if code:
             return None
         k = columns.value
         return y, ids[:, :k], weights[:, :k], probs, logits
+
+
+def _check_tokens(x: torch.Tensor, width: int) -> None:
+    if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous() or x.dim() < 1 \
+            or x.shape[-1] != width:
+        raise ValueError(f"the decode kernel needs contiguous fp32 CPU tokens of width {width}, got "
+                         f"{tuple(x.shape)} {x.dtype} on {x.device}")
+    if x.numel() // width > MAX_TOKENS:
+        raise ValueError(f"the decode kernel takes at most {MAX_TOKENS} tokens, got {x.numel() // width}")
+
+
+_per_thread = threading.local()
+
+
+def _scratch(floats: int) -> int:
+    """The address of this thread's scratch buffer of at least ``floats`` floats (kept between calls: a decoding
+    step allocates its outputs only)."""
+    buffer = getattr(_per_thread, "scratch", None)
+    if buffer is None or buffer.numel() < floats:
+        buffer = _per_thread.scratch = torch.empty(max(floats, 1 << 14))
+    return buffer.data_ptr()
 
 
 def fits(x: torch.Tensor, top_k: int, training: bool, backend: str, tensors: tuple) -> bool:

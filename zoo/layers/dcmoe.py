@@ -170,7 +170,7 @@ class DynamicCapacityMoE(RoutedBlock):
                              f"got shape {tuple(x.shape)}")
         prepared = self._decode_kernel(x)
         if prepared is not None:  # a decoding step in one native call (None back: a non-finite logit, said below)
-            out = prepared(x if x.is_contiguous() else x.contiguous())
+            out = prepared.run(x if x.is_contiguous() else x.contiguous())  # fits() and the checks above
             if out is not None:
                 return self._record_decode(out, x.shape[:-1])
         x_TD = x.reshape(-1, self.dim)

@@ -197,11 +197,12 @@ class IntraInterMoE(RoutedBlock):
     def forward(self, x_BSD: torch.Tensor, modality_BS: torch.Tensor) -> torch.Tensor:
         lowest, highest = check_modalities(modality_BS, tuple(x_BSD.shape[:2]), self.num_modalities)
         prepared = self._decode_kernel(x_BSD, lowest) if lowest == highest else None
-        if prepared is not None:  # a decoding step: router, top-k and experts in one native call
+        if prepared is not None:  # a decoding step: router, top-k and experts in one native call (checked width)
             out = prepared(x_BSD if x_BSD.is_contiguous() else x_BSD.contiguous())
             if out is not None:  # (None: a non-finite logit, which the eager path reports)
                 y_BSD, ids_TK, weights_TK, probs_TE, logits_TE = out
-                self.last_modality_T = modality_BS.reshape(-1)
+                # straight into __dict__ (a plain attribute, set in __init__): nn.Module.__setattr__ costs ~8 µs
+                self.__dict__["last_modality_T"] = modality_BS.reshape(-1)
                 self.record_routing(RouterOutput(ids_TK, weights_TK, probs_TE, logits_TE), x_BSD.shape[:2])
                 return y_BSD
         x_TD, modality_T = x_BSD.reshape(-1, self.dim), modality_BS.reshape(-1)
@@ -219,7 +220,7 @@ class IntraInterMoE(RoutedBlock):
         """The native call (``kernels.cpu_decode``) of ``_route_one_modality`` and the experts, when this call can
         be one (``cpu_decode.fits``): the modality's router over its own experts, softmax top-k renormalised."""
         params = self._parameters
-        tensors = (self.routers[modality]._parameters["weight"], params["w_in"], params["w_out"])
+        tensors = (self.routers._modules[str(modality)]._parameters["weight"], params["w_in"], params["w_out"])
         if not cpu_decode.fits(x, self.top_k, self.training, self.backend, tensors):
             return None
         frozen = self._decode_frozen

@@ -377,7 +377,7 @@ class MoE(RoutedBlock):
     def _forward_decode_kernel(self, prepared, x: torch.Tensor, lead_shape) -> torch.Tensor | None:
         """``forward`` of ``x [..., D]`` as one native call; None when a router logit is not finite (the eager
         path says so)."""
-        out = prepared(x if x.is_contiguous() else x.contiguous())
+        out = prepared.run(x if x.is_contiguous() else x.contiguous())  # fits() and forward checked it
         if out is None:
             return None
         y, ids_TK, weights_TK, probs_TE, logits_TE = out
