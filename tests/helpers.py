@@ -152,3 +152,36 @@ def rendezvous_ports(count: int) -> list[int]:
         for sock in held:
             sock.close()
     raise AssertionError(f"no {count} free ports outside {low}-{high}")
+
+
+def random_moe(*args, seed: int = 0, **kwargs):
+    """A ``MoE(*args, **kwargs)`` in eval mode with every parameter (and a choice-bias buffer) drawn N(0, 0.5^2):
+    routing spread over the experts and outputs of order one."""
+    from moezoo.zoo.layers import MoE
+
+    torch.manual_seed(seed)
+    moe = MoE(*args, **kwargs).eval()
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0.0, 0.5)
+        if moe.router.score_bias is not None:
+            moe.router.score_bias.normal_(0.0, 0.2)
+    return moe
+
+
+def near_tie_dcmoe(dim: int, hidden: int, num_experts: int, seed: int = 0, **kwargs):
+    """A ``DynamicCapacityMoE`` in eval mode whose gate logits spread over several experts, with gate row 1 equal to
+    row 0 times 1.004: experts 0 and 1 nearly tie (relative gap 0.4% < 2%) for every token, so the near-tie weights
+    matter. Experts ~ N(0, 0.4^2); ``num_null_experts`` defaults to 1."""
+    from moezoo.zoo.layers import DynamicCapacityMoE
+
+    torch.manual_seed(seed)
+    kwargs.setdefault("num_null_experts", 1)
+    block = DynamicCapacityMoE(dim, hidden, num_experts, **kwargs)
+    with torch.no_grad():
+        block.gate.weight.normal_(0.0, 0.3)
+        block.gate.weight[1] = block.gate.weight[0] * 1.004
+        for weight in (block.w_in, block.w_out, block.shared_w_in, block.shared_w_out):
+            if weight is not None:
+                weight.normal_(0.0, 0.4)
+    return block.eval()

@@ -16,7 +16,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import act_formula, expert_on_token, unimoe_audio_route_token
+from helpers import act_formula, expert_on_token, near_tie_dcmoe, random_moe, unimoe_audio_route_token
 from tolerance import fp_tolerance
 
 import moezoo.kernels.cpu_decode as cpu_decode
@@ -37,17 +37,6 @@ def kernel_calls(monkeypatch):
 
         monkeypatch.setattr(kind, "run", counting)
     return calls
-
-
-def make_moe(*args, seed=0, **kwargs):
-    torch.manual_seed(seed)
-    moe = MoE(*args, **kwargs).eval()
-    with torch.no_grad():
-        for p in moe.parameters():
-            p.normal_(0.0, 0.5)
-        if moe.router.score_bias is not None:
-            moe.router.score_bias.normal_(0.0, 0.2)
-    return moe
 
 
 def route_by_formula(moe: MoE, x_TD: torch.Tensor):
@@ -103,7 +92,7 @@ CONFIGS = {
 @pytest.mark.parametrize("config", list(CONFIGS), ids=list(CONFIGS))
 def test_block_matches_the_block_token_by_token(kernel_calls, config, T):
     D, H = 19, 13  # odd widths: the kernel's 4-row blocks and vector loops have remainders
-    moe = make_moe(D, H, 7, 3 if T == 3 else 2, **CONFIGS[config])
+    moe = random_moe(D, H, 7, 3 if T == 3 else 2, **CONFIGS[config])
     x = torch.randn(T, D, generator=torch.Generator().manual_seed(T))
     with torch.no_grad():
         y = moe(x)
@@ -115,7 +104,7 @@ def test_block_matches_the_block_token_by_token(kernel_calls, config, T):
 
 def test_up_to_the_kernels_token_limit(kernel_calls, monkeypatch):
     monkeypatch.setattr(cpu_decode, "MAX_SLOTS", 1 << 10)
-    moe = make_moe(24, 16, 8, 2, num_shared_experts=1)
+    moe = random_moe(24, 16, 8, 2, num_shared_experts=1)
     x = torch.randn(cpu_decode.MAX_TOKENS, 24, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         y = moe(x)
@@ -134,7 +123,7 @@ def test_up_to_the_kernels_token_limit(kernel_calls, monkeypatch):
 @pytest.mark.parametrize("config", ["DiT-MoE (softmax top-2, shared)",
                                     "DeepSeek-V3-like (sigmoid, choice bias, scaling, router bias)"])
 def test_routing_record_is_the_routers(kernel_calls, config):
-    moe = make_moe(16, 8, 6, 2, **CONFIGS[config], aux_loss_coefs={"load_balance": 0.01, "z_loss": 0.001})
+    moe = random_moe(16, 8, 6, 2, **CONFIGS[config], aux_loss_coefs={"load_balance": 0.01, "z_loss": 0.001})
     x = torch.randn(5, 16, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         moe(x)
@@ -148,7 +137,7 @@ def test_routing_record_is_the_routers(kernel_calls, config):
     assert record.load_E.tolist() == torch.bincount(ids.flatten(), minlength=6).float().tolist()
     assert record.dropped == 0
     # the same record as the eager path's: counts and aux losses read lazily from the kernel's tensors
-    eager = make_moe(16, 8, 6, 2, **CONFIGS[config], aux_loss_coefs={"load_balance": 0.01, "z_loss": 0.001})
+    eager = random_moe(16, 8, 6, 2, **CONFIGS[config], aux_loss_coefs={"load_balance": 0.01, "z_loss": 0.001})
     eager.backend = "reference"
     with torch.no_grad():
         eager(x)
@@ -163,7 +152,7 @@ def test_the_eager_path_where_the_kernel_does_not_apply(kernel_calls, case):
     kwargs.update({"dropping capacity": dict(capacity_factor=0.5), "biases": dict(bias=True),
                    "null experts": dict(num_null_experts=1), "shared gate": dict(num_shared_experts=1, shared_gate=True),
                    "ternary": dict(expert="ternary")}.get(case, {}))
-    moe = make_moe(16, 8, 6, 2, **kwargs)
+    moe = random_moe(16, 8, 6, 2, **kwargs)
     tokens = cpu_decode.MAX_SLOTS // 2 + 1 if case == "too many tokens" else 4  # top-2: one slot over
     x = torch.randn(tokens, 16, generator=torch.Generator().manual_seed(0))
     allowed = None
@@ -185,7 +174,7 @@ def test_the_eager_path_where_the_kernel_does_not_apply(kernel_calls, case):
 
 
 def test_a_non_finite_logit_raises_the_routers_error(kernel_calls):
-    moe = make_moe(16, 8, 6, 2)
+    moe = random_moe(16, 8, 6, 2)
     x = torch.randn(1, 16)
     x[0, 3] = float("nan")
     with torch.no_grad(), pytest.raises(ValueError, match="NaN or infinite"):
@@ -194,7 +183,7 @@ def test_a_non_finite_logit_raises_the_routers_error(kernel_calls):
 
 
 def test_weights_changed_in_place_replaced_or_retyped(kernel_calls):
-    moe = make_moe(16, 8, 6, 2, num_shared_experts=1)
+    moe = random_moe(16, 8, 6, 2, num_shared_experts=1)
     x = torch.randn(2, 16, generator=torch.Generator().manual_seed(4))
     tol = fp_tolerance(torch.float32, 16, layers=3, scale=4.0)
     with torch.no_grad():
@@ -226,7 +215,7 @@ def test_without_a_compiler_the_eager_path_runs_with_a_warning(monkeypatch, tmp_
     monkeypatch.setenv("MOEZOO_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setattr(cpu_decode, "_state", {})
-    moe = make_moe(16, 8, 6, 2, num_shared_experts=1)
+    moe = random_moe(16, 8, 6, 2, num_shared_experts=1)
     x = torch.randn(1, 16, generator=torch.Generator().manual_seed(5))
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
         warnings.simplefilter("always")
@@ -282,7 +271,7 @@ def test_moiie_one_modality_call_matches_its_router_and_experts(kernel_calls, T)
 def test_gshard_top2_in_eval_is_softmax_top2_renormalised(kernel_calls):
     """MoE-LLaVA's router at a decoding step (eval, capacity room for every token): DeepSpeed's top-2 gating
     without noise is the softmax's two best, their weights renormalised."""
-    moe = make_moe(16, 8, 4, 2, router="gshard_top2", capacity_factor=1.5, eval_capacity_factor=1.0, min_capacity=4)
+    moe = random_moe(16, 8, 4, 2, router="gshard_top2", capacity_factor=1.5, eval_capacity_factor=1.0, min_capacity=4)
     x = torch.randn(2, 16, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         y = moe(x)
@@ -296,7 +285,7 @@ def test_gshard_top2_in_eval_is_softmax_top2_renormalised(kernel_calls):
 def test_leading_dimensions_and_non_contiguous_tokens(kernel_calls):
     """A decoding step's [B, S, D] (and a transposed, non-contiguous view of one) comes back in its own shape,
     row for row the flattened tokens' outputs, with the record's tokens_shape the leading dims."""
-    moe = make_moe(16, 8, 6, 2, num_shared_experts=1)
+    moe = random_moe(16, 8, 6, 2, num_shared_experts=1)
     x = torch.randn(3, 2, 16, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         y = moe(x)
@@ -309,16 +298,7 @@ def test_leading_dimensions_and_non_contiguous_tokens(kernel_calls):
 
 
 def dcmoe_block(seed=0, **kwargs):
-    """Random experts; gate row 1 is row 0 times 1.004, so experts 0 and 1 nearly tie for every token."""
-    torch.manual_seed(seed)
-    block = DynamicCapacityMoE(12, 8, 4, num_null_experts=1, shared_hidden_dim=6, **kwargs).eval()
-    with torch.no_grad():
-        block.gate.weight.normal_(0.0, 0.3)
-        block.gate.weight[1] = block.gate.weight[0] * 1.004
-        for weight in (block.w_in, block.w_out, block.shared_w_in, block.shared_w_out):
-            if weight is not None:
-                weight.normal_(0.0, 0.4)
-    return block
+    return near_tie_dcmoe(12, 8, 4, seed, shared_hidden_dim=6, **kwargs)
 
 
 def dcmoe_by_formula(block, x_TD):
@@ -403,7 +383,7 @@ def test_frozen_layer_packs_its_weights_and_follows_their_updates(kernel_calls, 
     leave remainders); a weight updated in place moves its version and is packed again; unfrozen, the kernel
     reads the live weights."""
     from moezoo.zoo.layers import freeze, unfreeze
-    moe = freeze(make_moe(19, 21, 7, 2, **CONFIGS[config]))
+    moe = freeze(random_moe(19, 21, 7, 2, **CONFIGS[config]))
     x = torch.randn(T, 19, generator=torch.Generator().manual_seed(T))
     with torch.no_grad():
         y = moe(x)

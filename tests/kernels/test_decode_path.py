@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import act_formula, expert_on_token, gshard_kept, loop_moe
+from helpers import act_formula, expert_on_token, gshard_kept, loop_moe, random_moe
 from tolerance import fp_tolerance
 
 import moezoo.kernels.cpu_backend as cpu_backend
@@ -211,15 +211,6 @@ def test_plan_is_made_when_read_and_counts_by_hand():
 # ------------------------------------------------------------------------------- the MoE block, token by token
 
 
-def make_moe(*args, seed=0, **kwargs):
-    torch.manual_seed(seed)
-    moe = MoE(*args, **kwargs).eval()
-    with torch.no_grad():
-        for p in moe.parameters():
-            p.normal_(0.0, 0.5)
-    return moe
-
-
 def moe_token_by_token(moe: MoE, x_TD: torch.Tensor, capacity: int | None = None) -> torch.Tensor:
     """Softmax top-k over the routable experts (or DeepSpeed's top-2 gating in eval: the argmax, then the argmax
     of the rest, gates renormalised after the capacity drop), routed experts, null experts (nothing) and the
@@ -254,7 +245,7 @@ def moe_token_by_token(moe: MoE, x_TD: torch.Tensor, capacity: int | None = None
     dict(num_null_experts=2),  # null experts: routable, never computed
 ])
 def test_moe_block_at_few_tokens_matches_the_block_token_by_token(few_token_calls, T, config):
-    moe = make_moe(16, 12, 6, 2, **config)
+    moe = random_moe(16, 12, 6, 2, **config)
     x = torch.randn(T, 16, generator=torch.Generator().manual_seed(T))
     with torch.no_grad():
         y = moe(x)
@@ -276,7 +267,7 @@ def test_shared_expert_apart_or_inside_at_many_tokens(monkeypatch, onednn, confi
     calls, is off: this is the eager path's test.)"""
     monkeypatch.setattr(cpu_backend, "ONEDNN_GEMMS", onednn)
     monkeypatch.setattr(cpu_decode, "MAX_SLOTS", 0)
-    moe = make_moe(16, 12, 6, 2, backend="torch", **config)
+    moe = random_moe(16, 12, 6, 2, backend="torch", **config)
     packed = []
     as_shared_expert = type(moe.shared).as_shared_expert
     monkeypatch.setattr(type(moe.shared), "as_shared_expert",
@@ -296,7 +287,7 @@ def test_shared_expert_apart_or_inside_at_many_tokens(monkeypatch, onednn, confi
 def test_capacity_dropping_router_at_few_tokens(few_token_calls, T, capacity_factor, min_capacity):
     """MoE-LLaVA's top-2 gating with a capacity: while every token fits (capacity >= T) nothing can drop and the
     capacity is not applied; below that it drops as it does for any batch."""
-    moe = make_moe(16, 12, 3, 2, router="gshard_top2", capacity_factor=capacity_factor, min_capacity=min_capacity,
+    moe = random_moe(16, 12, 3, 2, router="gshard_top2", capacity_factor=capacity_factor, min_capacity=min_capacity,
                    seed=2)
     x = torch.randn(T, 16, generator=torch.Generator().manual_seed(20 + T))
     capacity = max(min_capacity, -(-capacity_factor * T * 2 // 3))
@@ -312,7 +303,7 @@ def test_capacity_dropping_router_at_few_tokens(few_token_calls, T, capacity_fac
 
 
 def test_no_grad_record_is_summarized_when_read_with_an_eager_records_values(monkeypatch):
-    moe = make_moe(16, 12, 4, 2, capacity_factor=0.5, num_shared_experts=1,
+    moe = random_moe(16, 12, 4, 2, capacity_factor=0.5, num_shared_experts=1,
                    aux_loss_coefs={"load_balance": 0.1, "z_loss": 0.01, "expert_balance": 0.2})
     moe.train()  # the capacity applies (training's factor); no jitter configured: deterministic
     x1, x2 = (torch.randn(6, 16, generator=torch.Generator().manual_seed(s)) for s in (1, 2))
@@ -369,7 +360,7 @@ def test_losses_that_communicate_are_computed_in_the_forward(monkeypatch):
     calls = []
     real = losses.switch_load_balance_loss
     monkeypatch.setattr(losses, "switch_load_balance_loss", lambda *a, **k: calls.append(k) or real(*a, **k))
-    moe = make_moe(16, 12, 4, 2, aux_loss_coefs={"global_load_balance": 0.1, "load_balance": 0.1})
+    moe = random_moe(16, 12, 4, 2, aux_loss_coefs={"global_load_balance": 0.1, "load_balance": 0.1})
     with torch.no_grad():
         moe(torch.randn(3, 16))
     assert calls == [{"global_batch": True}]  # the collective one only

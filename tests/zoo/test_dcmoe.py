@@ -25,7 +25,7 @@ from moezoo.zoo.layers import (
     total_aux_loss,
     unfreeze,
 )
-from helpers import expert_on_token, unimoe_audio_route_token
+from helpers import expert_on_token, near_tie_dcmoe, unimoe_audio_route_token
 from tolerance import fp_tolerance
 
 DIM, HIDDEN, SHARED_HIDDEN = 12, 8, 6
@@ -35,20 +35,10 @@ GRAD_TOL = fp_tolerance(torch.float32, DIM, layers=6)
 
 
 def make_block(seed: int = 0, num_experts: int = 4, **kwargs) -> DynamicCapacityMoE:
-    """Random experts and a gate whose logits spread over several experts; gate row 1 is row 0 times 1.004, so
-    experts 0 and 1 nearly tie (relative gap 0.4% < 2%) for every token and the near-tie weights matter. In eval
-    mode (no input jitter) unless a test trains it."""
-    torch.manual_seed(seed)
-    kwargs.setdefault("num_null_experts", 1)
+    """``near_tie_dcmoe`` (tests/helpers.py) at this file's sizes: experts 0 and 1 nearly tie for every token. In
+    eval mode (no input jitter) unless a test trains it."""
     kwargs.setdefault("shared_hidden_dim", SHARED_HIDDEN)
-    block = DynamicCapacityMoE(DIM, HIDDEN, num_experts, **kwargs)
-    with torch.no_grad():
-        block.gate.weight.normal_(0.0, 0.3)
-        block.gate.weight[1] = block.gate.weight[0] * 1.004
-        for weight in (block.w_in, block.w_out, block.shared_w_in, block.shared_w_out):
-            if weight is not None:
-                weight.normal_(0.0, 0.4)
-    return block.eval()
+    return near_tie_dcmoe(DIM, HIDDEN, num_experts, seed, **kwargs)
 
 
 def inputs(*shape, seed=1, grad=False):
