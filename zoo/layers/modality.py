@@ -59,7 +59,10 @@ def check_modalities(modality_BS: torch.Tensor, shape: tuple[int, int], num_moda
                          f"{modality_BS.dtype} {tuple(modality_BS.shape)}")
     if not modality_BS.numel():
         return 0, 0
-    lowest, highest = (int(v) for v in modality_BS.aminmax())
+    if modality_BS.numel() == 1:  # a one-token decoding step: one read instead of a reduction
+        lowest = highest = int(modality_BS.reshape(()))
+    else:
+        lowest, highest = (int(v) for v in modality_BS.aminmax())
     if lowest < 0 or highest >= num_modalities:
         raise ValueError(f"modality ids must be in [0, {num_modalities}), got values from {lowest} to {highest}")
     return lowest, highest

@@ -262,7 +262,8 @@ class RoutedBlock(nn.Module):
         shape, coefs = tuple(tokens_shape), dict(self.aux_loss_coefs)
         routed_tensors = (routed.weights_TK, routed.probs_TE, routed.logits_TE, routed.load_E)
         now = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in routed_tensors)
-        early = {} if now else self.aux_terms(routed, shape, [n for n in coefs if n in COLLECTIVE_AUX_LOSSES])
+        collective = [] if now else [n for n in coefs if n in COLLECTIVE_AUX_LOSSES]
+        early = self.aux_terms(routed, shape, collective) if collective else {}
         state = {name: getattr(self, name) for name in self.AUX_STATE}
 
         def summarize() -> tuple:
@@ -277,7 +278,8 @@ class RoutedBlock(nn.Module):
 
         # straight into __dict__: nn.Module.__setattr__ checks its parameter, buffer and module tables first, ~8 µs
         # of a one-token decoding step here; ``routing`` is a plain attribute (set in __init__), never one of those
-        record = RoutingRecord(routed.ids_TK.detach(), routed.weights_TK.detach(), routed.probs_TE.detach(),
+        record = RoutingRecord(*(t.detach() if t.requires_grad else t for t in (routed.ids_TK, routed.weights_TK,
+                                                                               routed.probs_TE)),
                                shape, summarize, now=now)
         self.__dict__["routing"] = record
         return record
