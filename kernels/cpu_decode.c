@@ -329,26 +329,27 @@ int moe_decode_f32(int T, int D, int E, int H, int K, int HS, int gated, int act
  *   chosen dynamic ones, shared expert s weighted by g_s.
  * y = sum over chosen computed experts (id < E) of weight * SwiGLU_e(x) + sum_s g_s * SwiGLU_s(x).
  * packed_*: the experts' and shared experts' weights as panels (or NULL: read as rows), as for moe_decode_f32.
- * Outputs: ids [T, N] (-1 after a token's chosen ones), weights [T, N], probs [T, N], logits [T, N] (dynamic),
- * *columns: the most experts a token chose. scratch: T * (2 * max(H, HS) + 3 * D + 2 * (N + S)) floats.
- * Returns 0; 1 for a non-finite logit; 2 for more than MAX_TOKENS tokens or MAX_DYNAMIC dynamic experts. */
+ * Outputs: ids [T, N] (-1 after a token's chosen ones), weights [T, N], probs [T, N], logits [T, N] (dynamic).
+ * scratch: T * (2 * max(H, HS) + 3 * D + 2 * (N + S)) floats.
+ * Returns the most experts a token chose (>= 1); -1 for a non-finite logit; -2 for more than MAX_TOKENS tokens or
+ * MAX_DYNAMIC dynamic experts. */
 int dcmoe_decode_f32(int T, int D, int N, int E, int S, int H, int HS, int act, double top_p,
                      double tie_tolerance, double renorm_eps, const float *x, const float *gate_w, const float *w_in,
                      const float *w_out, const float *shared_w_in, const float *shared_w_out, const float *packed_in,
                      const float *packed_out, const float *packed_shared_in, const float *packed_shared_out, float *y,
-                     int64_t *ids, float *weights, float *probs, float *logits, int32_t *columns, float *scratch) {
-    if (T > MAX_TOKENS || N > MAX_DYNAMIC) return 2;
+                     int64_t *ids, float *weights, float *probs, float *logits, float *scratch) {
+    if (T > MAX_TOKENS || N > MAX_DYNAMIC) return -2;
     int G = N + S, GH = 2 * (H > HS ? H : HS);
     float *h = scratch, *x_rows = h + (int64_t)T * GH, *y_tmp = x_rows + (int64_t)T * D,
           *acc = y_tmp + (int64_t)T * D, *all_logits = acc + (int64_t)T * D, *shares = all_logits + T * G;
     weight_rows_times(gate_w, G, D, x, T, D, all_logits, G);
-    *columns = 0;
+    int columns = 0;
     for (int t = 0; t < T; t++) {
         const float *l = all_logits + t * G;
         float *p = probs + t * N, *w = weights + t * N;
         int64_t *chosen = ids + t * N;
         for (int j = 0; j < G; j++)
-            if (!isfinite(l[j])) return 1;
+            if (!isfinite(l[j])) return -1;
         float top = l[0], total = 0.0f;
         for (int j = 1; j < N; j++) top = l[j] > top ? l[j] : top;
         for (int j = 0; j < N; j++) total += p[j] = expf(l[j] - top);
@@ -368,7 +369,7 @@ int dcmoe_decode_f32(int T, int D, int N, int E, int S, int H, int HS, int act, 
             before += p[best];
         }
         for (int i = k; i < N; i++) chosen[i] = -1, w[i] = 0.0f;
-        if (k > *columns) *columns = k;
+        if (k > columns) columns = k;
         /* near-tie multipliers, then renormalised */
         double sum = 0.0, m[MAX_DYNAMIC];
         for (int i = 0; i < k; i++) {
@@ -423,5 +424,5 @@ int dcmoe_decode_f32(int T, int D, int N, int E, int S, int H, int HS, int act, 
         for (int m2 = 0; m2 < M; m2++)
             for (int d = 0; d < D; d++) y[(int64_t)rows[m2] * D + d] += acc[(int64_t)m2 * D + d];
     }
-    return 0;
+    return columns;
 }

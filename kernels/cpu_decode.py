@@ -105,7 +105,7 @@ def _load():
     topk, dynamic = library.moe_decode_f32, library.dcmoe_decode_f32
     topk.restype = dynamic.restype = ctypes.c_int
     topk.argtypes = [ctypes.c_int] * 10 + [ctypes.c_float, ctypes.c_int] + [ctypes.c_void_p] * 20
-    dynamic.argtypes = [ctypes.c_int] * 8 + [ctypes.c_double] * 3 + [ctypes.c_void_p] * 17
+    dynamic.argtypes = [ctypes.c_int] * 8 + [ctypes.c_double] * 3 + [ctypes.c_void_p] * 16
     _state["functions"] = {"topk": topk, "dynamic": dynamic}
     return _state["functions"]
 
@@ -256,14 +256,11 @@ class PreparedDynamicLayer:
         y = torch.empty(x.shape)
         ids = torch.empty(T, self.N, dtype=torch.long)
         weights, probs, logits = torch.empty(T, self.N), torch.empty(T, self.N), torch.empty(T, self.N)
-        columns = ctypes.c_int32(0)
-        code = self.function(T, *self.settings, x.data_ptr(), *self.pointers, y.data_ptr(), ids.data_ptr(),
-                             weights.data_ptr(), probs.data_ptr(), logits.data_ptr(), ctypes.addressof(columns),
-                             _scratch(T * self.scratch_per_token))
-        if code:
+        k = self.function(T, *self.settings, x.data_ptr(), *self.pointers, y.data_ptr(), ids.data_ptr(),
+                          weights.data_ptr(), probs.data_ptr(), logits.data_ptr(), _scratch(T * self.scratch_per_token))
+        if k < 0:
             return None
-        k = columns.value
-        return y, ids[:, :k], weights[:, :k], probs, logits
+        return y, ids[:, :k], weights[:, :k], probs, logits  # the columns of the most experts a token chose
 
 
 def _check_tokens(x: torch.Tensor, width: int) -> None:

@@ -423,3 +423,12 @@ def test_frozen_moiie_and_dynamic_capacity_layers_pack_too(kernel_calls):
     assert moiie._decode_prepared[2][2].panels[0] is not None
     torch.testing.assert_close(packed, live, **fp_tolerance(torch.float32, 16, layers=3, scale=float(live.abs().max())))
     assert kernel_calls["n"] == 4
+
+
+def test_dynamic_capacity_layer_hands_a_non_finite_logit_to_the_eager_error(kernel_calls):
+    block = dcmoe_block()
+    x = torch.randn(2, 12)
+    x[1, 5] = float("inf")
+    with torch.no_grad(), pytest.raises(ValueError, match="NaN or infinite"):
+        block(x)
+    assert kernel_calls["n"] == 1
