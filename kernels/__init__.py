@@ -13,6 +13,9 @@ The pieces, in the order a MoE layer uses them:
   ``pack_expert_weights`` packs experts' weights once for the torch backend's inference (``expert_mlp(packed=)``);
 - auxiliary losses (:mod:`.losses`) and ternary expert weights (:mod:`.ternary`).
 
+The decode kernel (:mod:`.cpu_decode`, imported by name): a whole MoE layer on a few tokens in one native call,
+compiled on first use for the running CPU; the MoE blocks take it for no-grad calls of up to 128 tokens.
+
 Expert parallelism (:mod:`.expert_parallel`, imported by name): the experts spread over the ranks of a
 torch.distributed group, the plan's rows exchanged by ``all_to_all_single``, and the gradient reduction that
 tells expert parameters from the rest.

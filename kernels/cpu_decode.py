@@ -1,9 +1,17 @@
-"""The decode kernel: a whole top-k MoE layer on a few tokens in one native call (CPU, fp32, no autograd).
+"""The decode kernel: a whole MoE layer on a few tokens in one native call (CPU, fp32, no autograd).
 
-A KV-cached generation step runs each MoE layer on 1-16 new tokens. There the eager path's two dozen framework
-calls (router, top-k, a GEMV pair per expert, the shared expert, the sums; a few µs each) cost more than the
-arithmetic. ``cpu_decode.c`` does it all in one call: the router, softmax or sigmoid top-k (``topk_route``'s
-rule), each chosen expert once over the tokens that chose it, and the shared expert.
+A KV-cached generation step runs each MoE layer on 1-16 new tokens, one guided image of a small DiT-MoE on ~128.
+There the eager path's two dozen framework calls (router, top-k, a GEMV pair per expert, the shared expert, the
+sums; a few µs each) cost more than the arithmetic. ``cpu_decode.c`` does it all in one call:
+
+- ``moe_decode_f32`` (:class:`PreparedLayer`): the router, softmax or sigmoid top-k (``topk_route``'s rule), each
+  chosen expert once over the tokens that chose it, and the shared MLP; optionally a router over a subset of the
+  experts (MoIIE's per-modality routers);
+- ``dcmoe_decode_f32`` (:class:`PreparedDynamicLayer`): UniMoE-Audio's top-p with near-tie weights, null and gated
+  shared experts.
+
+Both multiply the weights where they live (dot products along the rows), or, for frozen blocks, packed copies in
+panels of 16 outputs (:func:`pack_panels`), which reach MKL's GEMM speed at 64-128 tokens.
 
 The C file is compiled on first use with the machine's C compiler (``$CC``, else ``cc``) for the running CPU
 (``-march=native``: AVX2 on one CPU kind, AVX-512 on another) into the cache folder (``$MOEZOO_KERNEL_CACHE``,
@@ -42,7 +50,7 @@ ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 SOURCE = Path(__file__).with_name("cpu_decode.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-trapping-math", "-shared", "-fPIC")
 
-_state: dict = {}  # "function": the loaded C function, or None once building or loading failed
+_state: dict = {}  # "functions": the loaded C functions by name, or None once building or loading failed
 
 
 def _cpu_flags() -> str:
