@@ -21,7 +21,7 @@ test: $(STAMP) browser
 
 # The numerics tests on the AVX2 kernels (Zen 3 machines have no AVX-512): oneDNN and ATen capped at AVX2.
 test-avx2: $(STAMP)
-	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 $(PY) -m pytest -q tests/kernels tests/zoo tests/pipelines
+	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MOEZOO_KERNEL_MARCH=x86-64-v3 $(PY) -m pytest -q tests/kernels tests/zoo tests/pipelines
 
 demo: $(STAMP)
 	$(PY) -m moezoo.app

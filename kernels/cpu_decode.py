@@ -14,7 +14,7 @@ Both multiply the weights where they live (dot products along the rows), or, for
 panels of 16 outputs (:func:`pack_panels`), which reach MKL's GEMM speed at 64-128 tokens.
 
 The C file is compiled on first use with the machine's C compiler (``$CC``, else ``cc``) for the running CPU
-(``-march=native``: AVX2 on one CPU kind, AVX-512 on another) into the cache folder (``$MOEZOO_KERNEL_CACHE``,
+(``-march=native``: AVX2 on one CPU kind, AVX-512 on another; ``$MOEZOO_KERNEL_MARCH`` overrides it) into the cache folder (``$MOEZOO_KERNEL_CACHE``,
 else ``$XDG_CACHE_HOME/moezoo/kernels``, else ``~/.cache/moezoo/kernels``), named by a hash of the source, the
 flags and the CPU's feature flags, so a cache shared between CPU kinds never runs code built for another; the
 library is written to a temporary name and renamed (never half-written). Without a compiler, or with
@@ -48,7 +48,13 @@ MAX_DYNAMIC = 64  # the C file's MAX_DYNAMIC: a dynamic-capacity layer's routed 
 MAX_SLOTS = 256
 ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 SOURCE = Path(__file__).with_name("cpu_decode.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-trapping-math", "-shared", "-fPIC")
+FLAGS = ("-O3", "-fopenmp-simd", "-fno-trapping-math", "-shared", "-fPIC")
+
+
+def _flags() -> tuple[str, ...]:
+    """The compiler flags: :data:`FLAGS` and ``-march=$MOEZOO_KERNEL_MARCH`` (default ``native``: the running CPU;
+    ``x86-64-v3`` builds AVX2 code on an AVX-512 CPU, as ``make test-avx2`` does to test the other CPU kind)."""
+    return ("-march=" + os.environ.get("MOEZOO_KERNEL_MARCH", "native"), *FLAGS)
 
 _state: dict = {}  # "functions": the loaded C functions by name, or None once building or loading failed
 
@@ -74,7 +80,7 @@ def _cache_dir() -> Path:
 def library_path() -> Path:
     """Where the library for this source, compiler flags and CPU lives (built or not)."""
     compiler = os.environ.get("CC", "cc")
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, *FLAGS, _cpu_flags()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, *_flags(), _cpu_flags()]).encode()).hexdigest()[:16]
     return _cache_dir() / f"cpu_decode-{key}.so"
 
 
@@ -84,7 +90,7 @@ def _build(path: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        command = [os.environ.get("CC", "cc"), *FLAGS, "-o", tmp, str(SOURCE), "-lm"]
+        command = [os.environ.get("CC", "cc"), *_flags(), "-o", tmp, str(SOURCE), "-lm"]
         result = subprocess.run(command, capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr.strip()}")
