@@ -432,3 +432,22 @@ def test_dynamic_capacity_layer_hands_a_non_finite_logit_to_the_eager_error(kern
     with torch.no_grad(), pytest.raises(ValueError, match="NaN or infinite"):
         block(x)
     assert kernel_calls["n"] == 1
+
+
+@pytest.mark.parametrize("T", [2, 7, 40])
+def test_a_call_split_over_two_threads_is_the_same_layer(kernel_calls, monkeypatch, T):
+    """Large calls run as two halves of tokens at once: each half's rows of the outputs and the record are the
+    block's token by token, whatever the split."""
+    monkeypatch.setattr(cpu_decode, "SPLIT_MIN_MACS", 0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    moe = random_moe(19, 21, 7, 2, **CONFIGS["DeepSeek-V3-like (sigmoid, choice bias, scaling, router bias)"])
+    x = torch.randn(T, 19, generator=torch.Generator().manual_seed(T))
+    with torch.no_grad():
+        y = moe(x)
+    assert kernel_calls["n"] == 1
+    tol = fp_tolerance(torch.float32, 21, layers=3, scale=float(y.abs().max()))
+    torch.testing.assert_close(y.double(), block_token_by_token(moe, x), **tol)
+    ids, weights, scores, logits = route_by_formula(moe, x)
+    assert torch.equal(moe.routing.ids_TK, ids)
+    torch.testing.assert_close(moe.routing.weights_TK.double(), weights, **tol)
+    torch.testing.assert_close(moe.routing.probs_TE.double(), scores, **tol)
