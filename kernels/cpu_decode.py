@@ -300,16 +300,18 @@ def _check_tokens(x: torch.Tensor, width: int) -> None:
 # 0.88x the time at 16 tokens, 0.61x at 128; the digits layer (0.2M per token) 1.11-1.58x at 16-128 tokens (the
 # helper's start and torch's spinning OpenMP threads cost more than half its work).
 SPLIT_MIN_MACS = 50_000_000
-_pool: list = []
+_pool: dict = {}  # the helper thread's executor, by the process that made it (a forked child makes its own)
 
 
 def _on_two_threads(rows, T: int) -> int:
     """``rows(first, count)`` over tokens [0, T) as two halves, one on a helper thread: the two codes or'ed."""
-    if not _pool:
+    executor = _pool.get(os.getpid())
+    if executor is None:
         from concurrent.futures import ThreadPoolExecutor
-        _pool.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="moezoo-decode"))
+        _pool.clear()
+        executor = _pool[os.getpid()] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moezoo-decode")
     half = T // 2
-    second = _pool[0].submit(rows, half, T - half)
+    second = executor.submit(rows, half, T - half)
     return rows(0, half) | second.result()
 
 

@@ -451,3 +451,32 @@ def test_a_call_split_over_two_threads_is_the_same_layer(kernel_calls, monkeypat
     assert torch.equal(moe.routing.ids_TK, ids)
     torch.testing.assert_close(moe.routing.weights_TK.double(), weights, **tol)
     torch.testing.assert_close(moe.routing.probs_TE.double(), scores, **tol)
+
+
+def test_a_forked_child_splits_calls_on_its_own_helper_thread(monkeypatch):
+    """The helper thread does not survive fork: a child (a DataLoader worker, say) makes its own, not a hang."""
+    import os
+    import select
+    import signal
+    monkeypatch.setattr(cpu_decode, "SPLIT_MIN_MACS", 0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    moe = random_moe(16, 8, 6, 2, num_shared_experts=1)
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        parent = moe(x)  # the parent's helper exists now
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: the same call, its result back through the pipe
+            try:
+                with torch.no_grad():
+                    same = torch.equal(moe(x), parent)
+                os.write(write, b"1" if same else b"0")
+            finally:
+                os._exit(0)
+        os.close(write)
+        ready, _, _ = select.select([read], [], [], 60.0)  # a child stuck on a dead helper never answers
+        answer = os.read(read, 1) if ready else b""
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert answer == b"1"
