@@ -5,8 +5,10 @@ products under ``ONEDNN_MIN_MACS`` multiply-adds go to ``torch.mm`` (oneDNN's pe
 without autograd, experts under ``PADDED_MAX_MACS`` run padded to the largest expert's rows as two ``torch.bmm``.
 This times, in one process with the three interleaved call by call (this VM drifts between processes):
 
-- ``moezoo``: the defaults;
-- ``one path``: oneDNN at every size and the per-expert walk at every size (both thresholds 0: how it ran before);
+- ``moezoo``: the defaults, on a frozen layer as the pipelines hold it (the decode kernel takes calls of up to 128
+  tokens of top-2, ``kernels/cpu_decode.py``);
+- ``one path``: how it ran before the few-token work: no decode kernel, oneDNN at every size and the per-expert
+  walk at every size (both thresholds 0);
 - ``dense``: a SwiGLU MLP with the same active FLOPs (hidden ``k * f + shared``), as in ``bench/moe_layer.py``.
 
 Part 1, one ``moezoo.zoo.layers.MoE`` (softmax top-k router, SwiGLU experts, shared experts; router, plan and
@@ -31,6 +33,7 @@ from contextlib import contextmanager
 import torch
 
 import moezoo.kernels.cpu_backend as cpu_backend
+import moezoo.kernels.cpu_decode as cpu_decode
 from moezoo.zoo.layers import MoE, GatedMLP
 
 LAYERS = {  # name: (dim, hidden per expert, experts, k, shared hidden)
@@ -42,14 +45,15 @@ TOKENS = (32, 128, 512)
 
 @contextmanager
 def one_path(enabled: bool):
-    """oneDNN at every size and the per-expert walk at every size (both thresholds off) while enabled."""
-    saved = cpu_backend.ONEDNN_MIN_MACS, cpu_backend.PADDED_MAX_MACS
+    """While enabled, the code path before the few-token work: no decode kernel, oneDNN at every size and the
+    per-expert walk at every size (both thresholds off)."""
+    saved = cpu_backend.ONEDNN_MIN_MACS, cpu_backend.PADDED_MAX_MACS, cpu_decode.MAX_SLOTS
     if enabled:
-        cpu_backend.ONEDNN_MIN_MACS, cpu_backend.PADDED_MAX_MACS = 0, 0
+        cpu_backend.ONEDNN_MIN_MACS, cpu_backend.PADDED_MAX_MACS, cpu_decode.MAX_SLOTS = 0, 0, 0
     try:
         yield
     finally:
-        cpu_backend.ONEDNN_MIN_MACS, cpu_backend.PADDED_MAX_MACS = saved
+        cpu_backend.ONEDNN_MIN_MACS, cpu_backend.PADDED_MAX_MACS, cpu_decode.MAX_SLOTS = saved
 
 
 def interleaved_ms(calls: dict, repeats: int) -> dict:
@@ -74,6 +78,7 @@ def layer_rows(repeats: int) -> list[tuple]:
     for label, (dim, hidden, num_experts, top_k, shared) in LAYERS.items():
         torch.manual_seed(0)
         moe = MoE(dim, hidden, num_experts, top_k, num_shared_experts=1, shared_hidden_dim=shared).eval()
+        moe.freeze()  # as the pipelines hold it
         dense = GatedMLP(dim, top_k * hidden + shared).eval()
         for tokens in TOKENS:
             x = torch.randn(tokens, dim, generator=torch.Generator().manual_seed(tokens))
