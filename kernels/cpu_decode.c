@@ -254,6 +254,34 @@ static int route_token(const float *logits, int E, int K, int sigmoid_scoring, c
     return 0;
 }
 
+/* y[t] += w * FFN_e(x[t]) for every slot (t, k) of ids / weights [T, slots] that chose a computed expert e < E
+ * (-1 and null experts' ids are skipped). Each chosen expert runs once, over the tokens that chose it (gathered
+ * into x_rows), so its weights stream once; expert_map (or NULL) gives its index in w_in / w_out. */
+static void add_chosen_experts(int T, int D, int E, int H, int gated, int act, const int64_t *ids,
+                               const float *weights, int slots, const int64_t *expert_map, Matrix w_in, Matrix w_out,
+                               const float *x, float *y, float *h, float *x_rows, float *y_tmp, float *acc) {
+    int G = gated ? 2 : 1, rows[MAX_TOKENS];
+    float scale[MAX_TOKENS];
+    for (int e = 0; e < E; e++) {
+        int M = 0;
+        for (int t = 0; t < T; t++)
+            for (int k = 0; k < slots; k++)
+                if (ids[t * slots + k] == e) {
+                    rows[M] = t, scale[M] = weights[t * slots + k];
+                    memcpy(x_rows + (int64_t)M * D, x + (int64_t)t * D, sizeof(float) * D);
+                    M++;
+                }
+        if (M == 0) continue;
+        int64_t expert = expert_map ? expert_map[e] : e;
+        memset(acc, 0, sizeof(float) * M * D);  /* the expert's weighted outputs, then added to their tokens' */
+        add_mlp(offset(w_in, expert * G * H * D, expert * panel_floats(G * H, D)), NULL,
+                offset(w_out, expert * D * H, expert * panel_floats(D, H)), D, H, gated, act, x_rows, M, D, scale, acc,
+                D, h, y_tmp);
+        for (int m = 0; m < M; m++)
+            for (int d = 0; d < D; d++) y[(int64_t)rows[m] * D + d] += acc[(int64_t)m * D + d];
+    }
+}
+
 int moe_decode_f32(int T, int D, int E, int H, int K, int HS, int gated, int act, int sigmoid_scoring,
                    int renormalize, float scaling, int E_out, const int64_t *expert_map, const float *x,
                    const float *router_w, const float *router_b, const float *score_bias, const float *w_in,
@@ -281,27 +309,8 @@ int moe_decode_f32(int T, int D, int E, int H, int K, int HS, int gated, int act
         add_mlp(s_in, gated && !packed_shared_in ? shared_gate : NULL, s_out, D, HS, gated, act, x, T, D, NULL, y, D,
                 h, y_tmp);
     }
-    /* each chosen expert once, over the tokens that chose it (gathered into x_rows), so its weights stream once */
-    int rows[MAX_TOKENS];
-    float scale[MAX_TOKENS];
-    for (int e = 0; e < E; e++) {
-        int M = 0;
-        for (int t = 0; t < T; t++)
-            for (int k = 0; k < K; k++)
-                if (ids[t * K + k] == e) {
-                    rows[M] = t, scale[M] = weights[t * K + k];
-                    memcpy(x_rows + (int64_t)M * D, x + (int64_t)t * D, sizeof(float) * D);
-                    M++;
-                }
-        if (M == 0) continue;
-        int64_t expert = expert_map ? expert_map[e] : e;
-        memset(acc, 0, sizeof(float) * M * D);  /* the expert's weighted outputs, then added to their tokens' */
-        add_mlp(offset(expert_in, expert * G * H * D, expert * panel_floats(G * H, D)), NULL,
-                offset(expert_out, expert * D * H, expert * panel_floats(D, H)), D, H, gated, act, x_rows, M, D, scale,
-                acc, D, h, y_tmp);
-        for (int m = 0; m < M; m++)
-            for (int d = 0; d < D; d++) y[(int64_t)rows[m] * D + d] += acc[(int64_t)m * D + d];
-    }
+    add_chosen_experts(T, D, E, H, gated, act, ids, weights, K, expert_map, expert_in, expert_out, x, y, h, x_rows,
+                       y_tmp, acc);
     /* the record in the layer's expert ids: routed columns placed by expert_map, the others 0 */
     memset(probs, 0, sizeof(float) * T * E_out);
     memset(logits, 0, sizeof(float) * T * E_out);
@@ -405,24 +414,7 @@ int dcmoe_decode_f32(int T, int D, int N, int E, int S, int H, int HS, int act, 
                 offset(s_out, (int64_t)s * D * HS, s * panel_floats(D, HS)), D, HS, 1, act, x, T, D, scale, y, D, h,
                 y_tmp);
     }
-    int rows[MAX_TOKENS];
-    for (int e = 0; e < E; e++) {
-        int M = 0;
-        for (int t = 0; t < T; t++)
-            for (int i = 0; i < N && ids[t * N + i] >= 0; i++)
-                if (ids[t * N + i] == e) {
-                    rows[M] = t, scale[M] = weights[t * N + i];
-                    memcpy(x_rows + (int64_t)M * D, x + (int64_t)t * D, sizeof(float) * D);
-                    M++;
-                }
-        if (M == 0) continue;
-        memset(acc, 0, sizeof(float) * M * D);
-        Matrix e_in = {packed_in ? NULL : w_in, packed_in}, e_out = {packed_out ? NULL : w_out, packed_out};
-        add_mlp(offset(e_in, (int64_t)e * 2 * H * D, e * panel_floats(2 * H, D)), NULL,
-                offset(e_out, (int64_t)e * D * H, e * panel_floats(D, H)), D, H, 1, act, x_rows, M, D, scale, acc, D,
-                h, y_tmp);
-        for (int m2 = 0; m2 < M; m2++)
-            for (int d = 0; d < D; d++) y[(int64_t)rows[m2] * D + d] += acc[(int64_t)m2 * D + d];
-    }
+    Matrix e_in = {packed_in ? NULL : w_in, packed_in}, e_out = {packed_out ? NULL : w_out, packed_out};
+    add_chosen_experts(T, D, E, H, 1, act, ids, weights, N, NULL, e_in, e_out, x, y, h, x_rows, y_tmp, acc);
     return columns;
 }

@@ -178,10 +178,7 @@ class PreparedLayer:
                     ((expert_map_E >= 0) & (expert_map_E < num_experts)).all()):
                 raise ValueError(f"expert_map_E must hold one expert id below {num_experts} per router row")
         self.expert_map = expert_map_E
-        for t in self.tensors:
-            if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous()):
-                raise ValueError(f"the decode kernel needs contiguous fp32 CPU weights, got {t.dtype} on "
-                                 f"{t.device} (contiguous: {t.is_contiguous()})")
+        _check_weights(self.tensors)
         E, G = router_w_ED.shape[0], 2 if gated else 1
         self.D, self.E, self.H, self.K = router_w_ED.shape[1], E, w_out_EDF.shape[2], top_k
         self.E_out = E if expert_map_E is None else num_experts
@@ -245,9 +242,7 @@ class PreparedDynamicLayer:
     def __init__(self, gate_GD, w_in_ENK, w_out_EDF, shared_w_in_SNK, shared_w_out_SDF, *, num_dynamic: int,
                  top_p: float, tie_tolerance: float, renorm_eps: float, activation: str, packed: bool = False):
         self.tensors = (gate_GD, w_in_ENK, w_out_EDF, shared_w_in_SNK, shared_w_out_SDF)
-        for t in self.tensors:
-            if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous()):
-                raise ValueError(f"the decode kernel needs contiguous fp32 CPU weights, got {t.dtype} on {t.device}")
+        _check_weights(self.tensors)
         E, H = w_out_EDF.shape[0], w_out_EDF.shape[2]
         S = 0 if shared_w_in_SNK is None else shared_w_in_SNK.shape[0]
         HS = 0 if S == 0 else shared_w_out_SDF.shape[2]
@@ -283,6 +278,13 @@ class PreparedDynamicLayer:
         if k < 0:
             return None
         return y, ids[:, :k], weights[:, :k], probs, logits  # the columns of the most experts a token chose
+
+
+def _check_weights(tensors: tuple) -> None:
+    for t in tensors:
+        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous()):
+            raise ValueError(f"the decode kernel needs contiguous fp32 CPU weights, got {t.dtype} on {t.device} "
+                             f"(contiguous: {t.is_contiguous()})")
 
 
 def _check_tokens(x: torch.Tensor, width: int) -> None:
