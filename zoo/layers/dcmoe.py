@@ -203,14 +203,14 @@ class DynamicCapacityMoE(RoutedBlock):
 
     def _decode_kernel(self, x: torch.Tensor):
         """The prepared native call (``kernels.cpu_decode.PreparedDynamicLayer``) when this call can be one
-        (``cpu_decode.fits``, 16 tokens at most as for the top-2 layers) and nothing could be dropped."""
+        (``cpu_decode.fits``, counted as two slots a token like the top-2 layers) and nothing could be dropped."""
         params = self._parameters
         tensors = (self._modules["gate"]._parameters["weight"], params["w_in"], params["w_out"],
                    params.get("shared_w_in"), params.get("shared_w_out"))
         if not cpu_decode.fits(x, 2, self.training, self.backend, tensors):
             return None
-        if self.token_drop and max(math.ceil(x.numel() // self.dim / self.num_dynamic * self.capacity_factor),
-                                   self.min_capacity) < x.numel() // self.dim:
+        num_tokens = x.numel() // self.dim
+        if self.token_drop and self._capacity(num_tokens) < num_tokens:
             return None
         frozen = self._decode_frozen
         return cpu_decode.prepared_for(self._decode_prepared, "dynamic", tensors, lambda: cpu_decode.PreparedDynamicLayer(
@@ -235,13 +235,16 @@ class DynamicCapacityMoE(RoutedBlock):
     def _within_capacity(self, ids_TK: torch.Tensor, used_TK: torch.Tensor, logits_TN: torch.Tensor) -> torch.Tensor:
         """Which chosen slots survive the capacity: per dynamic expert, the tokens with the highest logit for it
         among those that chose it (the official "probs" policy)."""
-        num_tokens = logits_TN.shape[0]
-        capacity = max(math.ceil(num_tokens / self.num_dynamic * self.capacity_factor), self.min_capacity)
-        capacity = min(capacity, num_tokens)
+        capacity = self._capacity(logits_TN.shape[0])
         chosen_TN = _chosen_mask(ids_TK, used_TK, self.num_dynamic)
         candidates_TN = logits_TN.detach().masked_fill(~chosen_TN, torch.finfo(logits_TN.dtype).min)
         keep_TN = torch.zeros_like(chosen_TN).scatter_(0, candidates_TN.topk(capacity, dim=0).indices, True) & chosen_TN
         return keep_TN.gather(1, ids_TK.clamp(min=0)) & used_TK
+
+    def _capacity(self, num_tokens: int) -> int:
+        """Tokens each dynamic expert keeps with token dropping: ``max(ceil(T / N * capacity_factor),
+        min_capacity)``, at most T."""
+        return min(max(math.ceil(num_tokens / self.num_dynamic * self.capacity_factor), self.min_capacity), num_tokens)
 
     def _gated_shares(self, logits_TG, ids_TK, kept_TK, weights_TK):
         """The softmax over the kept dynamic experts and the shared ones: the routed weights scaled by the dynamic
