@@ -9,7 +9,7 @@ Part 1, one layer at T = 1 / 4 / 16 / 64 tokens, times interleaved call by call 
 
 - ``moezoo``: the layer as the pipelines run it (frozen, ``torch.no_grad``): router, experts, shared experts and
   the routing record included; where the layer is the decode kernel's (``kernels.cpu_decode``: MoE blocks with
-  top-k routers, MoIIE's one-modality calls) one native call;
+  top-k routers, MoIIE's one-modality calls, UniMoE-Audio's DCMoE) one native call;
 - ``no decode kernel``: the same with the kernel off (``cpu_decode.MAX_SLOTS = 0``): the eager few-token path
   of the torch backend (no sort; views of the chosen experts' weights), as before the kernel;
 - ``dense``: a SwiGLU MLP (``GatedMLP``) of the same active parameters: hidden ``k * f + shared``;
