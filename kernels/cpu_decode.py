@@ -209,9 +209,7 @@ class PreparedLayer:
     def run(self, x: torch.Tensor):
         """:meth:`__call__` without its checks, for the blocks, which made them already (``fits`` and their own)."""
         T = x.numel() // self.D
-        y = torch.empty(x.shape)
-        ids = torch.empty(T, self.K, dtype=torch.long)
-        weights, probs, logits = torch.empty(T, self.K), torch.empty(T, self.E_out), torch.empty(T, self.E_out)
+        y, ids, weights, probs, logits = _outputs(x, T, self.K, self.E_out)
         outputs = (x, y, ids, weights, probs, logits)
 
         def rows(first: int, count: int) -> int:  # the C call on tokens first .. first + count - 1
@@ -270,14 +268,19 @@ class PreparedDynamicLayer:
     def run(self, x: torch.Tensor):
         """:meth:`__call__` without its checks, for the block, which made them already."""
         T = x.numel() // self.D
-        y = torch.empty(x.shape)
-        ids = torch.empty(T, self.N, dtype=torch.long)
-        weights, probs, logits = torch.empty(T, self.N), torch.empty(T, self.N), torch.empty(T, self.N)
+        y, ids, weights, probs, logits = _outputs(x, T, self.N, self.N)
         k = self.function(T, *self.settings, x.data_ptr(), *self.pointers, y.data_ptr(), ids.data_ptr(),
                           weights.data_ptr(), probs.data_ptr(), logits.data_ptr(), _scratch(T * self.scratch_per_token))
         if k < 0:
             return None
         return y, ids[:, :k], weights[:, :k], probs, logits  # the columns of the most experts a token chose
+
+
+def _outputs(x: torch.Tensor, T: int, slots: int, experts: int) -> tuple:
+    """A call's outputs, for the C function to fill: y like x, ids and weights [T, slots], scores and logits
+    [T, experts]."""
+    return (torch.empty(x.shape), torch.empty(T, slots, dtype=torch.long), torch.empty(T, slots),
+            torch.empty(T, experts), torch.empty(T, experts))
 
 
 def _check_weights(tensors: tuple) -> None:
