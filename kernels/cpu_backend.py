@@ -274,11 +274,16 @@ class _Buffers:
 # CPU kinds where streams were measured to pay (``PARALLEL_STREAMS``).
 
 MIN_STREAM_FLOPS = 2e8  # below this a call is too small to be worth handing to worker threads
-# Streams were measured to pay on an AVX-512 CPU (Zen 4, above). On an AVX2-only one (Zen 3), where the GEMMs run
-# on MKL, whole experts with MKL threading each GEMM were as fast or faster, forward and backward (2 threads,
-# interleaved: a digits-sized layer, 4096 tokens of width 128, fwd+bwd 53 vs 82 ms; DiT-MoE-S 531 vs 567 ms;
-# E64 level), so there the walk does not stream. By CPU kind, as the GEMM library (``ONEDNN_CAPABILITIES``).
+# Streams were measured to pay on an AVX-512 CPU (Zen 4, above) from ``MIN_STREAM_FLOPS`` up. On an AVX2-only one
+# (Zen 3), where the GEMMs run on MKL, they pay only on large calls: forward and backward, 2 threads, in one
+# process, interleaved (forward multiply-adds x 2 of the call in brackets), streams against whole experts with MKL
+# threading each GEMM took 1.25x the time on a digits-sized layer (4,096 tokens of width 128; 1.6G), 1.02x on
+# DiT-MoE-S (2,048 tokens; 18G), 0.91x on DiT-MoE-S at 8,192 tokens (72G), 0.79x on E64_k8 at 1,024 tokens (26G),
+# 0.88x at 4,096 (103G), 0.95x on E8_k2 (103G); the forward alone 0.96x on E64_k8 and E8_k2, level on DiT-MoE-S.
+# So there the walk streams from ``MKL_MIN_STREAM_FLOPS``. By CPU kind, as the GEMM library
+# (``ONEDNN_CAPABILITIES``).
 PARALLEL_STREAMS = _onednn_cpu_kind()
+MKL_MIN_STREAM_FLOPS = 2e10
 _stream_pool = None  # (ThreadPoolExecutor, its worker count)
 
 
@@ -318,12 +323,12 @@ def _stream_groups(counts: list[list[int]], flops_per_row: list[float], device: 
     """Every table's sorted rows (``counts[t]``: its rows per expert) cut into one contiguous range of equal
     length per CPU thread ("stream"), each stream as the (table, expert, row slice) pieces it covers: an expert
     on a cut is split between two streams. Equal cuts of every table give every stream the same work. One
-    group (no streams) when torch has one thread, the call is smaller than ``MIN_STREAM_FLOPS`` or streams do not
-    pay on this CPU kind (``PARALLEL_STREAMS``)."""
+    group (no streams) when torch has one thread or the call is smaller than ``MIN_STREAM_FLOPS`` (on CPU kinds
+    where streams were measured to pay: ``PARALLEL_STREAMS``) or ``MKL_MIN_STREAM_FLOPS`` (elsewhere)."""
     slices = [list(expert_slices(table_counts)) for table_counts in counts]
     threads = torch.get_num_threads() if device.type == "cpu" else 1
     flops = sum(sum(table_counts) * f for table_counts, f in zip(counts, flops_per_row))
-    if threads < 2 or flops < MIN_STREAM_FLOPS or not PARALLEL_STREAMS:
+    if threads < 2 or flops < (MIN_STREAM_FLOPS if PARALLEL_STREAMS else MKL_MIN_STREAM_FLOPS):
         return _one_group(counts)
     groups = [[] for _ in range(threads)]
     for t, (table, table_counts) in enumerate(zip(slices, counts)):
@@ -352,7 +357,8 @@ def _run_streams(work, groups: list, accumulators: list[torch.Tensor]) -> None:
     for future in [pool.submit(in_caller_grad_mode, g, acc) for g, acc in zip(groups, accumulators)]:
         future.result()
     for acc in accumulators[1:]:
-        accumulators[0].add_(acc)
+        if acc is not None:
+            accumulators[0].add_(acc)
 
 
 def _activated(act, h_CN: torch.Tensor, hidden: int, gated: bool, out_CF: torch.Tensor | None) -> torch.Tensor:
@@ -672,7 +678,7 @@ class _TableGrads:
 def _backward_piece(table: _ExpertTable, e: int, rows: slice, h_CN, grads: list, grad_w_S, x_TD, grad_out_TD,
                     grad_x_TD, buffers: _Buffers) -> None:
     """One expert's piece of the backward: its weight gradients into ``grads``, its rows' weight gradients
-    into ``grad_w_S``, and its input gradient added into ``grad_x_TD``."""
+    into ``grad_w_S``, and its input gradient added into ``grad_x_TD`` (None: not wanted)."""
     g_w_in, g_w_out, g_b_in, g_b_out = grads
     dim, count, hidden = x_TD.shape[1], rows.stop - rows.start, table.hidden
     act = activation_fn(table.activation)
@@ -700,7 +706,8 @@ def _backward_piece(table: _ExpertTable, e: int, rows: slice, h_CN, grads: list,
         torch.sum(grad_h_CN, 0, out=g_b_in)
     x_CD = table.gather(x_TD, rows, buffers.get("x", dim, count))
     torch.mm(grad_h_CN.t(), x_CD, out=g_w_in)
-    table.scatter_add(grad_x_TD, rows, _matmul_nt(grad_h_CN, table.w_in_ENK[e].t()))
+    if grad_x_TD is not None:  # None: the input needs no gradient (a frozen encoder's features, say)
+        table.scatter_add(grad_x_TD, rows, _matmul_nt(grad_h_CN, table.w_in_ENK[e].t()))
 
 
 class _TorchExpertMLP(torch.autograd.Function):
@@ -754,7 +761,9 @@ class _TorchExpertMLP(torch.autograd.Function):
                 _backward_piece(tables[t], e, rows, _kept_h_for(h_kept, t, e, rows), piece_grads, grads[t].w_S, x_TD,
                                 grad_out_TD, grad_x_TD, buffers)
 
-        grad_xs = [torch.zeros_like(x_TD) for _ in groups]
+        # No input gradient where autograd needs none: a MoE connector or a first block on frozen features
+        # skips a quarter of its backward GEMMs.
+        grad_xs = [torch.zeros_like(x_TD) if ctx.needs_input_grad[0] else None for _ in groups]
         _run_streams(work, groups, grad_xs)
         for (t, e, _), parts in sorted(continued.items()):  # a fixed order: deterministic sums
             for total, part in zip(grads[t].of_expert(e), parts):

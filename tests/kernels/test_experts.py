@@ -243,6 +243,26 @@ def test_deterministic_bitwise(backend):
         assert torch.equal(g1[name], g2[name]), name
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_input_without_grad_gets_none_and_weights_match_loop(bias):
+    """Features that need no gradient (a frozen encoder's, say): the torch backend skips the input gradient's
+    GEMMs; x gets none, and every weight and routing weight gets the loop's gradient."""
+    case = make_case(T=24, k=2, E=4, bias=bias, seed=5)
+    y_ref, p_ref = run_loop(case)
+    p = leaves(case)
+    p["x"].requires_grad_(False)
+    plan = build_plan(case["ids"], 4)
+    y = expert_mlp(p["x"], p["weights"], plan, p["w_in"], p["w_out"], b_in_EN=p["b_in"], b_out_ED=p["b_out"],
+                   backend="torch")
+    upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(7))
+    (y * upstream).sum().backward()
+    (y_ref * upstream).sum().backward()
+    assert p["x"].grad is None
+    for name in ("weights", "w_in", "w_out", "b_in", "b_out"):
+        if p[name] is not None:
+            torch.testing.assert_close(p[name].grad, p_ref[name].grad, **gradient_tol(case), msg=lambda m, n=name: f"{n}: {m}")
+
+
 @pytest.fixture
 def expert_streams(monkeypatch):
     """The torch backend's parallel expert streams switched on for tiny inputs (2 threads, no size floor), on
@@ -313,6 +333,22 @@ def test_forward_runs_whole_experts_with_onednn_and_backward_streams(monkeypatch
     assert len(expert_streams._stream_groups_of(tables, case["x"].device)) == 2  # what the backward walks
     monkeypatch.setattr(expert_streams, "ONEDNN_GEMMS", False)
     assert len(expert_streams._forward_groups(tables, case["x"])) == 2
+
+
+def test_input_without_grad_in_parallel_streams(expert_streams):
+    """The same in two streams, an expert cut between them: no input gradient, the loop's weight gradients."""
+    case = make_case(T=40, k=2, E=3, seed=9)
+    y_ref, p_ref = run_loop(case)
+    p = leaves(case)
+    p["x"].requires_grad_(False)
+    plan = build_plan(case["ids"], 3)
+    assert len(expert_streams._stream_groups([plan.counts_list()], [1e9], torch.device("cpu"))) == 2
+    y = expert_mlp(p["x"], p["weights"], plan, p["w_in"], p["w_out"], backend="torch")
+    y.sum().backward()
+    y_ref.sum().backward()
+    assert p["x"].grad is None
+    for name in ("weights", "w_in", "w_out"):
+        torch.testing.assert_close(p[name].grad, p_ref[name].grad, **gradient_tol(case), msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_parallel_expert_streams_are_deterministic_and_follow_inference_mode(expert_streams):
@@ -1114,10 +1150,16 @@ def test_cpu_gemm_choice_refuses_unknown_settings(monkeypatch):
         cpu_backend._onednn_gemms_chosen()
 
 
-def test_streams_only_on_cpu_kinds_where_they_pay(monkeypatch, expert_streams):
-    """Without PARALLEL_STREAMS (AVX2-only CPUs: whole experts on MKL's own threads were as fast or faster) the
-    walk is one group of whole experts, forward and backward, whatever the size and thread count."""
-    counts, flops = [[40, 0, 25, 60]], [1e9]
-    assert len(expert_streams._stream_groups(counts, flops, torch.device("cpu"))) == 2
+def test_streams_floor_by_cpu_kind(monkeypatch, expert_streams):
+    """Where streams were measured to pay on every size (PARALLEL_STREAMS) the walk streams from MIN_STREAM_FLOPS;
+    elsewhere (AVX2-only CPUs on MKL: whole experts with MKL's threads win on small calls) only from
+    MKL_MIN_STREAM_FLOPS of forward multiply-adds x 2, forward and backward alike."""
+    counts = [[40, 0, 25, 60]]  # 125 rows
+    monkeypatch.setattr(expert_streams, "MIN_STREAM_FLOPS", 1e3)
+    monkeypatch.setattr(expert_streams, "MKL_MIN_STREAM_FLOPS", 1e6)
+    cpu = torch.device("cpu")
+    assert len(expert_streams._stream_groups(counts, [10.0], cpu)) == 2  # 1250 flops >= 1e3
     monkeypatch.setattr(expert_streams, "PARALLEL_STREAMS", False)
-    assert expert_streams._stream_groups(counts, flops, torch.device("cpu")) == expert_streams._one_group(counts)
+    assert expert_streams._stream_groups(counts, [10.0], cpu) == expert_streams._one_group(counts)  # < 1e6
+    assert expert_streams._stream_groups(counts, [7999.0], cpu) == expert_streams._one_group(counts)  # 999,875
+    assert len(expert_streams._stream_groups(counts, [8000.0], cpu)) == 2  # 1e6
