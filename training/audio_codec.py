@@ -54,7 +54,7 @@ from moezoo.encoders.audio import (
     stft_magnitude,
 )
 
-from .common import run_path, warmup_cosine_scheduler
+from .common import adamw, run_path, warmup_cosine_scheduler
 
 __all__ = ["AudioTokenizerModule", "AudioVocoderModule", "evaluate_codec"]
 
@@ -76,7 +76,7 @@ def _check_training_args(learning_rate: float, warmup_steps: int, lr_schedule: s
 def _optimizers(module: pl.LightningModule, parameters) -> dict:
     """AdamW with warm-up and (by ``hparams.lr_schedule``) a cosine decay to 0 at the run's last step."""
     hp = module.hparams
-    optimizer = torch.optim.AdamW(parameters, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+    optimizer = adamw(parameters, lr=hp.learning_rate, weight_decay=hp.weight_decay)
     cosine = hp.lr_schedule == "cosine"
     total = module.trainer.estimated_stepping_batches if cosine else math.inf
     if cosine and not math.isfinite(total):

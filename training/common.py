@@ -23,6 +23,7 @@ __all__ = [
     "parameter_groups",
     "warmup_cosine",
     "warmup_cosine_scheduler",
+    "adamw",
     "adamw_warmup_cosine",
     "train_only",
     "run_path",
@@ -120,11 +121,27 @@ def train_only(model: torch.nn.Module, patterns: Sequence[str], what: str) -> No
         parameter.requires_grad_(name in trained)
 
 
+# Devices with torch's fused AdamW kernel (one pass per parameter for the whole update, multithreaded on CPU).
+FUSED_ADAMW_DEVICES = ("cpu", "cuda", "xpu", "mps")
+
+
+def adamw(parameters, **options) -> torch.optim.AdamW:
+    """``torch.optim.AdamW(parameters, **options)``, fused where torch has the kernel for every parameter (floating
+    tensors on CPU or a GPU). On CPU torch's default is its single-tensor loop, a dozen framework calls per
+    parameter: an AdamW step of the DiT-MoE digits model (4.0M parameters in 83 tensors) took 10.1 ms that way
+    and 2.8 ms fused, of the shapes model (7.3M, 113 tensors) 25.8 and 5.4 ms (AMD Zen 3, AVX2 only, 2 threads).
+    The same update up to rounding."""
+    groups = list(parameters)
+    tensors = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    fused = bool(tensors) and all(p.is_floating_point() and p.device.type in FUSED_ADAMW_DEVICES for p in tensors)
+    return torch.optim.AdamW(groups, **options, fused=fused or None)
+
+
 def adamw_warmup_cosine(parameters, hparams, floor: float = 0.1) -> dict:
     """``configure_optimizers``' answer for the trained ``parameters``: AdamW at ``hparams.learning_rate`` and
     ``weight_decay``, a linear warm-up over ``hparams.warmup_steps``, then a cosine to ``floor`` of the rate by
     ``hparams.decay_steps``."""
-    optimizer = torch.optim.AdamW(list(parameters), lr=hparams.learning_rate, weight_decay=hparams.weight_decay)
+    optimizer = adamw(parameters, lr=hparams.learning_rate, weight_decay=hparams.weight_decay)
     schedule = warmup_cosine_scheduler(optimizer, max(1, hparams.warmup_steps), total=hparams.decay_steps, floor=floor)
     return {"optimizer": optimizer, "lr_scheduler": schedule}
 

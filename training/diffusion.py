@@ -21,7 +21,7 @@ import torch
 
 from moezoo.zoo import create_model, save_pretrained
 
-from .common import log_training_losses, parameter_groups, update_ema, warmup_cosine_scheduler
+from .common import adamw, log_training_losses, parameter_groups, update_ema, warmup_cosine_scheduler
 
 
 class DiffusionModule(pl.LightningModule):
@@ -123,7 +123,7 @@ class DiffusionModule(pl.LightningModule):
 
     def configure_optimizers(self):
         groups = parameter_groups(self.model, self.hparams.learning_rate, self.hparams.lr_multipliers or {})
-        optimizer = torch.optim.AdamW(groups, weight_decay=self.hparams.weight_decay)
+        optimizer = adamw(groups, weight_decay=self.hparams.weight_decay)
         schedule = warmup_cosine_scheduler(optimizer, max(1, self.hparams.warmup_steps), total=math.inf)
         return {"optimizer": optimizer, "lr_scheduler": schedule}
 

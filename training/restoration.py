@@ -33,7 +33,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from moezoo.zoo import create_model, save_pretrained
 
-from .common import export_when_fit_ends, log_training_losses, update_ema, warmup_cosine_scheduler
+from .common import adamw, export_when_fit_ends, log_training_losses, update_ema, warmup_cosine_scheduler
 from .datasets.weather import WEATHER_TYPES
 
 LOSSES = {"l1": F.l1_loss, "mse": F.mse_loss, "smooth_l1": F.smooth_l1_loss}
@@ -139,8 +139,8 @@ class RestorationModule(pl.LightningModule):
             metric.reset()
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.learning_rate,
-                                      weight_decay=self.hparams.weight_decay)
+        optimizer = adamw(self.model.parameters(), lr=self.hparams.learning_rate,
+                          weight_decay=self.hparams.weight_decay)
         cosine = self.hparams.lr_schedule == "cosine"
         total = self.trainer.estimated_stepping_batches if cosine else math.inf
         if cosine and not math.isfinite(total):

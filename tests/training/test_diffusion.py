@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from moezoo.training.callbacks import SampleGrid
 from moezoo.training.checkpoints import load_checkpoint
 from moezoo.training.cli import build_cli, export_main, main
-from moezoo.training.common import expert_load_stats, update_ema
+from moezoo.training.common import adamw, expert_load_stats, update_ema
 from moezoo.training.diffusion import DiffusionModule
 from moezoo.zoo import create_model
 
@@ -142,6 +142,35 @@ def test_freeze_text_encoder_keeps_the_tower_out_of_training():
         assert torch.equal(p, before[name]), name
     with pytest.raises(ValueError, match="has no text encoder"):
         DiffusionModule("dit_moe_digits", model_args=TINY, freeze_text_encoder=True)
+
+
+def test_adamw_is_fused_on_cpu_and_follows_the_formula():
+    """The training modules' AdamW runs torch's fused kernel on CPU; three steps match AdamW written out
+    (decoupled weight decay, bias-corrected moments), per parameter group."""
+    from tolerance import fp_tolerance
+
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3, generator=g)), torch.nn.Parameter(torch.randn(7, generator=g))]
+    optimizer = adamw([{"params": params[:1], "lr": 0.01}, {"params": params[1:], "lr": 0.002}], weight_decay=0.1)
+    assert optimizer.defaults["fused"] and all(group["fused"] for group in optimizer.param_groups)
+    expected = [p.detach().clone() for p in params]
+    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+    for step in range(1, 4):
+        grads = [torch.randn(p.shape, generator=g) for p in params]
+        for p, grad in zip(params, grads):
+            p.grad = grad.clone()
+        optimizer.step()
+        for i, (grad, lr) in enumerate(zip(grads, (0.01, 0.002))):
+            m, v = moments[i]
+            m.mul_(0.9).add_(0.1 * grad)
+            v.mul_(0.999).add_(0.001 * grad * grad)
+            expected[i] = expected[i] * (1 - lr * 0.1) - lr * (m / (1 - 0.9**step)) / ((v / (1 - 0.999**step)).sqrt() + 1e-8)
+    for p, want in zip(params, expected):
+        torch.testing.assert_close(p.detach(), want, **fp_tolerance(torch.float32, 1, layers=12))
+    module = DiffusionModule("dit_moe_digits", model_args=TINY)
+    assert module.configure_optimizers()["optimizer"].defaults["fused"]
+    # where torch has no fused kernel (here: a tensor on the meta device), the default loop
+    assert adamw([torch.zeros(3, dtype=torch.float64, device="meta")], lr=0.1).defaults["fused"] is None
 
 
 def test_lr_multipliers_put_named_parameters_in_their_own_group():
