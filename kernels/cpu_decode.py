@@ -210,16 +210,20 @@ class PreparedLayer:
         """:meth:`__call__` without its checks, for the blocks, which made them already (``fits`` and their own)."""
         T = x.numel() // self.D
         y, ids, weights, probs, logits = _outputs(x, T, self.K, self.E_out)
-        outputs = (x, y, ids, weights, probs, logits)
+        if T > 1 and T * self.macs_per_token >= SPLIT_MIN_MACS and torch.get_num_threads() > 1:
+            outputs = (x, y, ids, weights, probs, logits)
 
-        def rows(first: int, count: int) -> int:  # the C call on tokens first .. first + count - 1
-            # every tensor here is contiguous with one row of numel / T elements per token
-            x_at, *out_at = (t.data_ptr() + first * (t.numel() // T) * t.element_size() for t in outputs)
-            return self.function(count, *self.settings, x_at, *self.pointers, *out_at,
-                                 _scratch(count * self.scratch_per_token))
+            def rows(first: int, count: int) -> int:  # the C call on tokens first .. first + count - 1
+                # every tensor here is contiguous with one row of numel / T elements per token
+                x_at, *out_at = (t.data_ptr() + first * (t.numel() // T) * t.element_size() for t in outputs)
+                return self.function(count, *self.settings, x_at, *self.pointers, *out_at,
+                                     _scratch(count * self.scratch_per_token))
 
-        split = T > 1 and T * self.macs_per_token >= SPLIT_MIN_MACS and torch.get_num_threads() > 1
-        code = _on_two_threads(rows, T) if split else rows(0, T)
+            code = _on_two_threads(rows, T)
+        else:  # one call, its arguments written out: at one token every µs of Python shows
+            code = self.function(T, *self.settings, x.data_ptr(), *self.pointers, y.data_ptr(), ids.data_ptr(),
+                                 weights.data_ptr(), probs.data_ptr(), logits.data_ptr(),
+                                 _scratch(T * self.scratch_per_token))
         return None if code else (y, ids, weights, probs, logits)
 
 
