@@ -22,11 +22,17 @@ from the YAML (as LightningCLI builds them) and stepped by hand in this process:
 AdamW, the EMA update (what ``fit`` runs per step, without Lightning's loop); after 5 untimed steps, 10 steps
 under ``torch.profiler``: per aten op, ms of self CPU time per step, MoE beside dense, the ops the MoE adds first.
 
+``--in-process``: the same steps, both models built in this one process and stepped in turn, three steps each
+per round after five warm-up steps each: the median ms per step and MoE / dense tokens/s (the pairs take equal
+tokens per step). Separate ``moezoo-train`` processes minutes apart see this VM's speed drift by up to 20%; turns
+of a few steps in one process see the same machine.
+
 Usage::
 
     python bench/train_throughput.py --steps 150 --log-every 25 --rounds 2   # ~20 min on 2 cores
     python bench/train_throughput.py --steps 60 --rounds 1 --pairs digits  # a smoke run
     python bench/train_throughput.py --profile --pairs digits              # ~1 min
+    python bench/train_throughput.py --in-process --rounds 20              # ~4 min
 """
 
 from __future__ import annotations
@@ -102,15 +108,17 @@ def build(spec: dict):
     return getattr(importlib.import_module(module_name), class_name)(**spec.get("init_args", {}))
 
 
-def profile_steps(config: str, extra: tuple[str, ...], warmup: int = 5, steps: int = 10) -> dict[str, float]:
-    """ms of self CPU time per training step, per aten op (see the module docstring)."""
+def training_stepper(config: str, extra: tuple[str, ...]):
+    """One training step of ``config`` as a function of the step's index: its LightningModule and data module
+    built from the YAML (as LightningCLI builds them), then ``training_step``, backward, the optimizer step and the
+    EMA update (what ``fit`` runs per step, without Lightning's loop)."""
     import torch
     import yaml
 
     spec = yaml.safe_load((CONFIGS / config).read_text())
     for flag, value in zip(extra[::2], extra[1::2]):  # the only override the pairs use
         if flag != "--model.init_args.model_args":
-            raise ValueError(f"--profile cannot apply {flag}")
+            raise ValueError(f"cannot apply {flag} outside moezoo-train")
         spec["model"].setdefault("init_args", {})["model_args"] = json.loads(value)
     torch.manual_seed(0)
     module, data = build(spec["model"]), build(spec["data"])
@@ -128,12 +136,41 @@ def profile_steps(config: str, extra: tuple[str, ...], warmup: int = 5, steps: i
         optimizer.zero_grad(set_to_none=True)
         module.on_train_batch_end(None, None, index)
 
+    return step
+
+
+def profile_steps(config: str, extra: tuple[str, ...], warmup: int = 5, steps: int = 10) -> dict[str, float]:
+    """ms of self CPU time per training step, per aten op (see the module docstring)."""
+    import torch
+
+    step = training_stepper(config, extra)
     for index in range(warmup):
         step(index)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for index in range(steps):
             step(warmup + index)
     return {event.key: event.self_cpu_time_total / 1e3 / steps for event in prof.key_averages()}
+
+
+def print_in_process(pair: str, rounds: int, warmup: int = 5, per_turn: int = 3) -> None:
+    """Both models of ``pair`` stepped in this process, ``per_turn`` steps each in turn for ``rounds`` rounds
+    after ``warmup`` steps each: the median ms per step and MoE / dense tokens/s (equal tokens per step)."""
+    steppers = {label: training_stepper(config, extra) for label, config, extra, _ in RUNS[pair]}
+    times = {label: [] for label in steppers}
+    index = dict.fromkeys(steppers, 0)
+    for label, step in steppers.items():
+        for _ in range(warmup):
+            step(index[label])
+            index[label] += 1
+    for _ in range(rounds):
+        for label, step in steppers.items():
+            for _ in range(per_turn):
+                start = time.perf_counter()
+                step(index[label])
+                times[label].append(time.perf_counter() - start)
+                index[label] += 1
+    moe, dense = (statistics.median(times[label]) * 1e3 for label in ("MoE", "dense"))
+    print(f"| {pair} | {moe:.1f} | {dense:.1f} | **{dense / moe:.2f}x** | {rounds * per_turn} |", flush=True)
 
 
 def print_profile(pair: str) -> None:
@@ -160,10 +197,22 @@ def main(argv: list[str] | None = None) -> None:
                                                                  "where timing starts")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each model, alternating")
     parser.add_argument("--profile", action="store_true", help="print where a training step's time goes instead")
+    parser.add_argument("--in-process", action="store_true",
+                        help="step both models in this process, taking turns, instead of moezoo-train runs")
     args = parser.parse_args(argv)
     if args.profile:
         for pair in args.pairs:
             print_profile(pair)
+        return
+    if args.in_process:
+        import torch
+
+        print(f"# training steps in one process, {time.strftime('%Y-%m-%d %H:%M')}; {os.cpu_count()} cores, "
+              f"{torch.get_num_threads()} threads; 5 warm-up steps each, then {args.rounds} rounds of 3 steps each "
+              f"in turn\n\n| pair | MoE ms / step | dense ms / step | MoE / dense tokens/s | steps timed each |\n"
+              f"|---|---:|---:|---:|---:|")
+        for pair in args.pairs:
+            print_in_process(pair, args.rounds)
         return
     if args.steps < 2 * args.log_every:
         parser.error(f"--steps {args.steps} leaves fewer than two progress lines at --log-every {args.log_every}")
