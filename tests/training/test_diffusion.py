@@ -169,7 +169,7 @@ def test_adamw_is_fused_on_cpu_and_follows_the_formula():
         torch.testing.assert_close(p.detach(), want, **fp_tolerance(torch.float32, 1, layers=12))
     module = DiffusionModule("dit_moe_digits", model_args=TINY)
     assert module.configure_optimizers()["optimizer"].defaults["fused"]
-    # where torch has no fused kernel (here: a tensor on the meta device), the default loop
+    # off the CPU (here: the meta device) torch keeps its default
     assert adamw([torch.zeros(3, dtype=torch.float64, device="meta")], lr=0.1).defaults["fused"] is None
 
 
