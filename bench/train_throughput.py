@@ -152,25 +152,29 @@ def profile_steps(config: str, extra: tuple[str, ...], warmup: int = 5, steps: i
     return {event.key: event.self_cpu_time_total / 1e3 / steps for event in prof.key_averages()}
 
 
-def print_in_process(pair: str, rounds: int, warmup: int = 5, per_turn: int = 3) -> None:
-    """Both models of ``pair`` stepped in this process, ``per_turn`` steps each in turn for ``rounds`` rounds
-    after ``warmup`` steps each: the median ms per step and MoE / dense tokens/s (equal tokens per step)."""
+IN_PROCESS_WARMUP, IN_PROCESS_PER_TURN = 5, 3  # --in-process: untimed steps each, then steps each per turn
+
+
+def print_in_process(pair: str, rounds: int) -> None:
+    """Both models of ``pair`` stepped in this process, ``IN_PROCESS_PER_TURN`` steps each in turn for ``rounds``
+    rounds after ``IN_PROCESS_WARMUP`` steps each: the median ms per step and MoE / dense tokens/s (equal tokens
+    per step)."""
     steppers = {label: training_stepper(config, extra) for label, config, extra, _ in RUNS[pair]}
     times = {label: [] for label in steppers}
     index = dict.fromkeys(steppers, 0)
     for label, step in steppers.items():
-        for _ in range(warmup):
+        for _ in range(IN_PROCESS_WARMUP):
             step(index[label])
             index[label] += 1
     for _ in range(rounds):
         for label, step in steppers.items():
-            for _ in range(per_turn):
+            for _ in range(IN_PROCESS_PER_TURN):
                 start = time.perf_counter()
                 step(index[label])
                 times[label].append(time.perf_counter() - start)
                 index[label] += 1
     moe, dense = (statistics.median(times[label]) * 1e3 for label in ("MoE", "dense"))
-    print(f"| {pair} | {moe:.1f} | {dense:.1f} | **{dense / moe:.2f}x** | {rounds * per_turn} |", flush=True)
+    print(f"| {pair} | {moe:.1f} | {dense:.1f} | **{dense / moe:.2f}x** | {rounds * IN_PROCESS_PER_TURN} |", flush=True)
 
 
 def print_profile(pair: str) -> None:
@@ -208,7 +212,8 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         print(f"# training steps in one process, {time.strftime('%Y-%m-%d %H:%M')}; {os.cpu_count()} cores, "
-              f"{torch.get_num_threads()} threads; 5 warm-up steps each, then {args.rounds} rounds of 3 steps each "
+              f"{torch.get_num_threads()} threads; {IN_PROCESS_WARMUP} warm-up steps each, then {args.rounds} "
+              f"rounds of {IN_PROCESS_PER_TURN} steps each "
               f"in turn\n\n| pair | MoE ms / step | dense ms / step | MoE / dense tokens/s | steps timed each |\n"
               f"|---|---:|---:|---:|---:|")
         for pair in args.pairs:
