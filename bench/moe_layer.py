@@ -192,10 +192,9 @@ class Layer:
             return self.dense(x_TD)
         if self.impl == "moezoo":
             # as moezoo's MoE layer does: the shared expert goes into expert_mlp (GatedMLP.as_shared_expert), or
-            # without autograd runs as its own dense MLP where cpu_backend.shared_apart_pays says so
+            # runs as its own dense MLP where cpu_backend.shared_apart_pays says so
             plan = build_plan(ids_TK, self.shape.E)
-            apart = self.shared is not None and not torch.is_grad_enabled() and \
-                cpu_backend.shared_apart_pays(x_TD.shape[0], self.shape.k)
+            apart = self.shared is not None and cpu_backend.shared_apart_pays(x_TD.shape[0], self.shape.k)
             shared = None if self.shared is None or apart else self.shared.as_shared_expert()
             y_TD = expert_mlp(x_TD, weights_TK, plan, self.w_in_ENK, self.w_out_EDF, backend="torch", shared=shared,
                               packed=self.packed)

@@ -18,6 +18,7 @@ import weakref
 
 import torch
 
+from . import cpu_decode
 from .activations import activation_fn, activation_grad
 from .plan import DispatchPlan, expert_slices
 
@@ -574,11 +575,13 @@ def few_tokens_pay(num_tokens: int, top_k: int) -> bool:
 
 
 def shared_apart_pays(num_tokens: int, top_k: int) -> bool:
-    """Whether a no-grad call should run the shared experts as their own dense MLP, outside the routed walk.
-    Inside, they cost a copy of their gate and up weights into one tensor per call, a gather and a scatter of
-    every row; that pays only through oneDNN's fused activations at many rows (``ONEDNN_GEMMS``, the AVX-512 CPUs
-    they were measured on). With MKL GEMMs (AVX2) apart was 0.70-0.91x the time at 32-2048 tokens on the
-    digits and DiT-MoE-S layers (AMD Zen 3), and the few-token path always runs them apart."""
+    """Whether a call should run the shared experts as their own dense MLP (under autograd: with torch's own
+    backward), outside the routed walk. Inside, they cost a copy of their gate and up weights into one tensor
+    per call, a gather and a scatter of every row, and in the backward the walk's recomputed activation; that
+    pays only through oneDNN's fused activations at many rows (``ONEDNN_GEMMS``, the AVX-512 CPUs they were
+    measured on). With MKL GEMMs (AVX2, AMD Zen 3) apart took 0.70-0.91x the time without grad at 32-2048
+    tokens on the digits and DiT-MoE-S layers, and forward+backward 0.95x on the digits layer at 4,096 tokens
+    and 0.94x on DiT-MoE-S at 2,048. The few-token path always runs them apart."""
     return few_tokens_pay(num_tokens, top_k) or not ONEDNN_GEMMS
 
 
@@ -675,6 +678,18 @@ class _TableGrads:
         return [g[e] if g is not None else None for g in (self.w_in, self.w_out, self.b_in, self.b_out)]
 
 
+# The gated-SiLU part of an expert's backward as one native pass on the calling thread
+# (cpu_decode.glu_silu_backward) instead of eight two-threaded torch calls: expert_mlp forward+backward 0.94x the
+# time on the digits layer, 0.97x on DiT-MoE-S (AMD Zen 3, AVX2 only, 2 threads, interleaved in one process).
+# SiLU only (the zoo's experts), fp32; otherwise, or without the native library, the torch calls.
+FUSED_GLU_BACKWARD = True
+
+
+def _fused_glu_backward(table: "_ExpertTable", h_CN: torch.Tensor) -> bool:
+    return (FUSED_GLU_BACKWARD and table.gated and table.activation == "silu" and h_CN.dtype == torch.float32
+            and h_CN.device.type == "cpu" and cpu_decode.available())
+
+
 def _backward_piece(table: _ExpertTable, e: int, rows: slice, h_CN, grads: list, grad_w_S, x_TD, grad_out_TD,
                     grad_x_TD, buffers: _Buffers) -> None:
     """One expert's piece of the backward: its weight gradients into ``grads``, its rows' weight gradients
@@ -684,24 +699,29 @@ def _backward_piece(table: _ExpertTable, e: int, rows: slice, h_CN, grads: list,
     act = activation_fn(table.activation)
     w_S, w_C1 = table.w_S[rows], table.w_S[rows, None]
     grad_y_CD = table.gather(grad_out_TD, rows, buffers.get("gy", grad_out_TD.shape[1], count))
-    pre_CF = h_CN[:, :hidden]
-    # the activation is recomputed once and kept: a = act(gate) * up, and up's gradient is dA * act(gate)
-    act_CF = act(pre_CF)
-    a_CF = torch.mul(act_CF, h_CN[:, hidden:], out=buffers.get("a", hidden, count)) if table.gated else act_CF
-    # dA' (the gradient at the weighted activation), then the row weight's and W_out's gradients.
+    # dA' (the gradient at the weighted activation a' = w a), then the row weight's and W_out's gradients
     grad_wa_CF = _matmul_nt(grad_y_CD, table.w_out_EDF[e].t())
-    grad_w_S[rows] = torch.linalg.vecdot(grad_wa_CF, a_CF)
+    grad_h_CN = buffers.get("gh", h_CN.shape[1], count)
+    wa_CF = buffers.get("a", hidden, count)
+    if _fused_glu_backward(table, h_CN):
+        cpu_decode.glu_silu_backward(h_CN, grad_wa_CF, w_S, wa_CF, grad_h_CN, grad_w_S[rows])
+    else:
+        pre_CF = h_CN[:, :hidden]
+        # the activation is recomputed once and kept: a = act(gate) * up, and up's gradient is dA * act(gate)
+        act_CF = act(pre_CF)
+        a_CF = torch.mul(act_CF, h_CN[:, hidden:], out=wa_CF) if table.gated else wa_CF.copy_(act_CF)
+        grad_w_S[rows] = torch.linalg.vecdot(grad_wa_CF, a_CF)
+        a_CF.mul_(w_C1)
+        grad_a_CF = grad_wa_CF.mul_(w_C1)
+        if table.gated:
+            torch.mul(grad_a_CF, act_CF, out=grad_h_CN[:, hidden:])
+            activation_grad(table.activation, grad_a_CF.mul_(h_CN[:, hidden:]), pre_CF, grad_h_CN[:, :hidden])
+        else:
+            activation_grad(table.activation, grad_a_CF, pre_CF, grad_h_CN)
     if g_b_out is not None:
         grad_w_S[rows] += grad_y_CD @ table.b_out_ED[e]
         torch.mv(grad_y_CD.t(), w_S, out=g_b_out)
-    torch.mm(grad_y_CD.t(), a_CF.mul_(w_C1), out=g_w_out)
-    grad_a_CF = grad_wa_CF.mul_(w_C1)
-    grad_h_CN = buffers.get("gh", h_CN.shape[1], count)
-    if table.gated:
-        torch.mul(grad_a_CF, act_CF, out=grad_h_CN[:, hidden:])
-        activation_grad(table.activation, grad_a_CF.mul_(h_CN[:, hidden:]), pre_CF, grad_h_CN[:, :hidden])
-    else:
-        activation_grad(table.activation, grad_a_CF, pre_CF, grad_h_CN)
+    torch.mm(grad_y_CD.t(), wa_CF, out=g_w_out)
     if g_b_in is not None:
         torch.sum(grad_h_CN, 0, out=g_b_in)
     x_CD = table.gather(x_TD, rows, buffers.get("x", dim, count))

@@ -418,3 +418,29 @@ int dcmoe_decode_f32(int T, int D, int N, int E, int S, int H, int HS, int act, 
     add_chosen_experts(T, D, E, H, 1, act, ids, weights, N, NULL, e_in, e_out, x, y, h, x_rows, y_tmp, acc);
     return columns;
 }
+
+/* The training walk's gated-SiLU backward over rows of one expert (moezoo/kernels/cpu_backend.py, not a decode
+ * step; it shares this library's build). Per row c, from the pre-activations h = [gate | up] (H each), the
+ * gradient g = dL/d(w a) at the row's weighted activation and its routing weight w[c]:
+ *   a = silu(gate) * up,  dw[c] = <g, a>,  aw = w a (the input of W_out's gradient),
+ *   dgate = w g up silu'(gate),  dup = w g silu(gate),  with silu'(v) = s (1 + v (1 - s)), s = sigmoid(v).
+ * One pass over the rows where torch makes eight elementwise calls, each reading and writing [C, H] floats. */
+void glu_silu_backward_f32(int64_t C, int H, const float *h, int64_t ldh, const float *g, int64_t ldg, const float *w,
+                           float *aw, int64_t ldaw, float *gh, int64_t ldgh, float *dw) {
+    for (int64_t c = 0; c < C; c++) {
+        const float *gate = h + c * ldh, *up = gate + H, *grad = g + c * ldg;
+        float *a_w = aw + c * ldaw, *d_gate = gh + c * ldgh, *d_up = d_gate + H;
+        const float weight = w[c];
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int j = 0; j < H; j++) {
+            float v = gate[j], s = 1.0f / (1.0f + exp_vec(-v)), act = v * s, a = act * up[j];
+            float dz = grad[j] * weight;
+            dot += grad[j] * a;
+            a_w[j] = a * weight;
+            d_up[j] = dz * act;
+            d_gate[j] = dz * up[j] * s * (1.0f + v * (1.0f - s));
+        }
+        dw[c] = dot;
+    }
+}

@@ -261,10 +261,10 @@ def test_moe_block_at_few_tokens_matches_the_block_token_by_token(few_token_call
     dict(num_shared_experts=1, shared_gate=True, renormalize=True),
 ])
 def test_shared_expert_apart_or_inside_at_many_tokens(monkeypatch, onednn, config):
-    """Above the few-token path (40 tokens of top-2), no grad: the shared MLP runs apart from the routed experts
-    with MKL's GEMMs and inside their walk with oneDNN's (``shared_apart_pays``); either way the block equals
-    the token-by-token loop, and with autograd it always goes inside. (The decode kernel, which would take these
-    calls, is off: this is the eager path's test.)"""
+    """Above the few-token path (40 tokens of top-2), with and without autograd: the shared MLP runs apart from
+    the routed experts with MKL's GEMMs and inside their walk with oneDNN's (``shared_apart_pays``); either way
+    the block and, in training, every parameter's gradient equal the token-by-token loop's. (The decode kernel,
+    which would take the no-grad calls, is off: this is the eager path's test.)"""
     monkeypatch.setattr(cpu_backend, "ONEDNN_GEMMS", onednn)
     monkeypatch.setattr(cpu_decode, "MAX_SLOTS", 0)
     moe = random_moe(16, 12, 6, 2, backend="torch", **config)
@@ -279,8 +279,16 @@ def test_shared_expert_apart_or_inside_at_many_tokens(monkeypatch, onednn, confi
     tol = fp_tolerance(torch.float32, 24, layers=3)
     torch.testing.assert_close(y, moe_token_by_token(moe, x), **tol)
     packed.clear()
-    torch.testing.assert_close(moe(x).detach(), y, **tol)
-    assert packed == [1]
+    g = torch.randn(40, 16, generator=torch.Generator().manual_seed(41))
+    y_grad = moe(x)
+    assert bool(packed) == onednn
+    torch.testing.assert_close(y_grad.detach(), y, **tol)
+    # the loop's routing weights are constants: the experts' and the shared MLP's (and its gate's) gradients
+    named = [(n, p) for n, p in moe.named_parameters() if not n.startswith("router.")]
+    grads = torch.autograd.grad((y_grad * g).sum(), [p for _, p in named])
+    expected = torch.autograd.grad((moe_token_by_token(moe, x) * g).sum(), [p for _, p in named])
+    for (name, _), got, want in zip(named, grads, expected):
+        torch.testing.assert_close(got, want, **tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("T, capacity_factor, min_capacity", [(1, 1.0, 1), (3, 1.0, 4), (4, 1.0, 4), (6, 0.5, 1)])

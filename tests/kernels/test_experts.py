@@ -263,6 +263,52 @@ def test_input_without_grad_gets_none_and_weights_match_loop(bias):
             torch.testing.assert_close(p[name].grad, p_ref[name].grad, **gradient_tol(case), msg=lambda m, n=name: f"{n}: {m}")
 
 
+def test_native_glu_backward_matches_autograd_of_the_formula():
+    """``cpu_decode.glu_silu_backward`` on strided rows (a slice of a wider buffer, as the walk's buffers are)
+    against autograd in double precision of ``sum(g * w * silu(gate) * up)``: the gate's, up's and weight's
+    gradients, and the weighted activation it writes for W_out's gradient."""
+    from moezoo.kernels import cpu_decode
+
+    if not cpu_decode.available():
+        pytest.skip("no C compiler: the walk runs torch's calls instead (tested with the loop everywhere)")
+    gen = torch.Generator().manual_seed(11)
+    C, H = 37, 45  # odd widths: the vector loop's tail
+    h = (torch.randn(C, 2 * H + 3, generator=gen) * 4)[:, :2 * H]  # pre-activations up to |12|: both sigmoid tails
+    g, w = torch.randn(C, H, generator=gen), torch.rand(C, generator=gen)
+    aw, grad_h, grad_w = torch.full((C, H + 5), 7.0)[:, :H], torch.empty(C, 2 * H), torch.empty(C)
+    cpu_decode.glu_silu_backward(h, g, w, aw, grad_h, grad_w)
+    h64, w64 = h.double().requires_grad_(), w.double().requires_grad_()
+    a64 = act_formula("silu", h64[:, :H]) * h64[:, H:]
+    (g.double() * w64[:, None] * a64).sum().backward()
+    tol = fp_tolerance(torch.float32, H)
+    torch.testing.assert_close(grad_h, h64.grad.float(), **tol)
+    torch.testing.assert_close(grad_w, w64.grad.float(), **tol)
+    torch.testing.assert_close(aw, (w64[:, None] * a64).detach().float(), **tol)
+    with pytest.raises(ValueError, match="fp32 CPU tensors"):
+        cpu_decode.glu_silu_backward(h.double(), g, w, aw, grad_h, grad_w)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_walk_backward_with_and_without_the_native_glu_matches_loop(monkeypatch, fused, bias):
+    """The torch backend's backward of gated-SiLU experts runs the native pass where it can
+    (``FUSED_GLU_BACKWARD``) and torch's calls otherwise; either way every gradient is the loop's."""
+    from moezoo.kernels import cpu_decode
+
+    if fused and not cpu_decode.available():
+        pytest.skip("no C compiler")
+    calls = []
+    native = cpu_decode.glu_silu_backward
+    monkeypatch.setattr(cpu_backend, "FUSED_GLU_BACKWARD", fused)
+    monkeypatch.setattr(cpu_decode, "glu_silu_backward", lambda *args: calls.append(1) or native(*args))
+    case = make_case(T=40, k=2, E=5, D=12, F=9, bias=bias, seed=3)
+    check_against_loop(case, "torch")
+    assert bool(calls) == fused
+    calls.clear()
+    check_against_loop(case, "torch", activation="gelu")  # other activations: torch's calls
+    assert not calls
+
+
 @pytest.fixture
 def expert_streams(monkeypatch):
     """The torch backend's parallel expert streams switched on for tiny inputs (2 threads, no size floor), on

@@ -310,8 +310,8 @@ class MoE(RoutedBlock):
         plan = build_plan(ids_TK, self.num_experts, capacity=capacity)
         if self.router.kind == "gshard_top2":  # DeepSpeed renormalises the two gates after the drop
             weights_TK = renormalize_kept(weights_TK, plan.kept_TK)
-        # Without autograd on the torch backend the shared expert mostly runs as its own dense MLP: packing it
-        # for the kernel would copy its gate and up weights into one tensor at every call (shared_apart_pays).
+        # On the torch backend the shared expert mostly runs as its own dense MLP: packing it for the kernel
+        # would copy its gate and up weights into one tensor at every call (shared_apart_pays).
         shared_apart = self.shared is not None and self._shared_apart(x_TD, top_k)
         y_TD = expert_mlp(
             x_TD, weights_TK, plan, *self._expert_weights(), b_in_EN=self.b_in, b_out_ED=self.b_out,
@@ -394,10 +394,8 @@ class MoE(RoutedBlock):
         return max(self.min_capacity, capacity_for(num_tokens, top_k, self.num_experts, factor))
 
     def _shared_apart(self, x_TD: torch.Tensor, top_k: int) -> bool:
-        """Whether the shared experts run apart from ``expert_mlp`` for this call: no autograd, the torch backend,
-        and ``shared_apart_pays`` (always at few tokens; at any size unless oneDNN's GEMMs are in use)."""
-        if torch.is_grad_enabled() and (x_TD.requires_grad or any(p.requires_grad for p in self.parameters())):
-            return False
+        """Whether the shared experts run apart from ``expert_mlp`` for this call: the torch backend and
+        ``shared_apart_pays`` (always at few tokens; at any size unless oneDNN's GEMMs are in use)."""
         return resolve_backend(self.backend, x_TD.device) == "torch" and shared_apart_pays(x_TD.shape[0], top_k)
 
     # ------------------------------------------------------------------------------------------ expert parallelism
