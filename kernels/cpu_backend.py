@@ -679,9 +679,10 @@ class _TableGrads:
 
 
 # The gated-SiLU part of an expert's backward as one native pass on the calling thread
-# (cpu_decode.glu_silu_backward) instead of eight two-threaded torch calls: expert_mlp forward+backward 0.94x the
-# time on the digits layer, 0.97x on DiT-MoE-S (AMD Zen 3, AVX2 only, 2 threads, interleaved in one process).
-# SiLU only (the zoo's experts), fp32; otherwise, or without the native library, the torch calls.
+# (cpu_decode.glu_silu_backward) instead of eight two-threaded torch calls: expert_mlp forward+backward 0.93x the
+# time on the digits layer, 0.91x on DiT-MoE-S (AMD Zen 3, AVX2 only, 2 threads, interleaved in one process).
+# SiLU only (the zoo's experts), fp32; otherwise, or without the native library, the torch calls. The forward's
+# activation stays with torch: one native pass on one thread was 0.96-1.07x torch's two calls on two.
 FUSED_GLU_BACKWARD = True
 
 

@@ -424,22 +424,31 @@ int dcmoe_decode_f32(int T, int D, int N, int E, int S, int H, int HS, int act, 
  * gradient g = dL/d(w a) at the row's weighted activation and its routing weight w[c]:
  *   a = silu(gate) * up,  dw[c] = <g, a>,  aw = w a (the input of W_out's gradient),
  *   dgate = w g up silu'(gate),  dup = w g silu(gate),  with silu'(v) = s (1 + v (1 - s)), s = sigmoid(v).
- * One pass over the rows where torch makes eight elementwise calls, each reading and writing [C, H] floats. */
-void glu_silu_backward_f32(int64_t C, int H, const float *h, int64_t ldh, const float *g, int64_t ldg, const float *w,
-                           float *aw, int64_t ldaw, float *gh, int64_t ldgh, float *dw) {
+ * One pass over the rows where torch makes eight elementwise calls, each reading and writing [C, H] floats. The
+ * sigmoids of a block of GLU_BLOCK columns go to a stack buffer first: GCC's code for the one loop with the
+ * exponential inside ran at 2.6 ns an element on AMD Zen 3, the two loops at 0.9. */
+#define GLU_BLOCK 256
+void glu_silu_backward_f32(int64_t C, int H, const float *restrict h, int64_t ldh, const float *restrict g, int64_t ldg,
+                           const float *restrict w, float *restrict aw, int64_t ldaw, float *restrict gh, int64_t ldgh,
+                           float *restrict dw) {
+    float sig[GLU_BLOCK];
     for (int64_t c = 0; c < C; c++) {
-        const float *gate = h + c * ldh, *up = gate + H, *grad = g + c * ldg;
-        float *a_w = aw + c * ldaw, *d_gate = gh + c * ldgh, *d_up = d_gate + H;
         const float weight = w[c];
         float dot = 0.0f;
+        for (int j0 = 0; j0 < H; j0 += GLU_BLOCK) {
+            const int n = H - j0 < GLU_BLOCK ? H - j0 : GLU_BLOCK;
+            const float *gate = h + c * ldh + j0, *up = gate + H, *grad = g + c * ldg + j0;
+            float *a_w = aw + c * ldaw + j0, *d_gate = gh + c * ldgh + j0, *d_up = d_gate + H;
+            for (int j = 0; j < n; j++) sig[j] = 1.0f / (1.0f + exp_vec(-gate[j]));
 #pragma omp simd reduction(+ : dot)
-        for (int j = 0; j < H; j++) {
-            float v = gate[j], s = 1.0f / (1.0f + exp_vec(-v)), act = v * s, a = act * up[j];
-            float dz = grad[j] * weight;
-            dot += grad[j] * a;
-            a_w[j] = a * weight;
-            d_up[j] = dz * act;
-            d_gate[j] = dz * up[j] * s * (1.0f + v * (1.0f - s));
+            for (int j = 0; j < n; j++) {
+                float v = gate[j], s = sig[j], act = v * s, a = act * up[j];
+                float dz = grad[j] * weight;
+                dot += grad[j] * a;
+                a_w[j] = a * weight;
+                d_up[j] = dz * act;
+                d_gate[j] = dz * up[j] * s * (1.0f + v * (1.0f - s));
+            }
         }
         dw[c] = dot;
     }
