@@ -710,9 +710,9 @@ def _backward_piece(table: _ExpertTable, e: int, rows: slice, h_CN, grads: list,
         pre_CF = h_CN[:, :hidden]
         # the activation is recomputed once and kept: a = act(gate) * up, and up's gradient is dA * act(gate)
         act_CF = act(pre_CF)
-        a_CF = torch.mul(act_CF, h_CN[:, hidden:], out=wa_CF) if table.gated else wa_CF.copy_(act_CF)
+        a_CF = torch.mul(act_CF, h_CN[:, hidden:], out=wa_CF) if table.gated else act_CF
         grad_w_S[rows] = torch.linalg.vecdot(grad_wa_CF, a_CF)
-        a_CF.mul_(w_C1)
+        wa_CF = a_CF.mul_(w_C1)
         grad_a_CF = grad_wa_CF.mul_(w_C1)
         if table.gated:
             torch.mul(grad_a_CF, act_CF, out=grad_h_CN[:, hidden:])
