@@ -21,7 +21,8 @@ The C file is compiled on first use with the machine's C compiler (``$CC``, else
 else ``$XDG_CACHE_HOME/moezoo/kernels``, else ``~/.cache/moezoo/kernels``), named by a hash of the source, the
 flags and the CPU's feature flags, so a cache shared between CPU kinds never runs code built for another; the
 library is written to a temporary name and renamed (never half-written). Without a compiler, or with
-``MOEZOO_DECODE_KERNEL=0``, :func:`available` is False and the MoE blocks take their eager few-token path.
+``MOEZOO_DECODE_KERNEL=0``, :func:`available` is False: the MoE blocks take their eager few-token path and the
+training walk torch's elementwise calls.
 """
 
 from __future__ import annotations
