@@ -681,8 +681,9 @@ class _TableGrads:
 # The gated-SiLU part of an expert's backward as one native pass on the calling thread
 # (cpu_decode.glu_silu_backward) instead of eight two-threaded torch calls: expert_mlp forward+backward 0.93x the
 # time on the digits layer, 0.91x on DiT-MoE-S (AMD Zen 3, AVX2 only, 2 threads, interleaved in one process).
-# SiLU only (the zoo's experts), fp32; otherwise, or without the native library, the torch calls. The forward's
-# activation stays with torch: one native pass on one thread was 0.96-1.07x torch's two calls on two.
+# SiLU only (the zoo's experts), fp32; otherwise, or without the native library, the torch calls. Split over two
+# threads (the pass's first, slower version) the walk took 1.01x (digits) and 1.04x (DiT-MoE-S) torch's time.
+# The forward's activation stays with torch: one native pass on one thread was 0.96-1.07x torch's two calls on two.
 FUSED_GLU_BACKWARD = True
 
 
@@ -691,14 +692,33 @@ def _fused_glu_backward(table: "_ExpertTable", h_CN: torch.Tensor) -> bool:
             and h_CN.device.type == "cpu" and cpu_decode.available())
 
 
+def _torch_activation_backward(table: _ExpertTable, h_CN, grad_wa_CF, w_S, a_buffer_CF, grad_h_CN, grad_w_C):
+    """torch's calls for what ``cpu_decode.glu_silu_backward`` does in one pass, for any activation, gated or not:
+    ``grad_h_CN`` and the rows' weight gradients ``grad_w_C`` from the gradient at the weighted activation
+    ``grad_wa_CF`` (scaled in place); returns w * a (in ``a_buffer_CF`` when gated), W_out's gradient's input."""
+    hidden, w_C1 = table.hidden, w_S[:, None]
+    pre_CF = h_CN[:, :hidden]
+    # the activation is recomputed once and kept: a = act(gate) * up, and up's gradient is dA * act(gate)
+    act_CF = activation_fn(table.activation)(pre_CF)
+    a_CF = torch.mul(act_CF, h_CN[:, hidden:], out=a_buffer_CF) if table.gated else act_CF
+    grad_w_C.copy_(torch.linalg.vecdot(grad_wa_CF, a_CF))
+    wa_CF = a_CF.mul_(w_C1)
+    grad_a_CF = grad_wa_CF.mul_(w_C1)
+    if table.gated:
+        torch.mul(grad_a_CF, act_CF, out=grad_h_CN[:, hidden:])
+        activation_grad(table.activation, grad_a_CF.mul_(h_CN[:, hidden:]), pre_CF, grad_h_CN[:, :hidden])
+    else:
+        activation_grad(table.activation, grad_a_CF, pre_CF, grad_h_CN)
+    return wa_CF
+
+
 def _backward_piece(table: _ExpertTable, e: int, rows: slice, h_CN, grads: list, grad_w_S, x_TD, grad_out_TD,
                     grad_x_TD, buffers: _Buffers) -> None:
     """One expert's piece of the backward: its weight gradients into ``grads``, its rows' weight gradients
     into ``grad_w_S``, and its input gradient added into ``grad_x_TD`` (None: not wanted)."""
     g_w_in, g_w_out, g_b_in, g_b_out = grads
     dim, count, hidden = x_TD.shape[1], rows.stop - rows.start, table.hidden
-    act = activation_fn(table.activation)
-    w_S, w_C1 = table.w_S[rows], table.w_S[rows, None]
+    w_S = table.w_S[rows]
     grad_y_CD = table.gather(grad_out_TD, rows, buffers.get("gy", grad_out_TD.shape[1], count))
     # dA' (the gradient at the weighted activation a' = w a), then the row weight's and W_out's gradients
     grad_wa_CF = _matmul_nt(grad_y_CD, table.w_out_EDF[e].t())
@@ -707,18 +727,7 @@ def _backward_piece(table: _ExpertTable, e: int, rows: slice, h_CN, grads: list,
     if _fused_glu_backward(table, h_CN):
         cpu_decode.glu_silu_backward(h_CN, grad_wa_CF, w_S, wa_CF, grad_h_CN, grad_w_S[rows])
     else:
-        pre_CF = h_CN[:, :hidden]
-        # the activation is recomputed once and kept: a = act(gate) * up, and up's gradient is dA * act(gate)
-        act_CF = act(pre_CF)
-        a_CF = torch.mul(act_CF, h_CN[:, hidden:], out=wa_CF) if table.gated else act_CF
-        grad_w_S[rows] = torch.linalg.vecdot(grad_wa_CF, a_CF)
-        wa_CF = a_CF.mul_(w_C1)
-        grad_a_CF = grad_wa_CF.mul_(w_C1)
-        if table.gated:
-            torch.mul(grad_a_CF, act_CF, out=grad_h_CN[:, hidden:])
-            activation_grad(table.activation, grad_a_CF.mul_(h_CN[:, hidden:]), pre_CF, grad_h_CN[:, :hidden])
-        else:
-            activation_grad(table.activation, grad_a_CF, pre_CF, grad_h_CN)
+        wa_CF = _torch_activation_backward(table, h_CN, grad_wa_CF, w_S, wa_CF, grad_h_CN, grad_w_S[rows])
     if g_b_out is not None:
         grad_w_S[rows] += grad_y_CD @ table.b_out_ED[e]
         torch.mv(grad_y_CD.t(), w_S, out=g_b_out)
